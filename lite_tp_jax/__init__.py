@@ -1,0 +1,13 @@
+"""lite_tp_jax: tensor parallelism for JAX/Flax NNX on a
+("data", "pipeline", "expert", "tensor") device mesh."""
+
+from lite_tp_jax.layers import ColumnParallelLinear, ParallelMLP, RowParallelLinear
+from lite_tp_jax.mesh import AXES, DATA, EXPERT, PIPELINE, TENSOR, make_mesh, provide_cpu_devices
+from lite_tp_jax.state import export_state, import_state
+
+__all__ = [
+    "AXES", "DATA", "EXPERT", "PIPELINE", "TENSOR",
+    "make_mesh", "provide_cpu_devices",
+    "export_state", "import_state",
+    "ColumnParallelLinear", "RowParallelLinear", "ParallelMLP",
+]

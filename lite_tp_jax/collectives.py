@@ -1,0 +1,177 @@
+"""Collectives over one named mesh axis, and the Megatron conjugate pairs.
+
+Everything here runs inside ``jax.shard_map`` with the axis manual. The three
+primitives are thin, named wrappers; the six region functions are the
+Megatron-LM mappings (``megatron/core/tensor_parallel/mappings.py``): each one
+states its forward collective and, next to it, the backward collective that
+autodiff must run, so gradients are right by construction.
+
+    function                         forward          backward
+    copy_to_tensor_region            identity         all-reduce
+    reduce_from_tensor_region        all-reduce       identity
+    scatter_to_tensor_region         split (local)    all-gather
+    gather_from_tensor_region        all-gather       split (local)
+    gather_from_sequence_region      all-gather       reduce-scatter
+    reduce_scatter_to_sequence_region reduce-scatter  all-gather
+
+Values follow JAX's varying/invariant typing (``check_vma``): a value that is
+identical on every rank of the axis is *invariant*, a per-rank value is
+*varying*. The functions take and return the types in the table's sense.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from lite_tp_jax.mesh import TENSOR
+
+
+# --- primitives ---------------------------------------------------------------
+
+
+def all_reduce(x: jax.Array, axis: str = TENSOR) -> jax.Array:
+    """Sum of ``x`` over the ranks of ``axis``; every rank gets the total."""
+    return jax.lax.psum(x, axis)
+
+
+def all_gather(x: jax.Array, axis: str = TENSOR, *, dim: int = -1) -> jax.Array:
+    """Concatenation of every rank's ``x`` along ``dim``, in rank order."""
+    return jax.lax.all_gather(x, axis, axis=dim % x.ndim, tiled=True)
+
+
+def reduce_scatter(x: jax.Array, axis: str = TENSOR, *, dim: int = -1) -> jax.Array:
+    """Sum over ranks, then rank i keeps the i-th of ``axis_size`` slices of ``dim``."""
+    return jax.lax.psum_scatter(x, axis, scatter_dimension=dim % x.ndim, tiled=True)
+
+
+def split(x: jax.Array, axis: str = TENSOR, *, dim: int = -1) -> jax.Array:
+    """Rank i's slice of ``dim`` (no communication)."""
+    dim = dim % x.ndim
+    size = x.shape[dim] // jax.lax.axis_size(axis)
+    start = jax.lax.axis_index(axis) * size
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=dim)
+
+
+def to_varying(x: jax.Array, axis: str = TENSOR) -> jax.Array:
+    """Marks an invariant value as per-rank (no communication)."""
+    if axis in jax.typeof(x).mat.varying:
+        return x
+    return jax.lax.pcast(x, axis, to="varying")
+
+
+# --- Megatron conjugate pairs ---------------------------------------------------
+
+
+def copy_to_tensor_region(x: jax.Array, axis: str = TENSOR) -> jax.Array:
+    """Forward: identity (input replicated on every rank). Backward: all-reduce.
+
+    A value that is already per-rank passes through unchanged both ways: the
+    region was entered earlier, and its one backward all-reduce happens there.
+    """
+    if axis in jax.typeof(x).mat.varying:
+        return x
+    return _copy_to_tensor_region(x, axis)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _copy_to_tensor_region(x, axis):
+    return jax.lax.pcast(x, axis, to="varying")
+
+
+def _copy_fwd(x, axis):
+    return jax.lax.pcast(x, axis, to="varying"), None
+
+
+def _copy_bwd(axis, _, g):
+    return (all_reduce(g, axis),)
+
+
+_copy_to_tensor_region.defvjp(_copy_fwd, _copy_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def reduce_from_tensor_region(x: jax.Array, axis: str = TENSOR) -> jax.Array:
+    """Forward: all-reduce of partial sums. Backward: identity."""
+    return all_reduce(x, axis)
+
+
+def _reduce_fwd(x, axis):
+    return all_reduce(x, axis), None
+
+
+def _reduce_bwd(axis, _, g):
+    return (to_varying(g, axis),)
+
+
+reduce_from_tensor_region.defvjp(_reduce_fwd, _reduce_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def scatter_to_tensor_region(x: jax.Array, axis: str = TENSOR, dim: int = -1) -> jax.Array:
+    """Forward: keep this rank's slice of ``dim``. Backward: all-gather."""
+    return split(x, axis, dim=dim)
+
+
+def _scatter_fwd(x, axis, dim):
+    return split(x, axis, dim=dim), None
+
+
+def _scatter_bwd(axis, dim, _, g):
+    return (jax.lax.all_gather(g, axis, axis=dim % g.ndim, tiled=True, to="invariant"),)
+
+
+scatter_to_tensor_region.defvjp(_scatter_fwd, _scatter_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def gather_from_tensor_region(x: jax.Array, axis: str = TENSOR, dim: int = -1) -> jax.Array:
+    """Forward: all-gather along ``dim`` (result replicated). Backward: split."""
+    return jax.lax.all_gather(x, axis, axis=dim % x.ndim, tiled=True, to="invariant")
+
+
+def _gather_fwd(x, axis, dim):
+    return gather_from_tensor_region(x, axis, dim), None
+
+
+def _gather_bwd(axis, dim, _, g):
+    return (split(to_varying(g, axis), axis, dim=dim),)
+
+
+gather_from_tensor_region.defvjp(_gather_fwd, _gather_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def gather_from_sequence_region(x: jax.Array, axis: str = TENSOR, dim: int = 1) -> jax.Array:
+    """Forward: all-gather the sequence shards. Backward: reduce-scatter."""
+    return all_gather(x, axis, dim=dim)
+
+
+def _gather_seq_fwd(x, axis, dim):
+    return all_gather(x, axis, dim=dim), None
+
+
+def _gather_seq_bwd(axis, dim, _, g):
+    return (reduce_scatter(g, axis, dim=dim),)
+
+
+gather_from_sequence_region.defvjp(_gather_seq_fwd, _gather_seq_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def reduce_scatter_to_sequence_region(x: jax.Array, axis: str = TENSOR, dim: int = 1) -> jax.Array:
+    """Forward: reduce-scatter partial sums into sequence shards. Backward: all-gather."""
+    return reduce_scatter(x, axis, dim=dim)
+
+
+def _reduce_scatter_seq_fwd(x, axis, dim):
+    return reduce_scatter(x, axis, dim=dim), None
+
+
+def _reduce_scatter_seq_bwd(axis, dim, _, g):
+    return (all_gather(g, axis, dim=dim),)
+
+
+reduce_scatter_to_sequence_region.defvjp(_reduce_scatter_seq_fwd, _reduce_scatter_seq_bwd)

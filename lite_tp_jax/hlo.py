@@ -1,0 +1,61 @@
+"""Collective accounting read from compiled HLO text.
+
+``collectives(jax.jit(f).lower(*args).compile().as_text())`` lists every
+collective XLA will run, with its kind and the elements and bytes of its
+result, so tests can assert exactly the communication the math needs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+}
+_INSTRUCTION = re.compile(
+    r"=\s*(?P<type>\([^=]*?\)|\w+\[[\d,]*\](?:\{[^}]*\})?)\s+"
+    r"(?P<kind>" + "|".join(KINDS) + r")(?:-start)?\("
+)
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+
+
+@dataclass(frozen=True)
+class Collective:
+    kind: str
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+    @property
+    def elements(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes)
+
+    @property
+    def bytes(self) -> int:
+        return sum(
+            math.prod(shape) * _DTYPE_BYTES[dtype] for shape, dtype in zip(self.shapes, self.dtypes)
+        )
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective instruction in ``hlo_text`` (async pairs counted once)."""
+    found = []
+    for match in _INSTRUCTION.finditer(hlo_text):
+        arrays = _ARRAY.findall(match.group("type"))
+        if match.group("type").startswith("(") and match.group("kind") != "all-reduce":
+            arrays = arrays[-1:]  # async *-start tuples: (operand, result[, scratch]); keep the result
+        shapes = tuple(tuple(int(d) for d in dims.split(",") if d) for _, dims in arrays)
+        found.append(Collective(match.group("kind"), shapes, tuple(dtype for dtype, _ in arrays)))
+    return found
+
+
+def summary(hlo_text: str) -> dict[str, list[int]]:
+    """``{kind: [elements of each instance]}``, for readable assertion messages."""
+    out: dict[str, list[int]] = {}
+    for c in collectives(hlo_text):
+        out.setdefault(c.kind, []).append(c.elements)
+    return out

@@ -1,0 +1,85 @@
+"""The tensor-parallel MLP: column-parallel up projection(s), activation,
+row-parallel down projection.
+
+    x (replicated) -> [up_i, gate_i] = x @ W_up[:, i], x @ W_gate[:, i]     no communication
+                   -> h_i = act(gate_i) * up_i   (or act(up_i))             local
+                   -> y = all-reduce(h_i @ W_down[i, :]) + b                one all-reduce
+
+Backward mirrors it: one all-reduce for the input gradient. The hidden
+activation never leaves its rank. With ``sequence_parallel`` the input and
+output are sharded along the sequence: an all-gather on entry and a
+reduce-scatter on exit replace the all-reduce (backward: the mirror images).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from lite_tp_jax.collectives import copy_to_tensor_region, gather_from_sequence_region
+from lite_tp_jax.layers.linear import ColumnParallelLinear, RowParallelLinear
+from lite_tp_jax.mesh import TENSOR
+from lite_tp_jax.sharding import (
+    check_last_dim,
+    check_sequence_divisible,
+    enter_tensor_region,
+    in_tensor_region,
+    sequence_spec,
+)
+
+Activation = Literal["swiglu", "gelu"]
+
+
+class ParallelMLP(nnx.Module):
+    """``swiglu``: ``down(silu(gate(x)) * up(x))`` (Llama); ``gelu``: ``down(gelu(up(x)))`` (GPT-2)."""
+
+    def __init__(
+        self,
+        features: int,
+        hidden_features: int,
+        *,
+        mesh: Mesh,
+        activation: Activation = "swiglu",
+        use_bias: bool = False,
+        sequence_parallel: bool = False,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if activation not in ("swiglu", "gelu"):
+            raise ValueError(f"ParallelMLP activation must be 'swiglu' or 'gelu', got {activation!r}.")
+        self.mesh = mesh
+        self.features, self.activation = features, activation
+        self.sequence_parallel = sequence_parallel
+        common = dict(mesh=mesh, use_bias=use_bias, param_dtype=param_dtype, rngs=rngs)
+        self.gate = ColumnParallelLinear(features, hidden_features, **common) if activation == "swiglu" else None
+        self.up = ColumnParallelLinear(features, hidden_features, **common)
+        self.down = RowParallelLinear(hidden_features, features, sequence_parallel=sequence_parallel, **common)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``[..., seq, features]``, replicated over "tensor" (or sharded
+        along ``seq`` with ``sequence_parallel``); returns the same shape."""
+        check_last_dim(x, self.features, type(self).__name__)
+        if in_tensor_region():
+            return self.local(x)
+        spec = P()
+        if self.sequence_parallel:
+            check_sequence_divisible(x, self.mesh, type(self).__name__)
+            spec = sequence_spec(x.ndim)
+        return enter_tensor_region(self, type(self).local, x, arg_specs=(spec,), out_specs=spec)
+
+    def local(self, x: jax.Array) -> jax.Array:
+        # Enter the region once for gate and up, so backward has one collective for dx.
+        if self.sequence_parallel:
+            x = gather_from_sequence_region(x, TENSOR, -2)
+        else:
+            x = copy_to_tensor_region(x)
+        if self.gate is not None:
+            h = jax.nn.silu(self.gate(x)) * self.up(x)
+        else:
+            h = jax.nn.gelu(self.up(x))
+        return self.down(h)
