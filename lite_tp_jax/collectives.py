@@ -32,23 +32,35 @@ from lite_tp_jax.mesh import TENSOR
 # --- primitives ---------------------------------------------------------------
 
 
+def check_axis(axis: str) -> str:
+    """``axis``, after checking that it is a manual axis of the enclosing shard_map."""
+    manual = jax.sharding.get_abstract_mesh().manual_axes
+    if axis not in manual:
+        raise NameError(
+            f"Collective over mesh axis {axis!r}, which is not a manual axis here; "
+            f"call it inside jax.shard_map over one of {tuple(manual) or 'the mesh axes'}."
+        )
+    return axis
+
+
 def all_reduce(x: jax.Array, axis: str = TENSOR) -> jax.Array:
     """Sum of ``x`` over the ranks of ``axis``; every rank gets the total."""
-    return jax.lax.psum(x, axis)
+    return jax.lax.psum(x, check_axis(axis))
 
 
 def all_gather(x: jax.Array, axis: str = TENSOR, *, dim: int = -1) -> jax.Array:
     """Concatenation of every rank's ``x`` along ``dim``, in rank order."""
-    return jax.lax.all_gather(x, axis, axis=dim % x.ndim, tiled=True)
+    return jax.lax.all_gather(x, check_axis(axis), axis=dim % x.ndim, tiled=True)
 
 
 def reduce_scatter(x: jax.Array, axis: str = TENSOR, *, dim: int = -1) -> jax.Array:
     """Sum over ranks, then rank i keeps the i-th of ``axis_size`` slices of ``dim``."""
-    return jax.lax.psum_scatter(x, axis, scatter_dimension=dim % x.ndim, tiled=True)
+    return jax.lax.psum_scatter(x, check_axis(axis), scatter_dimension=dim % x.ndim, tiled=True)
 
 
 def split(x: jax.Array, axis: str = TENSOR, *, dim: int = -1) -> jax.Array:
     """Rank i's slice of ``dim`` (no communication)."""
+    check_axis(axis)
     dim = dim % x.ndim
     size = x.shape[dim] // jax.lax.axis_size(axis)
     start = jax.lax.axis_index(axis) * size
@@ -57,7 +69,7 @@ def split(x: jax.Array, axis: str = TENSOR, *, dim: int = -1) -> jax.Array:
 
 def to_varying(x: jax.Array, axis: str = TENSOR) -> jax.Array:
     """Marks an invariant value as per-rank (no communication)."""
-    if axis in jax.typeof(x).mat.varying:
+    if check_axis(axis) in jax.typeof(x).mat.varying:
         return x
     return jax.lax.pcast(x, axis, to="varying")
 
@@ -71,7 +83,7 @@ def copy_to_tensor_region(x: jax.Array, axis: str = TENSOR) -> jax.Array:
     A value that is already per-rank passes through unchanged both ways: the
     region was entered earlier, and its one backward all-reduce happens there.
     """
-    if axis in jax.typeof(x).mat.varying:
+    if check_axis(axis) in jax.typeof(x).mat.varying:
         return x
     return _copy_to_tensor_region(x, axis)
 
@@ -120,7 +132,7 @@ def _scatter_fwd(x, axis, dim):
 
 
 def _scatter_bwd(axis, dim, _, g):
-    return (jax.lax.all_gather(g, axis, axis=dim % g.ndim, tiled=True, to="invariant"),)
+    return (jax.lax.all_gather(g, axis, axis=dim % g.ndim, tiled=True, to="invarying"),)
 
 
 scatter_to_tensor_region.defvjp(_scatter_fwd, _scatter_bwd)
@@ -129,7 +141,7 @@ scatter_to_tensor_region.defvjp(_scatter_fwd, _scatter_bwd)
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def gather_from_tensor_region(x: jax.Array, axis: str = TENSOR, dim: int = -1) -> jax.Array:
     """Forward: all-gather along ``dim`` (result replicated). Backward: split."""
-    return jax.lax.all_gather(x, axis, axis=dim % x.ndim, tiled=True, to="invariant")
+    return jax.lax.all_gather(x, axis, axis=dim % x.ndim, tiled=True, to="invarying")
 
 
 def _gather_fwd(x, axis, dim):

@@ -26,35 +26,37 @@ _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 
 @dataclass(frozen=True)
 class Collective:
+    """One array moved by a collective. XLA's combiner may fuse several
+    independent all-reduces into one tuple-shaped instruction; each operand is
+    listed on its own, so counts do not depend on that optimisation."""
+
     kind: str
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
 
     @property
     def elements(self) -> int:
-        return sum(math.prod(shape) for shape in self.shapes)
+        return math.prod(self.shape)
 
     @property
     def bytes(self) -> int:
-        return sum(
-            math.prod(shape) * _DTYPE_BYTES[dtype] for shape, dtype in zip(self.shapes, self.dtypes)
-        )
+        return self.elements * _DTYPE_BYTES[self.dtype]
 
 
 def collectives(hlo_text: str) -> list[Collective]:
-    """Every collective instruction in ``hlo_text`` (async pairs counted once)."""
+    """Every collective in ``hlo_text``, one entry per array (async pairs once)."""
     found = []
     for match in _INSTRUCTION.finditer(hlo_text):
-        arrays = _ARRAY.findall(match.group("type"))
-        if match.group("type").startswith("(") and match.group("kind") != "all-reduce":
-            arrays = arrays[-1:]  # async *-start tuples: (operand, result[, scratch]); keep the result
-        shapes = tuple(tuple(int(d) for d in dims.split(",") if d) for _, dims in arrays)
-        found.append(Collective(match.group("kind"), shapes, tuple(dtype for dtype, _ in arrays)))
+        kind, arrays = match.group("kind"), _ARRAY.findall(match.group("type"))
+        if match.group("type").startswith("(") and kind != "all-reduce":
+            arrays = arrays[1:2]  # async *-start tuples: (operand, result[, scratch]); keep the result
+        for dtype, dims in arrays:
+            found.append(Collective(kind, tuple(int(d) for d in dims.split(",") if d), dtype))
     return found
 
 
 def summary(hlo_text: str) -> dict[str, list[int]]:
-    """``{kind: [elements of each instance]}``, for readable assertion messages."""
+    """``{kind: [elements of each array]}``, for readable assertion messages."""
     out: dict[str, list[int]] = {}
     for c in collectives(hlo_text):
         out.setdefault(c.kind, []).append(c.elements)

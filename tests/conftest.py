@@ -31,3 +31,43 @@ def max_relative_error(actual, expected) -> float:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def assert_matches_reference(layer, reference, *inputs, tol: float = 1e-5):
+    """Forward values and gradients of ``layer(*inputs)`` against ``reference``.
+
+    ``reference(weights, *inputs)`` is an unsharded jax.numpy function of the
+    layer's logical weights (``export_state``). Gradients are compared w.r.t.
+    every weight and every floating-point input, for the loss sum(c * y) with a
+    fixed random cotangent c.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lite_tp_jax import export_state
+
+    weights = export_state(layer)
+    float_args = tuple(i for i, x in enumerate(inputs) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
+    expected = reference(weights, *inputs)
+    cotangent = np.random.default_rng(1).standard_normal(expected.shape).astype(np.float32)
+
+    def layer_loss(layer, *inputs):
+        y = layer(*inputs)
+        return jnp.sum(y * cotangent), y
+
+    def reference_loss(weights, *inputs):
+        y = reference(weights, *inputs)
+        return jnp.sum(y * cotangent), y
+
+    argnums = (0, *(i + 1 for i in float_args))
+    (_, y), grads = nnx.jit(nnx.value_and_grad(layer_loss, argnums=argnums, has_aux=True))(layer, *inputs)
+    (_, y_ref), grads_ref = jax.value_and_grad(reference_loss, argnums=argnums, has_aux=True)(weights, *inputs)
+
+    assert y.shape == y_ref.shape
+    assert max_relative_error(y, y_ref) <= tol, "forward"
+    weight_grads = export_state(grads[0])
+    assert weight_grads.keys() == grads_ref[0].keys()
+    for name, g in weight_grads.items():
+        assert max_relative_error(g, grads_ref[0][name]) <= tol, f"gradient of {name}"
+    for i, (g, g_ref) in enumerate(zip(grads[1:], grads_ref[1:])):
+        assert max_relative_error(g, g_ref) <= tol, f"gradient of input {i}"
