@@ -2,6 +2,8 @@
 ("data", "pipeline", "expert", "tensor") device mesh."""
 
 from lite_tp_jax.layers import ColumnParallelLinear, ParallelMLP, RowParallelLinear
+from lite_tp_jax.layers import ParallelAttention
+from lite_tp_jax.layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from lite_tp_jax.mesh import AXES, DATA, EXPERT, PIPELINE, TENSOR, make_mesh, provide_cpu_devices
 from lite_tp_jax.state import export_state, import_state
 
@@ -10,4 +12,6 @@ __all__ = [
     "make_mesh", "provide_cpu_devices",
     "export_state", "import_state",
     "ColumnParallelLinear", "RowParallelLinear", "ParallelMLP",
+    "ParallelAttention",
 ]
+__all__ += ["VocabParallelEmbedding", "vocab_parallel_cross_entropy"]

@@ -24,9 +24,14 @@ from __future__ import annotations
 from functools import partial
 
 import jax
-import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from lite_tp_jax.mesh import TENSOR
+
+COLLECTIVE_OUTPUT = "collective_output"
+"""Name (``jax.ad_checkpoint.checkpoint_name``) on the forward result of every
+region function that communicates, so remat policies can save it instead of
+running the collective again."""
 
 
 # --- primitives ---------------------------------------------------------------
@@ -104,9 +109,13 @@ def _copy_bwd(axis, _, g):
 _copy_to_tensor_region.defvjp(_copy_fwd, _copy_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
 def reduce_from_tensor_region(x: jax.Array, axis: str = TENSOR) -> jax.Array:
     """Forward: all-reduce of partial sums. Backward: identity."""
+    return checkpoint_name(_reduce_from_tensor_region(x, axis), COLLECTIVE_OUTPUT)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _reduce_from_tensor_region(x: jax.Array, axis: str = TENSOR) -> jax.Array:
     return all_reduce(x, axis)
 
 
@@ -118,7 +127,7 @@ def _reduce_bwd(axis, _, g):
     return (to_varying(g, axis),)
 
 
-reduce_from_tensor_region.defvjp(_reduce_fwd, _reduce_bwd)
+_reduce_from_tensor_region.defvjp(_reduce_fwd, _reduce_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -138,26 +147,34 @@ def _scatter_bwd(axis, dim, _, g):
 scatter_to_tensor_region.defvjp(_scatter_fwd, _scatter_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def gather_from_tensor_region(x: jax.Array, axis: str = TENSOR, dim: int = -1) -> jax.Array:
     """Forward: all-gather along ``dim`` (result replicated). Backward: split."""
+    return checkpoint_name(_gather_from_tensor_region(x, axis, dim), COLLECTIVE_OUTPUT)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather_from_tensor_region(x: jax.Array, axis: str = TENSOR, dim: int = -1) -> jax.Array:
     return jax.lax.all_gather(x, axis, axis=dim % x.ndim, tiled=True, to="invarying")
 
 
 def _gather_fwd(x, axis, dim):
-    return gather_from_tensor_region(x, axis, dim), None
+    return _gather_from_tensor_region(x, axis, dim), None
 
 
 def _gather_bwd(axis, dim, _, g):
     return (split(to_varying(g, axis), axis, dim=dim),)
 
 
-gather_from_tensor_region.defvjp(_gather_fwd, _gather_bwd)
+_gather_from_tensor_region.defvjp(_gather_fwd, _gather_bwd)
+
+
+def gather_from_sequence_region(x: jax.Array, axis: str = TENSOR, dim: int = 1) -> jax.Array:
+    """Forward: all-gather the sequence shards. Backward: reduce-scatter."""
+    return checkpoint_name(_gather_from_sequence_region(x, axis, dim), COLLECTIVE_OUTPUT)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def gather_from_sequence_region(x: jax.Array, axis: str = TENSOR, dim: int = 1) -> jax.Array:
-    """Forward: all-gather the sequence shards. Backward: reduce-scatter."""
+def _gather_from_sequence_region(x: jax.Array, axis: str = TENSOR, dim: int = 1) -> jax.Array:
     return all_gather(x, axis, dim=dim)
 
 
@@ -169,12 +186,16 @@ def _gather_seq_bwd(axis, dim, _, g):
     return (reduce_scatter(g, axis, dim=dim),)
 
 
-gather_from_sequence_region.defvjp(_gather_seq_fwd, _gather_seq_bwd)
+_gather_from_sequence_region.defvjp(_gather_seq_fwd, _gather_seq_bwd)
+
+
+def reduce_scatter_to_sequence_region(x: jax.Array, axis: str = TENSOR, dim: int = 1) -> jax.Array:
+    """Forward: reduce-scatter partial sums into sequence shards. Backward: all-gather."""
+    return checkpoint_name(_reduce_scatter_to_sequence_region(x, axis, dim), COLLECTIVE_OUTPUT)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def reduce_scatter_to_sequence_region(x: jax.Array, axis: str = TENSOR, dim: int = 1) -> jax.Array:
-    """Forward: reduce-scatter partial sums into sequence shards. Backward: all-gather."""
+def _reduce_scatter_to_sequence_region(x: jax.Array, axis: str = TENSOR, dim: int = 1) -> jax.Array:
     return reduce_scatter(x, axis, dim=dim)
 
 
@@ -186,4 +207,4 @@ def _reduce_scatter_seq_bwd(axis, dim, _, g):
     return (all_gather(g, axis, dim=dim),)
 
 
-reduce_scatter_to_sequence_region.defvjp(_reduce_scatter_seq_fwd, _reduce_scatter_seq_bwd)
+_reduce_scatter_to_sequence_region.defvjp(_reduce_scatter_seq_fwd, _reduce_scatter_seq_bwd)

@@ -180,3 +180,4 @@ def check_last_dim(x: jax.Array, expected: int, name: str) -> None:
         raise ValueError(
             f"{name} expects inputs whose last dimension is {expected}, got shape {tuple(x.shape)}."
         )
+

@@ -24,8 +24,12 @@ def _params(tree: nnx.Module | nnx.State) -> list[tuple[str, nnx.Variable]]:
     ]
 
 
-def _logical_shape(variable: nnx.Variable) -> tuple[int, ...]:
-    return tuple(variable.get_metadata().get("logical_shape", variable.shape))
+def logical_shape(variable: nnx.Variable) -> tuple[int, ...]:
+    """The unpadded shape. ``logical_shape`` metadata describes the trailing
+    dims; leading dims added by stacking layers (``nnx.vmap``) are never padded."""
+    shape = tuple(variable.shape)
+    trailing = tuple(variable.get_metadata().get("logical_shape", shape))
+    return shape[: len(shape) - len(trailing)] + trailing
 
 
 def export_state(tree: nnx.Module | nnx.State) -> dict[str, np.ndarray]:
@@ -34,7 +38,7 @@ def export_state(tree: nnx.Module | nnx.State) -> dict[str, np.ndarray]:
     out = {}
     for name, variable in _params(tree):
         value = np.asarray(jax.device_get(variable[...]))
-        out[name] = value[tuple(slice(0, n) for n in _logical_shape(variable))]
+        out[name] = value[tuple(slice(0, n) for n in logical_shape(variable))]
     return out
 
 
@@ -53,7 +57,7 @@ def import_state(module: nnx.Module, state: Mapping[str, np.ndarray]) -> None:
         )
     for name, variable in params:
         value = np.asarray(state[name])
-        logical = _logical_shape(variable)
+        logical = logical_shape(variable)
         if value.shape != logical:
             raise ValueError(
                 f"import_state: {name!r} has shape {value.shape}, expected {logical}."

@@ -1,0 +1,255 @@
+"""Causal self-attention with its heads split over "tensor" (Megatron-LM style).
+
+    x (replicated) -> q_i, k_i, v_i = x @ W_q[:, heads_i], x @ W_k[:, kv_i], x @ W_v[:, kv_i]   no communication
+                   -> (RoPE on q_i, k_i)                                                    local
+                   -> o_i = softmax(causal(q_i k_i^T / sqrt(head_dim))) v_i                 local, per head
+                   -> y = all-reduce(o_i @ W_out[heads_i]) + b                              one all-reduce
+
+Backward mirrors it: one all-reduce of the input gradient (the three
+projections enter the region together, ``copy_to_tensor_region``). With
+``sequence_parallel`` x and y are sharded along the sequence (dim -2): an
+all-gather on entry and a reduce-scatter on exit replace the all-reduce
+(backward: a reduce-scatter of dx and an all-gather of dy). The positions of
+RoPE are those of the full, gathered sequence.
+
+Parameters, as ``export_state`` names them (Flax layout, ``x @ W``)::
+
+    name          logical shape                      split over "tensor"  Megatron name         spec's words
+    query.kernel  [features, num_heads, head_dim]    heads                ColumnParallelLinear  "row partitioning"
+    key.kernel    [features, num_kv_heads, head_dim] kv heads (or none)   ColumnParallelLinear  "row partitioning"
+    value.kernel  [features, num_kv_heads, head_dim] kv heads (or none)   ColumnParallelLinear  "row partitioning"
+    out.kernel    [num_heads, head_dim, features]    heads                RowParallelLinear     "column partitioning"
+
+With ``use_bias``: ``query.bias [num_heads, head_dim]``, ``key.bias`` and
+``value.bias [num_kv_heads, head_dim]`` split like their kernels, and
+``out.bias [features]`` replicated, added once after the reduction.
+
+The unit of sharding is a kv group: one kv head and the ``num_heads //
+num_kv_heads`` query heads that attend with it (query head ``j`` uses kv head
+``j // group``). Any TP degree works:
+
+* ``num_kv_heads >= tp``: the kv heads are padded at the end to a multiple of
+  tp and the query heads with them (``padded kv heads * group``), so every rank
+  holds whole groups. Padded groups are zeroed (``mask_padding``) on the head
+  dim of the q/k/v kernels and biases and of ``out.kernel``.
+* ``num_kv_heads < tp``: k/v kernels are replicated over "tensor"; the query
+  heads are padded to a multiple of tp and split. Each rank computes all kv
+  heads and picks, for each of its query heads, kv head ``global_q // group``
+  (clamped for padded query heads). Padded query heads are zeroed on
+  ``query`` and ``out.kernel``, so they add nothing to y or to any gradient.
+  The replicated kernels' gradients are summed over the ranks by JAX's
+  varying/invariant typing: using an invariant kernel with a per-rank input is
+  an implicit ``pcast`` to varying, whose transpose is a psum (an all-reduce of
+  the k/v kernel gradients, ``features * num_kv_heads * head_dim`` each).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from lite_tp_jax.collectives import (
+    copy_to_tensor_region,
+    gather_from_sequence_region,
+    reduce_from_tensor_region,
+    reduce_scatter_to_sequence_region,
+)
+from lite_tp_jax.layers.rotary import apply_rotary
+from lite_tp_jax.mesh import TENSOR
+from lite_tp_jax.sharding import (
+    check_last_dim,
+    check_sequence_divisible,
+    enter_tensor_region,
+    in_tensor_region,
+    mask_padding,
+    padded_size,
+    sequence_spec,
+    sharded_param,
+    tensor_size,
+    zeros_init,
+)
+
+# Module-level so that sharded_param's jitted initialiser (static ``init``) is reused across layers.
+_projection_kernel_init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+_out_kernel_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+
+
+class _Projection(nnx.Module):
+    """Holds one projection's ``kernel`` (and ``bias``) under its name; the math
+    is in ``ParallelAttention.local``."""
+
+    def __init__(self, kernel: nnx.Param, bias: nnx.Param | None):
+        self.kernel = kernel
+        self.bias = bias
+
+
+def _check_heads(features: int, num_heads: int, num_kv_heads: int, head_dim: int | None, rope_theta):
+    name = "ParallelAttention"
+    for label, value in (("features", features), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} {label} must be a positive integer, got {value!r}.")
+    if num_heads % num_kv_heads:
+        divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+        raise ValueError(
+            f"{name} num_kv_heads={num_kv_heads} must divide num_heads={num_heads} "
+            f"(each kv head serves a whole group of query heads); choose one of {divisors}."
+        )
+    if head_dim is None:
+        if features % num_heads:
+            raise ValueError(
+                f"{name} cannot derive head_dim: features={features} is not divisible by "
+                f"num_heads={num_heads}; pass head_dim explicitly."
+            )
+    elif not isinstance(head_dim, int) or head_dim <= 0:
+        raise ValueError(f"{name} head_dim must be a positive integer, got {head_dim!r}.")
+    resolved = features // num_heads if head_dim is None else head_dim
+    if rope_theta is not None and (rope_theta <= 0 or resolved % 2):
+        raise ValueError(
+            f"{name} with rope_theta={rope_theta!r} needs a positive theta and an even "
+            f"head_dim, got head_dim={resolved}."
+        )
+
+
+class ParallelAttention(nnx.Module):
+    """Causal multi-head (or grouped-query) self-attention, heads split over "tensor"."""
+
+    def __init__(
+        self,
+        features: int,
+        num_heads: int,
+        *,
+        mesh: Mesh,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        use_bias: bool = False,
+        sequence_parallel: bool = False,
+        rope_theta: float | None = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta)
+        self.mesh = mesh
+        self.features, self.num_heads, self.num_kv_heads = features, num_heads, num_kv_heads
+        self.head_dim = features // num_heads if head_dim is None else head_dim
+        self.group = num_heads // num_kv_heads
+        self.sequence_parallel, self.rope_theta = sequence_parallel, rope_theta
+
+        tp = tensor_size(mesh)
+        self.kv_sharded = num_kv_heads >= tp
+        if self.kv_sharded:  # whole kv groups per rank; pad the groups
+            kv_padded = padded_size(num_kv_heads, tp)
+            heads_padded = kv_padded * self.group
+            kv_spec = P(None, TENSOR, None)
+        else:  # kv replicated; only the query heads are split
+            kv_padded = num_kv_heads
+            heads_padded = padded_size(num_heads, tp)
+            kv_spec = P()
+
+        def param(init, shape, spec, padded_shape):
+            return sharded_param(
+                init, rngs.params(), shape, spec, mesh, padded_shape=padded_shape, dtype=param_dtype
+            )
+
+        def projection(heads, padded_heads, spec):
+            kernel = param(
+                _projection_kernel_init, (features, heads, self.head_dim), spec,
+                (features, padded_heads, self.head_dim),
+            )
+            bias_spec = P(*tuple(spec)[1:])
+            bias = (
+                param(zeros_init, (heads, self.head_dim), bias_spec, (padded_heads, self.head_dim))
+                if use_bias
+                else None
+            )
+            return _Projection(kernel, bias)
+
+        self.query = projection(num_heads, heads_padded, P(None, TENSOR, None))
+        self.key = projection(num_kv_heads, kv_padded, kv_spec)
+        self.value = projection(num_kv_heads, kv_padded, kv_spec)
+        self.out = _Projection(
+            param(
+                _out_kernel_init, (num_heads, self.head_dim, features), P(TENSOR, None, None),
+                (heads_padded, self.head_dim, features),
+            ),
+            param(zeros_init, (features,), P(), (features,)) if use_bias else None,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``[B, S, features]``, replicated over "tensor" (or sharded along
+        ``S`` with ``sequence_parallel``); returns the same shape."""
+        name = type(self).__name__
+        check_last_dim(x, self.features, name)
+        if x.ndim != 3:
+            raise ValueError(f"{name} expects inputs [batch, seq, features], got shape {tuple(x.shape)}.")
+        if in_tensor_region():
+            return self.local(x)
+        spec = P()
+        if self.sequence_parallel:
+            check_sequence_divisible(x, self.mesh, name)
+            spec = sequence_spec(x.ndim)
+        return enter_tensor_region(self, type(self).local, x, arg_specs=(spec,), out_specs=spec)
+
+    def local(self, x: jax.Array) -> jax.Array:
+        """One rank's math: ``x`` full (replicated over "tensor"), or its sequence
+        shard with ``sequence_parallel``. Returns the same."""
+        # Enter the region once for q, k and v, so backward has one collective for dx.
+        if self.sequence_parallel:
+            x = gather_from_sequence_region(x, TENSOR, -2)
+        else:
+            x = copy_to_tensor_region(x)
+
+        q = self._project(self.query, x, self.num_heads)  # [B, S, local heads, D]
+        kv_heads = self.num_kv_heads if self.kv_sharded else None
+        k = self._project(self.key, x, kv_heads)  # [B, S, local kv heads (or all), D]
+        v = self._project(self.value, x, kv_heads)
+        if self.rope_theta is not None:
+            positions = jnp.arange(x.shape[-2])
+            q = apply_rotary(q, positions, self.rope_theta)
+            k = apply_rotary(k, positions, self.rope_theta)
+        k, v = self._kv_per_query_head(k, q.shape[2]), self._kv_per_query_head(v, q.shape[2])
+
+        seq = x.shape[-2]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(
+            jnp.float32(self.head_dim)
+        )
+        causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+        logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        o = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # [B, S, local heads, D]
+
+        out_kernel = mask_padding(self.out.kernel[...], 0, self.num_heads)
+        partial_sums = jnp.einsum("bqhd,hdf->bqf", o, out_kernel)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_region(partial_sums, TENSOR, -2)
+        else:
+            y = reduce_from_tensor_region(partial_sums)
+        if self.out.bias is not None:
+            y = y + self.out.bias[...]
+        return y
+
+    @staticmethod
+    def _project(projection: _Projection, x: jax.Array, logical_heads: int | None) -> jax.Array:
+        """``x @ kernel (+ bias)`` per head; ``logical_heads`` set when the head dim
+        is split over "tensor", so its padded heads are zeroed first."""
+        kernel = projection.kernel[...]
+        bias = None if projection.bias is None else projection.bias[...]
+        if logical_heads is not None:
+            kernel = mask_padding(kernel, 1, logical_heads)
+            bias = None if bias is None else mask_padding(bias, 0, logical_heads)
+        y = jnp.einsum("bsf,fhd->bshd", x, kernel)
+        return y if bias is None else y + bias
+
+    def _kv_per_query_head(self, kv: jax.Array, local_heads: int) -> jax.Array:
+        """The k (or v) heads of this rank's ``local_heads`` query heads, ``[B, S, local_heads, D]``."""
+        if self.kv_sharded:  # this rank holds whole groups: local q head i uses local kv head i // group
+            return jnp.repeat(kv, self.group, axis=2)
+        # kv replicated: global q head j uses kv head j // group (clamped for padded q heads).
+        first = jax.lax.axis_index(TENSOR) * local_heads
+        kv_index = jnp.minimum((first + jnp.arange(local_heads)) // self.group, self.num_kv_heads - 1)
+        return jnp.take(kv, kv_index, axis=2)

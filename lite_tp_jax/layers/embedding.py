@@ -1,0 +1,153 @@
+"""The vocabulary-parallel embedding (Megatron-LM's ``VocabParallelEmbedding``),
+usable as a tied output head.
+
+The table ``embedding [vocab, features]`` is split on the vocabulary over
+"tensor" (padded at its end to a multiple of the TP degree, see
+``sharding.py``): rank i holds rows ``[i*v, (i+1)*v)``.
+
+    lookup    ids (replicated) -> rows of this rank's range, zeros elsewhere
+              -> all-reduce (or reduce-scatter along the sequence)       one collective
+    attend    x (replicated) -> x @ table_i.T = this rank's logits slice no communication
+
+Backward, the lookup needs no collective (each rank scatter-adds into its own
+rows); ``attend`` all-reduces the input gradient (``copy_to_tensor_region``),
+or reduce-scatters it with ``sequence_parallel``. The logits slice feeds
+``vocab_parallel_cross_entropy`` without ever being gathered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from lite_tp_jax.collectives import (
+    copy_to_tensor_region,
+    gather_from_sequence_region,
+    reduce_from_tensor_region,
+    reduce_scatter_to_sequence_region,
+)
+from lite_tp_jax.mesh import TENSOR
+from lite_tp_jax.sharding import (
+    Initializer,
+    check_last_dim,
+    check_sequence_divisible,
+    default_embedding_init,
+    enter_tensor_region,
+    feature_spec,
+    in_tensor_region,
+    mask_padding,
+    padded_size,
+    sequence_spec,
+    sharded_param,
+    tensor_size,
+)
+
+
+def check_integer_ids(ids: jax.Array, name: str) -> None:
+    if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+        raise TypeError(f"{name} expects integer token ids, got dtype {jnp.result_type(ids)}.")
+
+
+class VocabParallelEmbedding(nnx.Module):
+    """``table[ids]`` with the table ``[num_embeddings, features]`` split on the
+    vocabulary over "tensor".
+
+    Ids outside ``[0, num_embeddings)`` cannot raise an error under jit: they
+    produce a zero vector (no rank owns them) and receive no gradient.
+
+    With ``sequence_parallel`` the output is sharded along the sequence (the last
+    dimension of ``ids``): a reduce-scatter replaces the all-reduce, and
+    ``attend`` takes its input sharded along the sequence (all-gathered first).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        mesh: Mesh,
+        sequence_parallel: bool = False,
+        embedding_init: Initializer = default_embedding_init,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.mesh = mesh
+        self.num_embeddings, self.features = num_embeddings, features
+        self.sequence_parallel = sequence_parallel
+        vocab_padded = padded_size(num_embeddings, tensor_size(mesh))
+        self.embedding = sharded_param(
+            embedding_init, rngs.params(), (num_embeddings, features), P(TENSOR, None), mesh,
+            padded_shape=(vocab_padded, features), dtype=param_dtype,
+        )
+
+    def _table(self) -> jax.Array:
+        return mask_padding(self.embedding[...], 0, self.num_embeddings)
+
+    def _output_struct(self, ids: jax.Array) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((*ids.shape, self.features), self.embedding.dtype)
+
+    # --- lookup -------------------------------------------------------------
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """``ids``: integer ``[..., seq]``, replicated over "tensor". Returns
+        ``[..., seq, features]`` (replicated, or sharded along ``seq`` with
+        ``sequence_parallel``: this rank's shard inside a tensor region)."""
+        check_integer_ids(ids, type(self).__name__)
+        if in_tensor_region():
+            return self.local(ids)
+        out_spec = P()
+        if self.sequence_parallel:
+            check_sequence_divisible(self._output_struct(ids), self.mesh, type(self).__name__)
+            out_spec = sequence_spec(ids.ndim + 1)
+        return enter_tensor_region(self, type(self).local, ids, arg_specs=(P(),), out_specs=out_spec)
+
+    def local(self, ids: jax.Array) -> jax.Array:
+        """One rank's math: ``ids`` full (replicated over "tensor")."""
+        check_integer_ids(ids, type(self).__name__)
+        if self.sequence_parallel:
+            check_sequence_divisible(self._output_struct(ids), self.mesh, type(self).__name__)
+        table = self._table()
+        rows = table.shape[0]
+        local_ids = ids - jax.lax.axis_index(TENSOR) * rows
+        mine = (local_ids >= 0) & (local_ids < rows)
+        vectors = jnp.take(table, jnp.where(mine, local_ids, 0), axis=0)
+        partial_sums = jnp.where(mine[..., None], vectors, jnp.zeros((), vectors.dtype))
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_region(partial_sums, TENSOR, -2)
+        return reduce_from_tensor_region(partial_sums)
+
+    # --- tied output head -----------------------------------------------------
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits ``x @ table.T`` of a tied output head. ``x``: ``[..., seq, features]``,
+        replicated over "tensor" (or sharded along ``seq`` with ``sequence_parallel``).
+
+        Inside a tensor region: this rank's ``[..., seq, vocab_i]`` slice of the
+        padded vocabulary (padded entries are 0; ``vocab_parallel_cross_entropy``
+        masks them). From ordinary jit code: the logical ``[..., seq, vocab]``
+        logits, sharded over "tensor" on the last dimension."""
+        check_last_dim(x, self.features, f"{type(self).__name__}.attend")
+        if in_tensor_region():
+            return self.local_attend(x)
+        in_spec = P()
+        if self.sequence_parallel:
+            check_sequence_divisible(x, self.mesh, f"{type(self).__name__}.attend")
+            in_spec = sequence_spec(x.ndim)
+        logits = enter_tensor_region(
+            self, type(self).local_attend, x, arg_specs=(in_spec,), out_specs=feature_spec(x.ndim)
+        )
+        return logits[..., : self.num_embeddings]
+
+    def local_attend(self, x: jax.Array) -> jax.Array:
+        """One rank's math for ``attend``."""
+        check_last_dim(x, self.features, f"{type(self).__name__}.attend")
+        if self.sequence_parallel:
+            x = gather_from_sequence_region(x, TENSOR, -2)
+        else:
+            x = copy_to_tensor_region(x)
+        return x @ self._table().T

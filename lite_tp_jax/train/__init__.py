@@ -1,0 +1,1 @@
+"""Training: YAML configs, byte-level data, and the ``lite-tp train`` loop."""

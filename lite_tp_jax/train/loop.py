@@ -1,0 +1,125 @@
+"""The training job behind ``lite-tp train``: set up, resume, train, checkpoint.
+
+``Trainer(config, run_dir)`` does everything that can fail on bad input (mesh,
+data, model shape, an incompatible checkpoint) before the first step, so the
+CLI can tell bad input (exit 2) from a failure at run time (exit 1).
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``
+(one JSON object per step) and ``checkpoints/``. Starting on a directory that
+already has a checkpoint resumes from it: parameters, optimizer state and the
+data position, so the loss curve continues exactly as if never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from lite_tp_jax.mesh import make_mesh
+from lite_tp_jax.train.checkpoint import Checkpointer
+from lite_tp_jax.train.config import Config, ConfigError, dump_config
+from lite_tp_jax.train.data import Batches, load_tokens
+from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+
+
+def check_fits_mesh(config: Config, mesh) -> None:
+    """Config values that depend on the mesh: a ConfigError naming the key."""
+    data, tensor = mesh.shape["data"], mesh.shape["tensor"]
+    if config.train.global_batch % data:
+        raise ConfigError(
+            f"'train.global_batch' ({config.train.global_batch}) must be divisible by "
+            f"'mesh.data' ({data})."
+        )
+    if config.model.sequence_parallel and config.train.seq_len % tensor:
+        raise ConfigError(
+            f"'train.seq_len' ({config.train.seq_len}) must be divisible by 'mesh.tensor' "
+            f"({tensor}) with model.sequence_parallel."
+        )
+    for axis in ("pipeline", "expert"):
+        if mesh.shape[axis] != 1:
+            raise ConfigError(f"'mesh.{axis}' must be 1: pipeline and expert parallelism are not available yet.")
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one line per step. On resume, lines past the
+    checkpoint's step (steps that will run again) are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: str | os.PathLike):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.mesh = make_mesh(**asdict(config.mesh))
+        check_fits_mesh(config, self.mesh)
+        train = config.train
+        self.batches = Batches(load_tokens(config.data, config.model.vocab_size), train.global_batch, train.seq_len, train.seed)
+        self.model, self.optimizer = create_model_and_optimizer(config.model, train, self.mesh)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=config.checkpoint.keep)
+        self.start_step = 0
+        if self.checkpointer.latest_step() is not None:
+            state, progress = self.checkpointer.restore(nnx.state((self.model, self.optimizer)), self.mesh)
+            nnx.update((self.model, self.optimizer), state)
+            self.start_step = int(progress["step"])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, self.run_dir / "config.yaml")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.start_step)
+        self.step = TrainStep(self.model, self.optimizer, train)
+
+    def run(self, *, show_progress: bool = True) -> list[dict]:
+        """Trains from the resumed step to ``train.steps``; returns this run's metrics."""
+        train, every = self.config.train, self.config.checkpoint.every
+        sharding = batch_sharding(self.mesh)
+        records = []
+        progress = Progress(
+            TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tokens_per_s]:,.0f} tok/s"),
+            TimeRemainingColumn(), disable=not show_progress,
+        )
+        with progress:
+            task = progress.add_task("train", total=train.steps, completed=self.start_step, loss=float("nan"), tokens_per_s=0.0)
+            for position in range(self.start_step, train.steps):
+                inputs, targets = (jax.device_put(a, sharding) for a in self.batches.batch(position))
+                started = time.perf_counter()
+                metrics = jax.device_get(self.step(inputs, targets))
+                elapsed = time.perf_counter() - started
+                record = {
+                    "step": position + 1,
+                    "loss": float(metrics["loss"]),
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "lr": float(metrics["lr"]),
+                    "step_time_s": elapsed,
+                    "tokens_per_s": train.global_batch * train.seq_len / elapsed,
+                }
+                if not np.isfinite(record["loss"]):
+                    raise FloatingPointError(f"loss became {record['loss']} at step {position + 1}.")
+                self.metrics.append(record)
+                records.append(record)
+                progress.update(task, completed=position + 1, loss=record["loss"], tokens_per_s=record["tokens_per_s"])
+                if (position + 1) % every == 0 or position + 1 == train.steps:
+                    self.checkpointer.save(
+                        position + 1,
+                        nnx.state((self.model, self.optimizer)),
+                        {"step": position + 1, "data_position": position + 1},
+                    )
+        return records

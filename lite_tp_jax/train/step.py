@@ -1,0 +1,127 @@
+"""One jit-compiled training step: loss, gradients, AdamW update.
+
+Sharding. Parameters and optimizer state keep their PartitionSpecs (the
+optimizer's moments carry their parameter's spec), the batch is split over
+"data". Inside the model's tensor-parallel region, gradients of parameters
+replicated across a TP group are all-reduced over "tensor" by the backward of
+``copy_to_tensor_region``; GSPMD then all-reduces every gradient over "data"
+(the mean over the global batch): tensor first, then data, as the spec orders.
+The global gradient norm for clipping is computed over the sharded gradients
+(padding is zero, so it adds nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lite_tp_jax.mesh import DATA
+from lite_tp_jax.models.config import ModelConfig
+from lite_tp_jax.models.transformer import Transformer
+from lite_tp_jax.train.config import TrainConfig
+
+
+def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
+    """Linear warmup to ``train.lr``, then cosine decay to ``lr * min_lr_ratio``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=train.lr,
+        warmup_steps=train.warmup_steps,
+        decay_steps=max(train.steps, train.warmup_steps + 1),
+        end_value=train.lr * train.min_lr_ratio,
+    )
+
+
+def _decay_mask(params: nnx.State) -> Any:
+    """Weight decay for matrices (kernels, embeddings), not for norms or biases."""
+
+    def decays(path, _):
+        name = getattr(path[-1], "key", getattr(path[-1], "name", ""))
+        if name == "value" and len(path) > 1:
+            name = getattr(path[-2], "key", "")
+        return name in ("kernel", "embedding")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(train.grad_clip),
+        optax.adamw(
+            learning_rate_schedule(train),
+            b1=train.b1,
+            b2=train.b2,
+            weight_decay=train.weight_decay,
+            mask=_decay_mask,
+        ),
+    )
+
+
+def create_model_and_optimizer(
+    model_config: ModelConfig, train: TrainConfig, mesh: Mesh
+) -> tuple[Transformer, nnx.Optimizer]:
+    """A sharded model (initialised from ``train.seed``, identically for any mesh)
+    and its optimizer, whose state is sharded like the parameters."""
+    model = Transformer(model_config, mesh=mesh, rngs=nnx.Rngs(train.seed))
+    optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
+    return model, optimizer
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
+    """NamedShardings of every variable in ``state`` from its ``out_sharding`` metadata."""
+
+    def sharding_of(variable):
+        return NamedSharding(mesh, P(*(variable.get_metadata().get("out_sharding") or ())))
+
+    return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token batches ``[global_batch, seq]`` are split over "data"."""
+    return NamedSharding(mesh, P(DATA))
+
+
+class TrainStep:
+    """``step(tokens, targets) -> metrics``: updates ``model`` and ``optimizer`` in place.
+
+    The step is compiled once; state buffers are donated so parameters and
+    optimizer moments are updated without a second copy in device memory.
+    """
+
+    def __init__(self, model: Transformer, optimizer: nnx.Optimizer, train: TrainConfig):
+        self.model, self.optimizer = model, optimizer
+        self.schedule = learning_rate_schedule(train)
+        mesh = model.mesh
+        self.graphdef, state = nnx.split((model, optimizer))
+        shardings = state_shardings(state, mesh)
+        self._step: Callable = jax.jit(
+            self._pure_step,
+            in_shardings=(shardings, batch_sharding(mesh), batch_sharding(mesh)),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
+
+    def _pure_step(self, state, tokens, targets):
+        model, optimizer = nnx.merge(self.graphdef, state)
+        loss, grads = nnx.value_and_grad(lambda m: m.loss(tokens, targets))(model)
+        lr = self.schedule(optimizer.step[...])
+        optimizer.update(model, grads)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr}
+        return nnx.state((model, optimizer)), metrics
+
+    def lower(self, tokens: jax.Array, targets: jax.Array):
+        """The lowered step (for HLO inspection) without running it."""
+        return self._step.lower(nnx.state((self.model, self.optimizer)), tokens, targets)
+
+    def __call__(self, tokens: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+        state = nnx.state((self.model, self.optimizer))
+        new_state, metrics = self._step(state, tokens, targets)
+        nnx.update((self.model, self.optimizer), new_state)
+        return metrics

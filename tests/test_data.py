@@ -1,0 +1,225 @@
+"""Byte tokenizer, corpora, and deterministic resumable batches."""
+
+import numpy as np
+import pytest
+
+from lite_tp_jax.train.config import DataConfig
+from lite_tp_jax.train.data import (
+    Batches,
+    DataError,
+    decode,
+    encode,
+    load_tokens,
+    npy_tokens,
+    stdlib_files,
+    stdlib_tokens,
+    text_tokens,
+)
+
+# -- tokenizer -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "hello, world\n", "naïve café — 日本語 🙂", "\x00\x7f"])
+def test_tokenizer_round_trip(text):
+    ids = encode(text)
+    assert ids.dtype == np.int32 and ids.ndim == 1
+    assert ids.size == len(text.encode("utf-8"))
+    assert ids.size == 0 or (ids.min() >= 0 and ids.max() < 256)
+    assert decode(ids) == text
+    assert decode(ids.tolist()) == text
+
+
+def test_decode_replaces_invalid_utf8():
+    ids = encode("é")[:1]  # half of a two-byte character
+    assert decode(ids) == "\ufffd"
+    with pytest.raises(DataError, match="cannot decode id 256"):
+        decode([104, 256])
+
+
+# -- corpora -------------------------------------------------------------------
+
+
+def test_stdlib_corpus_is_large_and_deterministic():
+    a = stdlib_tokens()
+    b = stdlib_tokens()
+    assert a.dtype == np.int32 and a.ndim == 1
+    assert 100_000 < a.size <= 4_000_000
+    np.testing.assert_array_equal(a, b)
+    assert a.min() >= 0 and a.max() < 256
+    assert "def " in decode(a[:200_000])
+
+
+def test_stdlib_corpus_truncates_deterministically():
+    small = stdlib_tokens(max_bytes=1000)
+    assert small.size == 1000
+    np.testing.assert_array_equal(small, stdlib_tokens(max_bytes=5000)[:1000])
+
+
+def test_stdlib_files_skip_tests_and_are_sorted():
+    files = stdlib_files()
+    assert len(files) > 100
+    parts = {part for f in files for part in f.parts}
+    assert not parts & {"site-packages", "test", "tests", "idlelib"}
+    assert all(f.suffix == ".py" for f in files)
+    assert any(f.name == "functools.py" for f in files)
+
+
+def _make_tree(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "b" / "deep").mkdir(parents=True)
+    (root / "a.txt").write_text("alpha")
+    (root / "b" / "deep" / "c.md").write_text("gamma ü")
+    (root / "b" / "x.py").write_text("print(1)")
+    (root / "b" / "skip.bin").write_bytes(b"\x00\x01")
+    return root
+
+
+def test_text_directory_is_recursive_and_sorted(tmp_path):
+    root = _make_tree(tmp_path)
+    assert decode(text_tokens(root)) == "alpha\ngamma ü\nprint(1)"
+    assert text_tokens(str(root)).dtype == np.int32
+
+
+def test_text_file_and_glob(tmp_path):
+    root = _make_tree(tmp_path)
+    assert decode(text_tokens(root / "b" / "skip.bin")) == "\x00\x01"  # a named file is read whatever its suffix
+    assert decode(text_tokens(str(root / "**" / "*.md"))) == "gamma ü"
+    assert decode(text_tokens(str(root / "*" / "*.py"))) == "print(1)"
+
+
+def test_text_errors_name_the_path(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "data.bin").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"the directory '.*empty' has no \*\.txt, \*\.md, \*\.py files"):
+        text_tokens(empty)
+    with pytest.raises(DataError, match=r"the glob '.*\*\.rst' matches no files"):
+        text_tokens(str(tmp_path / "*.rst"))
+    with pytest.raises(DataError, match=r"the text path '.*missing' does not exist"):
+        text_tokens(tmp_path / "missing")
+    (tmp_path / "blank.txt").write_text("")
+    with pytest.raises(DataError, match=r"the text at '.*blank\.txt' is empty"):
+        text_tokens(tmp_path / "blank.txt")
+
+
+def test_npy_tokens(tmp_path):
+    path = tmp_path / "ids.npy"
+    np.save(path, np.array([0, 5, 999], dtype=np.int64))
+    ids = npy_tokens(path, vocab_size=1000)
+    assert ids.dtype == np.int32
+    np.testing.assert_array_equal(ids, [0, 5, 999])
+    np.save(path, np.array([1, 2], dtype=np.uint16))
+    np.testing.assert_array_equal(npy_tokens(str(path), 3), [1, 2])
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((2, 3), np.int32), r"must hold a 1-D integer array, got shape \(2, 3\) of dtype int32"),
+        (np.zeros(4, np.float32), r"must hold a 1-D integer array, got shape \(4,\) of dtype float32"),
+        (np.zeros(4, bool), r"must hold a 1-D integer array, got shape \(4,\) of dtype bool"),
+        (np.array([3, 1000, 7]), r"has id 1000 at index 1, outside \[0, 1000\)"),
+        (np.array([3, -1, 7]), r"has id -1 at index 1, outside \[0, 1000\)"),
+    ],
+)
+def test_npy_validation(tmp_path, array, message):
+    path = tmp_path / "bad.npy"
+    np.save(path, array)
+    with pytest.raises(DataError, match=r"^the token file '.*bad\.npy' " + message):
+        npy_tokens(path, vocab_size=1000)
+
+
+def test_npy_unreadable(tmp_path):
+    with pytest.raises(DataError, match=r"the token file '.*nope\.npy' does not exist"):
+        npy_tokens(tmp_path / "nope.npy", 10)
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(DataError, match=r"the token file '.*objects\.npy' is not a readable \.npy array"):
+        npy_tokens(tmp_path / "objects.npy", 10)
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    with pytest.raises(DataError, match=r"the token file '.*junk\.npy' is not a readable \.npy array"):
+        npy_tokens(tmp_path / "junk.npy", 10)
+
+
+def test_load_tokens_dispatches(tmp_path):
+    root = _make_tree(tmp_path)
+    np.testing.assert_array_equal(
+        load_tokens(DataConfig(source="text", path=str(root)), 256), text_tokens(root)
+    )
+    np.save(tmp_path / "t.npy", np.arange(10))
+    np.testing.assert_array_equal(
+        load_tokens(DataConfig(source="tokens", path=str(tmp_path / "t.npy")), 10), np.arange(10)
+    )
+    np.testing.assert_array_equal(load_tokens(DataConfig(), 300), stdlib_tokens())
+    with pytest.raises(DataError, match=r"data\.source 'stdlib' makes byte tokens, .* >= 256, got 100"):
+        load_tokens(DataConfig(), 100)
+    with pytest.raises(DataError, match=r"data\.source 'text' makes byte tokens"):
+        load_tokens(DataConfig(source="text", path=str(root)), 255)
+    with pytest.raises(DataError, match=r"has id 9 at index 9, outside \[0, 9\)"):
+        load_tokens(DataConfig(source="tokens", path=str(tmp_path / "t.npy")), 9)
+
+
+# -- batches -------------------------------------------------------------------
+
+
+def test_batch_shapes_and_shift():
+    tokens = np.arange(1000, dtype=np.int32)
+    batches = Batches(tokens, global_batch=4, seq_len=9, seed=0)
+    assert batches.num_windows == 100
+    inputs, targets = batches.batch(0)
+    assert inputs.shape == targets.shape == (4, 9)
+    assert inputs.dtype == targets.dtype == np.int32
+    np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
+    np.testing.assert_array_equal(targets, inputs + 1)  # consecutive tokens
+    assert np.all(inputs[:, 0] % 10 == 0)  # windows start at multiples of seq_len + 1
+
+
+def test_batches_are_deterministic_in_seed_and_position():
+    tokens = stdlib_tokens(max_bytes=50_000)
+    a = Batches(tokens, global_batch=8, seq_len=32, seed=1)
+    b = Batches(tokens, global_batch=8, seq_len=32, seed=1)
+    c = Batches(tokens, global_batch=8, seq_len=32, seed=2)
+    for position in (5, 0, 3, 500, 3):  # any order: a pure function of the position
+        np.testing.assert_array_equal(a.batch(position)[0], b.batch(position)[0])
+        np.testing.assert_array_equal(a.batch(position)[1], b.batch(position)[1])
+    assert not np.array_equal(a.batch(0)[0], c.batch(0)[0])
+    assert not np.array_equal(a.batch(0)[0], a.batch(1)[0])
+    # A fresh object resuming at a step sees what the original saw there.
+    np.testing.assert_array_equal(Batches(tokens, 8, 32, 1).batch(500)[0], a.batch(500)[0])
+
+
+def test_epochs_cover_every_window_once_and_reshuffle():
+    seq_len, batch = 4, 3
+    num_windows = 10  # not a multiple of the batch: batches straddle epochs
+    tokens = np.arange(num_windows * (seq_len + 1) + 3)  # a short tail is dropped
+    batches = Batches(tokens, global_batch=batch, seq_len=seq_len, seed=0)
+    assert batches.num_windows == num_windows
+    epochs = 4
+    seen = np.concatenate(
+        [batches.batch(p)[0][:, 0] // (seq_len + 1) for p in range(epochs * num_windows // batch + 1)]
+    )
+    orders = [seen[e * num_windows : (e + 1) * num_windows] for e in range(epochs)]
+    for e, order in enumerate(orders):
+        assert sorted(order.tolist()) == list(range(num_windows)), e
+        np.testing.assert_array_equal(order, np.random.default_rng([0, e]).permutation(num_windows))
+    assert len({tuple(o) for o in orders}) > 1  # a new order every epoch
+    for p in range(20):
+        np.testing.assert_array_equal(batches.window_indices(p), batches.batch(p)[0][:, 0] // (seq_len + 1))
+
+
+def test_batches_errors():
+    with pytest.raises(DataError, match=r"the corpus has 100 tokens, i\.e\. 1 windows of seq_len \+ 1 = 65 tokens, "
+                                        r"fewer than global_batch = 2"):
+        Batches(np.zeros(100, np.int32), global_batch=2, seq_len=64, seed=0)
+    with pytest.raises(DataError, match=r"tokens must be a 1-D array"):
+        Batches(np.zeros((10, 10), np.int32), global_batch=1, seq_len=4, seed=0)
+    batches = Batches(np.zeros(100, np.int32), global_batch=1, seq_len=4, seed=0)
+    with pytest.raises(DataError, match=r"batch position must be >= 0, got -1"):
+        batches.batch(-1)
+
+
+def test_batches_from_memory_mapped_tokens(tmp_path):
+    np.save(tmp_path / "t.npy", np.arange(200, dtype=np.int32))
+    tokens = npy_tokens(tmp_path / "t.npy", 200)
+    inputs, targets = Batches(tokens, global_batch=2, seq_len=9, seed=3).batch(7)
+    assert type(inputs) is np.ndarray and inputs.flags.writeable and inputs.flags.c_contiguous
+    np.testing.assert_array_equal(targets, inputs + 1)
