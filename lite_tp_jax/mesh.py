@@ -65,6 +65,15 @@ def make_mesh(
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def make_mesh_for(sizes: dict[str, int]) -> Mesh:
+    """``make_mesh(**sizes)``; on CPU (fake devices) using only as many devices
+    as the sizes multiply to, so one process can hold several meshes."""
+    devices = jax.devices()
+    if devices[0].platform == "cpu" and -1 not in sizes.values():
+        devices = devices[: math.prod(sizes.values())]
+    return make_mesh(**sizes, devices=devices)
+
+
 def provide_cpu_devices(count: int) -> None:
     """Makes jax expose ``count`` CPU devices (fake ones on a single host).
 

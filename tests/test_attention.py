@@ -111,28 +111,42 @@ def test_matches_reference(kwargs, tp):
     assert_matches_reference(layer, partial(attention_reference, rope_theta=kwargs.get("rope_theta")), x)
 
 
+def logical_slice(variable):
+    return tuple(slice(0, n) for n in variable.get_metadata()["logical_shape"])
+
+
 @pytest.mark.parametrize(
     "num_kv_heads", [pytest.param(6, id="kv_sharded_padded"), pytest.param(2, id="kv_replicated_q_padded")]
 )
-def test_padding_stays_zero_in_gradients(num_kv_heads, x):
-    """At TP 4, 6 query heads are stored as 8; the padded heads' gradients must be
-    exactly zero (else an optimizer would move them off zero)."""
+def test_padding_is_masked(num_kv_heads, x):
+    """At TP 4, 6 query heads are stored as 8 (and, with 6 kv heads, so are the kv
+    heads). With NaN written into every padded entry, the output must still be the
+    reference's and finite, and the padding's gradients exactly zero (else an
+    optimizer would move it)."""
     # RoPE, so that the key bias has a gradient (without it, q . b_k is the same for every key
     # position and cancels in the softmax: its gradient is exactly zero).
     layer = ParallelAttention(
         F, 6, num_kv_heads=num_kv_heads, head_dim=D, use_bias=True, rope_theta=THETA, mesh=tp_mesh(4), rngs=nnx.Rngs(0)
     )
-    layer = randomize(layer)
-    grads = nnx.jit(nnx.grad(lambda m, x: jnp.sum(m(x) ** 2)))(layer, x)
+    randomize(layer)
     padded = 0
-    for path, variable in nnx.to_flat_state(grads):
+    for _, variable in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
         value = np.asarray(variable[...]).copy()
-        logical = variable.get_metadata()["logical_shape"]
-        assert np.abs(value[tuple(slice(0, n) for n in logical)]).max() > 0, path
-        value[tuple(slice(0, n) for n in logical)] = 0
-        padded += value.size - int(np.prod(logical))
-        assert not value.any(), f"gradient of padding in {'.'.join(map(str, path))}"
+        padded += value.size - value[logical_slice(variable)].size
+        poisoned = np.full_like(value, np.nan)
+        poisoned[logical_slice(variable)] = value[logical_slice(variable)]
+        variable[...] = jax.device_put(poisoned, variable[...].sharding)
     assert padded > 0  # the configuration does pad
+
+    loss, grads = nnx.jit(nnx.value_and_grad(lambda m, x: jnp.sum(m(x) ** 2)))(layer, x)
+    expected = jnp.sum(attention_reference(export_state(layer), x, rope_theta=THETA) ** 2)
+    assert np.isfinite(loss) and abs(loss - expected) <= 1e-5 * abs(expected)
+    for path, variable in nnx.to_flat_state(grads):
+        name = ".".join(map(str, path))
+        value = np.asarray(variable[...]).copy()
+        assert np.isfinite(value).all() and np.abs(value[logical_slice(variable)]).max() > 0, name
+        value[logical_slice(variable)] = 0
+        assert not value.any(), f"gradient of the padding of {name}"
 
 
 # --- parameter layout, export / import ----------------------------------------------
@@ -269,7 +283,8 @@ def test_hlo_sequence_parallel_replaces_all_reduce(x):
         (dict(num_heads=4, num_kv_heads=-2), "num_kv_heads must be a positive integer, got -2"),
         (dict(num_heads=4, head_dim=0), "head_dim must be a positive integer, got 0"),
         (dict(num_heads=3), "features=16 is not divisible by num_heads=3; pass head_dim"),
-        (dict(num_heads=4, head_dim=3, rope_theta=THETA), "even head_dim, got head_dim=3"),
+        (dict(num_heads=4, head_dim=3, rope_theta=THETA), "even head_dim .*, got head_dim=3"),
+        (dict(num_heads=4, rope_theta=-1.0), "rope_theta must be positive"),
     ],
 )
 def test_bad_head_configuration(kwargs, message):

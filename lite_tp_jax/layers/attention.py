@@ -45,6 +45,7 @@ num_kv_heads`` query heads that attend with it (query head ``j`` uses kv head
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -88,10 +89,13 @@ class _Projection(nnx.Module):
         self.bias = bias
 
 
-def _check_heads(features: int, num_heads: int, num_kv_heads: int, head_dim: int | None, rope_theta):
+def _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta) -> None:
     name = "ParallelAttention"
-    for label, value in (("features", features), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-        if not isinstance(value, int) or value <= 0:
+    sizes = {"features": features, "num_heads": num_heads, "num_kv_heads": num_kv_heads}
+    if head_dim is not None:
+        sizes["head_dim"] = head_dim
+    for label, value in sizes.items():
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} {label} must be a positive integer, got {value!r}.")
     if num_heads % num_kv_heads:
         divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
@@ -99,20 +103,19 @@ def _check_heads(features: int, num_heads: int, num_kv_heads: int, head_dim: int
             f"{name} num_kv_heads={num_kv_heads} must divide num_heads={num_heads} "
             f"(each kv head serves a whole group of query heads); choose one of {divisors}."
         )
-    if head_dim is None:
-        if features % num_heads:
-            raise ValueError(
-                f"{name} cannot derive head_dim: features={features} is not divisible by "
-                f"num_heads={num_heads}; pass head_dim explicitly."
-            )
-    elif not isinstance(head_dim, int) or head_dim <= 0:
-        raise ValueError(f"{name} head_dim must be a positive integer, got {head_dim!r}.")
-    resolved = features // num_heads if head_dim is None else head_dim
-    if rope_theta is not None and (rope_theta <= 0 or resolved % 2):
+    if head_dim is None and features % num_heads:
         raise ValueError(
-            f"{name} with rope_theta={rope_theta!r} needs a positive theta and an even "
-            f"head_dim, got head_dim={resolved}."
+            f"{name} cannot derive head_dim: features={features} is not divisible by "
+            f"num_heads={num_heads}; pass head_dim explicitly."
         )
+    if rope_theta is not None:
+        if not rope_theta > 0:
+            raise ValueError(f"{name} rope_theta must be positive (e.g. 10000.0), got {rope_theta!r}.")
+        resolved = features // num_heads if head_dim is None else head_dim
+        if resolved % 2:
+            raise ValueError(
+                f"{name} with rope_theta needs an even head_dim (RoPE rotates pairs), got head_dim={resolved}."
+            )
 
 
 class ParallelAttention(nnx.Module):
@@ -134,9 +137,10 @@ class ParallelAttention(nnx.Module):
     ):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta)
+        features, num_heads, num_kv_heads = int(features), int(num_heads), int(num_kv_heads)
         self.mesh = mesh
         self.features, self.num_heads, self.num_kv_heads = features, num_heads, num_kv_heads
-        self.head_dim = features // num_heads if head_dim is None else head_dim
+        self.head_dim = features // num_heads if head_dim is None else int(head_dim)
         self.group = num_heads // num_kv_heads
         self.sequence_parallel, self.rope_theta = sequence_parallel, rope_theta
 
@@ -203,21 +207,20 @@ class ParallelAttention(nnx.Module):
             x = gather_from_sequence_region(x, TENSOR, -2)
         else:
             x = copy_to_tensor_region(x)
+        seq = x.shape[-2]  # the full sequence, also with sequence_parallel
 
         q = self._project(self.query, x, self.num_heads)  # [B, S, local heads, D]
         kv_heads = self.num_kv_heads if self.kv_sharded else None
         k = self._project(self.key, x, kv_heads)  # [B, S, local kv heads (or all), D]
         v = self._project(self.value, x, kv_heads)
         if self.rope_theta is not None:
-            positions = jnp.arange(x.shape[-2])
+            positions = jnp.arange(seq)
             q = apply_rotary(q, positions, self.rope_theta)
             k = apply_rotary(k, positions, self.rope_theta)
         k, v = self._kv_per_query_head(k, q.shape[2]), self._kv_per_query_head(v, q.shape[2])
 
-        seq = x.shape[-2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(
-            jnp.float32(self.head_dim)
-        )
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
         causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
         logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

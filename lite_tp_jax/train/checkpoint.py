@@ -112,7 +112,10 @@ class Checkpointer:
             ) from error
         for name, variable in variables.items():
             value = restored.state[name]
-            pad = [(0, p - n) for n, p in zip(value.shape, variable.shape)]
             sharding = NamedSharding(mesh, _spec(variable))
-            variable[...] = jax.jit(lambda x, pad=pad: jnp.pad(x, pad), out_shardings=sharding)(value)
+            if value.shape == variable.shape:
+                variable[...] = jax.device_put(value, sharding)
+            else:
+                pad = [(0, p - n) for n, p in zip(value.shape, variable.shape)]
+                variable[...] = jax.jit(lambda x, pad=pad: jnp.pad(x, pad), out_shardings=sharding)(value)
         return state, dict(restored.progress)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lite_tp_jax.mesh import make_mesh
+from lite_tp_jax.mesh import make_mesh_for
 from lite_tp_jax.models.transformer import Transformer
 from lite_tp_jax.train.checkpoint import CheckpointError, Checkpointer
 from lite_tp_jax.train.config import ConfigError, load_config
@@ -31,7 +31,7 @@ def load_trained_model(run_dir: str | os.PathLike) -> tuple[Transformer, int]:
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"No config.yaml in {run_dir}; train first with `lite-tp train CONFIG --run-dir {run_dir}`.")
     config = load_config(run_dir / "config.yaml")
-    mesh = make_mesh(**asdict(config.mesh))
+    mesh = make_mesh_for(asdict(config.mesh))
     model, optimizer = create_model_and_optimizer(config.model, config.train, mesh)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep)
     if checkpointer.latest_step() is None:

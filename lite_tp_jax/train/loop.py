@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from lite_tp_jax.mesh import make_mesh
+from lite_tp_jax.mesh import make_mesh_for
 from lite_tp_jax.train.checkpoint import Checkpointer
 from lite_tp_jax.train.config import Config, ConfigError, dump_config
 from lite_tp_jax.train.data import Batches, load_tokens
@@ -70,7 +70,7 @@ class Trainer:
     def __init__(self, config: Config, run_dir: str | os.PathLike):
         self.config = config
         self.run_dir = Path(run_dir)
-        self.mesh = make_mesh(**asdict(config.mesh))
+        self.mesh = make_mesh_for(asdict(config.mesh))
         check_fits_mesh(config, self.mesh)
         train = config.train
         self.batches = Batches(load_tokens(config.data, config.model.vocab_size), train.global_batch, train.seq_len, train.seed)
