@@ -34,9 +34,10 @@ import re
 import statistics
 import sys
 import time
+from collections import Counter
 
-import jax.numpy as jnp
 import flax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -136,7 +137,7 @@ def max_rel_err(a, b) -> float:
     return max(jax.tree.leaves(jax.tree.map(one, a, b)))
 
 
-# --- workloads: each returns {variant: (compiled or None, run)} and an error --
+# --- workloads: each returns {variant: (compiled, run)} and its equal-work check
 
 
 def mlp_workload(mesh, data_sharding, one_device):
@@ -193,6 +194,7 @@ def transformer_workload(mesh, data_sharding, one_device, check_steps=3):
     steps = {"ours": ours,
              "GSPMD": jnp_train_step(MODEL, train, states["GSPMD"], data_sharding),
              "1 device": jnp_train_step(MODEL, train, states["1 device"], one_device)}
+    # For HLO and memory; TrainStep.__call__ compiles the same program for itself.
     compiled = {"ours": ours.lower(*batches["ours"]).compile()}
     for name in ("GSPMD", "1 device"):
         compiled[name] = steps[name].lower(states[name], *batches[name]).compile()
@@ -227,8 +229,12 @@ def interleaved_times(runs: dict, repeats: int, warmup: int = 2) -> dict[str, li
     return times
 
 
-def median_ratio(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b))
+def ratio(a: list[float], b: list[float]) -> str:
+    """Median of the per-round ratios a/b, with their interquartile range."""
+    if a is b:
+        return "1"
+    q1, median, q3 = statistics.quantiles([x / y for x, y in zip(a, b)], n=4)
+    return f"{median:.2f} ({q1:.2f}–{q3:.2f})"
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", re.M)
@@ -253,12 +259,19 @@ def executed_collectives(hlo_text: str) -> list:
     return [c for name, text in bodies.items() for c in collectives(text) * runs(name)]
 
 
-def comm_summary(compiled) -> tuple[str, int]:
+def comm_summary(found: list) -> tuple[str, int]:
     kinds: dict[str, list[int]] = {}
-    for c in executed_collectives(compiled.as_text()):
+    for c in found:
         kinds.setdefault(c.kind, []).append(c.bytes)
     text = ", ".join(f"{kind} ×{len(b)} ({mib(sum(b))})" for kind, b in sorted(kinds.items()))
     return text or "none", sum(sum(b) for b in kinds.values())
+
+
+def comm_difference(ours: list, gspmd: list) -> list[str]:
+    """The collectives (kind, dtype, shape) that one variant runs more often than the other."""
+    a, b = (Counter((c.kind, c.dtype, c.shape) for c in found) for found in (ours, gspmd))
+    return [f"- {kind} {dtype}{list(shape)}: ours ×{a[key]}, GSPMD ×{b[key]}"
+            for key in sorted(set(a) | set(b)) if a[key] != b[key] for kind, dtype, shape in [key]]
 
 
 def mib(n: float) -> str:
@@ -273,42 +286,63 @@ def memory(compiled) -> str:
     return f"{total / 2**20:.1f} (temp {m.temp_size_in_bytes / 2**20:.1f})"
 
 
-def report(title: str, variants: dict, times: dict, error: str) -> list[str]:
-    lines = [f"### {title}", "", f"max relative error ours vs GSPMD ({error})", "",
-             "| variant | median step (ms) | / GSPMD | / 1 device | collectives run per device (count, result bytes) | total comm | memory per device MiB |",
+def report(title: str, variants: dict, times: dict, error: str, seconds: float) -> list[str]:
+    found = {name: executed_collectives(compiled.as_text()) for name, (compiled, _) in variants.items()}
+    lines = [f"### {title}", "", f"Max relative error ours vs GSPMD: {error}. "
+             f"Compile, check and timing took {seconds:.0f} s.", "",
+             "| variant | median step (ms) | / GSPMD | / 1 device | collectives run per device per step "
+             "(count, result bytes) | total | memory per device (MiB) |",
              "|---|---:|---:|---:|---|---:|---:|"]
     for name in VARIANTS:
-        compiled, _ = variants[name]
-        comm, total = comm_summary(compiled)
+        comm, total = comm_summary(found[name])
         lines.append(
-            f"| {name} | {statistics.median(times[name]) * 1e3:.2f} | {median_ratio(times[name], times['GSPMD']):.2f}"
-            f" | {median_ratio(times[name], times['1 device']):.2f} | {comm} | {mib(total)} | {memory(compiled)} |"
+            f"| {name} | {statistics.median(times[name]) * 1e3:.2f} | {ratio(times[name], times['GSPMD'])}"
+            f" | {ratio(times[name], times['1 device'])} | {comm} | {mib(total)} | {memory(variants[name][0])} |"
         )
-    return lines + [""]
+    diff = comm_difference(found["ours"], found["GSPMD"])
+    return lines + ["", "Collectives that differ (per device per step, result shapes):", "", *(diff or ["- none"]), ""]
+
+
+def machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    kind = jax.default_backend()
+    fake = " fake" if kind == "cpu" else ""
+    device_kind = jax.devices()[0].device_kind
+    named = "" if device_kind == kind else f" ({device_kind})"
+    return f"{cpu}, {os.cpu_count()} cores; {len(jax.devices())}{fake} {kind} devices{named}"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tensor", type=int, default=4)
     parser.add_argument("--data", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds (at least 2)")
     parser.add_argument("--out", help="also write the markdown report to this file")
     args = parser.parse_args(argv)
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2")
+    split = (MODEL.ffn_hidden_size, MODEL.num_heads, MODEL.vocab_size)
+    if any(n % args.tensor for n in split) or BATCH % args.data:
+        # ours pads uneven shards; the GSPMD baseline places the logical weights and needs even ones.
+        parser.error(f"--tensor must divide ffn, heads and vocab {split} and --data the batch {BATCH}")
 
     devices = jax.devices()[: args.tensor * args.data]
     mesh = make_mesh(data=args.data, tensor=args.tensor, devices=devices)
     data_sharding, one_device = NamedSharding(mesh, P(DATA)), SingleDeviceSharding(devices[0])
-    cpu = platform.processor() or platform.machine()
     lines = [
         "# lite_tp_jax (ours) vs GSPMD vs one device",
         "",
         f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
-        f"- machine: {cpu}, {os.cpu_count()} cores; {len(jax.devices())} {jax.devices()[0].device_kind} "
-        f"devices ({jax.default_backend()}); mesh data={args.data} x tensor={args.tensor}",
+        f"- machine: {machine()}; mesh data={args.data} x tensor={args.tensor}",
         f"- jax {jax.__version__}, flax {flax.__version__}, "
         f"optax {optax.__version__}, python {platform.python_version()}",
-        f"- command: `{' '.join(['python', *sys.argv])}`",
-        f"- {args.repeats} interleaved repeats after 2 warm-up rounds; ratios are medians of per-round ratios",
+        f"- command: `{' '.join([os.path.relpath(sys.executable), *sys.argv])}`",
+        f"- {args.repeats} interleaved rounds after 2 warm-up rounds; ratios: median of the per-round "
+        "ratios (interquartile range); memory: argument + output + temp - aliased (donated) bytes",
         "",
     ]
     print("\n".join(lines), flush=True)
@@ -323,14 +357,13 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         variants, error = workload(mesh, data_sharding, one_device)
         times = interleaved_times({name: run for name, (_, run) in variants.items()}, args.repeats)
-        section = report(title, variants, times, error)
-        section.insert(3, f"(compile + check + timing: {time.perf_counter() - start:.0f} s)")
+        section = report(title, variants, times, error, time.perf_counter() - start)
         print("\n".join(section), flush=True)
         lines += section
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            f.write("\n".join(lines))
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

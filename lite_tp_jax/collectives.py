@@ -37,33 +37,43 @@ running the collective again."""
 # --- primitives ---------------------------------------------------------------
 
 
-def check_axis(axis: str) -> str:
-    """``axis``, after checking that it is a manual axis of the enclosing shard_map."""
+Axis = str | tuple[str, ...]
+"""One mesh axis, or several acting as one (rank = row-major index over them)."""
+
+
+def check_axis(axis: Axis) -> Axis:
+    """``axis``, after checking that it names manual axes of the enclosing shard_map."""
     manual = jax.sharding.get_abstract_mesh().manual_axes
-    if axis not in manual:
-        raise NameError(
-            f"Collective over mesh axis {axis!r}, which is not a manual axis here; "
-            f"call it inside jax.shard_map over one of {tuple(manual) or 'the mesh axes'}."
-        )
+    for name in (axis,) if isinstance(axis, str) else axis:
+        if name not in manual:
+            raise NameError(
+                f"Collective over mesh axis {name!r}, which is not a manual axis here; "
+                f"call it inside jax.shard_map over one of {tuple(manual) or 'the mesh axes'}."
+            )
     return axis
 
 
-def all_reduce(x: jax.Array, axis: str = TENSOR) -> jax.Array:
+def _not_yet_varying(x: jax.Array, axis: Axis) -> tuple[str, ...]:
+    varying = jax.typeof(x).mat.varying
+    return tuple(name for name in ((axis,) if isinstance(axis, str) else axis) if name not in varying)
+
+
+def all_reduce(x: jax.Array, axis: Axis = TENSOR) -> jax.Array:
     """Sum of ``x`` over the ranks of ``axis``; every rank gets the total."""
     return jax.lax.psum(x, check_axis(axis))
 
 
-def all_gather(x: jax.Array, axis: str = TENSOR, *, dim: int = -1) -> jax.Array:
+def all_gather(x: jax.Array, axis: Axis = TENSOR, *, dim: int = -1) -> jax.Array:
     """Concatenation of every rank's ``x`` along ``dim``, in rank order."""
     return jax.lax.all_gather(x, check_axis(axis), axis=dim % x.ndim, tiled=True)
 
 
-def reduce_scatter(x: jax.Array, axis: str = TENSOR, *, dim: int = -1) -> jax.Array:
+def reduce_scatter(x: jax.Array, axis: Axis = TENSOR, *, dim: int = -1) -> jax.Array:
     """Sum over ranks, then rank i keeps the i-th of ``axis_size`` slices of ``dim``."""
     return jax.lax.psum_scatter(x, check_axis(axis), scatter_dimension=dim % x.ndim, tiled=True)
 
 
-def split(x: jax.Array, axis: str = TENSOR, *, dim: int = -1) -> jax.Array:
+def split(x: jax.Array, axis: Axis = TENSOR, *, dim: int = -1) -> jax.Array:
     """Rank i's slice of ``dim`` (no communication)."""
     check_axis(axis)
     dim = dim % x.ndim
@@ -72,25 +82,23 @@ def split(x: jax.Array, axis: str = TENSOR, *, dim: int = -1) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=dim)
 
 
-def to_varying(x: jax.Array, axis: str = TENSOR) -> jax.Array:
+def to_varying(x: jax.Array, axis: Axis = TENSOR) -> jax.Array:
     """Marks an invariant value as per-rank (no communication)."""
-    if check_axis(axis) in jax.typeof(x).mat.varying:
-        return x
-    return jax.lax.pcast(x, axis, to="varying")
+    missing = _not_yet_varying(x, check_axis(axis))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 # --- Megatron conjugate pairs ---------------------------------------------------
 
 
-def copy_to_tensor_region(x: jax.Array, axis: str = TENSOR) -> jax.Array:
+def copy_to_tensor_region(x: jax.Array, axis: Axis = TENSOR) -> jax.Array:
     """Forward: identity (input replicated on every rank). Backward: all-reduce.
 
     A value that is already per-rank passes through unchanged both ways: the
     region was entered earlier, and its one backward all-reduce happens there.
     """
-    if check_axis(axis) in jax.typeof(x).mat.varying:
-        return x
-    return _copy_to_tensor_region(x, axis)
+    missing = _not_yet_varying(x, check_axis(axis))
+    return _copy_to_tensor_region(x, missing) if missing else x
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -109,13 +117,13 @@ def _copy_bwd(axis, _, g):
 _copy_to_tensor_region.defvjp(_copy_fwd, _copy_bwd)
 
 
-def reduce_from_tensor_region(x: jax.Array, axis: str = TENSOR) -> jax.Array:
+def reduce_from_tensor_region(x: jax.Array, axis: Axis = TENSOR) -> jax.Array:
     """Forward: all-reduce of partial sums. Backward: identity."""
     return checkpoint_name(_reduce_from_tensor_region(x, axis), COLLECTIVE_OUTPUT)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _reduce_from_tensor_region(x: jax.Array, axis: str = TENSOR) -> jax.Array:
+def _reduce_from_tensor_region(x: jax.Array, axis: Axis = TENSOR) -> jax.Array:
     return all_reduce(x, axis)
 
 
@@ -131,7 +139,7 @@ _reduce_from_tensor_region.defvjp(_reduce_fwd, _reduce_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def scatter_to_tensor_region(x: jax.Array, axis: str = TENSOR, dim: int = -1) -> jax.Array:
+def scatter_to_tensor_region(x: jax.Array, axis: Axis = TENSOR, dim: int = -1) -> jax.Array:
     """Forward: keep this rank's slice of ``dim``. Backward: all-gather."""
     return split(x, axis, dim=dim)
 
@@ -147,13 +155,13 @@ def _scatter_bwd(axis, dim, _, g):
 scatter_to_tensor_region.defvjp(_scatter_fwd, _scatter_bwd)
 
 
-def gather_from_tensor_region(x: jax.Array, axis: str = TENSOR, dim: int = -1) -> jax.Array:
+def gather_from_tensor_region(x: jax.Array, axis: Axis = TENSOR, dim: int = -1) -> jax.Array:
     """Forward: all-gather along ``dim`` (result replicated). Backward: split."""
     return checkpoint_name(_gather_from_tensor_region(x, axis, dim), COLLECTIVE_OUTPUT)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gather_from_tensor_region(x: jax.Array, axis: str = TENSOR, dim: int = -1) -> jax.Array:
+def _gather_from_tensor_region(x: jax.Array, axis: Axis = TENSOR, dim: int = -1) -> jax.Array:
     return jax.lax.all_gather(x, axis, axis=dim % x.ndim, tiled=True, to="invarying")
 
 
@@ -168,13 +176,13 @@ def _gather_bwd(axis, dim, _, g):
 _gather_from_tensor_region.defvjp(_gather_fwd, _gather_bwd)
 
 
-def gather_from_sequence_region(x: jax.Array, axis: str = TENSOR, dim: int = 1) -> jax.Array:
+def gather_from_sequence_region(x: jax.Array, axis: Axis = TENSOR, dim: int = 1) -> jax.Array:
     """Forward: all-gather the sequence shards. Backward: reduce-scatter."""
     return checkpoint_name(_gather_from_sequence_region(x, axis, dim), COLLECTIVE_OUTPUT)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gather_from_sequence_region(x: jax.Array, axis: str = TENSOR, dim: int = 1) -> jax.Array:
+def _gather_from_sequence_region(x: jax.Array, axis: Axis = TENSOR, dim: int = 1) -> jax.Array:
     return all_gather(x, axis, dim=dim)
 
 
@@ -189,13 +197,13 @@ def _gather_seq_bwd(axis, dim, _, g):
 _gather_from_sequence_region.defvjp(_gather_seq_fwd, _gather_seq_bwd)
 
 
-def reduce_scatter_to_sequence_region(x: jax.Array, axis: str = TENSOR, dim: int = 1) -> jax.Array:
+def reduce_scatter_to_sequence_region(x: jax.Array, axis: Axis = TENSOR, dim: int = 1) -> jax.Array:
     """Forward: reduce-scatter partial sums into sequence shards. Backward: all-gather."""
     return checkpoint_name(_reduce_scatter_to_sequence_region(x, axis, dim), COLLECTIVE_OUTPUT)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _reduce_scatter_to_sequence_region(x: jax.Array, axis: str = TENSOR, dim: int = 1) -> jax.Array:
+def _reduce_scatter_to_sequence_region(x: jax.Array, axis: Axis = TENSOR, dim: int = 1) -> jax.Array:
     return reduce_scatter(x, axis, dim=dim)
 
 

@@ -22,6 +22,7 @@ _INSTRUCTION = re.compile(
     r"(?P<kind>" + "|".join(KINDS) + r")(?:-start)?\("
 )
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+_COMMENT = re.compile(r"/\*.*?\*/")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Collective:
 def collectives(hlo_text: str) -> list[Collective]:
     """Every collective in ``hlo_text``, one entry per array (async pairs once)."""
     found = []
+    hlo_text = _COMMENT.sub("", hlo_text)  # tuple types of 6+ arrays carry /*index=5*/ comments
     for match in _INSTRUCTION.finditer(hlo_text):
         kind, arrays = match.group("kind"), _ARRAY.findall(match.group("type"))
         if match.group("type").startswith("(") and kind != "all-reduce":

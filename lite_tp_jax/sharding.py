@@ -48,6 +48,14 @@ def tensor_size(mesh: Mesh) -> int:
     return mesh.shape[TENSOR]
 
 
+def axes_size(mesh: Mesh, axes: Sequence[str]) -> int:
+    """Number of ranks of ``axes`` taken together."""
+    size = 1
+    for axis in axes:
+        size *= mesh.shape[axis]
+    return size
+
+
 @partial(jax.jit, static_argnames=("init", "shape", "padded_shape", "dtype", "sharding"))
 def _init_padded(key, *, init, shape, padded_shape, dtype, sharding):
     value = init(key, shape, dtype)
@@ -96,7 +104,7 @@ def in_tensor_region() -> bool:
     return TENSOR in jax.sharding.get_abstract_mesh().manual_axes
 
 
-def mask_padding(x: jax.Array, dim: int, logical: int, axis: str = TENSOR) -> jax.Array:
+def mask_padding(x: jax.Array, dim: int, logical: int, axis: str | tuple[str, ...] = TENSOR) -> jax.Array:
     """Zeroes the entries of this rank's shard that lie past ``logical`` along ``dim``.
 
     ``x`` is one rank's shard of a dimension padded to ``axis_size * x.shape[dim]``.
@@ -137,11 +145,13 @@ def enter_tensor_region(
     *args: Any,
     arg_specs: Sequence[P],
     out_specs: Any,
+    axes: frozenset[str] = frozenset({TENSOR}),
 ) -> Any:
-    """Runs ``method(module, *args)`` in a shard_map over "tensor" of ``module.mesh``.
+    """Runs ``method(module, *args)`` in a shard_map of ``module.mesh`` where
+    ``axes`` (by default only "tensor") are manual and the others automatic.
 
-    Parameters enter as their shards (per their ``out_sharding`` metadata),
-    ``args`` per ``arg_specs``; only "tensor" is manual.
+    Parameters enter as their shards along ``axes`` (per their ``out_sharding``
+    metadata), ``args`` per ``arg_specs``.
     """
     graphdef, state = nnx.split(module)
 
@@ -151,9 +161,9 @@ def enter_tensor_region(
     return jax.shard_map(
         body,
         mesh=module.mesh,
-        in_specs=(param_specs(state), *arg_specs),
+        in_specs=(param_specs(state, axes), *arg_specs),
         out_specs=out_specs,
-        axis_names={TENSOR},
+        axis_names=set(axes),
     )(state, *args)
 
 

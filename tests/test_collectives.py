@@ -120,3 +120,12 @@ def test_conjugates_lower_to_the_named_collectives(mesh):
     assert counts["reduce-scatter"] == [2 * 2 * 3, 2 * 2 * 3]
     assert counts["all-reduce"] == [1]  # only the scalar loss, summed over the sequence shards
     assert set(counts) == {"all-gather", "reduce-scatter", "all-reduce"}
+
+
+def test_hlo_reads_combined_collectives_of_many_arrays():
+    """XLA writes /*index=5*/ comments into tuple types of six or more arrays."""
+    from lite_tp_jax.hlo import collectives
+
+    shapes = ", ".join(f"f32[{i + 1},2]{{1,0}}" for i in range(5))
+    line = f"%ar = ({shapes}, /*index=5*/f32[7,2]{{1,0}}) all-reduce(%a, %b), channel_id=1, to_apply=%sum"
+    assert [c.shape for c in collectives(line)] == [(1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (7, 2)]

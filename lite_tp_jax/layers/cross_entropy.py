@@ -27,10 +27,9 @@ from lite_tp_jax.collectives import reduce_from_tensor_region
 from lite_tp_jax.mesh import TENSOR
 from lite_tp_jax.sharding import (
     check_last_dim,
-    feature_spec,
+    axes_size,
     in_tensor_region,
     padded_size,
-    tensor_size,
 )
 
 _NAME = "vocab_parallel_cross_entropy"
@@ -42,6 +41,7 @@ def vocab_parallel_cross_entropy(
     vocab_size: int,
     *,
     mesh: Mesh | None = None,
+    vocab_axes: tuple[str, ...] = (TENSOR,),
 ) -> jax.Array:
     """Per-token loss ``-log softmax(logits)[targets]``, shape ``targets.shape``, float32.
 
@@ -51,6 +51,9 @@ def vocab_parallel_cross_entropy(
     ``[..., vocab_size]`` array (best sharded over "tensor" on its last dim);
     ``mesh`` is then required, and the function enters a shard_map over
     "tensor". ``targets``: integers, replicated over "tensor".
+
+    ``vocab_axes``: the mesh axes the vocabulary is split over, as in
+    ``VocabParallelEmbedding`` (its statistics are reduced over all of them).
 
     Targets outside ``[0, vocab_size)`` cannot raise an error under jit: no rank
     owns them, so their loss is the log-sum-exp of the logits (gradient:
@@ -64,46 +67,47 @@ def vocab_parallel_cross_entropy(
             f"{tuple(logits.shape)} (expected targets.shape == logits.shape[:-1])."
         )
     if in_tensor_region():
-        return _local(logits, targets, vocab_size)
+        return _local(logits, targets, vocab_size, tuple(vocab_axes))
     if mesh is None:
         raise ValueError(
             f"{_NAME} called outside a tensor-parallel region needs mesh=... to shard "
             f"the logits over 'tensor'."
         )
     check_last_dim(logits, vocab_size, _NAME)
-    padding = padded_size(vocab_size, tensor_size(mesh)) - vocab_size
+    vocab_axes = tuple(vocab_axes)
+    padding = padded_size(vocab_size, axes_size(mesh, vocab_axes)) - vocab_size
     if padding:
         logits = jnp.pad(logits, [(0, 0)] * (logits.ndim - 1) + [(0, padding)])
     return jax.shard_map(
-        partial(_local, vocab_size=vocab_size),
+        partial(_local, vocab_size=vocab_size, vocab_axes=vocab_axes),
         mesh=mesh,
-        in_specs=(feature_spec(logits.ndim), P()),
+        in_specs=(P(*([None] * (logits.ndim - 1)), vocab_axes), P()),
         out_specs=P(),
-        axis_names={TENSOR},
+        axis_names=set(vocab_axes),
     )(logits, targets)
 
 
-def _local(logits: jax.Array, targets: jax.Array, vocab_size: int) -> jax.Array:
+def _local(logits: jax.Array, targets: jax.Array, vocab_size: int, vocab_axes: tuple[str, ...]) -> jax.Array:
     """One rank's math: ``logits`` is this rank's slice, ``targets`` replicated."""
     local = logits.shape[-1]
-    tp = jax.lax.axis_size(TENSOR)
+    tp = jax.lax.axis_size(vocab_axes)
     if local * tp != padded_size(vocab_size, tp):
         raise ValueError(
             f"{_NAME}: this rank's logits slice has {local} entries; a vocabulary of "
             f"{vocab_size} over {tp} ranks needs {padded_size(vocab_size, tp) // tp}."
         )
     logits = logits.astype(jnp.float32)
-    start = jax.lax.axis_index(TENSOR) * local
+    start = jax.lax.axis_index(vocab_axes) * local
     if local * tp != vocab_size:  # mask the padded tail of the vocabulary
         valid = start + jnp.arange(local) < vocab_size
         logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
 
-    logits_max = jax.lax.pmax(jax.lax.stop_gradient(logits.max(axis=-1)), TENSOR)
+    logits_max = jax.lax.pmax(jax.lax.stop_gradient(logits.max(axis=-1)), vocab_axes)
     shifted = logits - logits_max[..., None]
-    sum_exp = reduce_from_tensor_region(jnp.exp(shifted).sum(axis=-1))
+    sum_exp = reduce_from_tensor_region(jnp.exp(shifted).sum(axis=-1), vocab_axes)
 
     local_targets = targets - start
     mine = (local_targets >= 0) & (local_targets < local) & (targets < vocab_size)
     picked = jnp.take_along_axis(logits, jnp.where(mine, local_targets, 0)[..., None], axis=-1)[..., 0]
-    target_logit = reduce_from_tensor_region(jnp.where(mine, picked, 0.0))
+    target_logit = reduce_from_tensor_region(jnp.where(mine, picked, 0.0), vocab_axes)
     return jnp.log(sum_exp) + logits_max - target_logit

@@ -2,8 +2,11 @@
 usable as a tied output head.
 
 The table ``embedding [vocab, features]`` is split on the vocabulary over
-"tensor" (padded at its end to a multiple of the TP degree, see
-``sharding.py``): rank i holds rows ``[i*v, (i+1)*v)``.
+``vocab_axes`` (default "tensor"; a pipeline-parallel model uses
+("pipeline", "tensor") so that no stage holds the whole table), padded at its
+end to a multiple of the number of ranks (see ``sharding.py``): rank i holds
+rows ``[i*v, (i+1)*v)``. The same class is the output head (``attend``),
+tied to the input embedding or as a table of its own.
 
     lookup    ids (replicated) -> rows of this rank's range, zeros elsewhere
               -> all-reduce (or reduce-scatter along the sequence)       one collective
@@ -33,18 +36,17 @@ from lite_tp_jax.collectives import (
 )
 from lite_tp_jax.mesh import TENSOR
 from lite_tp_jax.sharding import (
+    axes_size,
     Initializer,
     check_last_dim,
     check_sequence_divisible,
     default_embedding_init,
     enter_tensor_region,
-    feature_spec,
     in_tensor_region,
     mask_padding,
     padded_size,
     sequence_spec,
     sharded_param,
-    tensor_size,
 )
 
 
@@ -72,6 +74,7 @@ class VocabParallelEmbedding(nnx.Module):
         *,
         mesh: Mesh,
         sequence_parallel: bool = False,
+        vocab_axes: tuple[str, ...] = (TENSOR,),
         embedding_init: Initializer = default_embedding_init,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -79,14 +82,19 @@ class VocabParallelEmbedding(nnx.Module):
         self.mesh = mesh
         self.num_embeddings, self.features = num_embeddings, features
         self.sequence_parallel = sequence_parallel
-        vocab_padded = padded_size(num_embeddings, tensor_size(mesh))
+        if TENSOR not in vocab_axes:
+            raise ValueError(f"vocab_axes must include 'tensor', got {vocab_axes}.")
+        self.vocab_axes = tuple(vocab_axes)
+        self.region_axes = frozenset(vocab_axes)
+        self.other_vocab_axes = tuple(a for a in vocab_axes if a != TENSOR)
+        vocab_padded = padded_size(num_embeddings, axes_size(mesh, self.vocab_axes))
         self.embedding = sharded_param(
-            embedding_init, rngs.params(), (num_embeddings, features), P(TENSOR, None), mesh,
+            embedding_init, rngs.params(), (num_embeddings, features), P(self.vocab_axes, None), mesh,
             padded_shape=(vocab_padded, features), dtype=param_dtype,
         )
 
     def _table(self) -> jax.Array:
-        return mask_padding(self.embedding[...], 0, self.num_embeddings)
+        return mask_padding(self.embedding[...], 0, self.num_embeddings, self.vocab_axes)
 
     def _output_struct(self, ids: jax.Array) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct((*ids.shape, self.features), self.embedding.dtype)
@@ -104,7 +112,9 @@ class VocabParallelEmbedding(nnx.Module):
         if self.sequence_parallel:
             check_sequence_divisible(self._output_struct(ids), self.mesh, type(self).__name__)
             out_spec = sequence_spec(ids.ndim + 1)
-        return enter_tensor_region(self, type(self).local, ids, arg_specs=(P(),), out_specs=out_spec)
+        return enter_tensor_region(
+            self, type(self).local, ids, arg_specs=(P(),), out_specs=out_spec, axes=self.region_axes
+        )
 
     def local(self, ids: jax.Array) -> jax.Array:
         """One rank's math: ``ids`` full (replicated over "tensor")."""
@@ -113,13 +123,14 @@ class VocabParallelEmbedding(nnx.Module):
             check_sequence_divisible(self._output_struct(ids), self.mesh, type(self).__name__)
         table = self._table()
         rows = table.shape[0]
-        local_ids = ids - jax.lax.axis_index(TENSOR) * rows
+        local_ids = ids - jax.lax.axis_index(self.vocab_axes) * rows
         mine = (local_ids >= 0) & (local_ids < rows)
         vectors = jnp.take(table, jnp.where(mine, local_ids, 0), axis=0)
         partial_sums = jnp.where(mine[..., None], vectors, jnp.zeros((), vectors.dtype))
         if self.sequence_parallel:
-            return reduce_scatter_to_sequence_region(partial_sums, TENSOR, -2)
-        return reduce_from_tensor_region(partial_sums)
+            partial_sums = reduce_scatter_to_sequence_region(partial_sums, TENSOR, -2)
+            return reduce_from_tensor_region(partial_sums, self.other_vocab_axes) if self.other_vocab_axes else partial_sums
+        return reduce_from_tensor_region(partial_sums, self.vocab_axes)
 
     # --- tied output head -----------------------------------------------------
 
@@ -139,7 +150,8 @@ class VocabParallelEmbedding(nnx.Module):
             check_sequence_divisible(x, self.mesh, f"{type(self).__name__}.attend")
             in_spec = sequence_spec(x.ndim)
         logits = enter_tensor_region(
-            self, type(self).local_attend, x, arg_specs=(in_spec,), out_specs=feature_spec(x.ndim)
+            self, type(self).local_attend, x, arg_specs=(in_spec,),
+            out_specs=P(*([None] * (x.ndim - 1)), self.vocab_axes), axes=self.region_axes,
         )
         return logits[..., : self.num_embeddings]
 
@@ -148,6 +160,5 @@ class VocabParallelEmbedding(nnx.Module):
         check_last_dim(x, self.features, f"{type(self).__name__}.attend")
         if self.sequence_parallel:
             x = gather_from_sequence_region(x, TENSOR, -2)
-        else:
-            x = copy_to_tensor_region(x)
+        x = copy_to_tensor_region(x, self.vocab_axes)  # no-op for axes already per-rank
         return x @ self._table().T

@@ -22,7 +22,23 @@ class ModelConfig:
     tie_embeddings: bool = False
     sequence_parallel: bool = False
     remat: Remat = "none"
+    # Mixture of experts: every moe_every-th layer (0: none) has num_experts
+    # SwiGLU experts of ffn_hidden_size, top_k routing, and a capacity of
+    # capacity_factor * tokens * top_k / num_experts per expert (null: dropless).
+    moe_every: int = 0
+    num_experts: int = 8
+    top_k: int = 2
+    capacity_factor: float | None = 1.25
+    aux_loss_weight: float = 0.01
+    # Pipeline: chunks of layers per pipeline stage (1: GPipe, > 1: circular schedule).
+    virtual_stages: int = 1
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def layers_per_group(self) -> int:
+        """Layers in the unit that is stacked and scanned: ``moe_every`` (the
+        last of them an MoE layer), or 1 without experts."""
+        return self.moe_every or 1

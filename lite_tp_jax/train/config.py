@@ -84,6 +84,7 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.95
     grad_clip: float = 1.0
+    microbatches: int = 1  # pipeline microbatches per step (per data-parallel replica)
 
 
 DataSource = Literal["stdlib", "text", "tokens"]
@@ -175,6 +176,12 @@ _RANGES: dict[str, _Range] = {
     "model.ffn_hidden_size": _POSITIVE,
     "model.rope_theta": _ABOVE_ZERO,
     "model.norm_eps": _ABOVE_ZERO,
+    "model.moe_every": _NON_NEGATIVE,
+    "model.num_experts": _POSITIVE,
+    "model.top_k": _Range(1, 2),
+    "model.capacity_factor": _ABOVE_ZERO,
+    "model.aux_loss_weight": _NON_NEGATIVE,
+    "model.virtual_stages": _POSITIVE,
     **{f"mesh.{f.name}": _Range(1, also=(-1,)) for f in dataclasses.fields(MeshConfig)},
     "train.steps": _POSITIVE,
     "train.seed": _NON_NEGATIVE,  # numpy's seed sequences reject negative seeds
@@ -187,6 +194,7 @@ _RANGES: dict[str, _Range] = {
     "train.b1": _Range(0, 1, hi_open=True),
     "train.b2": _Range(0, 1, hi_open=True),
     "train.grad_clip": _ABOVE_ZERO,
+    "train.microbatches": _POSITIVE,
     "checkpoint.every": _POSITIVE,
     "checkpoint.keep": _POSITIVE,
 }
@@ -297,6 +305,17 @@ def _check_cross_field(config: Config) -> None:
         raise ConfigError(
             f"'model.hidden_size' ({model.hidden_size}) must be a multiple of 'model.num_heads' "
             f"({model.num_heads}) while 'model.head_dim' is null; set model.head_dim or change the sizes"
+        )
+    if model.moe_every and model.num_layers % model.moe_every:
+        raise ConfigError(
+            f"'model.num_layers' ({model.num_layers}) must be a multiple of 'model.moe_every' "
+            f"({model.moe_every}): every moe_every-th layer is an MoE layer"
+        )
+    groups = model.num_layers // model.layers_per_group
+    if groups % model.virtual_stages:
+        raise ConfigError(
+            f"'model.virtual_stages' ({model.virtual_stages}) must divide the number of layer "
+            f"groups ({groups} = num_layers / max(moe_every, 1))"
         )
     inferred = [f"'mesh.{f.name}'" for f in dataclasses.fields(mesh) if getattr(mesh, f.name) == -1]
     if len(inferred) > 1:

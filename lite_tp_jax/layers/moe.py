@@ -1,0 +1,332 @@
+"""Mixture of SwiGLU experts (Switch / GShard), expert-parallel over "expert"
+and tensor-parallel (Megatron) inside each expert.
+
+Math, per row ``b`` of the batch (one sequence = one routing group, so routing
+never depends on the mesh and a sharded run equals the one-device run)::
+
+    p[s, :]   = softmax(float32(x[s]) @ W_router)                 [S, E]
+    e_c[s]    = c-th largest expert of p[s]                        c < k, k in {1, 2}
+    g_c[s]    = p[s, e_c]                  (k = 1, Switch)
+              = p[s, e_c] / sum_c' p[s, e_c']   (k = 2, renormalised)
+    C         = ceil(capacity_factor * S * k / E)   (capacity_factor None, dropless: C = S)
+    slots     : all first choices of the row in sequence order, then all second
+                choices; (s, c) gets slot n[s, c] = how many earlier assignments
+                of the row went to e_c[s]; kept iff n[s, c] < C, else dropped
+    dispatch[s, e, n] = 1 iff some kept (s, c) has e_c[s] = e and n[s, c] = n    [S, E, C]
+    combine[s, e, n]  = dispatch[s, e, n] * g_c[s]
+    expert_in[e, n]   = sum_s dispatch[s, e, n] x[s]                             [E, C, H]
+    expert_out[e, n]  = (silu(expert_in @ W_gate[e]) * (expert_in @ W_up[e])) @ W_down[e]
+    y[s]              = sum_{e, n} combine[s, e, n] expert_out[e, n]            [S, H]
+
+A dropped (token, choice) contributes nothing (the residual connection outside
+carries the token). The load-balancing loss (Switch) is
+``aux = E * sum_e f_e P_e`` with ``f_e`` the fraction of all (token, choice)
+assignments routed to ``e`` (before dropping) and ``P_e`` the mean router
+probability of ``e``, both over every token of the global batch.
+
+Parameters (``export_state`` names, logical shapes, PartitionSpecs)::
+
+    router.kernel  [features, num_experts]          P()                        replicated
+    gate.kernel    [num_experts, features, hidden]   P("expert", None, "tensor")
+    up.kernel      [num_experts, features, hidden]   P("expert", None, "tensor")
+    down.kernel    [num_experts, hidden, features]   P("expert", "tensor", None)
+
+``hidden`` may be uneven over "tensor": it is padded and the padding zeroed
+(``mask_padding``), as in ``ParallelMLP``. Expert ``e`` lives on expert rank
+``e // (E / ep)``; within it, tensor rank ``t`` holds hidden shard ``t``.
+
+Where things run (region with manual axes {"expert", "tensor"}; ep = expert
+size, tp = tensor size, B_l = B / ep rows per expert rank)::
+
+    x [B_l, S, H]  (or [B_l, S/tp, H] with sequence_parallel)
+      -> copy_to_tensor_region / gather_from_sequence_region    none / all-gather B_l*S*H over "tensor"
+      -> route, dispatch (every tensor rank identically)         local
+      -> expert_in [B_l, E, C, H] -> all_to_all over "expert"    -> [E/ep, ep*B_l*C, H]   B_l*E*C*H
+      -> local experts, hidden shard t: partial sums over "tensor"   local
+      -> all_to_all over "expert" back                           -> [B_l, E, C, H]       B_l*E*C*H
+      -> combine (linear: partial sums stay partial)             local
+      -> reduce_from_tensor_region / reduce_scatter_to_sequence_region   all-reduce (or reduce-scatter) B_l*S*H
+
+Forward collectives per layer: 2 all-to-alls over "expert" (B_l*E*C*H elements
+each) and 1 all-reduce over "tensor" of B_l*S*H (with sequence_parallel: 1
+all-gather + 1 reduce-scatter), plus the statistics: one all-reduce of
+``2E + 1`` floats over "expert" and the same over "tensor" (the latter only
+turns the values, identical on every tensor rank, into a tensor-invariant
+type; it divides by tp, so gradients through the aux loss are not counted tp
+times). Backward: 2 more all-to-alls (the transpose of an all-to-all is an
+all-to-all), 1 all-reduce of dx over "tensor" (or reduce-scatter), and an
+all-reduce of the router kernel's gradient ``[features, E]`` over both axes
+(the replicated router is used with per-rank inputs: an implicit ``pcast`` to
+varying, whose transpose is a psum).
+
+Relation to the spec's "Expert Parallelism: TP operations occur inside each
+expert's MLP; tokens are routed to the appropriate TP shard": each expert is a
+Megatron MLP (column-parallel gate/up, row-parallel down) over the "tensor"
+group of the expert rank that owns it; the all-to-all over "expert" routes
+every token to the expert rank owning its expert, where it reaches all tensor
+ranks (TP shards) of that expert at once, since every tensor rank of a group
+dispatches the same tokens. The tensor reduction of the row-parallel down
+projection is delayed past the return all-to-all and the combine (both
+linear), so it runs once per layer, on ``[B_l, S, H]`` rather than on the
+expert buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from lite_tp_jax.collectives import (
+    COLLECTIVE_OUTPUT,
+    all_reduce,
+    check_axis,
+    copy_to_tensor_region,
+    gather_from_sequence_region,
+    reduce_from_tensor_region,
+    reduce_scatter_to_sequence_region,
+)
+from lite_tp_jax.mesh import EXPERT, TENSOR
+from lite_tp_jax.sharding import (
+    check_last_dim,
+    default_kernel_init,
+    enter_tensor_region,
+    in_tensor_region,
+    mask_padding,
+    padded_size,
+    sharded_param,
+    tensor_size,
+)
+
+REGION_AXES = frozenset({EXPERT, TENSOR})
+"""The manual axes of the region ``MoEMLP`` runs in."""
+
+# Module-level so that sharded_param's jitted initialiser (static ``init``) is reused across layers.
+# One fan-in per expert: the expert dimension is a batch dimension of the initialiser.
+_expert_kernel_init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+class _Weights(nnx.Module):
+    """Holds one kernel, so that parameters are named ``router.kernel`` etc."""
+
+    def __init__(self, kernel: nnx.Param):
+        self.kernel = kernel
+
+
+def _all_to_all(x: jax.Array, split_axis: int, concat_axis: int) -> jax.Array:
+    """All-to-all over "expert": ``split_axis`` is cut into ``ep`` chunks, chunk j
+    goes to expert rank j, and the chunks received are concatenated along
+    ``concat_axis`` in rank order. Autodiff's transpose is the reverse all-to-all."""
+    y = jax.lax.all_to_all(x, check_axis(EXPERT), split_axis, concat_axis, tiled=True)
+    return checkpoint_name(y, COLLECTIVE_OUTPUT)
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None) -> int:
+    """Slots per expert per routing group of ``num_tokens`` tokens."""
+    if capacity_factor is None:
+        return num_tokens
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def route(
+    logits: jax.Array, top_k: int, capacity_per_expert: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """GShard routing of each row of ``logits [B, S, E]`` (float32).
+
+    Returns ``(dispatch [B, S, E, C], gates [B, S, E], probs [B, S, E],
+    assigned [B, S, E], dropped [B, S, E])``: dispatch is 0/1; ``gates`` holds
+    each token's gate on its chosen experts (0 elsewhere); ``assigned`` and
+    ``dropped`` count (token, choice) assignments before / lost to capacity.
+    """
+    num_experts = logits.shape[-1]
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_probs, experts = jax.lax.top_k(probs, top_k)  # [B, S, k]
+    if top_k > 1:
+        top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+    dispatch = jnp.zeros((*logits.shape, capacity_per_expert), jnp.float32)
+    gates = jnp.zeros(logits.shape, jnp.float32)
+    assigned = jnp.zeros(logits.shape, jnp.int32)
+    dropped = jnp.zeros(logits.shape, jnp.int32)
+    taken = jnp.zeros((logits.shape[0], 1, num_experts), jnp.int32)  # slots used by earlier choices
+    for c in range(top_k):
+        mask = jax.nn.one_hot(experts[..., c], num_experts, dtype=jnp.int32)  # [B, S, E]
+        slot = taken + jnp.cumsum(mask, axis=1) - 1  # this choice's slot, where mask == 1
+        kept = mask * (slot < capacity_per_expert)
+        dispatch = dispatch + kept[..., None] * jax.nn.one_hot(slot, capacity_per_expert, dtype=jnp.float32)
+        gates = gates + mask * top_probs[..., c : c + 1]
+        assigned, dropped = assigned + mask, dropped + mask - kept
+        taken = taken + jnp.sum(mask, axis=1, keepdims=True)
+    return dispatch, gates, probs, assigned, dropped
+
+
+class MoEMLP(nnx.Module):
+    """A mixture of ``num_experts`` SwiGLU experts; ``__call__(x)`` returns ``(y, stats)``.
+
+    ``x``: ``[batch, seq, features]``. ``stats``: float32 scalars, identical on
+    every rank: ``aux_loss`` (Switch load-balancing loss), ``dropped`` (number
+    of (token, choice) assignments over capacity, global batch) and
+    ``dropped_fraction`` (``dropped`` / all assignments). See the module docstring.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        hidden_features: int,
+        *,
+        num_experts: int,
+        top_k: int = 2,
+        capacity_factor: float | None = 1.25,
+        mesh: Mesh,
+        sequence_parallel: bool = False,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        expert_size = mesh.shape[EXPERT]
+        if num_experts < 1 or num_experts % expert_size:
+            raise ValueError(
+                f"MoEMLP num_experts ({num_experts}) must be a positive multiple of the "
+                f"mesh's expert size ({expert_size}), so every expert rank holds whole experts."
+            )
+        if top_k not in (1, 2):
+            raise ValueError(f"MoEMLP top_k must be 1 or 2, got {top_k}.")
+        if top_k > num_experts:
+            raise ValueError(f"MoEMLP top_k ({top_k}) exceeds num_experts ({num_experts}).")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(
+                f"MoEMLP capacity_factor must be positive or None (dropless), got {capacity_factor}."
+            )
+        self.mesh = mesh
+        self.features, self.hidden_features = features, hidden_features
+        self.num_experts, self.top_k = num_experts, top_k
+        self.capacity_factor = capacity_factor
+        self.sequence_parallel = sequence_parallel
+        hidden_padded = padded_size(hidden_features, tensor_size(mesh))
+        e, h, f, fp = num_experts, features, hidden_features, hidden_padded
+        self.router = _Weights(
+            sharded_param(default_kernel_init, rngs.params(), (h, e), P(), mesh, dtype=param_dtype)
+        )
+        column, row = P(EXPERT, None, TENSOR), P(EXPERT, TENSOR, None)
+
+        def expert_param(shape, padded, spec):
+            return _Weights(
+                sharded_param(
+                    _expert_kernel_init, rngs.params(), shape, spec, mesh,
+                    padded_shape=padded, dtype=param_dtype,
+                )
+            )
+
+        self.gate = expert_param((e, h, f), (e, h, fp), column)
+        self.up = expert_param((e, h, f), (e, h, fp), column)
+        self.down = expert_param((e, f, h), (e, fp, h), row)
+
+    def capacity(self, seq_len: int) -> int:
+        """Slots per expert per row (routing group) of ``seq_len`` tokens."""
+        return capacity(seq_len, self.num_experts, self.top_k, self.capacity_factor)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``x``: ``[batch, seq, features]`` (logical) from ordinary jit code; the
+        batch is split over "expert" (and the sequence over "tensor" with
+        ``sequence_parallel``). Inside a region with "expert" and "tensor"
+        manual, ``x`` is this rank's ``[batch/ep, seq(/tp), features]`` block."""
+        name = type(self).__name__
+        check_last_dim(x, self.features, name)
+        if x.ndim != 3:
+            raise ValueError(f"{name} expects inputs [batch, seq, features], got shape {tuple(x.shape)}.")
+        if in_tensor_region():
+            if EXPERT not in jax.sharding.get_abstract_mesh().manual_axes:
+                raise ValueError(
+                    f"{name} inside a tensor region needs the 'expert' axis manual too: enter it "
+                    f"with axes=frozenset({{'expert', 'tensor'}}) (lite_tp_jax.layers.moe.REGION_AXES)."
+                )
+            return self.local(x)
+        ep, tp = self.mesh.shape[EXPERT], tensor_size(self.mesh)
+        if x.shape[0] % ep:
+            raise ValueError(
+                f"{name} splits the batch over the expert axis: batch size {x.shape[0]} is not "
+                f"divisible by the expert size {ep}."
+            )
+        spec = P(EXPERT)
+        if self.sequence_parallel:
+            if x.shape[1] % tp:
+                raise ValueError(
+                    f"{name} with sequence_parallel needs a sequence length divisible by the "
+                    f"tensor-parallel degree {tp}, got shape {tuple(x.shape)}."
+                )
+            spec = P(EXPERT, TENSOR, None)
+        return enter_tensor_region(
+            self, type(self).local, x, arg_specs=(spec,), out_specs=(spec, P()), axes=REGION_AXES
+        )
+
+    def local(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """One rank's math: ``x [B_l, S, H]`` (or ``[B_l, S/tp, H]`` with
+        sequence_parallel), this expert rank's rows."""
+        # Enter the tensor region once: backward, one all-reduce (or reduce-scatter) of dx.
+        if self.sequence_parallel:
+            x = gather_from_sequence_region(x, TENSOR, -2)
+        else:
+            x = copy_to_tensor_region(x)
+        rows, seq, _ = x.shape
+        num_experts, top_k = self.num_experts, self.top_k
+        slots = self.capacity(seq)
+
+        # Route: full rows on every rank, so every tensor rank routes identically.
+        logits = x.astype(jnp.float32) @ self.router.kernel[...].astype(jnp.float32)
+        dispatch, gates, probs, assigned, dropped = route(logits, top_k, slots)
+        combine = (dispatch * gates[..., None]).astype(x.dtype)
+        dispatch = dispatch.astype(x.dtype)
+
+        # Dispatch, and send each expert's buffers to the expert rank that owns it.
+        expert_in = jnp.einsum("bsec,bsh->bech", dispatch, x)  # [B_l, E, C, H]
+        expert_in = _all_to_all(expert_in, 1, 0)  # [ep*B_l, E_l, C, H]
+        local_experts = expert_in.shape[1]
+        expert_in = jnp.swapaxes(expert_in, 0, 1).reshape(local_experts, -1, x.shape[-1])
+
+        # The local experts on this rank's hidden shard: partial sums over "tensor".
+        hidden = self.hidden_features
+        w_gate = mask_padding(self.gate.kernel[...], 2, hidden)
+        w_up = mask_padding(self.up.kernel[...], 2, hidden)
+        w_down = mask_padding(self.down.kernel[...], 1, hidden)
+        h = jax.nn.silu(jnp.einsum("eth,ehf->etf", expert_in, w_gate))
+        h = h * jnp.einsum("eth,ehf->etf", expert_in, w_up)
+        expert_out = jnp.einsum("etf,efh->eth", h, w_down)  # [E_l, ep*B_l*C, H]
+
+        # Back to the rows' expert ranks, combine; then the one tensor reduction.
+        expert_out = expert_out.reshape(local_experts, -1, slots, expert_out.shape[-1])
+        expert_out = _all_to_all(jnp.swapaxes(expert_out, 0, 1), 0, 1)  # [B_l, E, C, H]
+        y = jnp.einsum("bsec,bech->bsh", combine, expert_out.astype(combine.dtype))
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_region(y, TENSOR, -2)
+        else:
+            y = reduce_from_tensor_region(y)
+        return y, self._stats(probs, assigned, dropped)
+
+    def _stats(self, probs: jax.Array, assigned: jax.Array, dropped: jax.Array) -> dict[str, jax.Array]:
+        """Global statistics from this rank's rows: local sums, all-reduced over
+        "expert"; then averaged over "tensor" (identical values there), which
+        makes them tensor-invariant and keeps the aux-loss gradient counted once."""
+        num_experts = self.num_experts
+        local = jnp.concatenate(
+            [
+                jnp.sum(assigned, axis=(0, 1)).astype(jnp.float32),
+                jnp.sum(probs, axis=(0, 1)),
+                jnp.sum(dropped).astype(jnp.float32)[None],
+            ]
+        )
+        total = all_reduce(local, EXPERT)
+        total = all_reduce(total, TENSOR) / jax.lax.axis_size(TENSOR)
+        tokens = probs.shape[0] * probs.shape[1] * jax.lax.axis_size(EXPERT)
+        assignments = tokens * self.top_k
+        fraction = total[:num_experts] / assignments
+        mean_prob = total[num_experts : 2 * num_experts] / tokens
+        dropped_total = total[-1]
+        return {
+            "aux_loss": num_experts * jnp.sum(fraction * mean_prob),
+            "dropped": dropped_total,
+            "dropped_fraction": dropped_total / assignments,
+        }

@@ -1,0 +1,1 @@
+"""Parallelism across layers: pipeline schedules."""
