@@ -1,68 +1,119 @@
 """Weights in and out under logical shapes: ``export_state`` and ``import_state``.
 
 Names are the dotted paths of the module's parameters (``"up.kernel"``,
-``"blocks.attention.query.kernel"``); shapes are the logical ones, without the
-padding that uneven shards add (see ``sharding.py``).
+``"layers.blocks.0.attention.query.kernel"``). Logical shapes differ from the
+stored ones in two ways, both undone here:
+
+* padding: a dimension split unevenly is stored padded at its end (see
+  ``sharding.py``); ``logical_shape`` metadata gives the unpadded trailing dims.
+* stacking: stacked layers carry leading dims that the metadata does not
+  describe (``[virtual_stages, groups / virtual_stages]`` for pipelining); the
+  logical form merges them into one ``[groups]`` dim, so it does not depend on
+  the pipeline layout.
+
+``to_logical`` and ``to_physical`` are the device-side conversions that
+checkpoints use; ``export_state`` / ``import_state`` go through host numpy.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
-def _params(tree: nnx.Module | nnx.State) -> list[tuple[str, nnx.Variable]]:
+def flat_variables(tree: nnx.Module | nnx.State, sep: str = ".") -> dict[str, nnx.Variable]:
+    """``{dotted path: Variable}`` of a module's parameters (or of any State)."""
     state = tree if isinstance(tree, nnx.State) else nnx.state(tree, nnx.Param)
-    return [
-        (".".join(str(part) for part in path), variable)
-        for path, variable in nnx.to_flat_state(state)
-    ]
+    return {sep.join(str(part) for part in path): variable for path, variable in nnx.to_flat_state(state)}
+
+
+def _trailing(variable: nnx.Variable) -> tuple[int, ...]:
+    return tuple(variable.get_metadata().get("logical_shape", variable.shape))
 
 
 def logical_shape(variable: nnx.Variable) -> tuple[int, ...]:
-    """The unpadded shape. ``logical_shape`` metadata describes the trailing
-    dims; leading dims added by stacking layers (``nnx.vmap``) are never padded."""
-    shape = tuple(variable.shape)
-    trailing = tuple(variable.get_metadata().get("logical_shape", shape))
-    return shape[: len(shape) - len(trailing)] + trailing
+    """The shape a user sees: no padding, stacking dims merged into one."""
+    trailing = _trailing(variable)
+    stacking = variable.shape[: len(variable.shape) - len(trailing)]
+    return ((math.prod(stacking),) if stacking else ()) + trailing
+
+
+def spec_of(variable: nnx.Variable) -> P:
+    return P(*(variable.get_metadata().get("out_sharding") or ()))
+
+
+def logical_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """A sharding for the logical array: the stored spec on trailing dims that it
+    divides evenly, replicated elsewhere (and on a merged stacking dim)."""
+    shape, trailing = logical_shape(variable), _trailing(variable)
+    stored = tuple(spec_of(variable)) + (None,) * len(variable.shape)
+    entries = [None] * (len(shape) - len(trailing))
+    for size, entry in zip(trailing, stored[len(variable.shape) - len(trailing):]):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        entries.append(entry if size % math.prod(mesh.shape[n] for n in names) == 0 else None)
+    return NamedSharding(mesh, P(*entries))
+
+
+def to_logical(variable: nnx.Variable) -> jax.Array:
+    """The variable's value in logical form, on device."""
+    value, trailing = variable[...], _trailing(variable)
+    if value.shape == logical_shape(variable):
+        return value
+    stacking = len(value.shape) - len(trailing)
+
+    def convert(v):
+        v = v[(slice(None),) * stacking + tuple(slice(0, n) for n in trailing)]
+        return v.reshape(logical_shape(variable))
+
+    return jax.jit(convert)(value)
+
+
+def to_physical(variable: nnx.Variable, value: jax.Array | np.ndarray, mesh: Mesh) -> jax.Array:
+    """A logical value converted to the variable's stored shape and sharding."""
+    target = NamedSharding(mesh, spec_of(variable))
+    if tuple(value.shape) == tuple(variable.shape):
+        return jax.device_put(value, target)
+    value = jax.device_put(value, logical_sharding(variable, mesh))
+    trailing = _trailing(variable)
+    stacking = variable.shape[: len(variable.shape) - len(trailing)]
+
+    def convert(v):
+        v = v.reshape(*stacking, *trailing)
+        return jnp.pad(v, [(0, 0)] * len(stacking) + [(0, p - n) for n, p in zip(trailing, variable.shape[len(stacking):])])
+
+    return jax.jit(convert, out_shardings=target)(value)
 
 
 def export_state(tree: nnx.Module | nnx.State) -> dict[str, np.ndarray]:
     """The logical parameters of a module (or the gradient State that ``nnx.grad``
     returns for it) as host numpy arrays, keyed by dotted name."""
-    out = {}
-    for name, variable in _params(tree):
-        value = np.asarray(jax.device_get(variable[...]))
-        out[name] = value[tuple(slice(0, n) for n in logical_shape(variable))]
-    return out
+    return {name: np.asarray(jax.device_get(to_logical(v))) for name, v in flat_variables(tree).items()}
 
 
 def import_state(module: nnx.Module, state: Mapping[str, np.ndarray]) -> None:
     """Loads logical arrays (as ``export_state`` returns them) onto the module's
     sharded parameters, padding uneven shards. Every parameter must be given
     with its logical shape; unknown names are an error."""
-    params = _params(module)
-    known = {name for name, _ in params}
-    missing = sorted(known - set(state))
-    unknown = sorted(set(state) - known)
+    params = flat_variables(module)
+    missing = sorted(set(params) - set(state))
+    unknown = sorted(set(state) - set(params))
     if missing or unknown:
         raise KeyError(
             f"import_state: state is missing {missing or 'nothing'} and has unknown "
             f"names {unknown or 'none'}; expected exactly the names of export_state(module)."
         )
-    for name, variable in params:
+    for name, variable in params.items():
         value = np.asarray(state[name])
-        logical = logical_shape(variable)
-        if value.shape != logical:
+        if value.shape != logical_shape(variable):
             raise ValueError(
-                f"import_state: {name!r} has shape {value.shape}, expected {logical}."
+                f"import_state: {name!r} has shape {value.shape}, expected {logical_shape(variable)}."
             )
-        padded = np.pad(value, [(0, p - n) for n, p in zip(logical, variable.shape)])
-        metadata = variable.get_metadata()
-        sharding = NamedSharding(metadata["mesh"], P(*metadata.get("out_sharding", ())))
-        variable[...] = jax.device_put(padded.astype(variable.dtype), sharding)
+        mesh = variable.get_metadata()["mesh"]
+        variable[...] = to_physical(variable, value.astype(variable.dtype), mesh)

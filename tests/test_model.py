@@ -55,7 +55,7 @@ def loss_and_grads(config, mesh, tokens, weights=None):
     graphdef, state = nnx.split(model)
 
     def loss(state):
-        return nnx.merge(graphdef, state).loss(tokens[:, :-1], tokens[:, 1:])
+        return nnx.merge(graphdef, state).loss(tokens[:, :-1], tokens[:, 1:])[0]
 
     fn = jax.jit(jax.value_and_grad(loss))
     value, grads = fn(state)

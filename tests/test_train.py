@@ -81,7 +81,10 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
     checkpointer.save(7, nnx.state((model, optimizer)), {"step": 7, "data_position": 7})
     saved = export_state(nnx.state((model, optimizer)))
 
-    for overrides in (["mesh.tensor=2"], ["mesh.tensor=8"], ["mesh.data=2", "mesh.tensor=4"], ["mesh.tensor=3"]):
+    for overrides in (
+        ["mesh.tensor=2"], ["mesh.tensor=8"], ["mesh.data=2", "mesh.tensor=4"], ["mesh.tensor=3"],
+        ["mesh.pipeline=2", "mesh.tensor=4"],
+    ):
         target = load_config(TINY, overrides)
         mesh = mesh_for(target)
         other_model, other_optimizer = create_model_and_optimizer(target.model, target.train, mesh)
@@ -91,7 +94,7 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
         assert restored.keys() == saved.keys()
         for name in saved:
             np.testing.assert_array_equal(restored[name], saved[name], err_msg=f"{overrides} {name}")
-        kernel = state[0]["head"]["kernel"][...]  # (model, optimizer)[0]
+        kernel = state[0]["head"]["embedding"][...]  # (model, optimizer)[0]
         assert kernel.sharding.mesh.shape["tensor"] == mesh.shape["tensor"]
 
 
@@ -140,7 +143,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     "argv, message",
     [
         (["train", str(TINY), "--set", "model.hiden_size=8"], "unknown key 'model.hiden_size'"),
-        (["train", str(TINY), "--set", "train.global_batch=3", "--set", "mesh.data=2"], "'train.global_batch' (3) must be divisible by 'mesh.data' (2)"),
+        (["train", str(TINY), "--set", "train.global_batch=3", "--set", "mesh.data=2"], "'train.global_batch' (3) must be divisible by 'mesh.data' x 'mesh.expert' (2)"),
         (["train", "no/such.yaml"], "no/such.yaml"),
         (["generate", "--run-dir", "no/such/run", "--prompt", "x"], "No config.yaml in no/such/run"),
         (["train"], "the following arguments are required: config"),

@@ -10,3 +10,5 @@ from lite_tp_jax.layers.cross_entropy import vocab_parallel_cross_entropy
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "ParallelMLP"]
 __all__ += ["ParallelAttention"]
 __all__ += ["VocabParallelEmbedding", "vocab_parallel_cross_entropy"]
+from lite_tp_jax.layers.moe import MoEMLP
+__all__ += ["MoEMLP"]

@@ -1,23 +1,35 @@
-"""A Llama-style decoder-only LM built from the tensor-parallel layers.
+"""A Llama-style decoder-only LM built from the parallel layers.
 
-    tokens -> VocabParallelEmbedding -> L x Block -> RMSNorm -> head -> vocab-parallel loss
-    Block:  x + Attention(RMSNorm(x)),  then  x + SwiGLU MLP(RMSNorm(x))
+    tokens -> VocabParallelEmbedding -> layer groups -> RMSNorm -> head -> vocab-parallel loss
+    Block:  x + Attention(RMSNorm(x)),  then  x + MLP(RMSNorm(x))   (MLP: SwiGLU, or MoE)
 
-The whole forward runs in one tensor-parallel region (a shard_map over
-"tensor"; "data" stays automatic), so activations never leave their ranks
-between layers. Per block and direction there are two all-reduces of B·S·H;
-with ``sequence_parallel`` the activations between blocks are sharded along
-the sequence and each all-reduce becomes an all-gather (entering attention or
-the MLP) plus a reduce-scatter (leaving it). The logits stay split over the
-vocabulary and go straight into ``vocab_parallel_cross_entropy``.
+One region, every axis manual. ``loss`` enters a single shard_map in which
+every mesh axis in use (size > 1, and always "tensor") is manual, so every
+collective is one the code asks for:
 
-Blocks are stacked (``nnx.vmap``) and run with ``jax.lax.scan``, so compile
-time does not grow with depth. ``remat`` picks what the backward pass
-recomputes: ``full`` saves only the collectives' outputs, ``selective`` also
-the matmul outputs; no policy runs a collective twice.
+* "data" and "expert" split the batch rows. Parameters replicated over them
+  get their gradients summed over them by JAX's varying/invariant typing (the
+  backward of using an invariant weight with per-rank data is a psum).
+* "tensor" splits each layer Megatron-style: per block and direction, two
+  all-reduces of B·S·H, or with ``sequence_parallel`` activations split along
+  the sequence between blocks and an all-gather + reduce-scatter instead.
+* "expert" also holds the experts of MoE layers (all-to-all dispatch).
+* "pipeline" holds chunks of layers (``parallel/pipeline.py``); the
+  vocabulary of the embedding and of the head is split over ("pipeline",
+  "tensor"), so no stage holds either table whole and no stage computes the
+  whole head.
+
+Layers are grouped (``moe_every`` layers, the last one MoE; or single dense
+layers), stacked ``[virtual_stages, groups / virtual_stages, ...]`` and run
+with ``jax.lax.scan``, so compile time does not grow with depth. ``remat``
+picks what the backward recomputes: ``full`` saves only the collectives'
+outputs, ``selective`` also the matmul outputs; no policy runs a collective
+twice.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,27 +37,39 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.collectives import COLLECTIVE_OUTPUT
+from lite_tp_jax.collectives import COLLECTIVE_OUTPUT, reduce_from_tensor_region
 from lite_tp_jax.layers.attention import ParallelAttention
 from lite_tp_jax.layers.cross_entropy import vocab_parallel_cross_entropy
 from lite_tp_jax.layers.embedding import VocabParallelEmbedding
-from lite_tp_jax.layers.linear import ColumnParallelLinear
 from lite_tp_jax.layers.mlp import ParallelMLP
+from lite_tp_jax.layers.moe import MoEMLP
 from lite_tp_jax.layers.norm import RMSNorm
+from lite_tp_jax.mesh import AXES, DATA, EXPERT, PIPELINE, TENSOR
 from lite_tp_jax.models.config import ModelConfig, Remat
-from lite_tp_jax.sharding import (
-    check_sequence_divisible,
-    enter_tensor_region,
-    feature_spec,
-    in_tensor_region,
-    sequence_spec,
-)
+from lite_tp_jax.parallel.pipeline import run_pipeline
+from lite_tp_jax.sharding import enter_tensor_region, in_tensor_region, sequence_spec
+
+BATCH_AXES = (DATA, EXPERT)  # the mesh axes that split batch rows
+
+
+def region_axes(config: ModelConfig, mesh: Mesh) -> frozenset[str]:
+    """The axes manual in the model's region: "tensor", those of size > 1, and
+    "expert" whenever there are experts. (Axes of size 1 are left out, so no
+    trivial collectives over them appear.)"""
+    used = {axis for axis in AXES if mesh.shape[axis] > 1}
+    return frozenset({TENSOR, *used, *([EXPERT] if config.moe_every else [])})
+
+
+def zero_stats() -> dict[str, jax.Array]:
+    """Per-layer MoE statistics, summed over batch rows: the load-balancing loss,
+    dropped and all (token, choice) assignments. Zero for a dense layer."""
+    return {name: jnp.zeros((), jnp.float32) for name in ("aux_loss", "dropped", "assignments")}
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: attention then SwiGLU MLP, both tensor-parallel."""
+    """Pre-norm residual block: attention, then a SwiGLU MLP or a mixture of experts."""
 
-    def __init__(self, config: ModelConfig, *, mesh: Mesh, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, mesh: Mesh, moe: bool = False, rngs: nnx.Rngs):
         self.mesh, self.sequence_parallel = mesh, config.sequence_parallel
         norm = dict(mesh=mesh, eps=config.norm_eps, sequence_parallel=config.sequence_parallel, rngs=rngs)
         self.attention_norm = RMSNorm(config.hidden_size, **norm)
@@ -60,32 +84,51 @@ class Block(nnx.Module):
             rngs=rngs,
         )
         self.mlp_norm = RMSNorm(config.hidden_size, **norm)
-        self.mlp = ParallelMLP(
-            config.hidden_size,
-            config.ffn_hidden_size,
-            mesh=mesh,
-            activation="swiglu",
-            sequence_parallel=config.sequence_parallel,
-            rngs=rngs,
+        mlp = dict(mesh=mesh, sequence_parallel=config.sequence_parallel, rngs=rngs)
+        self.mlp = (
+            MoEMLP(
+                config.hidden_size, config.ffn_hidden_size, num_experts=config.num_experts,
+                top_k=config.top_k, capacity_factor=config.capacity_factor, **mlp,
+            )
+            if moe
+            else ParallelMLP(config.hidden_size, config.ffn_hidden_size, activation="swiglu", **mlp)
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """``x``: ``[B, S, H]`` (``[B, S/TP, H]`` per rank with sequence parallelism)."""
+        """``x``: ``[B, S, H]`` (sharded along S with sequence parallelism). Returns the block output."""
         if in_tensor_region():
-            return self.local(x)
-        spec = P()
-        if self.sequence_parallel:
-            check_sequence_divisible(x, self.mesh, type(self).__name__)
-            spec = sequence_spec(x.ndim)
-        return enter_tensor_region(self, type(self).local, x, arg_specs=(spec,), out_specs=spec)
+            return self.local(x)[0]
+        spec = sequence_spec(x.ndim) if self.sequence_parallel else P()
+        return enter_tensor_region(self, lambda self, x: self.local(x)[0], x, arg_specs=(spec,), out_specs=spec)
 
-    def local(self, x: jax.Array) -> jax.Array:
+    def local(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         x = x + self.attention(self.attention_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        if isinstance(self.mlp, MoEMLP):
+            y, stats = self.mlp(self.mlp_norm(x))
+            return x + y, stats
+        return x + self.mlp(self.mlp_norm(x)), zero_stats()
+
+
+class LayerGroup(nnx.Module):
+    """The unit that is stacked and scanned: ``moe_every`` blocks, the last an
+    MoE block (or one dense block)."""
+
+    def __init__(self, config: ModelConfig, *, mesh: Mesh, rngs: nnx.Rngs):
+        size = config.layers_per_group
+        self.blocks = nnx.List(
+            [Block(config, mesh=mesh, moe=bool(config.moe_every) and i == size - 1, rngs=rngs) for i in range(size)]
+        )
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        stats = zero_stats()
+        for block in self.blocks:
+            x, block_stats = block.local(x)
+            stats = jax.tree.map(jnp.add, stats, block_stats)
+        return x, stats
 
 
 def remat_policy(remat: Remat):
-    """The ``jax.checkpoint`` policy for a block, or None for no rematerialisation."""
+    """The ``jax.checkpoint`` policy for a layer group, or None for no rematerialisation."""
     never_recompute_collectives = jax.checkpoint_policies.save_only_these_names(COLLECTIVE_OUTPUT)
     if remat == "none":
         return None
@@ -98,81 +141,146 @@ def remat_policy(remat: Remat):
     raise ValueError(f"remat must be one of none, full, selective, got {remat!r}.")
 
 
+def _stack_groups(config: ModelConfig, mesh: Mesh, rngs: nnx.Rngs) -> LayerGroup:
+    """``[virtual_stages, groups / virtual_stages, ...]`` stacked layer groups,
+    dim 1 split over "pipeline". Initialised as ``[groups, ...]`` and reshaped,
+    so the values do not depend on the pipeline layout."""
+    groups = config.num_layers // config.layers_per_group
+
+    @nnx.split_rngs(splits=groups)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def create(rngs: nnx.Rngs) -> LayerGroup:
+        return LayerGroup(config, mesh=mesh, rngs=rngs)
+
+    stacked = create(rngs)
+    laps = config.virtual_stages
+    for _, variable in nnx.to_flat_state(nnx.state(stacked)):
+        spec = (None, PIPELINE, *tuple(variable.get_metadata()["out_sharding"])[1:])
+        sharding = jax.sharding.NamedSharding(mesh, P(*spec))
+        value = variable[...]
+        variable.set_value(
+            jax.jit(lambda v: v.reshape(laps, groups // laps, *v.shape[1:]), out_shardings=sharding)(value)
+        )
+        variable.set_metadata(out_sharding=spec)
+    return stacked
+
+
 class Transformer(nnx.Module):
-    """Decoder-only LM. ``loss(tokens, targets)`` for training, ``__call__`` for logits."""
+    """Decoder-only LM. ``loss(tokens, targets, microbatches=1)`` for training,
+    ``__call__(tokens)`` for logits."""
 
     def __init__(self, config: ModelConfig, *, mesh: Mesh, rngs: nnx.Rngs):
         self.config, self.mesh = config, mesh
+        self.axes = region_axes(config, mesh)
+        self.batch_axes = tuple(axis for axis in BATCH_AXES if axis in self.axes)
+        self.vocab_axes = tuple(axis for axis in (PIPELINE, TENSOR) if axis in self.axes)
         sp = config.sequence_parallel
-        self.embed = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, mesh=mesh, sequence_parallel=sp, rngs=rngs
-        )
-
-        @nnx.split_rngs(splits=config.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
-        def stacked_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(config, mesh=mesh, rngs=rngs)
-
-        self.blocks = stacked_blocks(rngs)
-        self.final_norm = RMSNorm(
-            config.hidden_size, mesh=mesh, eps=config.norm_eps, sequence_parallel=sp, rngs=rngs
-        )
+        table = dict(mesh=mesh, sequence_parallel=sp, vocab_axes=self.vocab_axes, rngs=rngs)
+        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **table)
+        self.layers = _stack_groups(config, mesh, rngs)
+        self.final_norm = RMSNorm(config.hidden_size, mesh=mesh, eps=config.norm_eps, sequence_parallel=sp, rngs=rngs)
         self.head = (
             None
             if config.tie_embeddings
-            else ColumnParallelLinear(
-                config.hidden_size, config.vocab_size, mesh=mesh, use_bias=False,
-                sequence_parallel=sp, rngs=rngs,
+            else VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size,
+                embedding_init=nnx.initializers.normal(config.hidden_size**-0.5), **table,
             )
         )
 
-    # --- entry points (enter the tensor-parallel region once) -----------------
+    @property
+    def moe_layers(self) -> int:
+        return self.config.num_layers // self.config.moe_every if self.config.moe_every else 0
+
+    # --- entry points ---------------------------------------------------------
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Logits ``[B, S, vocab]`` for int tokens ``[B, S]``, sharded over "tensor" on vocab."""
-        self._check_tokens(tokens)
+        """Logits ``[B, S, vocab]`` for int tokens ``[B, S]`` (B split over "data" x "expert")."""
+        self._check(tokens, tokens)
+        rows = P(self.batch_axes)
         logits = enter_tensor_region(
-            self, type(self).local_logits, tokens, arg_specs=(P(),), out_specs=feature_spec(3)
+            self, lambda self, t: self.local_logits(t, 1)[0], tokens,
+            arg_specs=(rows,), out_specs=P(self.batch_axes, None, self.vocab_axes), axes=self.axes,
         )
         return logits[..., : self.config.vocab_size]
 
-    def loss(self, tokens: jax.Array, targets: jax.Array) -> jax.Array:
-        """Mean next-token cross-entropy over ``[B, S]`` tokens (a float32 scalar)."""
-        self._check_tokens(tokens)
-        if tokens.shape != targets.shape:
-            raise ValueError(f"targets shape {targets.shape} must equal tokens shape {tokens.shape}.")
-        if in_tensor_region():
-            return jnp.mean(self.local_token_losses(tokens, targets))
-        per_token = enter_tensor_region(
-            self, type(self).local_token_losses, tokens, targets, arg_specs=(P(), P()), out_specs=P()
+    def loss(self, tokens: jax.Array, targets: jax.Array, microbatches: int = 1) -> tuple[jax.Array, dict]:
+        """Mean next-token cross-entropy plus ``aux_loss_weight`` x the MoE
+        load-balancing loss; and metrics (``cross_entropy``, ``aux_loss``,
+        ``dropped_fraction``). ``microbatches``: pipeline microbatches per
+        data-parallel rank. The result does not depend on the mesh."""
+        self._check(tokens, targets)
+        if self.mesh.shape[PIPELINE] == 1 and microbatches != 1:
+            raise ValueError(f"microbatches ({microbatches}) only apply with mesh pipeline > 1; use 1.")
+        rows = P(self.batch_axes)
+        return enter_tensor_region(
+            self, lambda self, t, y: self.local_loss(t, y, microbatches), tokens, targets,
+            arg_specs=(rows, rows), out_specs=(P(), P()), axes=self.axes,
         )
-        return jnp.mean(per_token)
 
-    # --- one rank's math -------------------------------------------------------
+    # --- one rank's math --------------------------------------------------------
 
-    def local_token_losses(self, tokens: jax.Array, targets: jax.Array) -> jax.Array:
-        return vocab_parallel_cross_entropy(self.local_logits(tokens), targets, self.config.vocab_size)
+    def local_loss(self, tokens, targets, microbatches):
+        logits, stats = self.local_logits(tokens, microbatches)
+        token_losses = vocab_parallel_cross_entropy(logits, targets, self.config.vocab_size, vocab_axes=self.vocab_axes)
+        ranks = math.prod(self.mesh.shape[axis] for axis in self.batch_axes)
+        tokens_total, rows_total = math.prod(tokens.shape) * ranks, tokens.shape[0] * ranks
+        sums = {"cross_entropy": token_losses.sum(), **stats}
+        if self.batch_axes:
+            sums = jax.tree.map(lambda s: reduce_from_tensor_region(s, self.batch_axes), sums)
+        stats, cross_entropy = sums, sums["cross_entropy"] / tokens_total
+        aux_loss = stats["aux_loss"] / (rows_total * max(self.moe_layers, 1))
+        metrics = {
+            "cross_entropy": cross_entropy,
+            "aux_loss": aux_loss,
+            "dropped_fraction": stats["dropped"] / jnp.maximum(stats["assignments"], 1.0),
+        }
+        return cross_entropy + self.config.aux_loss_weight * aux_loss, metrics
 
-    def local_logits(self, tokens: jax.Array) -> jax.Array:
-        """This rank's vocabulary slice of the logits, ``[B, S, vocab/TP]``."""
+    def local_logits(self, tokens, microbatches):
+        """This rank's vocabulary slice of the logits for its batch rows, and MoE stats."""
         x = self.embed(tokens)
-        x = self.final_norm(self._run_blocks(x))
-        return self.embed.attend(x) if self.head is None else self.head(x)
+        x, stats = self._run_layers(x, microbatches)
+        x = self.final_norm(x)
+        head = self.embed if self.head is None else self.head
+        return head.local_attend(x), stats
 
-    def _run_blocks(self, x: jax.Array) -> jax.Array:
-        graphdef, stacked = nnx.split(self.blocks)
+    def _run_layers(self, x, microbatches):
+        graphdef, stacked = nnx.split(self.layers)
 
-        def one_block(x, block_state):
-            return nnx.merge(graphdef, block_state)(x), None
+        def one_group(x, group_state):
+            return nnx.merge(graphdef, group_state)(x)
 
         policy = remat_policy(self.config.remat)
         if policy is not None:
-            one_block = jax.checkpoint(one_block, policy=policy, prevent_cse=False)
-        x, _ = jax.lax.scan(one_block, x, stacked)
-        return x
+            one_group = jax.checkpoint(one_group, policy=policy, prevent_cse=False)
 
-    def _check_tokens(self, tokens: jax.Array) -> None:
+        def run_chunk(chunk, x):
+            x, stats = jax.lax.scan(one_group, x, chunk)
+            return x, jax.tree.map(lambda s: s.sum(0), stats)
+
+        if self.mesh.shape[PIPELINE] == 1:  # all layers here, in order: [v, G/v] -> [G]
+            return run_chunk(jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stacked), x)
+        rows = x.shape[0]
+        if rows % microbatches:
+            raise ValueError(
+                f"The {rows} batch rows per data-parallel rank do not split into {microbatches} microbatches."
+            )
+        # microbatch k takes rows k, k+m, k+2m, ...: a local reshape, whatever the batch sharding
+        x = x.reshape(rows // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+        y, stats = run_pipeline(run_chunk, stacked, x)
+        return y.swapaxes(0, 1).reshape(rows, *y.shape[2:]), stats
+
+    def _check(self, tokens: jax.Array, targets: jax.Array) -> None:
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an integer array [batch, seq], got {tokens.dtype}{list(tokens.shape)}.")
-        if self.config.sequence_parallel:
-            check_sequence_divisible(tokens[..., None], self.mesh, "Transformer")
+        if tokens.shape != targets.shape:
+            raise ValueError(f"targets shape {targets.shape} must equal tokens shape {tokens.shape}.")
+        rows = math.prod(self.mesh.shape[a] for a in BATCH_AXES)
+        if tokens.shape[0] % rows:
+            raise ValueError(f"batch {tokens.shape[0]} must be divisible by mesh data x expert = {rows}.")
+        if self.config.sequence_parallel and tokens.shape[1] % self.mesh.shape[TENSOR]:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} must be divisible by mesh tensor "
+                f"({self.mesh.shape[TENSOR]}) with sequence_parallel."
+            )

@@ -23,42 +23,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.state import logical_shape
+from lite_tp_jax.state import flat_variables, logical_sharding, logical_shape, to_logical, to_physical
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model being restored."""
-
-
-def _flat_variables(state: nnx.State) -> dict[str, nnx.Variable]:
-    return {"/".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
-
-
-def _spec(variable: nnx.Variable) -> P:
-    return P(*(variable.get_metadata().get("out_sharding") or ()))
-
-
-def to_logical(state: nnx.State) -> dict[str, jax.Array]:
-    """Flat ``{path: array}`` of logical (unpadded) arrays."""
-    out = {}
-    for name, variable in _flat_variables(state).items():
-        value, logical = variable[...], logical_shape(variable)
-        if value.shape != logical:
-            value = jax.jit(lambda x, shape=logical: x[tuple(slice(0, n) for n in shape)])(value)
-        out[name] = value
-    return out
-
-
-def _restore_sharding(shape: tuple[int, ...], spec: P, mesh: Mesh) -> NamedSharding:
-    """``spec`` where it divides ``shape`` evenly, replicated on the dims where it does not."""
-    entries = []
-    for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = entry if isinstance(entry, tuple) else (entry,) if entry else ()
-        parts = 1
-        for name in names:
-            parts *= mesh.shape[name]
-        entries.append(entry if size % parts == 0 else None)
-    return NamedSharding(mesh, P(*entries))
 
 
 class Checkpointer:
@@ -78,7 +47,7 @@ class Checkpointer:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(to_logical(state)),
+                state=ocp.args.StandardSave({name: to_logical(v) for name, v in flat_variables(state, "/").items()}),
                 progress=ocp.args.JsonSave(progress),
             ),
             force=True,
@@ -91,11 +60,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"No checkpoint found in {self.directory}.")
-        variables = _flat_variables(state)
+        variables = flat_variables(state, "/")
         target = {
-            name: jax.ShapeDtypeStruct(
-                logical_shape(v), v.dtype, sharding=_restore_sharding(logical_shape(v), _spec(v), mesh)
-            )
+            name: jax.ShapeDtypeStruct(logical_shape(v), v.dtype, sharding=logical_sharding(v, mesh))
             for name, v in variables.items()
         }
         try:
@@ -111,11 +78,5 @@ class Checkpointer:
                 f"(different model config?): {str(error).splitlines()[0]}"
             ) from error
         for name, variable in variables.items():
-            value = restored.state[name]
-            sharding = NamedSharding(mesh, _spec(variable))
-            if value.shape == variable.shape:
-                variable[...] = jax.device_put(value, sharding)
-            else:
-                pad = [(0, p - n) for n, p in zip(value.shape, variable.shape)]
-                variable[...] = jax.jit(lambda x, pad=pad: jnp.pad(x, pad), out_shardings=sharding)(value)
+            variable[...] = to_physical(variable, restored.state[name], mesh)
         return state, dict(restored.progress)

@@ -8,6 +8,7 @@ until the sampler picks a token.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lite_tp_jax.mesh import make_mesh_for
 from lite_tp_jax.models.transformer import Transformer
@@ -22,7 +24,6 @@ from lite_tp_jax.train.checkpoint import CheckpointError, Checkpointer
 from lite_tp_jax.train.config import ConfigError, load_config
 from lite_tp_jax.train.data import decode, encode
 from lite_tp_jax.train.step import create_model_and_optimizer
-from flax import nnx
 
 
 def load_trained_model(run_dir: str | os.PathLike) -> tuple[Transformer, int]:
@@ -49,10 +50,12 @@ def generate(
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}.")
     tokens = list(encode(prompt)) or [ord("\n")]
     graphdef, state = nnx.split(model)
+    rows = math.prod(model.mesh.shape[axis] for axis in model.batch_axes)  # one row per data-parallel rank
 
     @jax.jit
     def next_token(state, window_tokens, length, key):
-        logits = nnx.merge(graphdef, state)(window_tokens[None])[0, length - 1]
+        batch = jnp.broadcast_to(window_tokens, (rows, window))
+        logits = nnx.merge(graphdef, state)(batch)[0, length - 1]
         if temperature == 0:
             return jnp.argmax(logits)
         return jax.random.categorical(key, logits / temperature)

@@ -32,20 +32,33 @@ from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_o
 
 def check_fits_mesh(config: Config, mesh) -> None:
     """Config values that depend on the mesh: a ConfigError naming the key."""
-    data, tensor = mesh.shape["data"], mesh.shape["tensor"]
-    if config.train.global_batch % data:
+    data, tensor, expert = mesh.shape["data"], mesh.shape["tensor"], mesh.shape["expert"]
+    if config.train.global_batch % (data * expert):
         raise ConfigError(
             f"'train.global_batch' ({config.train.global_batch}) must be divisible by "
-            f"'mesh.data' ({data})."
+            f"'mesh.data' x 'mesh.expert' ({data * expert})."
         )
     if config.model.sequence_parallel and config.train.seq_len % tensor:
         raise ConfigError(
             f"'train.seq_len' ({config.train.seq_len}) must be divisible by 'mesh.tensor' "
             f"({tensor}) with model.sequence_parallel."
         )
-    for axis in ("pipeline", "expert"):
-        if mesh.shape[axis] != 1:
-            raise ConfigError(f"'mesh.{axis}' must be 1: pipeline and expert parallelism are not available yet.")
+    model, pipeline = config.model, mesh.shape["pipeline"]
+    groups = model.num_layers // model.layers_per_group
+    if groups % (model.virtual_stages * pipeline):
+        raise ConfigError(
+            f"the {groups} layer groups (num_layers / max(moe_every, 1)) must split evenly into "
+            f"'model.virtual_stages' ({model.virtual_stages}) x 'mesh.pipeline' ({pipeline}) chunks."
+        )
+    if pipeline > 1 and (config.train.global_batch // (data * expert)) % config.train.microbatches:
+        raise ConfigError(
+            f"'train.global_batch' ({config.train.global_batch}) / (data x expert = {data * expert}) rows "
+            f"per rank must be divisible by 'train.microbatches' ({config.train.microbatches})."
+        )
+    if model.moe_every and model.num_experts % expert:
+        raise ConfigError(
+            f"'model.num_experts' ({model.num_experts}) must be divisible by 'mesh.expert' ({expert})."
+        )
 
 
 class MetricsLog:

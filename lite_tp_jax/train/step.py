@@ -1,11 +1,13 @@
 """One jit-compiled training step: loss, gradients, AdamW update.
 
 Sharding. Parameters and optimizer state keep their PartitionSpecs (the
-optimizer's moments carry their parameter's spec), the batch is split over
-"data". Inside the model's tensor-parallel region, gradients of parameters
-replicated across a TP group are all-reduced over "tensor" by the backward of
-``copy_to_tensor_region``; GSPMD then all-reduces every gradient over "data"
-(the mean over the global batch): tensor first, then data, as the spec orders.
+optimizer's moments carry their parameter's spec); the batch rows are split
+over "data" x "expert". The model runs in one region where every axis is
+manual: gradients of parameters replicated across a TP group are summed over
+"tensor" where the group's partial results meet (``copy_to_tensor_region``
+backward), and gradients of parameters replicated across data-parallel ranks
+are summed over "data" (and "expert") by the backward of their use on per-rank
+rows.
 The global gradient norm for clipping is computed over the sharded gradients
 (padding is zero, so it adds nothing).
 """
@@ -16,15 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.mesh import DATA
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.models.transformer import Transformer
+from lite_tp_jax.models.transformer import BATCH_AXES, Transformer
 from lite_tp_jax.train.config import TrainConfig
 
 
@@ -84,8 +84,8 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Token batches ``[global_batch, seq]`` are split over "data"."""
-    return NamedSharding(mesh, P(DATA))
+    """Token batches ``[global_batch, seq]``: rows split over "data" x "expert"."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 class TrainStep:
@@ -98,6 +98,7 @@ class TrainStep:
     def __init__(self, model: Transformer, optimizer: nnx.Optimizer, train: TrainConfig):
         self.model, self.optimizer = model, optimizer
         self.schedule = learning_rate_schedule(train)
+        self.microbatches = train.microbatches
         mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
         shardings = state_shardings(state, mesh)
@@ -110,10 +111,13 @@ class TrainStep:
 
     def _pure_step(self, state, tokens, targets):
         model, optimizer = nnx.merge(self.graphdef, state)
-        loss, grads = nnx.value_and_grad(lambda m: m.loss(tokens, targets))(model)
+        def loss_fn(model):
+            return model.loss(tokens, targets, self.microbatches)
+
+        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         lr = self.schedule(optimizer.step[...])
         optimizer.update(model, grads)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr}
+        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": lr}
         return nnx.state((model, optimizer)), metrics
 
     def lower(self, tokens: jax.Array, targets: jax.Array):

@@ -1,0 +1,302 @@
+"""MoEMLP against an independent one-device reference, exact dispatch with a
+forced router, its communication read from HLO, and bad input."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import max_relative_error
+from lite_tp_jax import export_state, import_state, make_mesh
+from lite_tp_jax.hlo import collectives
+from lite_tp_jax.layers import MoEMLP
+
+B, S, H, F, E = 4, 8, 12, 18, 4  # F = 18: uneven over tensor 4; hidden 6 per rank at tensor 3
+AUX_WEIGHT = 0.1
+
+
+def mesh_of(expert, tensor):
+    return make_mesh(expert=expert, tensor=tensor, devices=jax.devices()[: expert * tensor])
+
+
+# --- the reference: plain numpy routing, jax.numpy math on one device ----------
+
+
+def reference_routing(probs, top_k, slots):
+    """Expert ids ``[B, S, k]`` and a kept mask, by loops: per row, first choices
+    in sequence order, then second choices; an expert takes ``slots`` at most."""
+    probs = np.asarray(probs)
+    experts = np.argsort(-probs, axis=-1, kind="stable")[..., :top_k]
+    kept = np.zeros(experts.shape, bool)
+    for b in range(probs.shape[0]):
+        used = [0] * probs.shape[-1]
+        for c in range(top_k):
+            for s in range(probs.shape[1]):
+                e = experts[b, s, c]
+                if used[e] < slots:
+                    kept[b, s, c] = True
+                used[e] += 1
+    return experts, kept
+
+
+def reference(weights, x, experts, kept):
+    """y and aux loss for fixed routing decisions; every expert runs on every
+    token and each token sums its kept choices (no dispatch tensors)."""
+    top_k = experts.shape[-1]
+    probs = jax.nn.softmax(x @ weights["router.kernel"], axis=-1)
+    gates = jnp.take_along_axis(probs, experts, axis=-1)
+    if top_k == 2:
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    gate = jnp.einsum("bsh,ehf->bsef", x, weights["gate.kernel"])
+    up = jnp.einsum("bsh,ehf->bsef", x, weights["up.kernel"])
+    every_expert = jnp.einsum("bsef,efh->bseh", jax.nn.silu(gate) * up, weights["down.kernel"])
+    chosen = jnp.take_along_axis(every_expert, experts[..., None], axis=2)  # [B, S, k, H]
+    y = jnp.sum((gates * kept)[..., None] * chosen, axis=2)
+    fraction = np.bincount(experts.ravel(), minlength=E) / experts.size
+    aux = E * jnp.sum(fraction * jnp.mean(probs, axis=(0, 1)))
+    return y, aux
+
+
+def capacity_of(seq, top_k, capacity_factor):
+    return seq if capacity_factor is None else math.ceil(capacity_factor * seq * top_k / E)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((B, S, H)).astype(np.float32)
+    cotangent = rng.standard_normal((B, S, H)).astype(np.float32)
+    return x, cotangent
+
+
+MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 3), (4, 1)]
+ROUTING = [(1, 1.0), (2, 1.0), (1, None), (2, None)]  # capacity_factor 1.0 drops tokens; None is dropless
+
+
+def check_against_reference(layer, x, cotangent, top_k, capacity_factor):
+    weights = {k: jnp.asarray(v) for k, v in export_state(layer).items()}
+    probs = jax.nn.softmax(x @ weights["router.kernel"], axis=-1)
+    experts, kept = reference_routing(probs, top_k, capacity_of(S, top_k, capacity_factor))
+
+    def layer_loss(layer, x):
+        y, stats = layer(x)
+        return jnp.sum(cotangent * y) + AUX_WEIGHT * stats["aux_loss"], (y, stats)
+
+    def reference_loss(weights, x):
+        y, aux = reference(weights, x, experts, kept)
+        return jnp.sum(cotangent * y) + AUX_WEIGHT * aux, (y, aux)
+
+    (_, (y, stats)), grads = nnx.jit(nnx.value_and_grad(layer_loss, argnums=(0, 1), has_aux=True))(layer, x)
+    (_, (y_ref, aux_ref)), grads_ref = jax.value_and_grad(reference_loss, argnums=(0, 1), has_aux=True)(weights, x)
+
+    assert max_relative_error(y, y_ref) <= 1e-5, "forward"
+    assert abs(float(stats["aux_loss"]) - float(aux_ref)) <= 1e-5 * abs(float(aux_ref)), "aux_loss"
+    dropped = int((~kept).sum())
+    assert float(stats["dropped"]) == dropped
+    assert float(stats["dropped_fraction"]) == pytest.approx(dropped / kept.size, rel=1e-6)
+    assert all(v.dtype == jnp.float32 and v.shape == () for v in stats.values())
+    weight_grads = export_state(grads[0])
+    assert weight_grads.keys() == grads_ref[0].keys() == {"router.kernel", "gate.kernel", "up.kernel", "down.kernel"}
+    for name, g in weight_grads.items():
+        assert max_relative_error(g, grads_ref[0][name]) <= 1e-5, f"gradient of {name}"
+    assert max_relative_error(grads[1], grads_ref[1]) <= 1e-5, "gradient of x"
+    return dropped
+
+
+@pytest.mark.parametrize("top_k,capacity_factor", ROUTING)
+@pytest.mark.parametrize("expert,tensor", MESHES)
+def test_matches_reference(expert, tensor, top_k, capacity_factor, data):
+    x, cotangent = data
+    layer = MoEMLP(
+        H, F, num_experts=E, top_k=top_k, capacity_factor=capacity_factor,
+        mesh=mesh_of(expert, tensor), rngs=nnx.Rngs(0),
+    )
+    dropped = check_against_reference(layer, x, cotangent, top_k, capacity_factor)
+    assert (dropped > 0) == (capacity_factor is not None)  # the capacity cases do drop
+
+
+@pytest.mark.parametrize("top_k,capacity_factor", [(2, 1.0), (1, None)])
+def test_sequence_parallel_matches_reference(top_k, capacity_factor, data):
+    x, cotangent = data
+    layer = MoEMLP(
+        H, F, num_experts=E, top_k=top_k, capacity_factor=capacity_factor,
+        mesh=mesh_of(2, 2), sequence_parallel=True, rngs=nnx.Rngs(0),
+    )
+    check_against_reference(layer, x, cotangent, top_k, capacity_factor)
+
+
+def test_parameters_and_shardings():
+    layer = MoEMLP(H, F, num_experts=E, mesh=mesh_of(2, 3), rngs=nnx.Rngs(0))
+    shapes = {name: v.shape for name, v in export_state(layer).items()}
+    assert shapes == {
+        "router.kernel": (H, E), "gate.kernel": (E, H, F), "up.kernel": (E, H, F), "down.kernel": (E, F, H),
+    }
+    specs = {
+        name: tuple(getattr(layer, name).kernel.get_metadata()["out_sharding"])
+        for name in ("router", "gate", "up", "down")
+    }
+    assert specs == {
+        "router": (), "gate": ("expert", None, "tensor"), "up": ("expert", None, "tensor"),
+        "down": ("expert", "tensor", None),
+    }
+
+
+# --- exact dispatch with a forced router and identity-like experts -------------
+#
+# Token features: [0, E) carry the routing logits (router.kernel = identity on
+# them), [E, H-1) a payload, H-1 is the constant 1. Expert e: gate.kernel maps
+# the constant to 100 on every hidden unit (silu(100) = 100 in float32),
+# up.kernel is the identity (hidden = H), down.kernel = (e + 1) I. So expert e
+# returns exactly 100 (e + 1) x, and y[..., H-1] / 100 - 1 names the expert.
+
+DH = 8  # features of the dispatch tests (hidden = DH)
+
+
+def identity_experts(layer):
+    gate = np.zeros((E, DH, DH), np.float32)
+    gate[:, DH - 1, :] = 100.0
+    up = np.broadcast_to(np.eye(DH, dtype=np.float32), (E, DH, DH))
+    down = np.stack([(e + 1) * np.eye(DH, dtype=np.float32) for e in range(E)])
+    router = np.zeros((DH, E), np.float32)
+    router[:E] = np.eye(E)
+    import_state(layer, {"router.kernel": router, "gate.kernel": gate, "up.kernel": up, "down.kernel": down})
+
+
+def tokens(logits, rng):
+    """Inputs with the given router logits ``[B, S, E]``."""
+    payload = rng.standard_normal((*logits.shape[:2], DH - E - 1)).astype(np.float32)
+    return np.concatenate([logits, payload, np.ones((*logits.shape[:2], 1), np.float32)], axis=-1)
+
+
+def dispatch_layer(top_k, capacity_factor, mesh=(2, 2)):
+    layer = MoEMLP(
+        DH, DH, num_experts=E, top_k=top_k, capacity_factor=capacity_factor,
+        mesh=mesh_of(*mesh), rngs=nnx.Rngs(0),
+    )
+    identity_experts(layer)
+    return layer
+
+
+@pytest.mark.parametrize("mesh", [(2, 2), (4, 1)])
+def test_dispatch_and_combine_are_exact(mesh):
+    """Dropless top-1 with gate 1: every token reaches its expert and comes back in place."""
+    rng = np.random.default_rng(2)
+    target = rng.integers(0, E, (B, S))
+    x = tokens(np.where(np.eye(E, dtype=bool)[target], 1000.0, -1000.0).astype(np.float32), rng)
+    y, stats = jax.jit(dispatch_layer(1, None, mesh))(x)
+    np.testing.assert_array_equal(np.asarray(y)[..., DH - 1], 100.0 * (target + 1))
+    np.testing.assert_allclose(y, 100.0 * (target + 1)[..., None] * x, rtol=1e-6)
+    assert float(stats["dropped"]) == 0.0
+
+
+def test_overflow_is_dropped_and_counted():
+    """All 8 tokens of a row to one expert, capacity 2: the first 2 in sequence
+    order are kept, 6 per row are dropped and give y = 0."""
+    rng = np.random.default_rng(3)
+    target = np.array([0, 1, 2, 3])[:, None].repeat(S, axis=1)  # row b -> expert b
+    x = tokens(np.where(np.eye(E, dtype=bool)[target], 1000.0, -1000.0).astype(np.float32), rng)
+    layer = dispatch_layer(1, 1.0)
+    assert layer.capacity(S) == 2
+    y, stats = jax.jit(layer)(x)
+    expected = 100.0 * (target + 1)[..., None] * x
+    expected[:, 2:] = 0.0
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=0)
+    assert float(stats["dropped"]) == 6 * B
+    assert float(stats["dropped_fraction"]) == 6 * B / (B * S)
+    # Every token prefers its row's expert: f = one-hot per row, P = 1 there.
+    assert float(stats["aux_loss"]) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_top2_slots_first_choices_before_second_choices():
+    """GShard order: first choices of the whole row take slots before any second
+    choice. Tokens 0-3 prefer expert 0 then 1, tokens 4-7 expert 1 then 0;
+    capacity 4 is filled by first choices, so every second choice is dropped.
+    (Token-major slotting would keep second choices of tokens 0 and 1.)"""
+    rng = np.random.default_rng(4)
+    first = np.array([0] * 4 + [1] * 4)
+    second = 1 - first
+    logits = np.full((B, S, E), -1000.0, np.float32)
+    logits[:, np.arange(S), first] = 10.0 + np.log(3.0)
+    logits[:, np.arange(S), second] = 10.0  # gates 0.75 and 0.25
+    x = tokens(logits, rng)
+    layer = dispatch_layer(2, 1.0)
+    assert layer.capacity(S) == 4
+    y, stats = jax.jit(layer)(x)
+    np.testing.assert_allclose(y, 0.75 * 100.0 * (first + 1)[None, :, None] * x, rtol=1e-5)
+    assert float(stats["dropped"]) == S * B  # one (second) choice per token
+
+    dropless = dispatch_layer(2, None)
+    y, stats = jax.jit(dropless)(x)
+    scale = 100.0 * (0.75 * (first + 1) + 0.25 * (second + 1))
+    np.testing.assert_allclose(y, scale[None, :, None] * x, rtol=1e-5)
+    assert float(stats["dropped"]) == 0.0
+
+
+# --- communication ---------------------------------------------------------------
+
+
+def compiled(layer, x, *, backward):
+    graphdef, state = nnx.split(layer)
+    cotangent = jnp.ones(x.shape)
+
+    def loss(state, x):
+        y, stats = nnx.merge(graphdef, state)(x)
+        return jnp.sum(cotangent * y) + AUX_WEIGHT * stats["aux_loss"]
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1)) if backward else loss
+    return collectives(jax.jit(fn).lower(state, x).compile().as_text())
+
+
+@pytest.mark.parametrize("top_k,capacity_factor", [(2, 1.25), (1, None)])
+def test_hlo_two_all_to_alls_forward_four_with_backward(top_k, capacity_factor, data):
+    ep, tp = 2, 2
+    x, _ = data
+    layer = MoEMLP(H, 16, num_experts=E, top_k=top_k, capacity_factor=capacity_factor,
+                   mesh=mesh_of(ep, tp), rngs=nnx.Rngs(0))
+    b_local = B // ep
+    slots = capacity_of(S, top_k, capacity_factor)  # top-2, 1.25: ceil(1.25*8*2/4) = 5; dropless: 8
+    buffers = b_local * E * slots * H  # expert buffers [B_l, E, C, H]: 2*4*5*12 = 480 or 2*4*8*12 = 768
+    activations = b_local * S * H  # [B_l, S, H] = 2*8*12 = 192
+    small = 2 * E + 1  # the statistics vector (and scalars)
+
+    forward = compiled(layer, x, backward=False)
+    assert [c.elements for c in forward if c.kind == "all-to-all"] == [buffers, buffers]
+    reductions = sorted(c.elements for c in forward if c.kind == "all-reduce")
+    assert reductions.count(activations) == 1 and all(n <= small for n in reductions if n != activations)
+    assert {c.kind for c in forward} <= {"all-to-all", "all-reduce"}
+
+    both = compiled(layer, x, backward=True)
+    assert [c.elements for c in both if c.kind == "all-to-all"] == [buffers] * 4
+    reductions = sorted(c.elements for c in both if c.kind == "all-reduce")
+    # y forward, dx backward; the rest: statistics and the router gradient [H, E].
+    assert reductions.count(activations) == 2 and all(n <= H * E for n in reductions if n != activations)
+
+
+# --- bad input -------------------------------------------------------------------
+
+
+def test_num_experts_must_divide_over_expert_axis():
+    with pytest.raises(ValueError, match=r"num_experts \(6\).*expert size \(4\)"):
+        MoEMLP(H, F, num_experts=6, mesh=mesh_of(4, 1), rngs=nnx.Rngs(0))
+
+
+def test_top_k_must_be_1_or_2():
+    with pytest.raises(ValueError, match="top_k must be 1 or 2, got 3"):
+        MoEMLP(H, F, num_experts=E, top_k=3, mesh=mesh_of(1, 1), rngs=nnx.Rngs(0))
+
+
+def test_bad_inputs(data):
+    x, _ = data
+    layer = MoEMLP(H, F, num_experts=E, mesh=mesh_of(2, 2), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=f"last dimension is {H}"):
+        layer(x[..., :-1])
+    with pytest.raises(ValueError, match="batch size 3 is not divisible by the expert size 2"):
+        layer(x[:3])
+    with pytest.raises(ValueError, match=r"\[batch, seq, features\]"):
+        layer(x[0])
+    sequence_parallel = MoEMLP(H, F, num_experts=E, mesh=mesh_of(2, 2), sequence_parallel=True, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="sequence length divisible by the tensor-parallel degree 2"):
+        sequence_parallel(x[:, :7])
