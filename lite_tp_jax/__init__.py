@@ -1,9 +1,16 @@
 """lite_tp_jax: tensor parallelism for JAX/Flax NNX on a
 ("data", "pipeline", "expert", "tensor") device mesh."""
 
-from lite_tp_jax.layers import ColumnParallelLinear, ParallelMLP, RowParallelLinear
-from lite_tp_jax.layers import ParallelAttention
-from lite_tp_jax.layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from lite_tp_jax.layers import (
+    ColumnParallelLinear,
+    MoEMLP,
+    ParallelAttention,
+    ParallelMLP,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
 from lite_tp_jax.mesh import AXES, DATA, EXPERT, PIPELINE, TENSOR, make_mesh, provide_cpu_devices
 from lite_tp_jax.state import export_state, import_state
 
@@ -11,7 +18,6 @@ __all__ = [
     "AXES", "DATA", "EXPERT", "PIPELINE", "TENSOR",
     "make_mesh", "provide_cpu_devices",
     "export_state", "import_state",
-    "ColumnParallelLinear", "RowParallelLinear", "ParallelMLP",
-    "ParallelAttention",
+    "ColumnParallelLinear", "RowParallelLinear", "ParallelMLP", "ParallelAttention",
+    "VocabParallelEmbedding", "vocab_parallel_cross_entropy", "RMSNorm", "MoEMLP",
 ]
-__all__ += ["VocabParallelEmbedding", "vocab_parallel_cross_entropy"]

@@ -29,8 +29,8 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set mesh.tensor=4 (repeatable)")
+    train.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override config values, e.g. --set mesh.tensor=4 model.sequence_parallel=true")
     train.add_argument("--run-dir", default="runs/latest", help="where config, metrics and checkpoints go")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 

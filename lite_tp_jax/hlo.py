@@ -19,7 +19,7 @@ _DTYPE_BYTES = {
 }
 _INSTRUCTION = re.compile(
     r"=\s*(?P<type>\([^=]*?\)|\w+\[[\d,]*\](?:\{[^}]*\})?)\s+"
-    r"(?P<kind>" + "|".join(KINDS) + r")(?:-start)?\("
+    r"(?P<kind>" + "|".join(KINDS) + r")(?P<start>-start)?\("
 )
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 _COMMENT = re.compile(r"/\*.*?\*/")
@@ -50,10 +50,13 @@ def collectives(hlo_text: str) -> list[Collective]:
     hlo_text = _COMMENT.sub("", hlo_text)  # tuple types of 6+ arrays carry /*index=5*/ comments
     for match in _INSTRUCTION.finditer(hlo_text):
         kind, arrays = match.group("kind"), _ARRAY.findall(match.group("type"))
-        if match.group("type").startswith("(") and kind != "all-reduce":
-            arrays = arrays[1:2]  # async *-start tuples: (operand, result[, scratch]); keep the result
-        for dtype, dims in arrays:
-            found.append(Collective(kind, tuple(int(d) for d in dims.split(",") if d), dtype))
+        shapes = [tuple(int(d) for d in dims.split(",") if d) for _, dims in arrays]
+        if match.group("start") and kind != "all-reduce":  # async tuple: (operand, result[, scratch])
+            found.append(Collective(kind, shapes[min(1, len(shapes) - 1)], arrays[0][0]))
+        elif kind == "all-to-all" and len(shapes) > 1:  # one all-to-all, one operand per rank
+            found.append(Collective(kind, (len(shapes), *shapes[0]), arrays[0][0]))
+        else:  # one array, or several all-reduces that XLA combined
+            found.extend(Collective(kind, shape, dtype) for shape, (dtype, _) in zip(shapes, arrays))
     return found
 
 

@@ -19,10 +19,12 @@ never depends on the mesh and a sharded run equals the one-device run)::
     y[s]              = sum_{e, n} combine[s, e, n] expert_out[e, n]            [S, H]
 
 A dropped (token, choice) contributes nothing (the residual connection outside
-carries the token). The load-balancing loss (Switch) is
-``aux = E * sum_e f_e P_e`` with ``f_e`` the fraction of all (token, choice)
-assignments routed to ``e`` (before dropping) and ``P_e`` the mean router
-probability of ``e``, both over every token of the global batch.
+carries the token). The load-balancing loss (Switch, per routing group as in
+GShard) is the mean over rows of ``aux_b = E * sum_e f_be P_be``, with
+``f_be`` the fraction of row b's (token, choice) assignments routed to ``e``
+(before dropping) and ``P_be`` the mean router probability of ``e`` over the
+row. A sum over rows, it does not depend on how rows are split over ranks or
+microbatches.
 
 Parameters (``export_state`` names, logical shapes, PartitionSpecs)::
 
@@ -49,11 +51,10 @@ size, tp = tensor size, B_l = B / ep rows per expert rank)::
 
 Forward collectives per layer: 2 all-to-alls over "expert" (B_l*E*C*H elements
 each) and 1 all-reduce over "tensor" of B_l*S*H (with sequence_parallel: 1
-all-gather + 1 reduce-scatter), plus the statistics: one all-reduce of
-``2E + 1`` floats over "expert" and the same over "tensor" (the latter only
-turns the values, identical on every tensor rank, into a tensor-invariant
-type; it divides by tp, so gradients through the aux loss are not counted tp
-times). Backward: 2 more all-to-alls (the transpose of an all-to-all is an
+all-gather + 1 reduce-scatter), plus the statistics: an all-reduce of 3
+floats over "tensor" (it only turns values identical on every tensor rank
+into a tensor-invariant type; dividing by tp keeps gradients through the aux
+loss counted once) and, used standalone, the same over "expert". Backward: 2 more all-to-alls (the transpose of an all-to-all is an
 all-to-all), 1 all-reduce of dx over "tensor" (or reduce-scatter), and an
 all-reduce of the router kernel's gradient ``[features, E]`` over both axes
 (the replicated router is used with per-rank inputs: an implicit ``pcast`` to
@@ -168,10 +169,13 @@ def route(
 class MoEMLP(nnx.Module):
     """A mixture of ``num_experts`` SwiGLU experts; ``__call__(x)`` returns ``(y, stats)``.
 
-    ``x``: ``[batch, seq, features]``. ``stats``: float32 scalars, identical on
-    every rank: ``aux_loss`` (Switch load-balancing loss), ``dropped`` (number
-    of (token, choice) assignments over capacity, global batch) and
-    ``dropped_fraction`` (``dropped`` / all assignments). See the module docstring.
+    ``x``: ``[batch, seq, features]``. ``stats`` from ordinary jit code: float32
+    scalars, identical on every rank: ``aux_loss`` (the load-balancing loss,
+    mean over rows), ``dropped`` (number of (token, choice) assignments over
+    capacity) and ``dropped_fraction`` (``dropped`` / all assignments). Inside
+    a region (``local``): sums over this rank's rows of ``aux_loss``,
+    ``dropped`` and ``assignments``, for the caller to reduce over its batch
+    axes. See the module docstring.
     """
 
     def __init__(
@@ -244,7 +248,7 @@ class MoEMLP(nnx.Module):
                     f"{name} inside a tensor region needs the 'expert' axis manual too: enter it "
                     f"with axes=frozenset({{'expert', 'tensor'}}) (lite_tp_jax.layers.moe.REGION_AXES)."
                 )
-            return self.local(x)
+            return self.local(x)  # row sums: the caller reduces them over its batch axes
         ep, tp = self.mesh.shape[EXPERT], tensor_size(self.mesh)
         if x.shape[0] % ep:
             raise ValueError(
@@ -260,7 +264,7 @@ class MoEMLP(nnx.Module):
                 )
             spec = P(EXPERT, TENSOR, None)
         return enter_tensor_region(
-            self, type(self).local, x, arg_specs=(spec,), out_specs=(spec, P()), axes=REGION_AXES
+            self, type(self)._global_stats, x, arg_specs=(spec,), out_specs=(spec, P()), axes=REGION_AXES
         )
 
     def local(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -304,29 +308,34 @@ class MoEMLP(nnx.Module):
             y = reduce_scatter_to_sequence_region(y, TENSOR, -2)
         else:
             y = reduce_from_tensor_region(y)
-        return y, self._stats(probs, assigned, dropped)
+        return y, self._row_sums(probs, assigned, dropped)
 
-    def _stats(self, probs: jax.Array, assigned: jax.Array, dropped: jax.Array) -> dict[str, jax.Array]:
-        """Global statistics from this rank's rows: local sums, all-reduced over
-        "expert"; then averaged over "tensor" (identical values there), which
-        makes them tensor-invariant and keeps the aux-loss gradient counted once."""
-        num_experts = self.num_experts
-        local = jnp.concatenate(
+    def _row_sums(self, probs: jax.Array, assigned: jax.Array, dropped: jax.Array) -> dict[str, jax.Array]:
+        """Statistics summed over this rank's rows: ``aux_loss`` (the sum of each
+        row's load-balancing loss), ``dropped`` and ``assignments`` (counts of
+        (token, choice) pairs). Every tensor rank computes the same values; the
+        mean over "tensor" makes that their type (and counts the aux-loss
+        gradient once). Summing over the ranks that split the rows is the caller's."""
+        seq = probs.shape[1]
+        fraction = jnp.sum(assigned, axis=1).astype(jnp.float32) / (seq * self.top_k)  # [B_l, E]
+        mean_prob = jnp.mean(probs, axis=1)  # [B_l, E]
+        local = jnp.stack(
             [
-                jnp.sum(assigned, axis=(0, 1)).astype(jnp.float32),
-                jnp.sum(probs, axis=(0, 1)),
-                jnp.sum(dropped).astype(jnp.float32)[None],
+                self.num_experts * jnp.sum(fraction * mean_prob),
+                jnp.sum(dropped).astype(jnp.float32),
+                jnp.float32(probs.shape[0] * seq * self.top_k),
             ]
         )
-        total = all_reduce(local, EXPERT)
-        total = all_reduce(total, TENSOR) / jax.lax.axis_size(TENSOR)
-        tokens = probs.shape[0] * probs.shape[1] * jax.lax.axis_size(EXPERT)
-        assignments = tokens * self.top_k
-        fraction = total[:num_experts] / assignments
-        mean_prob = total[num_experts : 2 * num_experts] / tokens
-        dropped_total = total[-1]
-        return {
-            "aux_loss": num_experts * jnp.sum(fraction * mean_prob),
-            "dropped": dropped_total,
-            "dropped_fraction": dropped_total / assignments,
+        aux_loss, dropped_count, assignments = all_reduce(local, TENSOR) / jax.lax.axis_size(TENSOR)
+        return {"aux_loss": aux_loss, "dropped": dropped_count, "assignments": assignments}
+
+    def _global_stats(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``local``, with its row sums turned into batch means (standalone use)."""
+        y, sums = self.local(x)
+        sums = {name: all_reduce(value, EXPERT) for name, value in sums.items()}
+        rows = x.shape[0] * jax.lax.axis_size(EXPERT)
+        return y, {
+            "aux_loss": sums["aux_loss"] / rows,
+            "dropped": sums["dropped"],
+            "dropped_fraction": sums["dropped"] / sums["assignments"],
         }

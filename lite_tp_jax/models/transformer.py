@@ -208,10 +208,9 @@ class Transformer(nnx.Module):
         """Mean next-token cross-entropy plus ``aux_loss_weight`` x the MoE
         load-balancing loss; and metrics (``cross_entropy``, ``aux_loss``,
         ``dropped_fraction``). ``microbatches``: pipeline microbatches per
-        data-parallel rank. The result does not depend on the mesh."""
+        data-parallel rank (no effect without pipeline parallelism). The
+        result does not depend on the mesh."""
         self._check(tokens, targets)
-        if self.mesh.shape[PIPELINE] == 1 and microbatches != 1:
-            raise ValueError(f"microbatches ({microbatches}) only apply with mesh pipeline > 1; use 1.")
         rows = P(self.batch_axes)
         return enter_tensor_region(
             self, lambda self, t, y: self.local_loss(t, y, microbatches), tokens, targets,

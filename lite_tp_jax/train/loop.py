@@ -118,9 +118,7 @@ class Trainer:
                 elapsed = time.perf_counter() - started
                 record = {
                     "step": position + 1,
-                    "loss": float(metrics["loss"]),
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "lr": float(metrics["lr"]),
+                    **{name: float(value) for name, value in metrics.items()},
                     "step_time_s": elapsed,
                     "tokens_per_s": train.global_batch * train.seq_len / elapsed,
                 }

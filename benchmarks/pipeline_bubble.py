@@ -1,0 +1,301 @@
+"""The pipeline bubble, measured on a full TrainStep, next to the analytic
+``(p - 1) / (v*m + p - 1)`` of ``lite_tp_jax.parallel.pipeline.bubble_fraction``.
+
+    python benchmarks/pipeline_bubble.py [--pipeline 2] [--tensor 2] [--microbatches 1,2,4,8]
+                                         [--virtual-stages 1,2] [--repeats 10] [--out FILE.md]
+
+Workload: one ``TrainStep`` (forward, backward, AdamW) of a small Transformer
+(configs/tiny.yaml with 8 layers, hidden 128, seq 64) on a mesh pipeline=p x
+tensor=t, with the microbatch *size* fixed (2 rows): ``global_batch = 2*m``,
+``microbatches = m``, for every m and every v (``virtual_stages``; v > 1 needs
+m >= p, other pairs are skipped).
+
+The SPMD schedule runs every stage at every tick and does ``v*m + p - 1`` ticks
+of one microbatch through one chunk (``L / (p*v)`` layers), forward and
+backward. So the step time should be ``T(m, v) = a*m + b`` with the slope ``a``
+one microbatch through all layers (``v`` ticks) and the intercept ``b`` the
+``p - 1`` bubble ticks (``(p - 1) * a / v``) plus fixed per-step work (the
+optimizer update). Every configuration is compiled and warmed up, then all run
+interleaved ``--repeats`` times; ``a`` and ``b`` are least-squares fits of the
+median times against m, per v. Reported per (v, m): the median step time, the
+measured bubble ``1 - m*a / T`` (= the intercept's share: includes the fixed
+overhead, an upper estimate), the bubble ticks' share ``(p - 1) * (a/v) / T``
+(tick cost from the slope: excludes the overhead from the bubble but not from
+the step, a lower estimate), and the analytic fraction. Also the collective-
+permutes per step read from the compiled HLO of one configuration, with and
+without sequence parallelism. Without an accelerator, p*t fake CPU devices are
+used (they share the host's cores). See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import flax
+import jax
+import numpy as np
+import optax
+
+from lite_tp_jax.hlo import collectives
+from lite_tp_jax.mesh import make_mesh_for, provide_cpu_devices
+from lite_tp_jax.parallel.pipeline import bubble_fraction
+from lite_tp_jax.train.config import load_config
+from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny.yaml")
+MICROBATCH_ROWS = 2
+MODEL_OVERRIDES = ("model.num_layers=8", "model.hidden_size=128", "model.num_heads=4",
+                   "model.num_kv_heads=2", "model.ffn_hidden_size=344", "train.seq_len=64")
+
+
+def on_cpu() -> bool:
+    return os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return sorted(set(values))
+
+
+# --- one configuration: model, optimizer, compiled step, batch ---------------------
+
+
+class Case:
+    """A TrainStep for (m, v) on the shared mesh, with its fixed random batch."""
+
+    def __init__(self, mesh, m: int, v: int, extra: tuple[str, ...] = ()):
+        self.m, self.v = m, v
+        overrides = (*MODEL_OVERRIDES, f"model.virtual_stages={v}", f"train.global_batch={MICROBATCH_ROWS * m}",
+                     f"train.microbatches={m}", *extra)
+        self.config = load_config(CONFIG, overrides)
+        model, optimizer = create_model_and_optimizer(self.config.model, self.config.train, mesh)
+        self.step = TrainStep(model, optimizer, self.config.train)
+        seq, vocab = self.config.train.seq_len, self.config.model.vocab_size
+        tokens = np.random.default_rng(m).integers(0, vocab, (MICROBATCH_ROWS * m, seq + 1), dtype=np.int32)
+        self.batch = jax.device_put((tokens[:, :-1], tokens[:, 1:]), batch_sharding(mesh))
+
+    def __call__(self):
+        return self.step(*self.batch)
+
+    def hlo(self) -> str:
+        return self.step.lower(*self.batch).compile().as_text()
+
+
+# --- collectives per step from the HLO (loop bodies times their trip counts) ---------
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", re.M)
+_WHILE = re.compile(r"body=%([\w.\-]+).*\"known_trip_count\":\{\"n\":\"(\d+)\"")
+
+
+def permutes(hlo_text: str) -> tuple[list, list]:
+    """The collective-permutes as written in the HLO (each loop body once) and as
+    run per step (each repeated by the known trip counts of the while loops
+    around it). Same bookkeeping as ``executed_collectives`` in tp_vs_gspmd.py."""
+    hlo_text = re.sub(r"/\*index=\d+\*/", "", hlo_text)
+    starts = list(_COMPUTATION.finditer(hlo_text))
+    ends = [m.start() for m in starts[1:]] + [len(hlo_text)]
+    bodies = {m.group(1): hlo_text[m.start():end] for m, end in zip(starts, ends)}
+    loops = {body: (name, int(n)) for name, text in bodies.items() for body, n in _WHILE.findall(text)}
+
+    def runs(name):
+        parent, n = loops.get(name, (None, 1))
+        return n * (runs(parent) if parent else 1)
+
+    written, run = [], []
+    for name, text in bodies.items():
+        found = [c for c in collectives(text) if c.kind == "collective-permute"]
+        written += [(c, runs(name)) for c in found]
+        run += found * runs(name)
+    return written, run
+
+
+def permute_lines(label: str, hlo_text: str) -> list[str]:
+    written, run = permutes(hlo_text)
+    shapes = ", ".join(f"{c.dtype}{list(c.shape)} ({c.bytes / 1024:g} KiB) in a loop run {n}×" for c, n in written)
+    return [f"- {label}: {len(written)} collective-permute(s) in the HLO text: {shapes or 'none'}; "
+            f"run per step: {len(run)}, {sum(c.bytes for c in run) / 1024:g} KiB per device"]
+
+
+# --- measuring ---------------------------------------------------------------------
+
+
+def interleaved_times(cases: dict, repeats: int, warmup: int = 2) -> dict:
+    for _ in range(warmup):
+        for case in cases.values():
+            jax.block_until_ready(case())
+    times = {key: [] for key in cases}
+    for _ in range(repeats):
+        for key, case in cases.items():
+            start = time.perf_counter()
+            jax.block_until_ready(case())
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
+def fit(ms: list[int], ts: list[float]) -> tuple[float, float]:
+    """Least squares T = a*m + b."""
+    a, b = np.polyfit(np.asarray(ms, float), np.asarray(ts, float), 1)
+    return float(a), float(b)
+
+
+def machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    kind = jax.default_backend()
+    fake = " fake" if kind == "cpu" else ""
+    device_kind = jax.devices()[0].device_kind
+    named = "" if device_kind == kind else f" ({device_kind})"
+    return f"{cpu}, {os.cpu_count()} cores; {len(jax.devices())}{fake} {kind} devices{named}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pipeline", type=int, default=2)
+    parser.add_argument("--tensor", type=int, default=2)
+    parser.add_argument("--microbatches", type=int_list, default=[1, 2, 4, 8], help="values of m, e.g. 1,2,4,8")
+    parser.add_argument("--virtual-stages", type=int_list, default=[1, 2], help="values of v, e.g. 1,2")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (at least 2)")
+    parser.add_argument("--out", help="also write the markdown report to this file")
+    args = parser.parse_args(argv)
+    p, t = args.pipeline, args.tensor
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2")
+    if p < 2:
+        parser.error("--pipeline must be at least 2 (with one stage there is no bubble)")
+    groups = 8  # model.num_layers, one dense layer per group
+    for v in args.virtual_stages:
+        if groups % (v * p):
+            parser.error(f"--pipeline x each --virtual-stages must divide the {groups} layers, got {p} x {v}")
+    if on_cpu():
+        provide_cpu_devices(p * t)  # before the first jax operation
+    elif len(jax.devices()) < p * t:
+        parser.error(f"--pipeline x --tensor = {p * t} exceeds the {len(jax.devices())} devices")
+
+    pairs = [(v, m) for v in args.virtual_stages for m in args.microbatches if v == 1 or m >= p]
+    skipped = [(v, m) for v in args.virtual_stages for m in args.microbatches if (v, m) not in pairs]
+    for v in args.virtual_stages:
+        if len([m for w, m in pairs if w == v]) < 2:
+            parser.error(f"v={v} needs at least two microbatch counts m >= {p if v > 1 else 1} to fit a slope")
+    mesh = make_mesh_for({"data": 1, "pipeline": p, "expert": 1, "tensor": t})
+
+    command = " ".join([os.path.relpath(sys.executable), *sys.argv]) if argv is None else " ".join(argv)
+    lines = [
+        "# Pipeline bubble: measured vs (p - 1) / (v*m + p - 1)",
+        "",
+        f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        f"- machine: {machine()}; mesh pipeline={p} x tensor={t}",
+        f"- jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
+        f"python {platform.python_version()}",
+        f"- command: `{command}`",
+        f"- workload: TrainStep (forward, backward, AdamW) of `configs/tiny.yaml` with "
+        f"{', '.join(f'`{o}`' for o in MODEL_OVERRIDES)}; microbatch {MICROBATCH_ROWS} rows, "
+        f"so global_batch = {MICROBATCH_ROWS}·m",
+        f"- {args.repeats} interleaved rounds after compile + 2 warm-up rounds; T: median step time",
+    ]
+    if skipped:
+        lines.append("- skipped (the circular schedule needs m >= p): "
+                     + ", ".join(f"v={v} m={m}" for v, m in skipped))
+    lines.append("")
+    print("\n".join(lines), flush=True)
+
+    start = time.perf_counter()
+    cases = {}
+    for v, m in pairs:
+        cases[v, m] = Case(mesh, m, v)
+        jax.block_until_ready(cases[v, m]())  # compiles
+        print(f"compiled v={v} m={m} ({time.perf_counter() - start:.0f} s)", flush=True)
+    compiled_at = time.perf_counter() - start
+    times = interleaved_times(cases, args.repeats)
+    median = {key: statistics.median(ts) for key, ts in times.items()}
+    timed_at = time.perf_counter() - start
+
+    fits = {v: fit(*zip(*[(m, median[w, m]) for w, m in pairs if w == v])) for v in args.virtual_stages}
+    table = [
+        f"Compiling took {compiled_at:.0f} s, warm-up and timing {timed_at - compiled_at:.0f} s.",
+        "",
+        "| v | m | ticks v·m+p−1 | T (ms) | fit a·m+b (ms) | measured 1 − m·a/T (incl. overhead) "
+        "| bubble ticks (p−1)·(a/v)/T | analytic (p−1)/(v·m+p−1) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v, m in pairs:
+        a, b = fits[v]
+        T = median[v, m]
+        table.append(
+            f"| {v} | {m} | {v * m + p - 1} | {T * 1e3:.1f} | {(a * m + b) * 1e3:.1f} | {1 - m * a / T:.3f} "
+            f"| {(p - 1) * (a / v) / T:.3f} | {bubble_fraction(p, m, v):.3f} |"
+        )
+    table += [
+        "",
+        "Fits per v (least squares of T over the measured m). The schedule predicts an intercept of "
+        "p−1 ticks, (p−1)·a/v; the rest of the intercept is fixed per-step work (optimizer update, "
+        "launch), which should not depend on v:",
+        "",
+        "| v | slope a (ms per microbatch) | intercept b (ms) | (p−1)·a/v (ms) | b − (p−1)·a/v (ms) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for v, (a, b) in fits.items():
+        table.append(f"| {v} | {a * 1e3:.2f} | {b * 1e3:.2f} | {(p - 1) * a / v * 1e3:.2f} "
+                     f"| {(b - (p - 1) * a / v) * 1e3:.2f} |")
+    if 1 in args.virtual_stages and len(args.virtual_stages) > 1:
+        a1 = fits[1][0]
+        table += [
+            "",
+            "Interleaving saves (p−1)·(1 − 1/v) ticks at the same m, whatever the fixed overhead: "
+            "T(m, 1) − T(m, v), median of the per-round differences, against (p−1)·(a₁ − a₁/v) "
+            "with a₁ the v=1 slope:",
+            "",
+            "| v | m | T(m,1) − T(m,v) (ms) | predicted (ms) |",
+            "|---:|---:|---:|---:|",
+        ]
+        for v, m in pairs:
+            if v > 1 and (1, m) in cases:
+                diff = statistics.median(x - y for x, y in zip(times[1, m], times[v, m]))
+                table.append(f"| {v} | {m} | {diff * 1e3:.2f} | {(p - 1) * (a1 - a1 / v) * 1e3:.2f} |")
+    print("\n".join(table), flush=True)
+    lines += table
+
+    # Communication of one configuration, from the compiled HLO.
+    v0 = max(args.virtual_stages)
+    m0 = max(m for w, m in pairs if w == v0)
+    hidden, seq = cases[v0, m0].config.model.hidden_size, cases[v0, m0].config.train.seq_len
+    sp = Case(mesh, m0, v0, ("model.sequence_parallel=true",))
+    comm = [
+        "",
+        f"### Pipeline communication (v={v0}, m={m0}: {v0 * m0 + p - 1} ticks forward and backward)",
+        "",
+        f"Each tick hands one microbatch activation [mb={MICROBATCH_ROWS}, seq={seq}, hidden={hidden}] float32 "
+        f"({MICROBATCH_ROWS * seq * hidden * 4 / 1024:g} KiB) to the next stage with one collective-permute; "
+        f"with `model.sequence_parallel=true` its 1/TP sequence shard. The permute sits once in the tick "
+        "loop's body (forward) and once in its transpose (backward); per step it runs once per tick in each. "
+        "From `hlo.collectives` on `step.lower(inputs, targets).compile().as_text()`, per device:",
+        "",
+        *permute_lines("sequence_parallel=false", cases[v0, m0].hlo()),
+        *permute_lines(f"sequence_parallel=true (TP={t})", sp.hlo()),
+        "",
+    ]
+    print("\n".join(comm), flush=True)
+    lines += comm
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
