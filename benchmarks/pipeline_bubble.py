@@ -30,8 +30,8 @@ used (they share the host's cores). See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
-import math
 import os
 import platform
 import re
@@ -58,6 +58,22 @@ MODEL_OVERRIDES = ("model.num_layers=8", "model.hidden_size=128", "model.num_hea
 
 def on_cpu() -> bool:
     return os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu")
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve blocks up to 1 GiB from the heap and keep freed memory.
+
+    By default glibc hands out blocks above its mmap threshold (at most 32 MiB)
+    as fresh mmaps and unmaps them on free; XLA's CPU runtime allocates each
+    step's temporaries anew, so above the threshold every step page-faults its
+    temporaries in again: a cost that switches on at some m and distorts the
+    slope. Returns False where mallopt is unavailable (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def int_list(text: str) -> list[int]:
@@ -151,6 +167,12 @@ def fit(ms: list[int], ts: list[float]) -> tuple[float, float]:
     return float(a), float(b)
 
 
+def spread(values: list[float], digits: int = 3) -> str:
+    """Median (interquartile range)."""
+    q1, mid, q3 = statistics.quantiles(values, n=4)
+    return f"{mid:.{digits}f} ({q1:.{digits}f} to {q3:.{digits}f})"
+
+
 def machine() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -172,6 +194,8 @@ def main(argv=None) -> None:
     parser.add_argument("--virtual-stages", type=int_list, default=[1, 2], help="values of v, e.g. 1,2")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds (at least 2)")
     parser.add_argument("--out", help="also write the markdown report to this file")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="on CPU, keep glibc's mmap threshold (see keep_freed_memory)")
     args = parser.parse_args(argv)
     p, t = args.pipeline, args.tensor
     if args.repeats < 2:
@@ -182,8 +206,13 @@ def main(argv=None) -> None:
     for v in args.virtual_stages:
         if groups % (v * p):
             parser.error(f"--pipeline x each --virtual-stages must divide the {groups} layers, got {p} x {v}")
+    malloc = "not applicable (accelerator)"
     if on_cpu():
         provide_cpu_devices(p * t)  # before the first jax operation
+        malloc = "glibc defaults (--default-malloc)"
+        if not args.default_malloc:
+            malloc = ("mmap and trim thresholds set to 1 GiB (mallopt)" if keep_freed_memory()
+                      else "glibc defaults (mallopt unavailable)")
     elif len(jax.devices()) < p * t:
         parser.error(f"--pipeline x --tensor = {p * t} exceeds the {len(jax.devices())} devices")
 
@@ -206,7 +235,9 @@ def main(argv=None) -> None:
         f"- workload: TrainStep (forward, backward, AdamW) of `configs/tiny.yaml` with "
         f"{', '.join(f'`{o}`' for o in MODEL_OVERRIDES)}; microbatch {MICROBATCH_ROWS} rows, "
         f"so global_batch = {MICROBATCH_ROWS}·m",
-        f"- {args.repeats} interleaved rounds after compile + 2 warm-up rounds; T: median step time",
+        f"- {args.repeats} interleaved rounds after compile + 2 warm-up rounds; T: median step time; "
+        "other columns: median (interquartile range) over the rounds",
+        f"- host memory allocator: {malloc}",
     ]
     if skipped:
         lines.append("- skipped (the circular schedule needs m >= p): "
@@ -225,7 +256,13 @@ def main(argv=None) -> None:
     median = {key: statistics.median(ts) for key, ts in times.items()}
     timed_at = time.perf_counter() - start
 
-    fits = {v: fit(*zip(*[(m, median[w, m]) for w, m in pairs if w == v])) for v in args.virtual_stages}
+    # Fits per round (the rounds are interleaved, so a slow spell of the machine
+    # shifts one round's times together), then medians over the rounds.
+    rounds = range(args.repeats)
+    ms = {v: [m for w, m in pairs if w == v] for v in args.virtual_stages}
+    per_round = {v: [fit(ms[v], [times[v, m][r] for m in ms[v]]) for r in rounds] for v in args.virtual_stages}
+    fits = {v: (statistics.median(a for a, _ in rs), statistics.median(b for _, b in rs))
+            for v, rs in per_round.items()}
     table = [
         f"Compiling took {compiled_at:.0f} s, warm-up and timing {timed_at - compiled_at:.0f} s.",
         "",
@@ -235,29 +272,32 @@ def main(argv=None) -> None:
     ]
     for v, m in pairs:
         a, b = fits[v]
-        T = median[v, m]
+        measured = [1 - m * per_round[v][r][0] / times[v, m][r] for r in rounds]
+        ticks = [(p - 1) * per_round[v][r][0] / v / times[v, m][r] for r in rounds]
         table.append(
-            f"| {v} | {m} | {v * m + p - 1} | {T * 1e3:.1f} | {(a * m + b) * 1e3:.1f} | {1 - m * a / T:.3f} "
-            f"| {(p - 1) * (a / v) / T:.3f} | {bubble_fraction(p, m, v):.3f} |"
+            f"| {v} | {m} | {v * m + p - 1} | {median[v, m] * 1e3:.1f} | {(a * m + b) * 1e3:.1f} "
+            f"| {spread(measured)} | {spread(ticks)} | {bubble_fraction(p, m, v):.3f} |"
         )
     table += [
         "",
-        "Fits per v (least squares of T over the measured m). The schedule predicts an intercept of "
-        "p−1 ticks, (p−1)·a/v; the rest of the intercept is fixed per-step work (optimizer update, "
-        "launch), which should not depend on v:",
+        "Fits per v (least squares of T over the measured m, per round; medians over the rounds). "
+        "The schedule predicts an intercept of p−1 ticks, (p−1)·a/v; the rest of the intercept is fixed "
+        "per-step work (optimizer update, embedding/head/loss are per row and sit in the slope), which "
+        "should not depend on v:",
         "",
         "| v | slope a (ms per microbatch) | intercept b (ms) | (p−1)·a/v (ms) | b − (p−1)·a/v (ms) |",
         "|---:|---:|---:|---:|---:|",
     ]
-    for v, (a, b) in fits.items():
-        table.append(f"| {v} | {a * 1e3:.2f} | {b * 1e3:.2f} | {(p - 1) * a / v * 1e3:.2f} "
-                     f"| {(b - (p - 1) * a / v) * 1e3:.2f} |")
+    for v, rs in per_round.items():
+        a, b = fits[v]
+        table.append(f"| {v} | {spread([x * 1e3 for x, _ in rs], 2)} | {spread([y * 1e3 for _, y in rs], 2)} "
+                     f"| {(p - 1) * a / v * 1e3:.2f} | {spread([(y - (p - 1) * x / v) * 1e3 for x, y in rs], 2)} |")
     if 1 in args.virtual_stages and len(args.virtual_stages) > 1:
         a1 = fits[1][0]
         table += [
             "",
             "Interleaving saves (p−1)·(1 − 1/v) ticks at the same m, whatever the fixed overhead: "
-            "T(m, 1) − T(m, v), median of the per-round differences, against (p−1)·(a₁ − a₁/v) "
+            "T(m, 1) − T(m, v), per-round differences, against (p−1)·(a₁ − a₁/v) "
             "with a₁ the v=1 slope:",
             "",
             "| v | m | T(m,1) − T(m,v) (ms) | predicted (ms) |",
@@ -265,8 +305,8 @@ def main(argv=None) -> None:
         ]
         for v, m in pairs:
             if v > 1 and (1, m) in cases:
-                diff = statistics.median(x - y for x, y in zip(times[1, m], times[v, m]))
-                table.append(f"| {v} | {m} | {diff * 1e3:.2f} | {(p - 1) * (a1 - a1 / v) * 1e3:.2f} |")
+                diff = [(x - y) * 1e3 for x, y in zip(times[1, m], times[v, m])]
+                table.append(f"| {v} | {m} | {spread(diff, 2)} | {(p - 1) * (a1 - a1 / v) * 1e3:.2f} |")
     print("\n".join(table), flush=True)
     lines += table
 

@@ -167,6 +167,20 @@ def enter_tensor_region(
     )(state, *args)
 
 
+def call_local(module: nnx.Module, x: jax.Array) -> Any:
+    """``module.local(x)`` for an activation ``x [..., seq, features]`` that is
+    replicated over "tensor", or split along ``seq`` when
+    ``module.sequence_parallel``: directly inside a region, else in one
+    entered for it (the output is laid out like the input)."""
+    if in_tensor_region():
+        return module.local(x)
+    spec = P()
+    if module.sequence_parallel:
+        check_sequence_divisible(x, module.mesh, type(module).__name__)
+        spec = sequence_spec(x.ndim)
+    return enter_tensor_region(module, type(module).local, x, arg_specs=(spec,), out_specs=spec)
+
+
 def feature_spec(ndim: int, last: str | None = TENSOR) -> P:
     """PartitionSpec of an activation with ``ndim`` dims whose last one is split over ``last``."""
     return P(*([None] * (ndim - 1)), last)

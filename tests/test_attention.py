@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TP_DEGREES, assert_matches_reference, max_relative_error, tp_mesh
+from conftest import assert_matches_reference, max_relative_error, tp_mesh
 from lite_tp_jax import ParallelAttention, export_state, import_state
 from lite_tp_jax.hlo import summary
 from lite_tp_jax.layers.rotary import apply_rotary

@@ -63,13 +63,10 @@ from lite_tp_jax.collectives import (
 from lite_tp_jax.layers.rotary import apply_rotary
 from lite_tp_jax.mesh import TENSOR
 from lite_tp_jax.sharding import (
+    call_local,
     check_last_dim,
-    check_sequence_divisible,
-    enter_tensor_region,
-    in_tensor_region,
     mask_padding,
     padded_size,
-    sequence_spec,
     sharded_param,
     tensor_size,
     zeros_init,
@@ -191,13 +188,7 @@ class ParallelAttention(nnx.Module):
         check_last_dim(x, self.features, name)
         if x.ndim != 3:
             raise ValueError(f"{name} expects inputs [batch, seq, features], got shape {tuple(x.shape)}.")
-        if in_tensor_region():
-            return self.local(x)
-        spec = P()
-        if self.sequence_parallel:
-            check_sequence_divisible(x, self.mesh, name)
-            spec = sequence_spec(x.ndim)
-        return enter_tensor_region(self, type(self).local, x, arg_specs=(spec,), out_specs=spec)
+        return call_local(self, x)
 
     def local(self, x: jax.Array) -> jax.Array:
         """One rank's math: ``x`` full (replicated over "tensor"), or its sequence

@@ -19,17 +19,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import copy_to_tensor_region, gather_from_sequence_region
 from lite_tp_jax.layers.linear import ColumnParallelLinear, RowParallelLinear
 from lite_tp_jax.mesh import TENSOR
 from lite_tp_jax.sharding import (
+    call_local,
     check_last_dim,
-    check_sequence_divisible,
-    enter_tensor_region,
-    in_tensor_region,
-    sequence_spec,
 )
 
 Activation = Literal["swiglu", "gelu"]
@@ -64,13 +60,7 @@ class ParallelMLP(nnx.Module):
         """``x``: ``[..., seq, features]``, replicated over "tensor" (or sharded
         along ``seq`` with ``sequence_parallel``); returns the same shape."""
         check_last_dim(x, self.features, type(self).__name__)
-        if in_tensor_region():
-            return self.local(x)
-        spec = P()
-        if self.sequence_parallel:
-            check_sequence_divisible(x, self.mesh, type(self).__name__)
-            spec = sequence_spec(x.ndim)
-        return enter_tensor_region(self, type(self).local, x, arg_specs=(spec,), out_specs=spec)
+        return call_local(self, x)
 
     def local(self, x: jax.Array) -> jax.Array:
         # Enter the region once for gate and up, so backward has one collective for dx.

@@ -276,7 +276,7 @@ class MoEMLP(nnx.Module):
         else:
             x = copy_to_tensor_region(x)
         rows, seq, _ = x.shape
-        num_experts, top_k = self.num_experts, self.top_k
+        top_k = self.top_k
         slots = self.capacity(seq)
 
         # Route: full rows on every rank, so every tensor rank routes identically.

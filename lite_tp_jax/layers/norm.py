@@ -19,12 +19,9 @@ from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import copy_to_tensor_region
 from lite_tp_jax.sharding import (
+    call_local,
     check_last_dim,
-    check_sequence_divisible,
-    enter_tensor_region,
-    in_tensor_region,
     ones_init,
-    sequence_spec,
     sharded_param,
 )
 
@@ -48,13 +45,7 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_last_dim(x, self.features, type(self).__name__)
-        if in_tensor_region():
-            return self.local(x)
-        spec = P()
-        if self.sequence_parallel:
-            check_sequence_divisible(x, self.mesh, type(self).__name__)
-            spec = sequence_spec(x.ndim)
-        return enter_tensor_region(self, type(self).local, x, arg_specs=(spec,), out_specs=spec)
+        return call_local(self, x)
 
     def local(self, x: jax.Array) -> jax.Array:
         scale = self.scale[...]

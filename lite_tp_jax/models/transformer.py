@@ -145,7 +145,12 @@ def _stack_groups(config: ModelConfig, mesh: Mesh, rngs: nnx.Rngs) -> LayerGroup
     """``[virtual_stages, groups / virtual_stages, ...]`` stacked layer groups,
     dim 1 split over "pipeline". Initialised as ``[groups, ...]`` and reshaped,
     so the values do not depend on the pipeline layout."""
-    groups = config.num_layers // config.layers_per_group
+    groups, laps, stages = config.num_layers // config.layers_per_group, config.virtual_stages, mesh.shape[PIPELINE]
+    if groups % (laps * stages):
+        raise ValueError(
+            f"{groups} layer groups (num_layers / max(moe_every, 1)) do not split into "
+            f"virtual_stages ({laps}) x pipeline ({stages}) equal chunks."
+        )
 
     @nnx.split_rngs(splits=groups)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
@@ -153,14 +158,14 @@ def _stack_groups(config: ModelConfig, mesh: Mesh, rngs: nnx.Rngs) -> LayerGroup
         return LayerGroup(config, mesh=mesh, rngs=rngs)
 
     stacked = create(rngs)
-    laps = config.virtual_stages
-    for _, variable in nnx.to_flat_state(nnx.state(stacked)):
-        spec = (None, PIPELINE, *tuple(variable.get_metadata()["out_sharding"])[1:])
-        sharding = jax.sharding.NamedSharding(mesh, P(*spec))
-        value = variable[...]
-        variable.set_value(
-            jax.jit(lambda v: v.reshape(laps, groups // laps, *v.shape[1:]), out_shardings=sharding)(value)
-        )
+    variables = [variable for _, variable in nnx.to_flat_state(nnx.state(stacked))]
+    specs = [(None, PIPELINE, *tuple(v.get_metadata()["out_sharding"])[1:]) for v in variables]
+    reshaped = jax.jit(
+        lambda values: [v.reshape(laps, groups // laps, *v.shape[1:]) for v in values],
+        out_shardings=[jax.sharding.NamedSharding(mesh, P(*spec)) for spec in specs],
+    )([v[...] for v in variables])
+    for variable, value, spec in zip(variables, reshaped, specs):
+        variable.set_value(value)
         variable.set_metadata(out_sharding=spec)
     return stacked
 

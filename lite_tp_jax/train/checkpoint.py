@@ -17,11 +17,9 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from lite_tp_jax.state import flat_variables, logical_sharding, logical_shape, to_logical, to_physical
 
