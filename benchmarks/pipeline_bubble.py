@@ -3,6 +3,7 @@
 
     python benchmarks/pipeline_bubble.py [--pipeline 2] [--tensor 2] [--microbatches 1,2,4,8]
                                          [--virtual-stages 1,2] [--repeats 10] [--out FILE.md]
+                                         [--default-malloc]
 
 Workload: one ``TrainStep`` (forward, backward, AdamW) of a small Transformer
 (configs/tiny.yaml with 8 layers, hidden 128, seq 64) on a mesh pipeline=p x
@@ -24,7 +25,11 @@ overhead, an upper estimate), the bubble ticks' share ``(p - 1) * (a/v) / T``
 the step, a lower estimate), and the analytic fraction. Also the collective-
 permutes per step read from the compiled HLO of one configuration, with and
 without sequence parallelism. Without an accelerator, p*t fake CPU devices are
-used (they share the host's cores). See benchmarks/README.md.
+used (they share the host's cores), and glibc is told to keep freed memory
+(``keep_freed_memory``; ``--default-malloc`` leaves it alone): otherwise,
+once a device's step temporaries pass 32 MiB, every step page-faults them in
+afresh and T(m) bends upwards; the table shows the page faults per step. See
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import datetime
 import os
 import platform
 import re
+import resource
 import statistics
 import sys
 import time
@@ -61,19 +67,23 @@ def on_cpu() -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """glibc: serve blocks up to 1 GiB from the heap and keep freed memory.
+    """glibc: serve blocks up to 1 GiB from one heap and keep freed memory.
 
     By default glibc hands out blocks above its mmap threshold (at most 32 MiB)
-    as fresh mmaps and unmaps them on free; XLA's CPU runtime allocates each
-    step's temporaries anew, so above the threshold every step page-faults its
-    temporaries in again: a cost that switches on at some m and distorts the
-    slope. Returns False where mallopt is unavailable (not glibc)."""
+    as fresh mmaps and unmaps them on free, and a thread's own arena cannot
+    hold a block above 64 MiB at all. XLA's CPU runtime allocates each step's
+    temporaries anew, so past such a size every step page-faults its
+    temporaries in again: a cost that switches on at some m and bends the
+    line T(m). One arena (the main heap grows without that limit), a 1 GiB
+    mmap threshold and no trimming avoid it. Must run before jax starts its
+    threads. Returns False where mallopt is unavailable (not glibc)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    return all(mallopt(option, value) for option, value in
+               ((m_arena_max, 1), (m_mmap_threshold, 1 << 30), (m_trim_threshold, 1 << 30)))
 
 
 def int_list(text: str) -> list[int]:
@@ -112,7 +122,7 @@ class Case:
 
 # --- collectives per step from the HLO (loop bodies times their trip counts) ---------
 
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", re.M)
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", re.MULTILINE)
 _WHILE = re.compile(r"body=%([\w.\-]+).*\"known_trip_count\":\{\"n\":\"(\d+)\"")
 
 
@@ -141,24 +151,27 @@ def permutes(hlo_text: str) -> tuple[list, list]:
 def permute_lines(label: str, hlo_text: str) -> list[str]:
     written, run = permutes(hlo_text)
     shapes = ", ".join(f"{c.dtype}{list(c.shape)} ({c.bytes / 1024:g} KiB) in a loop run {n}×" for c, n in written)
-    return [f"- {label}: {len(written)} collective-permute(s) in the HLO text: {shapes or 'none'}; "
-            f"run per step: {len(run)}, {sum(c.bytes for c in run) / 1024:g} KiB per device"]
+    return [(f"- {label}: {len(written)} collective-permute(s) in the HLO text: {shapes or 'none'}; "
+            f"run per step: {len(run)}, {sum(c.bytes for c in run) / 1024:g} KiB per device")]
 
 
 # --- measuring ---------------------------------------------------------------------
 
 
-def interleaved_times(cases: dict, repeats: int, warmup: int = 2) -> dict:
+def interleaved_times(cases: dict, repeats: int, warmup: int = 2) -> tuple[dict, dict]:
+    """Step times (s) and the process's minor page faults during each step."""
     for _ in range(warmup):
         for case in cases.values():
             jax.block_until_ready(case())
-    times = {key: [] for key in cases}
+    times, faults = {key: [] for key in cases}, {key: [] for key in cases}
     for _ in range(repeats):
         for key, case in cases.items():
+            faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             jax.block_until_ready(case())
             times[key].append(time.perf_counter() - start)
-    return times
+            faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted)
+    return times, faults
 
 
 def fit(ms: list[int], ts: list[float]) -> tuple[float, float]:
@@ -211,7 +224,7 @@ def main(argv=None) -> None:
         provide_cpu_devices(p * t)  # before the first jax operation
         malloc = "glibc defaults (--default-malloc)"
         if not args.default_malloc:
-            malloc = ("mmap and trim thresholds set to 1 GiB (mallopt)" if keep_freed_memory()
+            malloc = ("one arena, mmap and trim thresholds 1 GiB (mallopt; see keep_freed_memory)" if keep_freed_memory()
                       else "glibc defaults (mallopt unavailable)")
     elif len(jax.devices()) < p * t:
         parser.error(f"--pipeline x --tensor = {p * t} exceeds the {len(jax.devices())} devices")
@@ -229,14 +242,14 @@ def main(argv=None) -> None:
         "",
         f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         f"- machine: {machine()}; mesh pipeline={p} x tensor={t}",
-        f"- jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
-        f"python {platform.python_version()}",
+        (f"- jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
+        f"python {platform.python_version()}"),
         f"- command: `{command}`",
-        f"- workload: TrainStep (forward, backward, AdamW) of `configs/tiny.yaml` with "
+        (f"- workload: TrainStep (forward, backward, AdamW) of `configs/tiny.yaml` with "
         f"{', '.join(f'`{o}`' for o in MODEL_OVERRIDES)}; microbatch {MICROBATCH_ROWS} rows, "
-        f"so global_batch = {MICROBATCH_ROWS}·m",
-        f"- {args.repeats} interleaved rounds after compile + 2 warm-up rounds; T: median step time; "
-        "other columns: median (interquartile range) over the rounds",
+        f"so global_batch = {MICROBATCH_ROWS}·m"),
+        (f"- {args.repeats} interleaved rounds after compile + 2 warm-up rounds; T: median step time; "
+        "other columns: median (interquartile range) over the rounds"),
         f"- host memory allocator: {malloc}",
     ]
     if skipped:
@@ -252,7 +265,7 @@ def main(argv=None) -> None:
         jax.block_until_ready(cases[v, m]())  # compiles
         print(f"compiled v={v} m={m} ({time.perf_counter() - start:.0f} s)", flush=True)
     compiled_at = time.perf_counter() - start
-    times = interleaved_times(cases, args.repeats)
+    times, faults = interleaved_times(cases, args.repeats)
     median = {key: statistics.median(ts) for key, ts in times.items()}
     timed_at = time.perf_counter() - start
 
@@ -266,9 +279,9 @@ def main(argv=None) -> None:
     table = [
         f"Compiling took {compiled_at:.0f} s, warm-up and timing {timed_at - compiled_at:.0f} s.",
         "",
-        "| v | m | ticks v·m+p−1 | T (ms) | fit a·m+b (ms) | measured 1 − m·a/T (incl. overhead) "
-        "| bubble ticks (p−1)·(a/v)/T | analytic (p−1)/(v·m+p−1) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ("| v | m | ticks v·m+p−1 | T (ms) | fit a·m+b (ms) | measured 1 − m·a/T (incl. overhead) "
+        "| bubble ticks (p−1)·(a/v)/T | analytic (p−1)/(v·m+p−1) | page faults per step |"),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v, m in pairs:
         a, b = fits[v]
@@ -276,14 +289,15 @@ def main(argv=None) -> None:
         ticks = [(p - 1) * per_round[v][r][0] / v / times[v, m][r] for r in rounds]
         table.append(
             f"| {v} | {m} | {v * m + p - 1} | {median[v, m] * 1e3:.1f} | {(a * m + b) * 1e3:.1f} "
-            f"| {spread(measured)} | {spread(ticks)} | {bubble_fraction(p, m, v):.3f} |"
+            f"| {spread(measured)} | {spread(ticks)} | {bubble_fraction(p, m, v):.3f} "
+            f"| {statistics.median(faults[v, m]):.0f} |"
         )
     table += [
         "",
-        "Fits per v (least squares of T over the measured m, per round; medians over the rounds). "
+        ("Fits per v (least squares of T over the measured m, per round; medians over the rounds). "
         "The schedule predicts an intercept of p−1 ticks, (p−1)·a/v; the rest of the intercept is fixed "
         "per-step work (optimizer update, embedding/head/loss are per row and sit in the slope), which "
-        "should not depend on v:",
+        "should not depend on v:"),
         "",
         "| v | slope a (ms per microbatch) | intercept b (ms) | (p−1)·a/v (ms) | b − (p−1)·a/v (ms) |",
         "|---:|---:|---:|---:|---:|",
@@ -296,9 +310,9 @@ def main(argv=None) -> None:
         a1 = fits[1][0]
         table += [
             "",
-            "Interleaving saves (p−1)·(1 − 1/v) ticks at the same m, whatever the fixed overhead: "
+            ("Interleaving saves (p−1)·(1 − 1/v) ticks at the same m, whatever the fixed overhead: "
             "T(m, 1) − T(m, v), per-round differences, against (p−1)·(a₁ − a₁/v) "
-            "with a₁ the v=1 slope:",
+            "with a₁ the v=1 slope:"),
             "",
             "| v | m | T(m,1) − T(m,v) (ms) | predicted (ms) |",
             "|---:|---:|---:|---:|",
@@ -319,11 +333,11 @@ def main(argv=None) -> None:
         "",
         f"### Pipeline communication (v={v0}, m={m0}: {v0 * m0 + p - 1} ticks forward and backward)",
         "",
-        f"Each tick hands one microbatch activation [mb={MICROBATCH_ROWS}, seq={seq}, hidden={hidden}] float32 "
+        (f"Each tick hands one microbatch activation [mb={MICROBATCH_ROWS}, seq={seq}, hidden={hidden}] float32 "
         f"({MICROBATCH_ROWS * seq * hidden * 4 / 1024:g} KiB) to the next stage with one collective-permute; "
         f"with `model.sequence_parallel=true` its 1/TP sequence shard. The permute sits once in the tick "
         "loop's body (forward) and once in its transpose (backward); per step it runs once per tick in each. "
-        "From `hlo.collectives` on `step.lower(inputs, targets).compile().as_text()`, per device:",
+        "From `hlo.collectives` on `step.lower(inputs, targets).compile().as_text()`, per device:"),
         "",
         *permute_lines("sequence_parallel=false", cases[v0, m0].hlo()),
         *permute_lines(f"sequence_parallel=true (TP={t})", sp.hlo()),

@@ -29,6 +29,7 @@ twice.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -50,6 +51,12 @@ from lite_tp_jax.parallel.pipeline import run_pipeline
 from lite_tp_jax.sharding import enter_tensor_region, in_tensor_region, sequence_spec
 
 BATCH_AXES = (DATA, EXPERT)  # the mesh axes that split batch rows
+
+
+@functools.cache
+def _head_init(hidden_size: int):
+    """N(0, 1/hidden) for the output head; cached, so the sharded initialiser compiles once."""
+    return nnx.initializers.normal(hidden_size**-0.5)
 
 
 def region_axes(config: ModelConfig, mesh: Mesh) -> frozenset[str]:
@@ -189,7 +196,7 @@ class Transformer(nnx.Module):
             if config.tie_embeddings
             else VocabParallelEmbedding(
                 config.vocab_size, config.hidden_size,
-                embedding_init=nnx.initializers.normal(config.hidden_size**-0.5), **table,
+                embedding_init=_head_init(config.hidden_size), **table,
             )
         )
 
