@@ -19,7 +19,7 @@ install-test: $(BIN)/python
 
 demo: install
 	$(BIN)/lite-tp train configs/tiny.yaml --set mesh.tensor=4 --set mesh.data=2 --run-dir $(RUN_DIR)
-	$(BIN)/lite-tp generate --run-dir $(RUN_DIR) --prompt "def " --max-new-tokens 200
+	$(BIN)/lite-tp generate --run-dir $(RUN_DIR) --prompt "def " --max-new-tokens 300 --temperature 0.7
 
 test: install-test
 	$(BIN)/python -m pytest -n 2 -q
