@@ -45,6 +45,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax import DATA, ParallelMLP, export_state, make_mesh
+from lite_tp_jax.state import flat_variables, logical_sharding
 from lite_tp_jax.hlo import collectives
 from lite_tp_jax.layers.rotary import apply_rotary
 from lite_tp_jax.models.config import ModelConfig
@@ -84,8 +85,8 @@ def transformer_loss(p, tokens, targets, cfg: ModelConfig):
         x = x + attention(rms_norm(x, b["attention_norm"]["scale"], cfg.norm_eps), b["attention"], cfg)
         return x + swiglu(rms_norm(x, b["mlp_norm"]["scale"], cfg.norm_eps), b["mlp"]), None
 
-    x, _ = jax.lax.scan(block, p["embed"]["embedding"][tokens], p["blocks"])
-    logits = rms_norm(x, p["final_norm"]["scale"], cfg.norm_eps) @ p["head"]["kernel"]
+    x, _ = jax.lax.scan(block, p["embed"]["embedding"][tokens], p["layers"]["blocks"]["0"])
+    logits = rms_norm(x, p["final_norm"]["scale"], cfg.norm_eps) @ p["head"]["embedding"].T
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target_logits)
 
@@ -122,11 +123,8 @@ def nested(flat: dict) -> dict:
 
 
 def param_shardings(module, mesh) -> dict:
-    """Each parameter's NamedSharding from the PartitionSpec lite_tp_jax gave it."""
-    return nested({
-        ".".join(map(str, path)): NamedSharding(mesh, P(*(v.get_metadata().get("out_sharding") or ())))
-        for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))
-    })
+    """Each logical parameter's NamedSharding from the PartitionSpec lite_tp_jax gave it."""
+    return nested({name: logical_sharding(v, mesh) for name, v in flat_variables(module).items()})
 
 
 def max_rel_err(a, b) -> float:
@@ -202,7 +200,7 @@ def transformer_workload(mesh, data_sharding, one_device, check_steps=3):
     def run(name):
         if name == "ours":
             metrics = ours(*batches[name])
-            return metrics, nnx.state((model, optimizer))
+            return {k: metrics[k] for k in ("loss", "grad_norm", "lr")}, nnx.state((model, optimizer))
         states[name], metrics = steps[name](states[name], *batches[name])
         return metrics, states[name]
 
