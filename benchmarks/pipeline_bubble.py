@@ -51,6 +51,7 @@ import numpy as np
 import optax
 
 from lite_tp_jax.hlo import collectives
+from report import machine  # benchmarks/report.py
 from lite_tp_jax.mesh import make_mesh_for, provide_cpu_devices
 from lite_tp_jax.parallel.pipeline import bubble_fraction
 from lite_tp_jax.train.config import load_config
@@ -184,19 +185,6 @@ def spread(values: list[float], digits: int = 3) -> str:
     """Median (interquartile range)."""
     q1, mid, q3 = statistics.quantiles(values, n=4)
     return f"{mid:.{digits}f} ({q1:.{digits}f} to {q3:.{digits}f})"
-
-
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    kind = jax.default_backend()
-    fake = " fake" if kind == "cpu" else ""
-    device_kind = jax.devices()[0].device_kind
-    named = "" if device_kind == kind else f" ({device_kind})"
-    return f"{cpu}, {os.cpu_count()} cores; {len(jax.devices())}{fake} {kind} devices{named}"
 
 
 def main(argv=None) -> None:

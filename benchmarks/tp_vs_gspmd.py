@@ -47,6 +47,7 @@ from jax.sharding import PartitionSpec as P
 from lite_tp_jax import DATA, ParallelMLP, export_state, make_mesh
 from lite_tp_jax.state import flat_variables, logical_sharding
 from lite_tp_jax.hlo import collectives
+from report import machine  # benchmarks/report.py
 from lite_tp_jax.layers.rotary import apply_rotary
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.train.config import TrainConfig
@@ -299,19 +300,6 @@ def report(title: str, variants: dict, times: dict, error: str, seconds: float) 
         )
     diff = comm_difference(found["ours"], found["GSPMD"])
     return lines + ["", "Collectives that differ (per device per step, result shapes):", "", *(diff or ["- none"]), ""]
-
-
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    kind = jax.default_backend()
-    fake = " fake" if kind == "cpu" else ""
-    device_kind = jax.devices()[0].device_kind
-    named = "" if device_kind == kind else f" ({device_kind})"
-    return f"{cpu}, {os.cpu_count()} cores; {len(jax.devices())}{fake} {kind} devices{named}"
 
 
 def main(argv=None) -> None:
