@@ -51,7 +51,7 @@ import numpy as np
 import optax
 
 from lite_tp_jax.hlo import collectives
-from report import machine  # benchmarks/report.py
+from report import machine, write_report  # benchmarks/report.py
 from lite_tp_jax.mesh import make_mesh_for, provide_cpu_devices
 from lite_tp_jax.parallel.pipeline import bubble_fraction
 from lite_tp_jax.train.config import load_config
@@ -334,9 +334,7 @@ def main(argv=None) -> None:
     print("\n".join(comm), flush=True)
     lines += comm
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_report(lines, args.out)
 
 
 if __name__ == "__main__":

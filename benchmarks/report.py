@@ -18,3 +18,12 @@ def machine() -> str:
     device_kind = jax.devices()[0].device_kind
     named = "" if device_kind == kind else f" ({device_kind})"
     return f"{cpu}, {os.cpu_count()} cores; {len(jax.devices())}{fake} {kind} devices{named}"
+
+
+def write_report(lines: list[str], path: str) -> None:
+    """Writes the markdown report to ``path`` atomically (a temporary file, then a rename)."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)

@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 from lite_tp_jax import DATA, ParallelMLP, export_state, make_mesh
 from lite_tp_jax.state import flat_variables, logical_sharding
 from lite_tp_jax.hlo import collectives
-from report import machine  # benchmarks/report.py
+from report import machine, write_report  # benchmarks/report.py
 from lite_tp_jax.layers.rotary import apply_rotary
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.train.config import TrainConfig
@@ -347,9 +347,7 @@ def main(argv=None) -> None:
         print("\n".join(section), flush=True)
         lines += section
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_report(lines, args.out)
 
 
 if __name__ == "__main__":
