@@ -1,6 +1,6 @@
-"""Collectives over one named mesh axis, and the Megatron conjugate pairs.
+"""Collectives over named mesh axes, and the Megatron conjugate pairs.
 
-Everything here runs inside ``jax.shard_map`` with the axis manual. The three
+Everything here runs inside ``jax.shard_map`` with the axes manual. The three
 primitives are thin, named wrappers; the six region functions are the
 Megatron-LM mappings (``megatron/core/tensor_parallel/mappings.py``): each one
 states its forward collective and, next to it, the backward collective that
@@ -34,11 +34,11 @@ region function that communicates, so remat policies can save it instead of
 running the collective again."""
 
 
-# --- primitives ---------------------------------------------------------------
-
-
 Axis = str | tuple[str, ...]
 """One mesh axis, or several acting as one (rank = row-major index over them)."""
+
+
+# --- primitives ---------------------------------------------------------------
 
 
 def check_axis(axis: Axis) -> Axis:
