@@ -55,6 +55,11 @@ def check_fits_mesh(config: Config, mesh) -> None:
             f"'train.global_batch' ({config.train.global_batch}) / (data x expert = {data * expert}) rows "
             f"per rank must be divisible by 'train.microbatches' ({config.train.microbatches})."
         )
+    if pipeline > 1 and model.virtual_stages > 1 and config.train.microbatches < pipeline:
+        raise ConfigError(
+            f"'train.microbatches' ({config.train.microbatches}) must be at least 'mesh.pipeline' "
+            f"({pipeline}) for the circular schedule ('model.virtual_stages' > 1)."
+        )
     if model.moe_every and model.num_experts % expert:
         raise ConfigError(
             f"'model.num_experts' ({model.num_experts}) must be divisible by 'mesh.expert' ({expert})."
