@@ -22,6 +22,7 @@ from lite_tp_jax.train.checkpoint import Checkpointer
 from lite_tp_jax.train.config import load_config
 from lite_tp_jax.train.data import Batches, load_tokens
 from lite_tp_jax.train.generate import generate, load_trained_model
+from lite_tp_jax.train.loop import MetricsLog
 from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +99,13 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
         assert kernel.sharding.mesh.shape["tensor"] == mesh.shape["tensor"]
 
 
+def test_metrics_log_drops_steps_to_redo_and_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')  # killed while writing step 4
+    MetricsLog(path, resume_step=2).append({"step": 3, "loss": 1.0})
+    assert read_metrics(tmp_path) == [{"step": 1}, {"step": 2}, {"step": 3, "loss": 1.0}]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -111,7 +119,7 @@ def train_command(run_dir, steps):
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
-    steps = 12
+    steps = 40  # long enough that the kill lands mid-run on a fast machine too
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     uninterrupted = tmp_path / "uninterrupted"
     subprocess.run(train_command(uninterrupted, steps), check=True, env=env, capture_output=True)
@@ -120,13 +128,14 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     process = subprocess.Popen(train_command(resumed, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # kill -9 once a checkpoint exists and training went on past it
-        done = (resumed / "metrics.jsonl").exists() and len(read_metrics(resumed)) >= 5
+        metrics = resumed / "metrics.jsonl"
+        done = metrics.exists() and metrics.read_text().count("\n") >= 5  # complete lines only
         if done or process.poll() is not None:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_at = len(read_metrics(resumed))
+    killed_at = (resumed / "metrics.jsonl").read_text().count("\n")
     assert 5 <= killed_at < steps, "the run should have been killed mid-way"
 
     subprocess.run(train_command(resumed, steps), check=True, env=env, capture_output=True)

@@ -68,13 +68,15 @@ def check_fits_mesh(config: Config, mesh) -> None:
 
 class MetricsLog:
     """``metrics.jsonl``: one line per step. On resume, lines past the
-    checkpoint's step (steps that will run again) are dropped first."""
+    checkpoint's step (steps that will run again) are dropped first, and so is
+    a last line torn by a crash in the middle of writing it."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         kept = []
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            whole = path.read_text().split("\n")[:-1]  # text after the last newline is torn
+            kept = [line for line in whole if line and json.loads(line)["step"] <= resume_step]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
