@@ -234,17 +234,16 @@ class Transformer(nnx.Module):
     def local_loss(self, tokens, targets, microbatches):
         logits, stats = self.local_logits(tokens, microbatches)
         token_losses = vocab_parallel_cross_entropy(logits, targets, self.config.vocab_size, vocab_axes=self.vocab_axes)
-        ranks = math.prod(self.mesh.shape[axis] for axis in self.batch_axes)
-        tokens_total, rows_total = math.prod(tokens.shape) * ranks, tokens.shape[0] * ranks
-        sums = {"cross_entropy": token_losses.sum(), **stats}
+        sums = {"cross_entropy": token_losses.sum(), **stats}  # over this rank's rows
         if self.batch_axes:
-            sums = jax.tree.map(lambda s: reduce_from_tensor_region(s, self.batch_axes), sums)
-        stats, cross_entropy = sums, sums["cross_entropy"] / tokens_total
-        aux_loss = stats["aux_loss"] / (rows_total * max(self.moe_layers, 1))
+            sums = {name: reduce_from_tensor_region(value, self.batch_axes) for name, value in sums.items()}
+        rows = tokens.shape[0] * math.prod(self.mesh.shape[axis] for axis in self.batch_axes)
+        cross_entropy = sums["cross_entropy"] / (rows * tokens.shape[1])
+        aux_loss = sums["aux_loss"] / (rows * max(self.moe_layers, 1))
         metrics = {
             "cross_entropy": cross_entropy,
             "aux_loss": aux_loss,
-            "dropped_fraction": stats["dropped"] / jnp.maximum(stats["assignments"], 1.0),
+            "dropped_fraction": sums["dropped"] / jnp.maximum(sums["assignments"], 1.0),
         }
         return cross_entropy + self.config.aux_loss_weight * aux_loss, metrics
 
