@@ -39,7 +39,6 @@ import ctypes
 import datetime
 import os
 import platform
-import re
 import resource
 import statistics
 import sys
@@ -50,7 +49,7 @@ import jax
 import numpy as np
 import optax
 
-from lite_tp_jax.hlo import collectives
+from lite_tp_jax.hlo import collectives_per_step
 from report import machine, write_report  # benchmarks/report.py
 from lite_tp_jax.mesh import make_mesh_for, provide_cpu_devices
 from lite_tp_jax.parallel.pipeline import bubble_fraction
@@ -123,30 +122,11 @@ class Case:
 
 # --- collectives per step from the HLO (loop bodies times their trip counts) ---------
 
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", re.MULTILINE)
-_WHILE = re.compile(r"body=%([\w.\-]+).*\"known_trip_count\":\{\"n\":\"(\d+)\"")
-
-
 def permutes(hlo_text: str) -> tuple[list, list]:
-    """The collective-permutes as written in the HLO (each loop body once) and as
-    run per step (each repeated by the known trip counts of the while loops
-    around it). Same bookkeeping as ``executed_collectives`` in tp_vs_gspmd.py."""
-    hlo_text = re.sub(r"/\*index=\d+\*/", "", hlo_text)
-    starts = list(_COMPUTATION.finditer(hlo_text))
-    ends = [m.start() for m in starts[1:]] + [len(hlo_text)]
-    bodies = {m.group(1): hlo_text[m.start():end] for m, end in zip(starts, ends)}
-    loops = {body: (name, int(n)) for name, text in bodies.items() for body, n in _WHILE.findall(text)}
-
-    def runs(name):
-        parent, n = loops.get(name, (None, 1))
-        return n * (runs(parent) if parent else 1)
-
-    written, run = [], []
-    for name, text in bodies.items():
-        found = [c for c in collectives(text) if c.kind == "collective-permute"]
-        written += [(c, runs(name)) for c in found]
-        run += found * runs(name)
-    return written, run
+    """The collective-permutes as written in the HLO (each with how often it
+    runs per step) and as run per step."""
+    written = [(c, n) for c, n in collectives_per_step(hlo_text) if c.kind == "collective-permute"]
+    return written, [c for c, n in written for _ in range(n)]
 
 
 def permute_lines(label: str, hlo_text: str) -> list[str]:
@@ -325,7 +305,7 @@ def main(argv=None) -> None:
         f"({MICROBATCH_ROWS * seq * hidden * 4 / 1024:g} KiB) to the next stage with one collective-permute; "
         f"with `model.sequence_parallel=true` its 1/TP sequence shard. The permute sits once in the tick "
         "loop's body (forward) and once in its transpose (backward); per step it runs once per tick in each. "
-        "From `hlo.collectives` on `step.lower(inputs, targets).compile().as_text()`, per device:"),
+        "From `hlo.collectives_per_step` on `step.lower(inputs, targets).compile().as_text()`, per device:"),
         "",
         *permute_lines("sequence_parallel=false", cases[v0, m0].hlo()),
         *permute_lines(f"sequence_parallel=true (TP={t})", sp.hlo()),

@@ -30,7 +30,6 @@ if os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu"):
 import argparse
 import datetime
 import platform
-import re
 import statistics
 import sys
 import time
@@ -46,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax import DATA, ParallelMLP, export_state, make_mesh
 from lite_tp_jax.state import flat_variables, logical_sharding
-from lite_tp_jax.hlo import collectives
+from lite_tp_jax.hlo import collectives_per_step
 from report import machine, write_report  # benchmarks/report.py
 from lite_tp_jax.layers.rotary import apply_rotary
 from lite_tp_jax.models.config import ModelConfig
@@ -236,26 +235,9 @@ def ratio(a: list[float], b: list[float]) -> str:
     return f"{median:.2f} ({q1:.2f}–{q3:.2f})"
 
 
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", re.M)
-_WHILE = re.compile(r"body=%([\w.\-]+).*\"known_trip_count\":\{\"n\":\"(\d+)\"")
-
-
 def executed_collectives(hlo_text: str) -> list:
-    """``hlo.collectives`` of each computation, repeated by the known trip counts of
-    the while loops that run it (the layer scan's collectives run once per layer).
-    XLA's ``/*index=5*/`` comments in long tuples are dropped first: ``hlo.collectives``
-    does not match a tuple-shaped collective that contains them."""
-    hlo_text = re.sub(r"/\*index=\d+\*/", "", hlo_text)
-    starts = list(_COMPUTATION.finditer(hlo_text))
-    ends = [m.start() for m in starts[1:]] + [len(hlo_text)]
-    bodies = {m.group(1): hlo_text[m.start():end] for m, end in zip(starts, ends)}
-    loops = {body: (name, int(n)) for name, text in bodies.items() for body, n in _WHILE.findall(text)}
-
-    def runs(name):
-        parent, n = loops.get(name, (None, 1))
-        return n * (runs(parent) if parent else 1)
-
-    return [c for name, text in bodies.items() for c in collectives(text) * runs(name)]
+    """Each collective as often as one step runs it (the layer scan's once per layer)."""
+    return [c for c, runs in collectives_per_step(hlo_text) for _ in range(runs)]
 
 
 def comm_summary(found: list) -> tuple[str, int]:

@@ -60,6 +60,26 @@ def collectives(hlo_text: str) -> list[Collective]:
     return found
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", re.MULTILINE)
+_WHILE = re.compile(r"body=%([\w.\-]+).*\"known_trip_count\":\{\"n\":\"(\d+)\"")
+
+
+def collectives_per_step(hlo_text: str) -> list[tuple[Collective, int]]:
+    """Every collective with the number of times one run of the program runs
+    it: a collective in a while loop's body (a layer scan, a pipeline's tick
+    loop) counts once per iteration, by the loops' known trip counts."""
+    starts = list(_COMPUTATION.finditer(hlo_text))
+    ends = [m.start() for m in starts[1:]] + [len(hlo_text)]
+    bodies = {m.group(1): hlo_text[m.start():end] for m, end in zip(starts, ends)}
+    loops = {body: (name, int(n)) for name, text in bodies.items() for body, n in _WHILE.findall(text)}
+
+    def runs(name: str) -> int:
+        parent, n = loops.get(name, (None, 1))
+        return n * (runs(parent) if parent else 1)
+
+    return [(c, runs(name)) for name, text in bodies.items() for c in collectives(text)]
+
+
 def summary(hlo_text: str) -> dict[str, list[int]]:
     """``{kind: [elements of each array]}``, for readable assertion messages."""
     out: dict[str, list[int]] = {}

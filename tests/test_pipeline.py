@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import max_relative_error
 from lite_tp_jax import export_state, import_state, make_mesh
-from lite_tp_jax.hlo import collectives
+from lite_tp_jax.hlo import collectives, collectives_per_step
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer
 from lite_tp_jax.parallel.pipeline import bubble_fraction, run_pipeline
@@ -134,3 +134,7 @@ def test_pipelined_model_equals_one_device(tokens, one_device, sizes, microbatch
     seq = S // sizes["tensor"] if config.sequence_parallel else S
     permutes = [c for c in collectives(hlo) if c.kind == "collective-permute"]
     assert [c.shape for c in permutes] == [(rows, seq, SMALL.hidden_size)] * 2
+    # ... and each runs once per tick: v*m + p - 1 ticks forward, as many backward.
+    ticks = config.virtual_stages * microbatches + sizes["pipeline"] - 1
+    runs = [n for c, n in collectives_per_step(hlo) if c.kind == "collective-permute"]
+    assert runs == [ticks, ticks]
