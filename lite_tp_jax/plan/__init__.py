@@ -1,0 +1,1 @@
+"""Partitioning: the rule table every sharding is read from, the planner and device profiles."""
