@@ -74,5 +74,4 @@ def test_bytes_by_axis_applies_trip_counts(data_tensor_hlo):
     by_axis = bytes_by_axis(text, mesh)
     assert by_axis["data+tensor"] == 1 * 5 * 4
     assert by_axis["data"] == (6 * 5 + 3 * 2 * 5) * 4
-    tensor_bytes = sum(c.bytes * n for c, n in collectives_per_step(text, mesh) if c.axes == ("tensor",))
-    assert by_axis["tensor"] == tensor_bytes >= 2 * 3 * 5 * 4  # psum + ppermute (a sum may add a scalar)
+    assert by_axis["tensor"] == 2 * 3 * 5 * 4  # psum + ppermute
