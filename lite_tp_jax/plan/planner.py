@@ -28,7 +28,8 @@ groups, v virtual stages, T = v m + p - 1 pipeline ticks; f32 = 4 bytes.
                              it is replicated on; with t for a weight replicated over "tensor"
                              but used per tensor rank (k/v kernels when kv heads < t, the
                              router; norm scales with SP, in a collective of their own).
-                             In a pipeline the layers' gradients are reduced at every tick.
+                             In a pipeline the layers' gradients are reduced at every tick;
+                             a tied embedding's once per use (lookup, head).
 
 Scalars (loss statistics, the gradient norm) are left out: a few hundred bytes.
 """
@@ -228,6 +229,8 @@ def transfers(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], par
             grad, runs = grad // v, ticks
         if per_tensor_rank:
             batch.append(TENSOR)
+        if model.tie_embeddings and param.name.startswith("embed."):  # lookup and head: reduced per use
+            runs *= 2
         if sp and leaf[-2].endswith("norm") and leaf[-1] == "scale":
             add(f"gradient of {param.name} (sequence-parallel norm)", "all-reduce", [TENSOR], "backward", grad, runs)
         add(f"gradient of {param.name}", "all-reduce", batch, "backward", grad, runs)
