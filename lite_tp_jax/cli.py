@@ -2,6 +2,9 @@
 
     lite-tp train CONFIG [--set KEY=VALUE]... [--run-dir DIR]
     lite-tp generate --run-dir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
+    lite-tp plan CONFIG [--set KEY=VALUE]... [--json] [--check]
+                 [--devices N --memory-gb M --device-profile h100|h200|a100|tpu-v5e|cpu]
+    lite-tp bench CONFIG [--set KEY=VALUE]... [--json] [--steps N] [--out FILE.json]
 
 Exit codes: 0 success; 2 bad input (config, mesh, data, checkpoint), one line
 on stderr and no traceback; 1 a failure at run time.
@@ -40,7 +43,37 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=200)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     generate.add_argument("--seed", type=int, default=0)
+
+    from lite_tp_jax.plan.profiles import PROFILES
+
+    plan = commands.add_parser("plan", help="memory and communication of a mesh, before running it")
+    plan.add_argument("config", help="YAML config, e.g. configs/llama-1b.yaml")
+    plan.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    plan.add_argument("--check", action="store_true",
+                      help="also compile the training step (abstractly) and compare its collective bytes")
+    plan.add_argument("--devices", type=_positive_int, help="rank every mesh of N devices")
+    plan.add_argument("--memory-gb", type=float, help="memory per device in GB (10^9 bytes) for the ranking (default: the profile's)")
+    plan.add_argument("--device-profile", choices=sorted(PROFILES), default="h100")
+
+    bench = commands.add_parser("bench", help="time a training step: lite_tp_jax vs GSPMD vs one device")
+    bench.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    bench.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    bench.add_argument("--steps", type=_positive_int, default=20, help="timed interleaved rounds (>= 2)")
+    bench.add_argument("--depths", default="2,8,32", help="layer counts for compile time vs depth ('' for none)")
+    bench.add_argument("--out", help="also write the JSON (and a PNG plot beside it) to this path")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
@@ -97,10 +130,61 @@ def _generate(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    import json
+
+    from lite_tp_jax.mesh import provide_cpu_devices
+    from lite_tp_jax.train.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.devices is None and -1 in (config.mesh.data, config.mesh.pipeline, config.mesh.expert, config.mesh.tensor):
+        raise ValueError("the config's mesh has an inferred axis (-1); give --devices N to fix its size")
+    provide_cpu_devices(args.devices or _devices_needed(config.mesh))  # fake CPU devices to lay the model out on
+
+    from lite_tp_jax.plan import planner
+    from lite_tp_jax.plan.profiles import PROFILES
+
+    sizes = planner.mesh_sizes(config, args.devices)
+    out = {"config": args.config, **planner.plan(config, sizes)}
+    if args.check:
+        out["compiled_collective_bytes_by_axis"] = planner.compiled_bytes_by_axis(config, sizes)
+    if args.devices is not None:
+        profile = PROFILES[args.device_profile]
+        memory_gb = args.memory_gb if args.memory_gb is not None else profile.memory_bytes / 1e9
+        out["ranking"] = planner.rank_meshes(config, args.devices, memory_gb, profile)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(planner.format_plan(out))
+    if args.check:
+        print("compiled step:", ", ".join(f"{k} {planner.mib(v)}" for k, v in out["compiled_collective_bytes_by_axis"].items()))
+    if args.devices is not None:
+        print()
+        print(planner.format_ranking(out["ranking"], PROFILES[args.device_profile], memory_gb))
+    return 0
+
+
+def _bench(args) -> int:
+    from lite_tp_jax.mesh import provide_cpu_devices
+    from lite_tp_jax.train.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    provide_cpu_devices(_devices_needed(config.mesh))
+
+    from lite_tp_jax import bench
+
+    depths = [int(d) for d in args.depths.split(",") if d.strip()]
+    result = bench.run(config, steps=args.steps, depths=depths, config_name=args.config)
+    print(bench.to_json(result) if args.json else bench.format_result(result))
+    if args.out:
+        bench.write(result, args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "generate": _generate}[args.command](args)
+        return {"train": _train, "generate": _generate, "plan": _plan, "bench": _bench}[args.command](args)
     except _bad_input_errors() as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"lite-tp: error: {message}", file=sys.stderr)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import jax
 import numpy as np
@@ -365,7 +365,7 @@ def plan(config: Config, sizes: dict[str, int]) -> dict:
 
 def _group_name(name: str) -> str:
     """``layers.blocks.0.attention.query.kernel`` -> ``layers.attention.query``."""
-    parts = [part for part in name.split(".") if not part.isdigit() and part not in ("blocks", "value")]
+    parts = [part for part in name.split(".") if not part.isdigit() and part != "blocks"]
     return ".".join(parts[:-1]) if len(parts) > 1 else parts[0]
 
 
@@ -424,7 +424,7 @@ def factorisations(devices: int) -> list[dict[str, int]]:
 
 def rank_meshes(config: Config, devices: int, memory_gb: float, profile: DeviceProfile) -> list[dict]:
     """Every valid mesh of ``devices``, fastest estimate first; ``fits``: params +
-    optimizer + activations within ``memory_gb``."""
+    optimizer + activations within ``memory_gb`` (10^9 bytes)."""
     rows = []
     for sizes in factorisations(devices):
         if check_mesh(config, sizes):
@@ -432,14 +432,61 @@ def rank_meshes(config: Config, devices: int, memory_gb: float, profile: DeviceP
         planned = plan(config, sizes)
         memory = sum(planned[k] for k in ("param_bytes_per_device", "optimizer_bytes_per_device",
                                           "activation_bytes_per_device"))
-        rows.append({"mesh": sizes, "memory_bytes_per_device": memory, "fits": memory <= memory_gb * 2**30,
+        rows.append({"mesh": sizes, "memory_bytes_per_device": memory, "fits": memory <= memory_gb * 1e9,
                      "collective_bytes_per_step_per_device": planned["collective_bytes_per_step_per_device"],
                      **estimate_step_seconds(config, sizes, planned, profile)})
     return sorted(rows, key=lambda r: (not r["fits"], r["step_s"]))
 
 
-def with_model(config: Config, **changes) -> Config:
-    return replace(config, model=replace(config.model, **changes))
+# --- checking against the compiled step, and text for the terminal -------------------
 
 
-__all__ = ["PROFILES", "Parameter", "Transfer", "plan", "rank_meshes", "transfers", "mesh_sizes", "check_mesh"]
+def compiled_bytes_by_axis(config: Config, sizes: dict[str, int]) -> dict[str, int]:
+    """``hlo.bytes_by_axis`` of the real training step, lowered for abstract
+    state (nothing is materialised) and compiled."""
+    import jax.numpy as jnp
+
+    from lite_tp_jax import hlo
+    from lite_tp_jax.train.step import TrainStep, batch_sharding
+
+    mesh = _mesh_for(sizes)
+    model_obj, optimizer = abstract_model(config.model, config.train, mesh)
+    tokens = jax.ShapeDtypeStruct((config.train.global_batch, config.train.seq_len), jnp.int32,
+                                  sharding=batch_sharding(mesh))
+    text = TrainStep(model_obj, optimizer, config.train).lower(tokens, tokens).compile().as_text()
+    return hlo.bytes_by_axis(text, mesh)
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.2f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def format_plan(planned: dict) -> str:
+    lines = [f"mesh {_describe(planned['mesh'])}: per device", "",
+             f"{'parameter group':40s} {'strategy':22s} {'parameters':>14s} {'optimizer':>14s}"]
+    for name, group in planned["parameter_groups"].items():
+        lines.append(f"{name:40s} {group['strategy']:22s} {mib(group['param_bytes_per_device']):>14s} "
+                     f"{mib(group['optimizer_bytes_per_device']):>14s}")
+    lines += [f"{'total':63s} {mib(planned['param_bytes_per_device']):>14s} "
+              f"{mib(planned['optimizer_bytes_per_device']):>14s}",
+              f"activations (estimate): {mib(planned['activation_bytes_per_device'])}", "",
+              "collectives per step (result bytes per device):",
+              f"{'mesh axes':24s} {'forward':>14s} {'backward':>14s} {'total':>14s}"]
+    phases = planned["collective_bytes_by_phase"]
+    for axes, total in planned["collective_bytes_by_axis"].items():
+        lines.append(f"{axes:24s} {mib(phases['forward'].get(axes, 0)):>14s} "
+                     f"{mib(phases['backward'].get(axes, 0)):>14s} {mib(total):>14s}")
+    lines.append(f"{'total':56s} {mib(planned['collective_bytes_per_step_per_device']):>14s}")
+    return "\n".join(lines)
+
+
+def format_ranking(rows: list[dict], profile: DeviceProfile, memory_gb: float) -> str:
+    lines = [f"meshes ranked by a roofline estimate on {profile.name} ({memory_gb:g} GB per device):",
+             f"{'data':>5s} {'pipe':>5s} {'exp':>5s} {'tens':>5s} {'step ms':>10s} {'compute':>9s} "
+             f"{'comm':>9s} {'bubble':>7s} {'memory':>12s}  fits"]
+    for r in rows:
+        s = r["mesh"]
+        lines.append(f"{s[DATA]:5d} {s[PIPELINE]:5d} {s[EXPERT]:5d} {s[TENSOR]:5d} {r['step_s'] * 1e3:10.3f} "
+                     f"{r['compute_s'] * 1e3:9.3f} {r['communication_s'] * 1e3:9.3f} {r['bubble_fraction']:7.2f} "
+                     f"{mib(r['memory_bytes_per_device']):>12s}  {'yes' if r['fits'] else 'NO'}")
+    return "\n".join(lines)
