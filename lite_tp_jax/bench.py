@@ -123,7 +123,7 @@ def plain_train_step(cfg: ModelConfig, train: TrainConfig, params, param_shardin
         params, opt_state, count = state
         loss, grads = jax.value_and_grad(plain_loss)(params, tokens, targets, cfg)
         updates, opt_state = tx.update(grads, opt_state, params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(count)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(count)}
         return (optax.apply_updates(params, updates), opt_state, count + 1), metrics
 
     opt_state = jax.eval_shape(tx.init, params)
