@@ -139,7 +139,7 @@ def _plan(args) -> int:
     config = load_config(args.config, args.overrides)
     if args.devices is None and -1 in (config.mesh.data, config.mesh.pipeline, config.mesh.expert, config.mesh.tensor):
         raise ValueError("the config's mesh has an inferred axis (-1); give --devices N to fix its size")
-    provide_cpu_devices(args.devices or _devices_needed(config.mesh))  # fake CPU devices to lay the model out on
+    provide_cpu_devices(max(args.devices or 0, _devices_needed(config.mesh)))  # fake CPU devices to lay the model out on
 
     from lite_tp_jax.plan import planner
     from lite_tp_jax.plan.profiles import PROFILES

@@ -36,6 +36,7 @@ Scalars (loss statistics, the gradient norm) are left out: a few hundred bytes.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterable
@@ -331,9 +332,7 @@ def plan(config: Config, sizes: dict[str, int]) -> dict:
     problem = check_mesh(config, sizes)
     if problem:
         raise ConfigError(f"mesh {_describe(sizes)} cannot run this config: {problem}")
-    mesh = _mesh_for(sizes)
-    model_obj, optimizer = abstract_model(config.model, config.train, mesh)
-    params = parameters(model_obj, mesh)
+    params, opt = _layout(config.model, config.train, sizes[PIPELINE], sizes[EXPERT], sizes[TENSOR])
     items = transfers(config.model, config.train, sizes, params)
     groups: dict[str, dict] = {}
     for param in params:
@@ -341,7 +340,6 @@ def plan(config: Config, sizes: dict[str, int]) -> dict:
         group["strategy"].add(param.strategy)
         group["parameters"] += 1
         group["param_bytes_per_device"] += param.bytes_per_device
-    opt = optimizer_bytes(optimizer, mesh)
     param_total = sum(p.bytes_per_device for p in params)
     for group in groups.values():
         group["strategy"] = "/".join(sorted(group["strategy"]))
@@ -361,6 +359,15 @@ def plan(config: Config, sizes: dict[str, int]) -> dict:
         "collectives": [asdict(i) for i in items],
         "flops_per_step_per_device": flops_per_step(config.model, config.train) / math.prod(sizes.values()),
     }
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(model: ModelConfig, train: TrainConfig, pipeline: int, expert: int, tensor: int):
+    """Parameters and optimizer bytes per device; they do not depend on "data"
+    (no parameter is split over it), so one abstract model serves every data size."""
+    mesh = _mesh_for({DATA: 1, PIPELINE: pipeline, EXPERT: expert, TENSOR: tensor})
+    model_obj, optimizer = abstract_model(model, train, mesh)
+    return parameters(model_obj, mesh), optimizer_bytes(optimizer, mesh)
 
 
 def _group_name(name: str) -> str:
