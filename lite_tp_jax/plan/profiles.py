@@ -15,6 +15,7 @@ Sources (vendor datasheets, dense math, no sparsity):
   HBM, ICI 1600 Gbps per chip = 200 GB/s within a slice; across slices (DCN)
   taken as 25 GB/s per chip (a 200 Gb/s host NIC shared by 4 chips = 6.25 GB/s
   is the pessimistic end).
+- Nodes: 8 GPUs per DGX/HGX node; a TPU v5e slice of up to 256 chips shares ICI.
 - cpu: a nominal 2-core host (about 100 GFLOPS float32 with AVX2 FMA), 16 GB,
   memory-bandwidth "links" of 10 GB/s; only for trying the planner out.
 """
@@ -31,13 +32,14 @@ class DeviceProfile:
     memory_bytes: float
     intra_node_bytes_per_s: float  # per device, one direction
     inter_node_bytes_per_s: float  # per device, one direction
+    devices_per_node: int          # a "tensor" group larger than this crosses nodes
 
 
 GB = 1e9
 PROFILES: dict[str, DeviceProfile] = {
-    "h100": DeviceProfile("h100", 494.7e12, 80 * GB, 450 * GB, 50 * GB),
-    "h200": DeviceProfile("h200", 494.7e12, 141 * GB, 450 * GB, 50 * GB),
-    "a100": DeviceProfile("a100", 156e12, 80 * GB, 300 * GB, 25 * GB),
-    "tpu-v5e": DeviceProfile("tpu-v5e", 197e12 / 3, 16 * GB, 200 * GB, 25 * GB),
-    "cpu": DeviceProfile("cpu", 100e9, 16 * GB, 10 * GB, 10 * GB),
+    "h100": DeviceProfile("h100", 494.7e12, 80 * GB, 450 * GB, 50 * GB, 8),
+    "h200": DeviceProfile("h200", 494.7e12, 141 * GB, 450 * GB, 50 * GB, 8),
+    "a100": DeviceProfile("a100", 156e12, 80 * GB, 300 * GB, 25 * GB, 8),
+    "tpu-v5e": DeviceProfile("tpu-v5e", 197e12 / 3, 16 * GB, 200 * GB, 25 * GB, 256),  # one ICI slice
+    "cpu": DeviceProfile("cpu", 100e9, 16 * GB, 10 * GB, 10 * GB, 8),
 }
