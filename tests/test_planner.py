@@ -128,3 +128,20 @@ def test_cli_plan_bad_input_exits_2(capsys):
     assert exit_info.value.code == 2
     assert cli.main(["plan", str(CONFIGS / "llama-1b.yaml")]) == 2  # data: -1 needs --devices
     assert "--devices" in capsys.readouterr().err
+
+
+def test_roofline_prices_each_axis_by_its_link():
+    profile = PROFILES["h100"].__class__("test", 1e12, 1e9, intra_node_bytes_per_s=1e9,
+                                         inter_node_bytes_per_s=1e8, devices_per_node=4)
+    cfg = config("tiny.yaml", "train.microbatches=3")
+    planned = {"flops_per_step_per_device": 2e12, "collectives": [
+        {"kind": "all-reduce", "axes": ("tensor",), "bytes": 4e6},               # ring: 2 (4-1)/4 per byte
+        {"kind": "all-gather", "axes": ("data", "tensor"), "bytes": 8e6},        # 8 ranks: 7/8, slowest link
+        {"kind": "collective-permute", "axes": ("pipeline",), "bytes": 1e6}]}
+    sizes = {"data": 2, "pipeline": 2, "expert": 1, "tensor": 4}
+    est = planner.estimate_step_seconds(cfg, sizes, planned, profile)
+    assert est["bubble_fraction"] == pytest.approx(1 / 4)  # (p - 1) / (m + p - 1)
+    assert est["compute_s"] == pytest.approx(2.0 / (1 - 1 / 4))
+    assert est["communication_s"] == pytest.approx(4e6 * 1.5 / 1e9 + 8e6 * 7 / 8 / 1e8 + 1e6 / 1e8)
+    wide = planner.estimate_step_seconds(cfg, {**sizes, "tensor": 8}, planned, profile)  # tensor leaves the node
+    assert wide["communication_s"] > est["communication_s"]
