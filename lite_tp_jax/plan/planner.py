@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 
 import jax
 import numpy as np
+from flax import nnx
 
 from lite_tp_jax.mesh import AXES, DATA, EXPERT, PIPELINE, TENSOR
 from lite_tp_jax.models.config import ModelConfig
@@ -69,39 +70,40 @@ class Parameter:
 
     @property
     def sharded_axes(self) -> tuple[str, ...]:
-        return tuple(a for entry in self.spec if entry for a in ((entry,) if isinstance(entry, str) else entry))
+        return tuple(a for entry in self.spec for a in _entry_axes(entry))
+
+
+def _entry_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _strategy(name: str, spec: tuple, metadata: dict) -> str:
     """The rule table's word for how a parameter is split (``strategy`` metadata),
-    or one derived from its spec until every parameter carries it."""
+    or one derived from its name and spec until every parameter carries it."""
     if metadata.get("strategy"):
         return str(metadata["strategy"])
-    axes = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
-    if "embed" in name or "head" in name:
+    axes = [a for entry in spec for a in _entry_axes(entry)]
+    if name.startswith(("embed.", "head.")):
         return "vocab"
     if EXPERT in axes:
         return "expert-row" if name.endswith("down.kernel") else "expert-column"
     if TENSOR not in axes:
         return "replicated"
-    split = [i for i, entry in enumerate(spec) if entry and TENSOR in ((entry,) if isinstance(entry, str) else entry)]
-    last = len(spec) - 1
-    return "column" if split and split[0] == last or name.split(".")[-2] in ("query", "key", "value") else "row"
+    split = next(i for i, entry in enumerate(spec) if TENSOR in _entry_axes(entry))
+    projection = name.split(".")[-2] in ("query", "key", "value")
+    return "column" if split == len(spec) - 1 or projection else "row"
 
 
 def abstract_model(model: ModelConfig, train: TrainConfig, mesh):
     """The model and optimizer as ``nnx.eval_shape`` builds them: shapes,
     dtypes and metadata, no arrays."""
-    from flax import nnx
-
     from lite_tp_jax.train.step import create_model_and_optimizer
 
     return nnx.eval_shape(lambda: create_model_and_optimizer(model, train, mesh))
 
 
 def _variables(tree) -> list[tuple[str, object]]:
-    from flax import nnx
-
     return [(".".join(map(str, path)), v) for path, v in nnx.to_flat_state(nnx.state(tree))]
 
 
@@ -110,14 +112,13 @@ def shard_bytes(variable, mesh) -> int:
     spec = tuple(variable.get_metadata().get("out_sharding") or ())
     shape = list(variable.shape)
     for i, entry in enumerate(spec):
-        for axis in (entry,) if isinstance(entry, str) else (entry or ()):
+        for axis in _entry_axes(entry):
             shape[i] = -(-shape[i] // mesh.shape[axis])
     return math.prod(shape) * np.dtype(variable.dtype).itemsize
 
 
 def parameters(model_obj, mesh) -> list[Parameter]:
-    from flax import nnx
-
+    """Every parameter of ``model_obj`` with its bytes per device."""
     out = []
     for name, v in _variables(nnx.state(model_obj, nnx.Param)):
         metadata = v.get_metadata()
@@ -128,8 +129,6 @@ def parameters(model_obj, mesh) -> list[Parameter]:
 
 def optimizer_bytes(optimizer, mesh) -> int:
     """Bytes per device of the optimizer state (AdamW moments sharded like their parameter, counters)."""
-    from flax import nnx
-
     state = nnx.state(optimizer, nnx.optimizer.OptState)
     return sum(shard_bytes(v, mesh) for _, v in _variables(state))
 
