@@ -370,9 +370,9 @@ def _layout(model: ModelConfig, train: TrainConfig, pipeline: int, expert: int, 
 
 
 def _group_name(name: str) -> str:
-    """``layers.blocks.0.attention.query.kernel`` -> ``layers.attention.query``."""
-    parts = [part for part in name.split(".") if not part.isdigit() and part != "blocks"]
-    return ".".join(parts[:-1]) if len(parts) > 1 else parts[0]
+    """``layers.blocks.0.attention.query.kernel`` -> ``layers.blocks.0.attention.query``
+    (block 0 of every stacked layer group)."""
+    return name.rsplit(".", 1)[0]
 
 
 def _describe(sizes: dict[str, int]) -> str:
