@@ -38,6 +38,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from lite_tp_jax.models.config import ModelConfig
+from lite_tp_jax.plan.rules import PartitionRules
 
 __all__ = [
     "CheckpointConfig",
@@ -324,6 +325,10 @@ def _check_cross_field(config: Config) -> None:
             f"'model.num_layers' ({model.num_layers}) must be a multiple of 'model.moe_every' "
             f"({model.moe_every}): every moe_every-th layer is an MoE layer"
         )
+    try:
+        PartitionRules(dict(model.partition_rules))
+    except ValueError as error:
+        raise ConfigError(f"'model.partition_rules': {error}") from None
     inferred = [f"'mesh.{f.name}'" for f in dataclasses.fields(mesh) if getattr(mesh, f.name) == -1]
     if len(inferred) > 1:
         raise ConfigError(
