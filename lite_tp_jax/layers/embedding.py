@@ -4,7 +4,7 @@ usable as a tied output head.
 The table ``embedding [vocab, features]`` is split on the vocabulary over
 ``vocab_axes`` (default "tensor"; a pipeline-parallel model uses
 ("pipeline", "tensor") so that no stage holds the whole table), padded at its
-end to a multiple of the number of ranks (see ``sharding.py``): rank i holds
+end to a multiple of the number of ranks (see ``padding.py``): rank i holds
 rows ``[i*v, (i+1)*v)``. The same class is the output head (``attend``),
 tied to the input embedding or as a table of its own.
 
