@@ -24,12 +24,12 @@ groups, v virtual stages, T = v m + p - 1 pipeline ticks; f32 = 4 bytes.
     head (attend)            (SP: all-gather B S H over t)    all-reduce B S H over vocab axes
                                                               not yet per-rank (SP: + reduce-scatter)
     cross-entropy            3 all-reduce B S over vocab axes
-    gradients                per parameter: its shard, all-reduced over the batch axes (d, e)
-                             it is replicated on; with t for a weight replicated over "tensor"
-                             but used per tensor rank (k/v kernels when kv heads < t, the
-                             router; norm scales with SP, in a collective of their own).
-                             In a pipeline the layers' gradients are reduced at every tick;
-                             a tied embedding's once per use (lookup, head).
+    gradients, in the layers a weight replicated over "tensor" but used per tensor rank
+                             (k/v kernels when kv heads < t, the router, norm scales with
+                             SP): all-reduce of its gradient over t, per use (in a pipeline,
+                             this tick's chunk at every tick)
+    gradients, at entry      per parameter, once: its shard, all-reduced over the batch axes
+                             (d, e) it is replicated on
 
 Scalars (loss statistics, the gradient norm) are left out: a few hundred bytes.
 """
@@ -214,26 +214,23 @@ def transfers(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], par
         add("head: input gradient", "all-reduce", vocab_axes, "backward", B * S * H)
     add("cross-entropy: max, sum, target", "all-reduce", vocab_axes, "forward", B * S, 3)
 
-    # Gradients: each parameter's shard, summed over the axes it is replicated on and used per rank.
+    # Gradients. Inside the layers, per use: the "tensor" sum of a weight replicated over
+    # "tensor" but used per tensor rank. At region entry, once: each parameter's shard
+    # summed over the batch axes it is replicated on (parallel/region.py).
     kv_replicated = model.num_kv_heads < t
     for param in params:
-        batch = [a for a in BATCH_AXES if a not in param.sharded_axes]
-        leaf = param.name.rsplit(".", 2)
-        per_tensor_rank = TENSOR not in param.sharded_axes and (
-            leaf[-2] == "router" or (kv_replicated and leaf[-2] in ("key", "value"))
+        module, leaf = param.name.rsplit(".", 2)[-2:]
+        replicated_over_tensor = TENSOR not in param.sharded_axes
+        per_tensor_rank = replicated_over_tensor and (
+            module == "router" or (kv_replicated and module in ("key", "value")) or (sp and module.endswith("norm"))
         )
-        stacked = param.name.startswith("layers.")
         grad = param.bytes_per_device // F32
-        runs = 1
-        if stacked and pipelined:  # reduced for this tick's chunk, at every tick
-            grad, runs = grad // v, ticks
         if per_tensor_rank:
-            batch.append(TENSOR)
-        if model.tie_embeddings and param.name.startswith("embed."):  # lookup and head: reduced per use
-            runs *= 2
-        if sp and leaf[-2].endswith("norm") and leaf[-1] == "scale":
-            add(f"gradient of {param.name} (sequence-parallel norm)", "all-reduce", [TENSOR], "backward", grad, runs)
-        add(f"gradient of {param.name}", "all-reduce", batch, "backward", grad, runs)
+            stacked_in_pipeline = param.name.startswith("layers.") and pipelined
+            inside, runs = (grad // v, ticks) if stacked_in_pipeline else (grad, 1)  # this tick's chunk, every tick
+            add(f"gradient of {param.name} over tensor", "all-reduce", [TENSOR], "backward", inside, runs)
+        batch = [a for a in BATCH_AXES if a not in param.sharded_axes]
+        add(f"gradient of {param.name}", "all-reduce", batch, "backward", grad)
     return out
 
 
