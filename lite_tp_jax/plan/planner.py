@@ -66,6 +66,7 @@ class Parameter:
     shape: tuple[int, ...]
     spec: tuple
     strategy: str
+    role: str
     bytes_per_device: int
 
     @property
@@ -123,7 +124,8 @@ def parameters(model_obj, mesh) -> list[Parameter]:
     for name, v in _variables(nnx.state(model_obj, nnx.Param)):
         metadata = v.get_metadata()
         spec = tuple(metadata.get("out_sharding") or ())
-        out.append(Parameter(name, tuple(v.shape), spec, _strategy(name, spec, metadata), shard_bytes(v, mesh)))
+        role = str(metadata.get("role") or name.rsplit(".", 2)[-2])
+        out.append(Parameter(name, tuple(v.shape), spec, _strategy(name, spec, metadata), role, shard_bytes(v, mesh)))
     return out
 
 
@@ -217,13 +219,10 @@ def transfers(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], par
     # Gradients. Inside the layers, per use: the "tensor" sum of a weight replicated over
     # "tensor" but used per tensor rank. At region entry, once: each parameter's shard
     # summed over the batch axes it is replicated on (parallel/region.py).
-    kv_replicated = model.num_kv_heads < t
     for param in params:
-        module, leaf = param.name.rsplit(".", 2)[-2:]
-        replicated_over_tensor = TENSOR not in param.sharded_axes
-        per_tensor_rank = replicated_over_tensor and (
-            module == "router" or (kv_replicated and module in ("key", "value")) or (sp and module.endswith("norm"))
-        )
+        # replicated over "tensor", fed a per-rank input: the router, k/v kernels with fewer
+        # kv heads than ranks; norms only with SP (without it their input is the same on every rank)
+        per_tensor_rank = param.strategy == "replicated" and (sp or not param.role.endswith("norm"))
         grad = param.bytes_per_device // F32
         if per_tensor_rank:
             stacked_in_pipeline = param.name.startswith("layers.") and pipelined
@@ -340,8 +339,13 @@ def plan(config: Config, sizes: dict[str, int]) -> dict:
     for group in groups.values():
         group["strategy"] = "/".join(sorted(group["strategy"]))
         group["optimizer_bytes_per_device"] = round(opt * group["param_bytes_per_device"] / max(param_total, 1))
+    from lite_tp_jax.models.transformer import partition_rules
+
     return {
         "mesh": sizes,
+        "partition_rules": [{"roles": pattern, "strategy": strategy, "split": {dim: list(axes) if isinstance(axes, tuple)
+                                                                              else axes for dim, axes in split.items()}}
+                             for pattern, strategy, split in partition_rules(config.model).describe()],
         "param_bytes_per_device": param_total,
         "optimizer_bytes_per_device": opt,
         "activation_bytes_per_device": activation_bytes(config.model, config.train, sizes),
@@ -466,7 +470,12 @@ def mib(n: float) -> str:
 
 
 def format_plan(planned: dict) -> str:
-    lines = [f"mesh {_describe(planned['mesh'])}: per device", "",
+    lines = ["partition rules as applied (first match wins):"]
+    for rule in planned["partition_rules"]:
+        split = ", ".join(f"{dim} over {'+'.join(axes) if isinstance(axes, list) else axes}"
+                          for dim, axes in rule["split"].items()) or "-"
+        lines.append(f"  {rule['roles']:20s} {rule['strategy']:14s} {split}")
+    lines += ["", f"mesh {_describe(planned['mesh'])}: per device", "",
              f"{'parameter group':40s} {'strategy':22s} {'parameters':>14s} {'optimizer':>14s}"]
     for name, group in planned["parameter_groups"].items():
         lines.append(f"{name:40s} {group['strategy']:22s} {mib(group['param_bytes_per_device']):>14s} "
