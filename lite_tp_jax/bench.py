@@ -117,7 +117,9 @@ def plain_train_step(cfg: ModelConfig, train: TrainConfig, params, param_shardin
     moments like their parameter, counters ``replicated``, batch ``rows``) and
     to donate its state, as ``TrainStep`` does. ``params``: arrays or
     ShapeDtypeStructs. Returns ``(optimizer, step, state placement)``."""
-    tx, schedule = make_optimizer(train), learning_rate_schedule(train)
+    # TrainStep clips by the global norm itself (parallel/grads.py); here optax does it.
+    tx = optax.chain(optax.clip_by_global_norm(train.grad_clip), make_optimizer(train))
+    schedule = learning_rate_schedule(train)
 
     def step(state, tokens, targets):
         params, opt_state, count = state
