@@ -32,6 +32,9 @@ groups, v virtual stages, T = v m + p - 1 pipeline ticks; f32 = 4 bytes.
                              (d, e) it is replicated on
 
 Scalars (loss statistics, the gradient norm) are left out: a few hundred bytes.
+Neither are collectives over groups of one device, which ``hlo.bytes_by_axis``
+labels "none": compiled, but they move nothing (an MoE model keeps "expert" in
+its region even at size 1, and its gradient sums over it remain in the HLO).
 """
 
 from __future__ import annotations
