@@ -4,7 +4,9 @@
     lite-tp generate --run-dir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
 
 Exit codes: 0 success; 2 bad input (config, mesh, data, checkpoint), one line
-on stderr and no traceback; 1 a failure at run time.
+on stderr and no traceback; 1 a failure at run time; 3 a device failed and no
+spare could take its place (``fault/spare.py``): one line saying why, and the
+job should be restarted from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
 
 
 def _devices_needed(mesh_config) -> int:
-    return math.prod(size for size in (mesh_config.data, mesh_config.pipeline, mesh_config.expert, mesh_config.tensor) if size > 0)
+    sizes = (mesh_config.data, mesh_config.pipeline, mesh_config.expert, mesh_config.tensor)
+    return math.prod(size for size in sizes if size > 0) + mesh_config.spares
 
 
 def _train(args) -> int:
@@ -62,11 +65,15 @@ def _train(args) -> int:
     config = load_config(args.config, args.overrides)
     provide_cpu_devices(_devices_needed(config.mesh))  # fake CPU devices when there is no accelerator
 
+    from lite_tp_jax.fault.spare import DEVICE_LOST_EXIT, DeviceLost
     from lite_tp_jax.train.loop import Trainer
 
     trainer = Trainer(config, args.run_dir)
     try:
         records = trainer.run(show_progress=not args.no_progress)
+    except DeviceLost as lost:
+        print(f"lite-tp: {lost}", file=sys.stderr)
+        return DEVICE_LOST_EXIT
     except Exception:
         traceback.print_exc()
         return RUNTIME_FAILURE
