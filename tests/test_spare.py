@@ -3,6 +3,7 @@ device's slot, its shards copied from a data-parallel replica, and training
 goes on bit for bit as if nothing failed; without a replica or a spare the
 CLI exits 3 saying why."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from lite_tp_jax.fault.spare import (
 from lite_tp_jax.mesh import make_mesh, make_mesh_for
 from lite_tp_jax.train.config import ConfigError, load_config
 from lite_tp_jax.train.loop import Trainer
+from lite_tp_jax.train.step import create_model_and_optimizer, state_shardings
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -130,6 +132,23 @@ def test_move_array_without_a_copy_of_the_failed_shard_raises(meshes):
     elsewhere = jax.device_put(jnp.full((), 7.0), SingleDeviceSharding(jax.devices()[0]))
     moved, _ = move_array(elsewhere, NamedSharding(new_mesh, P()), failed, None, "count")
     assert float(moved) == 7.0 and moved.sharding.device_set == set(new_mesh.devices.flat)
+
+
+def test_before_the_first_step_every_array_has_a_replica():
+    """Optimizer step counts are created on one device; they must be on the mesh
+    (replicated) too, or device 0 failing at step 1 would lose them."""
+    config = load_config(TINY, SMALL)
+    mesh = make_mesh_for(dataclasses.asdict(config.mesh))
+    failed, spare = mesh.devices[0, 0, 0, 0], jax.devices()[4]
+    new_mesh = replace_device(mesh, failed, spare)
+    state = nnx.state(create_model_and_optimizer(config.model, config.train, mesh))
+    targets = dict(nnx.to_flat_state(state_shardings(state, new_mesh)))
+    for path, variable in nnx.to_flat_state(state):
+        array = variable.get_value()
+        moved, _ = move_array(_poisoned(array, failed), targets[path], failed, replica_of(mesh, failed), str(path))
+        assert len(shards(moved)) == len(shards(array)) == 4
+        for got, want in zip(shards(moved), shards(array)):
+            np.testing.assert_array_equal(got, want, err_msg=str(path), strict=True)
 
 
 def test_make_mesh_for_keeps_spares_out_of_the_mesh():
