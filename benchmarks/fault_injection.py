@@ -1,10 +1,12 @@
 """Fault injection: runs that must finish bitwise equal to the fault-free run.
 
-    python benchmarks/fault_injection.py [--spare-failures 3] [--steps 30] [--seed 0] [--out FILE.md]
+    python benchmarks/fault_injection.py [--spare-failures 3] [--steps 30] [--seed 0]
+                                         [--workloads tiny,wider] [--out FILE.md]
 
 Spare takeovers (issue 10, part 3; ``lite_tp_jax/fault/spare.py``): one
-process, ``configs/tiny.yaml`` on data 2 x tensor 3 (uneven shards) with
-``mesh.spares=2``: 8 fake CPU devices. First a fault-free run, then
+process, data 2 x tensor 3 (uneven shards) with ``mesh.spares=2``: 8 fake
+CPU devices; workloads ``configs/tiny.yaml`` and a wider variant (hidden 256,
+4 layers, seq 128), whose steps take longer. Per workload, a fault-free run, then
 ``--spare-failures`` runs, each with one failure of a random mesh device at a
 random step (``fault.fail_device``, ``fault.fail_step``, drawn from
 ``--seed``). Every run must finish without a restart, with every step's loss
@@ -36,6 +38,11 @@ from lite_tp_jax.mesh import provide_cpu_devices
 
 DEVICES = 8
 MESH = ["mesh.data=2", "mesh.tensor=3", "mesh.spares=2"]
+WORKLOADS = {
+    "tiny": [],
+    "wider": ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=8", "model.num_kv_heads=4",
+              "model.ffn_hidden_size=688", "train.seq_len=128"],
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,8 +50,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--spare-failures", type=int, default=3, help="runs with one injected device failure each")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0, help="draws the failed devices and steps")
+    parser.add_argument("--workloads", default="tiny,wider", help=f"comma-separated, from {', '.join(WORKLOADS)}")
     parser.add_argument("--out", help="markdown report (e.g. benchmarks/results/fault-injection-cpu.md)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.workloads = args.workloads.split(",")
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload {unknown[0]!r}; choose from {', '.join(WORKLOADS)}")
+    return args
 
 
 def main() -> int:
@@ -89,29 +102,60 @@ def main() -> int:
             for k in a["state"]
         )
 
-    rng = np.random.default_rng(args.seed)
-    load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        reference = run(Path(tmp) / "fault-free", [])
-        mesh_devices = reference["mesh"]
-        print(f"fault-free: {args.steps} steps in {reference['wall']:.1f} s on devices {mesh_devices}", flush=True)
+    def workload(name: str, overrides: list[str], tmp: Path) -> list[str]:
+        """Runs the fault-free run and the failures of one workload; returns its report section."""
+        rng = np.random.default_rng(args.seed)
+        reference = run(tmp / f"{name}-fault-free", overrides)
+        print(f"{name} fault-free: {args.steps} steps in {reference['wall']:.1f} s", flush=True)
         failures = []
         for i in range(args.spare_failures):
-            device, step = int(rng.choice(mesh_devices)), int(rng.integers(1, args.steps + 1))
-            result = run(Path(tmp) / f"failure-{i}", [f"fault.fail_device={device}", f"fault.fail_step={step}"])
+            device, step = int(rng.choice(reference["mesh"])), int(rng.integers(1, args.steps + 1))
+            result = run(tmp / f"{name}-failure-{i}", [*overrides, f"fault.fail_device={device}", f"fault.fail_step={step}"])
             finished = [s["step"] for s in result["steps"]] == list(range(1, args.steps + 1))
             failures.append({"device": device, "step": step, "finished": finished,
                              "equal": finished and bitwise_equal(result, reference), **result})
-            event = result["events"][0] if result["events"] else {}
-            print(f"failure {i + 1}: device {device} at step {step}: finished={finished} "
-                  f"bitwise_equal={failures[-1]['equal']} takeover {event.get('seconds', float('nan')):.2f} s", flush=True)
+            print(f"{name} failure {i + 1}: device {device} at step {step}: finished={finished} "
+                  f"bitwise_equal={failures[-1]['equal']}", flush=True)
+        totals[0] += sum(f["finished"] for f in failures)
+        totals[1] += sum(f["equal"] for f in failures)
+        totals[2] += len(failures)
 
+        median_step = statistics.median(s["step_time_s"] for s in reference["steps"][1:])  # step 1 compiles
+        section = [
+            f"## {name}: `configs/tiny.yaml` with {', '.join(f'`{o}`' for o in [*base, *overrides])}",
+            "",
+            f"Fault-free run: median step {median_step * 1000:.1f} ms (steps 2..{args.steps}); step 1 with its "
+            f"compile {reference['steps'][0]['step_time_s']:.2f} s; step 2, the first call after the compile, "
+            f"{reference['steps'][1]['step_time_s'] * 1000:.1f} ms.",
+            "",
+            f"**{sum(f['finished'] for f in failures)}/{len(failures)} runs finished without a restart; "
+            f"{sum(f['equal'] for f in failures)}/{len(failures)} bitwise equal** to the fault-free run.",
+            "",
+            "| # | failed device (slot) | spare | from replica | at step | takeover (s) | of it compile (s) | rest (s) "
+            "| rest / median step | replayed step (ms) | goal ≤ 2 steps + compile | finished | bitwise equal |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        ]
+        for i, f in enumerate(failures, 1):
+            event = f["events"][0] if f["events"] else None
+            if event is None:
+                section.append(f"| {i} | {f['device']} | – | – | {f['step']} | no takeover | | | | | | {f['finished']} | {f['equal']} |")
+                continue
+            slot = ", ".join(f"{k} {v}" for k, v in event["slot"].items() if k in ("data", "tensor"))
+            rest = event["seconds"] - event["compile_seconds"]
+            replayed = next(s["step_time_s"] for s in f["steps"] if s["step"] == event["step"])
+            goal = event["seconds"] <= 2 * median_step + event["compile_seconds"]
+            section.append(
+                f"| {i} | {event['failed_device']} ({slot}) | {event['spare']} | {event['replica']} | {event['step']} | "
+                f"{event['seconds']:.2f} | {event['compile_seconds']:.2f} | {rest:.3f} | {rest / median_step:.1f} | "
+                f"{replayed * 1000:.1f} | {'met' if goal else 'missed'} | {f['finished']} | {f['equal']} |"
+            )
+        return section + [""]
+
+    totals = [0, 0, 0]  # finished, bitwise equal, runs with a failure
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        sections = [line for name in args.workloads for line in workload(name, WORKLOADS[name], Path(tmp))]
     load_after = os.getloadavg()[0]
-    step_times = [s["step_time_s"] for s in reference["steps"][1:]]  # step 1 includes the compile
-    median_step = statistics.median(step_times)
-    first_step = reference["steps"][0]["step_time_s"]
-    finished = sum(f["finished"] for f in failures)
-    equal = sum(f["equal"] for f in failures)
     lines = [
         "# Fault injection: spare-device takeovers",
         "",
@@ -119,46 +163,22 @@ def main() -> int:
         f"- machine: {machine()}; load average {load_before:.1f} at the start, {load_after:.1f} at the end",
         f"- jax {jax.__version__}, python {sys.version.split()[0]}",
         f"- command: `{' '.join(['.venv/bin/python', 'benchmarks/fault_injection.py', *sys.argv[1:]])}`",
-        f"- workload: `configs/tiny.yaml` with {', '.join(f'`{o}`' for o in base)}; one process; "
-        f"a fault-free run, then {args.spare_failures} runs with one injected failure each "
-        f"(device and step drawn with seed {args.seed}); persistent compilation cache off",
-        f"- fault-free run: median step {median_step * 1000:.1f} ms (steps 2..{args.steps}); "
-        f"step 1 with its compile {first_step:.2f} s; step 2, the first call after the compile, "
-        f"{reference['steps'][1]['step_time_s'] * 1000:.1f} ms",
+        f"- per workload: one process, a fault-free run, then {args.spare_failures} runs with one injected "
+        f"failure each (device and step drawn with seed {args.seed}); persistent compilation cache off",
+        f"- **{totals[0]}/{totals[2]} finished without a restart, {totals[1]}/{totals[2]} bitwise equal** "
+        "(every step's loss; every device's copy of every parameter and optimizer-state array)",
+        "- takeover: from the injected failure to the re-jitted step compiled for the new mesh (`seconds` of "
+        "the `spare_takeover` event in metrics.jsonl); compile includes tracing the step; rest = takeover - "
+        "compile: new mesh, model and optimizer re-created abstractly (`nnx.eval_shape`), shards moved (only "
+        "the spare's are copied, from the replica), the step re-jitted",
+        "- replayed step: the interrupted step's own time on the new mesh (its `step_time_s`), after the takeover",
         "",
-        f"**{finished}/{len(failures)} runs finished without a restart; {equal}/{len(failures)} bitwise equal** "
-        "to the fault-free run (every step's loss; every device's copy of every parameter and optimizer-state array).",
-        "",
-        "| # | failed device (slot) | spare | from replica | at step | takeover (s) | of it compile (s) | rest (s) | rest / median step | replayed step (ms) | goal ≤ 2 steps + compile | finished | bitwise equal |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        *sections,
     ]
-    for i, f in enumerate(failures, 1):
-        event = f["events"][0] if f["events"] else None
-        if event is None:
-            lines.append(f"| {i} | {f['device']} | – | – | {f['step']} | no takeover | | | | | | {f['finished']} | {f['equal']} |")
-            continue
-        slot = ", ".join(f"{k} {v}" for k, v in event["slot"].items() if k in ("data", "tensor"))
-        rest = event["seconds"] - event["compile_seconds"]
-        replayed = next(s["step_time_s"] for s in f["steps"] if s["step"] == event["step"])
-        goal = event["seconds"] <= 2 * median_step + event["compile_seconds"]
-        lines.append(
-            f"| {i} | {event['failed_device']} ({slot}) | {event['spare']} | {event['replica']} | {event['step']} | "
-            f"{event['seconds']:.2f} | {event['compile_seconds']:.2f} | {rest:.3f} | {rest / median_step:.1f} | "
-            f"{replayed * 1000:.1f} | {'met' if goal else 'missed'} | {f['finished']} | {f['equal']} |"
-        )
-    lines += [
-        "",
-        "- takeover: from the injected failure to the re-jitted step compiled for the new mesh "
-        "(`seconds` of the `spare_takeover` event in metrics.jsonl); rest = takeover - compile: "
-        "new mesh, model and optimizer re-created abstractly (`nnx.eval_shape`), shards moved "
-        "(only the spare's are copied, from the replica), the step re-jitted.",
-        "- replayed step: the interrupted step's own time on the new mesh (its `step_time_s`), after the takeover.",
-    ]
-    report = "\n".join(lines)
-    print(report)
+    print("\n".join(lines))
     if args.out:
         write_report(lines, args.out)
-    return 0 if finished == equal == len(failures) else 1
+    return 0 if totals[0] == totals[1] == totals[2] else 1
 
 
 if __name__ == "__main__":

@@ -184,6 +184,9 @@ def test_without_replica_or_spare_the_trainer_exits_3(overrides, message, tmp_pa
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert (run_dir / "metrics.jsonl").read_text() == ""  # no step, no event: nothing was taken over
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+    # The restart (the same command again) does not fail again.
+    rerun = Trainer(load_config(TINY, [*SMALL, *overrides, "fault.fail_device=1", "fault.fail_step=1"]), run_dir)
+    assert rerun.spares.failure is None and rerun.start_step == 0
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,8 @@ trainer raises ``DeviceLost`` and ``lite-tp train`` exits with
 launch --max-restarts``) restarts the job from the last checkpoint.
 
 Failures are injected (``fault.fail_device``, ``fault.fail_step``), since a
-fake CPU device cannot fail: when step S is about to be dispatched, D's
+fake CPU device cannot fail, and only in the first run on a run directory, so
+that a restart does not fail again: when step S is about to be dispatched, D's
 shards are overwritten with NaN (integers with their largest value), so a
 takeover that read them could not match the fault-free run. The step is
 interrupted before it consumed its (donated) state. A real failure in the
@@ -42,6 +43,7 @@ multi-process job, which reports failed *processes*) would call
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
@@ -153,9 +155,14 @@ def inject_failure(trainer: Trainer, failed: jax.Device) -> None:
 
 
 class Spares:
-    """A run's spare devices, its injected failure (``fault.*``) and the takeover."""
+    """A run's spare devices, its injected failure (``fault.*``) and the takeover.
 
-    def __init__(self, config: Config, mesh: Mesh):
+    The injected failure fires in the first ``lite-tp train`` on a run
+    directory only (no ``metrics.jsonl`` yet): the same command run again, as a
+    restart after exit 3 is, resumes without failing again.
+    """
+
+    def __init__(self, config: Config, mesh: Mesh, run_dir: Path):
         self.config = config
         self.devices = spare_devices(mesh, config.mesh.spares)
         self.failure: tuple[jax.Device, int] | None = None
@@ -168,7 +175,8 @@ class Spares:
                     f"'fault.fail_device' ({fault.fail_device}) is not a device of the mesh; "
                     f"choose one of the mesh's device ids {sorted(in_mesh)}{spares}"
                 )
-            self.failure = (in_mesh[fault.fail_device], fault.fail_step)
+            if not (Path(run_dir) / "metrics.jsonl").exists():
+                self.failure = (in_mesh[fault.fail_device], fault.fail_step)
 
     def before_step(self, trainer: Trainer, position: int) -> None:
         """When the injected failure's step (``position + 1``) starts: the

@@ -123,7 +123,8 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class FaultConfig:
     """An injected failure of device ``fail_device`` (a device id in the mesh)
-    when step ``fail_step`` starts; a fake CPU device cannot fail by itself."""
+    when step ``fail_step`` starts, in the first run on a run directory only
+    (a restart does not fail again); a fake CPU device cannot fail by itself."""
 
     fail_device: int | None = None
     fail_step: int | None = None

@@ -93,7 +93,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.mesh = make_mesh_for(asdict(config.mesh))
         check_fits_mesh(config, self.mesh)
-        self.spares = Spares(config, self.mesh)
+        self.spares = Spares(config, self.mesh, self.run_dir)
         train = config.train
         self.batches = Batches(load_tokens(config.data, config.model.vocab_size), train.global_batch, train.seq_len, train.seed)
         self.model, self.optimizer = create_model_and_optimizer(config.model, train, self.mesh)
