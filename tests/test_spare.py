@@ -15,12 +15,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.cli import main
+from lite_tp_jax.cli import _devices_needed, main
 from lite_tp_jax.fault.spare import (
     DEVICE_LOST_EXIT, DeviceLost, _poisoned, move_array, replace_device, replica_of, spare_devices,
 )
 from lite_tp_jax.mesh import make_mesh, make_mesh_for
-from lite_tp_jax.train.config import ConfigError, load_config
+from lite_tp_jax.train.config import ConfigError, MeshConfig, load_config
 from lite_tp_jax.train.loop import Trainer
 from lite_tp_jax.train.step import create_model_and_optimizer, state_shardings
 
@@ -136,17 +136,18 @@ def test_move_array_without_a_copy_of_the_failed_shard_raises(meshes):
 
 def test_before_the_first_step_every_array_has_a_replica():
     """Optimizer step counts are created on one device; they must be on the mesh
-    (replicated) too, or device 0 failing at step 1 would lose them."""
-    config = load_config(TINY, SMALL)
+    (replicated) too, or device 0 failing at step 1 would lose them. Uneven TP 3:
+    padded kernels (ffn 172 -> 174, kv groups) move like any other array."""
+    config = load_config(TINY, [*SMALL, "mesh.tensor=3"])
     mesh = make_mesh_for(dataclasses.asdict(config.mesh))
-    failed, spare = mesh.devices[0, 0, 0, 0], jax.devices()[4]
+    failed, spare = mesh.devices[0, 0, 0, 0], jax.devices()[6]
     new_mesh = replace_device(mesh, failed, spare)
     state = nnx.state(create_model_and_optimizer(config.model, config.train, mesh))
     targets = dict(nnx.to_flat_state(state_shardings(state, new_mesh)))
     for path, variable in nnx.to_flat_state(state):
         array = variable.get_value()
         moved, _ = move_array(_poisoned(array, failed), targets[path], failed, replica_of(mesh, failed), str(path))
-        assert len(shards(moved)) == len(shards(array)) == 4
+        assert len(shards(moved)) == len(shards(array)) == 6
         for got, want in zip(shards(moved), shards(array)):
             np.testing.assert_array_equal(got, want, err_msg=str(path), strict=True)
 
@@ -159,6 +160,8 @@ def test_make_mesh_for_keeps_spares_out_of_the_mesh():
     assert inferred.shape["tensor"] == 5
     with pytest.raises(ValueError, match=r"'mesh.spares' \(1\) needs 1 devices beyond the mesh's 8, but only 8 exist"):
         make_mesh_for({"data": 2, "pipeline": 1, "expert": 1, "tensor": 4, "spares": 1})
+    # The CLI asks for fake CPU devices for the mesh and its spares.
+    assert _devices_needed(MeshConfig(data=2, tensor=3, spares=2)) == 8
 
 
 # ---------------------------------------------------------------------------
