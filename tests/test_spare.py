@@ -20,9 +20,10 @@ from lite_tp_jax.fault.spare import (
     DEVICE_LOST_EXIT, DeviceLost, _poisoned, move_array, replace_device, replica_of, spare_devices,
 )
 from lite_tp_jax.mesh import make_mesh, make_mesh_for
+from lite_tp_jax.plan.rules import param_shardings
 from lite_tp_jax.train.config import ConfigError, MeshConfig, load_config
 from lite_tp_jax.train.loop import Trainer
-from lite_tp_jax.train.step import create_model_and_optimizer, state_shardings
+from lite_tp_jax.train.step import create_model_and_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -143,7 +144,7 @@ def test_before_the_first_step_every_array_has_a_replica():
     failed, spare = mesh.devices[0, 0, 0, 0], jax.devices()[6]
     new_mesh = replace_device(mesh, failed, spare)
     state = nnx.state(create_model_and_optimizer(config.model, config.train, mesh))
-    targets = dict(nnx.to_flat_state(state_shardings(state, new_mesh)))
+    targets = dict(nnx.to_flat_state(param_shardings(state, new_mesh)))
     for path, variable in nnx.to_flat_state(state):
         array = variable.get_value()
         moved, _ = move_array(_poisoned(array, failed), targets[path], failed, replica_of(mesh, failed), str(path))

@@ -53,7 +53,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from lite_tp_jax.mesh import DATA
 from lite_tp_jax.train.config import Config, ConfigError
-from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer, state_shardings
+from lite_tp_jax.plan.rules import param_shardings
+from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
 
 if TYPE_CHECKING:
     from lite_tp_jax.train.loop import Trainer
@@ -210,7 +211,7 @@ class Spares:
         model, optimizer = nnx.eval_shape(lambda: create_model_and_optimizer(config.model, config.train, mesh))
         old = dict(nnx.to_flat_state(nnx.state((trainer.model, trainer.optimizer))))
         new = nnx.state((model, optimizer))
-        targets = dict(nnx.to_flat_state(state_shardings(new, mesh)))
+        targets = dict(nnx.to_flat_state(param_shardings(new, mesh)))
         copied = 0
         for path, variable in nnx.to_flat_state(new):
             name = ".".join(str(part) for part in path)
