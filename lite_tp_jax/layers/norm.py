@@ -1,6 +1,7 @@
-"""RMSNorm, run by every rank on the part of the activation it holds.
+"""RMSNorm (Llama) and LayerNorm (GPT-2), run by every rank on the part of the
+activation it holds.
 
-The scale is replicated over "tensor". Without sequence parallelism every rank
+The scale (and LayerNorm's bias) is replicated over "tensor". Without sequence parallelism every rank
 normalises the same full activation and gets the same scale gradient: no
 communication. With ``sequence_parallel`` each rank normalises its sequence
 shard (1/TP of the work), so its scale gradient is a partial sum, all-reduced
@@ -23,6 +24,7 @@ from lite_tp_jax.sharding import (
     check_last_dim,
     ones_init,
     sharded_param,
+    zeros_init,
 )
 
 
@@ -54,3 +56,36 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * scale).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """``y = (x - mean(x)) / sqrt(var(x) + eps) * scale + bias`` over the last dim,
+    computed in float32. Parallelism as ``RMSNorm``'s, for both parameters."""
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        mesh: Mesh,
+        eps: float = 1e-5,
+        sequence_parallel: bool = False,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.mesh, self.features, self.eps = mesh, features, eps
+        self.sequence_parallel = sequence_parallel
+        self.scale = sharded_param(ones_init, rngs.params(), (features,), P(), mesh, dtype=param_dtype)
+        self.bias = sharded_param(zeros_init, rngs.params(), (features,), P(), mesh, dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_last_dim(x, self.features, type(self).__name__)
+        return call_local(self, x)
+
+    def local(self, x: jax.Array) -> jax.Array:
+        scale, bias = self.scale[...], self.bias[...]
+        if self.sequence_parallel:
+            scale, bias = copy_to_tensor_region(scale), copy_to_tensor_region(bias)
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale + bias).astype(x.dtype)

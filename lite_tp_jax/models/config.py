@@ -1,4 +1,4 @@
-"""The shape of a Llama-style decoder LM and how it runs."""
+"""The shape of a decoder LM (Llama-style by default; GPT-2, Qwen2, Mixtral variants) and how it runs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 Remat = Literal["none", "full", "selective"]
+Norm = Literal["rms", "layer"]
+Activation = Literal["swiglu", "gelu"]
+Position = Literal["rope", "learned"]
+RopeScalingKind = Literal["none", "linear", "llama3"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,27 @@ class ModelConfig:
     aux_loss_weight: float = 0.01
     # Pipeline: chunks of layers per pipeline stage (1: GPipe, > 1: circular schedule).
     virtual_stages: int = 1
+    # Architecture variants, for the Hugging Face families (lite_tp_jax/interop/hf.py);
+    # the defaults are the Llama path. GPT-2: norm "layer" (LayerNorm with a bias),
+    # activation "gelu" (tanh approximation, up/down MLP), qkv_bias, out_bias and
+    # mlp_bias, position "learned" (a table of max_positions vectors added to the
+    # token embedding). Qwen2: qkv_bias. rope_scaling stretches RoPE's wavelengths
+    # for long contexts: "linear" divides every frequency by rope_scaling_factor;
+    # "llama3" divides only the low ones (wavelength > rope_original_max_positions /
+    # rope_low_freq_factor), keeps the high ones (< ... / rope_high_freq_factor)
+    # and interpolates in between.
+    norm: Norm = "rms"
+    activation: Activation = "swiglu"
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    position: Position = "rope"
+    max_positions: int = 2048
+    rope_scaling: RopeScalingKind = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
 
     @property
     def resolved_head_dim(self) -> int:
