@@ -37,7 +37,7 @@ _DECODER = dict(
 
 FAMILIES = {
     "llama3": (transformers.LlamaConfig, dict(
-        _DECODER, rope_theta=500000.0,
+        _DECODER, rope_theta=10000.0,  # wavelengths 6, 63, 628, 6283: one high, one blended, two low
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=64),
     )),
