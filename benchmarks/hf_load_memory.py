@@ -81,15 +81,15 @@ def measure(directory: Path, tensor: int, dtype: str) -> dict:
 
     import jax
 
-    if jax.default_backend() == "cpu":
-        jax.config.update("jax_num_cpu_devices", tensor)
+    jax.config.update("jax_num_cpu_devices", tensor)  # fake CPU devices (no effect on accelerators)
     import jax.numpy as jnp
 
     from lite_tp_jax.interop.hf import Checkpoint, from_pretrained
     from lite_tp_jax.mesh import make_mesh
     from lite_tp_jax.state import flat_variables
 
-    mesh = make_mesh(tensor=tensor, devices=jax.devices()[:tensor])
+    devices = jax.devices() if jax.default_backend() != "cpu" else jax.devices("cpu")
+    mesh = make_mesh(tensor=tensor, devices=devices[:tensor])
     jnp.zeros(()).block_until_ready()
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 (Linux: KiB)
     baseline = rss()

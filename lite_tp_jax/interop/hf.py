@@ -7,12 +7,14 @@ Mixtral or GPT-2 family into a sharded ``Transformer``. ``save_pretrained``
 writes one back.
 
 Straight into shards. The model is built abstractly (``nnx.eval_shape``: no
-random weights are drawn), then every parameter is made with
-``jax.make_array_from_callback`` from its sharding metadata: each device's
-callback reads only the block of the checkpoint tensor(s) its shard covers,
-through a memory map of the safetensors file, and pads it where the shard
-runs past an uneven dimension's logical end. The host holds at most one
-tensor's worth of file pages and one shard block at a time, never the model.
+random weights are drawn), then every parameter is assembled device by device
+from its sharding metadata (``jax.make_array_from_single_device_arrays``; not
+``make_array_from_callback``, which holds every device's block on the host
+before placing any): for each device, the block of the checkpoint tensor(s)
+its shard covers is read through a memory map of the safetensors file, padded
+where the shard runs past an uneven dimension's logical end, and put on the
+device. The host holds one tensor's worth of file pages and one block at a
+time, never the model.
 
 How a parameter is found in the checkpoint is a small expression per name
 (``hf_layout``): an HF tensor (``Tensor``), transposed (``Transpose``: PyTorch
@@ -537,36 +539,44 @@ def _check_present(layout: dict[str, Node], checkpoint: Checkpoint) -> None:
                 )
 
 
-def _shard_reader(node: Node, checkpoint: Checkpoint, variable: nnx.Variable, dtype: Any):
-    """The ``make_array_from_callback`` callback of one parameter: the block of
-    its stored (padded, stacked) array that a device holds, read from the
-    checkpoint; zeros where the block runs past a logical dim."""
+def _read_block(node: Node, checkpoint: Checkpoint, variable: nnx.Variable, index: tuple[slice, ...], dtype) -> np.ndarray:
+    """The block ``index`` of the parameter's stored (stacked, padded) array,
+    read from the checkpoint; zeros where it runs past a logical dim."""
     stored = tuple(variable.shape)
     trailing = tuple(variable.get_metadata().get("logical_shape", stored))
     stacking = stored[: len(stored) - len(trailing)]
-    layer_ids = np.arange(math.prod(stacking)).reshape(stacking)
-    cache: dict[tuple, np.ndarray] = {}  # devices that hold the same block read it once
-
-    def read(index: tuple[slice, ...]) -> np.ndarray:
-        index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, stored))
-        key = tuple((s.start, s.stop) for s in index)
-        if key in cache:
-            return cache[key]
-        block = np.zeros([s.stop - s.start for s in index], dtype)
-        inner = tuple(slice(min(s.start, n), min(s.stop, n)) for s, n in zip(index[len(stacking):], trailing))
-        if all(s.stop > s.start for s in inner):
-            where = (Ellipsis, *(slice(0, s.stop - s.start) for s in inner))
-            if not stacking:
-                block[where] = node.read(checkpoint, inner)
-            else:
-                ids = layer_ids[index[: len(stacking)]]
-                for position in np.ndindex(ids.shape):
-                    layer = int(ids[position])
-                    block[position][where] = node.read(checkpoint, (slice(layer, layer + 1), *inner))[0]
-        cache[key] = block
+    block = np.zeros([s.stop - s.start for s in index], dtype)
+    inner = tuple(slice(min(s.start, n), min(s.stop, n)) for s, n in zip(index[len(stacking):], trailing))
+    if any(s.stop <= s.start for s in inner):
         return block
+    where = (Ellipsis, *(slice(0, s.stop - s.start) for s in inner))
+    if not stacking:
+        block[where] = node.read(checkpoint, inner)
+        return block
+    layer_ids = np.arange(math.prod(stacking)).reshape(stacking)[index[: len(stacking)]]
+    for position in np.ndindex(layer_ids.shape):
+        layer = int(layer_ids[position])
+        block[position][where] = node.read(checkpoint, (slice(layer, layer + 1), *inner))[0]
+    return block
 
-    return read
+
+def _load_parameter(node: Node, checkpoint: Checkpoint, variable: nnx.Variable, sharding: NamedSharding, dtype) -> jax.Array:
+    """The parameter as a sharded array, built device by device: each device's
+    block is read from the checkpoint and put on it before the next is read,
+    so the host holds one block at a time. Devices holding the same block (a
+    replicated dim) copy it from the first one."""
+    shape = tuple(variable.shape)
+    placed: dict[tuple, jax.Array] = {}
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+        key = tuple((s.start, s.stop) for s in index)
+        if key in placed:
+            arrays.append(jax.device_put(placed[key], device))
+        else:
+            placed[key] = jax.device_put(_read_block(node, checkpoint, variable, index, dtype), device)
+            arrays.append(placed[key])
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def from_pretrained(path: str | os.PathLike, *, mesh: Mesh, dtype: Any = jnp.float32) -> Transformer:
@@ -587,10 +597,7 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh, dtype: Any = jnp.flo
         if logical_shape(variable) != node.shape:
             raise HFError(f"internal: {name} is {logical_shape(variable)} in the model, {node.shape} in the layout.")
         sharding = NamedSharding(mesh, spec_of(variable))
-        value = jax.make_array_from_callback(
-            tuple(variable.shape), sharding, _shard_reader(node, checkpoint, variable, jnp.dtype(dtype))
-        )
-        variable.set_value(value)
+        variable.set_value(_load_parameter(node, checkpoint, variable, sharding, jnp.dtype(dtype)))
     return nnx.merge(graphdef, state)
 
 
