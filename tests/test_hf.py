@@ -179,6 +179,20 @@ def copy_model(family: str, destination: Path, *, drop: str | None = None, confi
     return destination
 
 
+def test_gpt2_checkpoint_without_transformer_prefix(tmp_path):
+    """Older GPT-2 checkpoints name tensors ``h.0.attn...`` rather than ``transformer.h.0...``."""
+    tensors = {name.removeprefix("transformer."): value for name, value in checkpoint_tensors(DATA / "gpt2").items()}
+    (tmp_path / "m").mkdir()
+    from safetensors.numpy import save_file
+
+    save_file(tensors, tmp_path / "m" / "model.safetensors")
+    (tmp_path / "m" / "config.json").write_text((DATA / "gpt2" / "config.json").read_text())
+    mesh = mesh_of(1, 2)
+    unprefixed, prefixed = stored_values(from_pretrained(tmp_path / "m", mesh=mesh)), stored_values(from_pretrained(DATA / "gpt2", mesh=mesh))
+    for name, (value, _) in prefixed.items():
+        np.testing.assert_array_equal(unprefixed[name][0], value, err_msg=name)
+
+
 def test_missing_tensor_is_named(tmp_path):
     path = copy_model("qwen2", tmp_path / "m", drop="model.layers.1.self_attn.k_proj.bias")
     with pytest.raises(HFError, match=r"lacks tensor 'model.layers.1.self_attn.k_proj.bias' \(expected shape \[16\]\)"):
