@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import jax
@@ -22,12 +23,11 @@ from conftest import max_relative_error
 from lite_tp_jax import cli
 from lite_tp_jax.interop import hf
 from lite_tp_jax.interop.hf import Checkpoint, HFError, from_pretrained, save_pretrained
-from lite_tp_jax.mesh import make_mesh
-from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.models.transformer import Transformer
-from lite_tp_jax.state import export_state, flat_variables, import_state, logical_shape
+from lite_tp_jax.mesh import make_mesh, make_mesh_for
+from lite_tp_jax.state import export_state, flat_variables, logical_shape
 from lite_tp_jax.train.config import load_config
-from lite_tp_jax.train.loop import Trainer
+from lite_tp_jax.train.checkpoint import Checkpointer
+from lite_tp_jax.train.step import create_model_and_optimizer
 
 DATA = Path(__file__).resolve().parent / "data" / "hf"
 FAMILIES = ("llama3", "llama2", "mistral", "qwen2", "mixtral", "gpt2")
@@ -69,32 +69,22 @@ def test_logits_equal_transformers_reference(family):
     assert max_relative_error(logits, expected) <= 1e-4
 
 
-GPT2_LIKE = ModelConfig(
-    vocab_size=50, hidden_size=24, num_layers=2, num_heads=6, num_kv_heads=6, ffn_hidden_size=40,
-    norm="layer", activation="gelu", qkv_bias=True, out_bias=True, mlp_bias=True, position="learned", max_positions=8,
-)
-
-
-def test_gpt2_variant_loss_and_gradients_match_one_device():
-    """The variants the families add (LayerNorm, GeLU MLP, biases, learned
+def test_gpt2_variants_loss_and_gradients_match_one_device():
+    """The variants GPT-2 adds (LayerNorm, GeLU MLP, biases, learned
     positions), with sequence parallelism at data 2 x tensor 3: loss and every
-    gradient equal the one-device ones. Weights are randomised (biases and
-    norms too) so that no gradient hides behind a zero."""
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 7)), jnp.int32)
-    rng = np.random.default_rng(2)
-    one = Transformer(GPT2_LIKE, mesh=mesh_of(1, 1), rngs=nnx.Rngs(0))
-    weights = {name: rng.normal(0, 0.2, value.shape).astype(np.float32) for name, value in export_state(one).items()}
+    gradient equal the one-device ones (the reference model's biases and norms
+    are random, so no gradient hides behind a zero)."""
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 101, (2, 7)), jnp.int32)
+    config = hf.config_from_hf(json.loads((DATA / "gpt2" / "config.json").read_text()))
 
     def loss_and_grads(config, mesh):
-        model = Transformer(config, mesh=mesh, rngs=nnx.Rngs(0))
-        import_state(model, weights)
-        graphdef, state = nnx.split(model)
+        graphdef, state = nnx.split(hf.load_model(DATA / "gpt2", config, mesh=mesh))
         loss = lambda state: nnx.merge(graphdef, state).loss(tokens[:, :-1], tokens[:, 1:])[0]  # noqa: E731
         value, grads = jax.jit(jax.value_and_grad(loss))(state)
         return float(value), export_state(grads)
 
-    loss_1, grads_1 = loss_and_grads(GPT2_LIKE, mesh_of(1, 1))
-    loss_t, grads_t = loss_and_grads(dataclasses.replace(GPT2_LIKE, sequence_parallel=True), mesh_of(2, 3))
+    loss_1, grads_1 = loss_and_grads(config, mesh_of(1, 1))
+    loss_t, grads_t = loss_and_grads(dataclasses.replace(config, sequence_parallel=True), mesh_of(2, 3))
     assert abs(loss_t - loss_1) <= 1e-5 * abs(loss_1)
     for name in grads_1:
         if name.endswith("key.bias"):  # softmax ignores q . b_k (the same for every key): gradient 0 up to roundoff
@@ -223,7 +213,8 @@ def test_save_refuses_to_overwrite(tmp_path):
 def test_convert_round_trip_and_resume_on_another_mesh(tmp_path):
     """``convert --from-hf`` (loaded at TP 1) then ``--to-hf`` reproduces the
     original tensors; ``lite-tp train`` on the run directory with another mesh
-    (TP 3) resumes from the converted step-0 checkpoint with the same weights."""
+    (TP 3) restores the converted step-0 checkpoint (``Checkpointer.restore``,
+    as ``Trainer`` does) with the same weights."""
     run = tmp_path / "run"
     assert cli.main(["convert", "--from-hf", str(DATA / "gpt2"), "--run-dir", str(run)]) == 0
     assert cli.main(["convert", "--to-hf", str(tmp_path / "back"), "--run-dir", str(run)]) == 0
@@ -232,14 +223,14 @@ def test_convert_round_trip_and_resume_on_another_mesh(tmp_path):
     for name in original:
         np.testing.assert_array_equal(back[name], original[name], err_msg=name)
 
-    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 101, size=4096).astype(np.int32))
-    config = load_config(run / "config.yaml", [
-        "data.source=tokens", f"data.path={tmp_path / 'ids.npy'}", "mesh.tensor=3", "train.global_batch=2",
-    ])
-    trainer = Trainer(config, run)  # what `lite-tp train` builds before its first step
-    assert trainer.start_step == 0 and trainer.model.mesh.shape["tensor"] == 3
+    config = load_config(run / "config.yaml", ["mesh.tensor=3"])
+    mesh = make_mesh_for(asdict(config.mesh))
+    model, optimizer = nnx.eval_shape(lambda: create_model_and_optimizer(config.model, config.train, mesh))
+    state, progress = Checkpointer(run / "checkpoints", keep=1).restore(nnx.state((model, optimizer)), mesh)
+    assert progress["step"] == 0  # `lite-tp train` resumes here, as from any checkpoint
+    nnx.update((model, optimizer), state)
     loaded = export_state(from_pretrained(DATA / "gpt2", mesh=mesh_of(1, 1)))
-    resumed = export_state(trainer.model)
+    resumed = export_state(model)
     for name in loaded:
         np.testing.assert_array_equal(resumed[name], loaded[name], err_msg=name)
 

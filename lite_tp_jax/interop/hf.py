@@ -583,7 +583,12 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh, dtype: Any = jnp.flo
     """A ``Transformer`` on ``mesh`` holding the weights of the Hugging Face model
     directory ``path``; calling it on ``[batch, seq]`` ids gives ``[batch, seq, vocab]``
     logits. Each device reads only its shards from the safetensors files."""
-    config = config_from_hf(read_hf_config(path))
+    return load_model(path, config_from_hf(read_hf_config(path)), mesh=mesh, dtype=dtype)
+
+
+def load_model(path: str | os.PathLike, config: ModelConfig, *, mesh: Mesh, dtype: Any = jnp.float32) -> Transformer:
+    """``from_pretrained`` with a given ``config``: the one ``config.json``
+    implies, changed only in how it runs (``sequence_parallel``, ``remat``, ...)."""
     checkpoint = Checkpoint(path)
     layout = hf_layout(config, _prefix(config, checkpoint))
     _check_present(layout, checkpoint)
