@@ -35,8 +35,8 @@ FAMILIES = ("llama3", "llama2", "mistral", "qwen2", "mixtral", "gpt2")
 MESHES = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 2))
 
 
-def mesh_of(data: int, tensor: int):
-    return make_mesh(data=data, tensor=tensor, devices=jax.devices()[: data * tensor])
+def mesh_of(data: int, tensor: int, pipeline: int = 1):
+    return make_mesh(data=data, pipeline=pipeline, tensor=tensor, devices=jax.devices()[: data * pipeline * tensor])
 
 
 def reference(family: str) -> tuple[np.ndarray, np.ndarray]:
@@ -100,14 +100,16 @@ def stored_values(model) -> dict[str, tuple[np.ndarray, tuple[int, ...]]]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_mesh_holds_the_same_weights(family):
-    """On every mesh the loaded parameters are the TP-1 ones, bit for bit, with
-    zeros in the padding of uneven dims."""
+    """On every mesh (and pipeline 2 x tensor 2: layers split over stages,
+    vocabulary over 4) the loaded parameters are the TP-1 ones, bit for bit,
+    with zeros in the padding of uneven dims."""
     expected = {name: value for name, (value, _) in stored_values(from_pretrained(DATA / family, mesh=mesh_of(1, 1))).items()}
-    for data, tensor in MESHES[1:]:
-        for name, (value, logical) in stored_values(from_pretrained(DATA / family, mesh=mesh_of(data, tensor))).items():
+    for data, tensor, pipeline in [(d, t, 1) for d, t in MESHES[1:]] + [(1, 2, 2)]:
+        mesh = mesh_of(data, tensor, pipeline)
+        for name, (value, logical) in stored_values(from_pretrained(DATA / family, mesh=mesh)).items():
             trailing = logical[1:] if value.ndim > len(logical) else logical  # past the stacking dims
             real = value[(Ellipsis, *(slice(0, n) for n in trailing))].reshape(expected[name].shape)
-            np.testing.assert_array_equal(real, expected[name], err_msg=f"{name} at data {data} x tensor {tensor}")
+            np.testing.assert_array_equal(real, expected[name], err_msg=f"{name} on {dict(mesh.shape)}")
             assert np.count_nonzero(value) == np.count_nonzero(real), f"{name}: padding is not zero"
 
 
