@@ -16,19 +16,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import copy_to_tensor_region
-from lite_tp_jax.sharding import (
-    call_local,
-    check_last_dim,
-    ones_init,
-    sharded_param,
-    zeros_init,
-)
+from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_parallel
+from lite_tp_jax.plan.rules import MEGATRON, PartitionRules
+from lite_tp_jax.validate import check_last_dim
+
+ones_init = nnx.initializers.ones_init()
+zeros_init = nnx.initializers.zeros_init()
 
 
-class RMSNorm(nnx.Module):
+class RMSNorm(ParallelLayer):
     """``y = x / sqrt(mean(x**2) + eps) * scale`` over the last dim, computed in float32."""
 
     def __init__(
@@ -39,15 +37,20 @@ class RMSNorm(nnx.Module):
         eps: float = 1e-5,
         sequence_parallel: bool = False,
         param_dtype: Any = jnp.float32,
+        role: str = "norm",
+        rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
         self.mesh, self.features, self.eps = mesh, features, eps
         self.sequence_parallel = sequence_parallel
-        self.scale = sharded_param(ones_init, rngs.params(), (features,), P(), mesh, dtype=param_dtype)
+        self.scale = rules.param(role, ones_init, rngs.params(), (features,), (None,), mesh, dtype=param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def layout(self, x: jax.Array) -> Layout:
+        activation = sequence_parallel(self.sequence_parallel)
+        return Layout((activation,), activation.of(x.ndim))
+
+    def check(self, x: jax.Array) -> None:
         check_last_dim(x, self.features, type(self).__name__)
-        return call_local(self, x)
 
     def local(self, x: jax.Array) -> jax.Array:
         scale = self.scale[...]
@@ -58,7 +61,7 @@ class RMSNorm(nnx.Module):
         return (normed * scale).astype(x.dtype)
 
 
-class LayerNorm(nnx.Module):
+class LayerNorm(RMSNorm):
     """``y = (x - mean(x)) / sqrt(var(x) + eps) * scale + bias`` over the last dim,
     computed in float32. Parallelism as ``RMSNorm``'s, for both parameters."""
 
@@ -70,16 +73,15 @@ class LayerNorm(nnx.Module):
         eps: float = 1e-5,
         sequence_parallel: bool = False,
         param_dtype: Any = jnp.float32,
+        role: str = "norm",
+        rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
-        self.mesh, self.features, self.eps = mesh, features, eps
-        self.sequence_parallel = sequence_parallel
-        self.scale = sharded_param(ones_init, rngs.params(), (features,), P(), mesh, dtype=param_dtype)
-        self.bias = sharded_param(zeros_init, rngs.params(), (features,), P(), mesh, dtype=param_dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        check_last_dim(x, self.features, type(self).__name__)
-        return call_local(self, x)
+        super().__init__(
+            features, mesh=mesh, eps=eps, sequence_parallel=sequence_parallel, param_dtype=param_dtype,
+            role=role, rules=rules, rngs=rngs,
+        )
+        self.bias = rules.param(role, zeros_init, rngs.params(), (features,), (None,), mesh, dtype=param_dtype)
 
     def local(self, x: jax.Array) -> jax.Array:
         scale, bias = self.scale[...], self.bias[...]
