@@ -21,7 +21,6 @@ import jax
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer
