@@ -204,6 +204,11 @@ _RANGES: dict[str, _Range] = {
     "model.capacity_factor": _ABOVE_ZERO,
     "model.aux_loss_weight": _NON_NEGATIVE,
     "model.virtual_stages": _POSITIVE,
+    "model.max_positions": _POSITIVE,
+    "model.rope_scaling_factor": _ABOVE_ZERO,
+    "model.rope_low_freq_factor": _ABOVE_ZERO,
+    "model.rope_high_freq_factor": _ABOVE_ZERO,
+    "model.rope_original_max_positions": _POSITIVE,
     **{f"mesh.{f.name}": _Range(1, also=(-1,)) for f in dataclasses.fields(MeshConfig)},
     "mesh.spares": _NON_NEGATIVE,
     "train.steps": _POSITIVE,
@@ -347,6 +352,16 @@ def _check_cross_field(config: Config) -> None:
         raise ConfigError(
             f"'model.num_layers' ({model.num_layers}) must be a multiple of 'model.moe_every' "
             f"({model.moe_every}): every moe_every-th layer is an MoE layer"
+        )
+    if model.moe_every and model.activation != "swiglu":
+        raise ConfigError(
+            f"'model.activation' must be 'swiglu' with experts ('model.moe_every' > 0): "
+            f"experts are SwiGLU MLPs, got {model.activation!r}"
+        )
+    if model.position == "learned" and config.train.seq_len > model.max_positions:
+        raise ConfigError(
+            f"'train.seq_len' ({config.train.seq_len}) exceeds 'model.max_positions' "
+            f"({model.max_positions}), the size of the learned position table"
         )
     try:
         PartitionRules(dict(model.partition_rules))
