@@ -51,7 +51,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from lite_tp_jax.mesh import DATA
+from lite_tp_jax.mesh import DATA, make_mesh
 from lite_tp_jax.train.config import Config, ConfigError
 from lite_tp_jax.plan.rules import param_shardings
 from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
@@ -80,9 +80,8 @@ def slot_of(mesh: Mesh, device: jax.Device) -> tuple[int, ...]:
 
 def replace_device(mesh: Mesh, failed: jax.Device, spare: jax.Device) -> Mesh:
     """``mesh`` with ``spare`` in ``failed``'s slot (same axes, same shape)."""
-    grid = mesh.devices.copy()
-    grid[slot_of(mesh, failed)] = spare
-    return Mesh(grid, mesh.axis_names, axis_types=mesh.axis_types)
+    devices = [spare if device == failed else device for device in mesh.devices.flat]
+    return make_mesh(**mesh.shape, devices=devices)
 
 
 def replica_of(mesh: Mesh, failed: jax.Device) -> jax.Device | None:
