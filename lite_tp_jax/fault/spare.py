@@ -210,16 +210,16 @@ class Spares:
         model, optimizer = nnx.eval_shape(lambda: create_model_and_optimizer(config.model, config.train, mesh))
         old = dict(nnx.to_flat_state(nnx.state((trainer.model, trainer.optimizer))))
         new = nnx.state((model, optimizer))
-        targets = dict(nnx.to_flat_state(param_shardings(new, mesh)))
+        shardings = dict(nnx.to_flat_state(param_shardings(new, mesh)))
         copied = 0
         for path, variable in nnx.to_flat_state(new):
             name = ".".join(str(part) for part in path)
-            array, nbytes = move_array(old[path].get_value(), targets[path], failed, replica, name)
+            array, nbytes = move_array(old[path].get_value(), shardings[path], failed, replica, name)
             variable.set_value(array)
             copied += nbytes
         nnx.update((model, optimizer), new)
-        del old  # the last references to arrays on the old mesh (and on the failed device)
         trainer.mesh, trainer.model, trainer.optimizer = mesh, model, optimizer
+        del old  # no reference to the old mesh's arrays (and the failed device's shards) is left
         trainer.step = TrainStep(model, optimizer, config.train)
         compile_started = time.perf_counter()
         tokens, targets = (
