@@ -47,9 +47,9 @@ def test_collective_bytes_match_the_compiled_step(name, overrides):
     planned = planner.plan(cfg, sizes)
     compiled = planner.compiled_bytes_by_axis(cfg, sizes)
     predicted = planned["collective_bytes_by_axis"]
-    assert set(predicted) == set(compiled), (predicted, compiled)
-    for axes, measured in compiled.items():  # scalars (loss statistics, grad norm) are not predicted
-        assert abs(predicted[axes] - measured) <= max(0.01 * measured, 256), (axes, predicted, compiled)
+    for axes in set(predicted) | set(compiled):  # scalars (loss statistics, grad norm) are not predicted
+        measured = compiled.get(axes, 0)
+        assert abs(predicted.get(axes, 0) - measured) <= max(0.01 * measured, 256), (axes, predicted, compiled)
     total = sum(compiled.values())
     assert abs(planned["collective_bytes_per_step_per_device"] - total) <= 0.01 * total
 
