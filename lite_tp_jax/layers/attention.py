@@ -46,7 +46,7 @@ num_kv_heads`` query heads that attend with it (query head ``j`` uses kv head
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +75,16 @@ from lite_tp_jax.sharding import (
 # Module-level so that sharded_param's jitted initialiser (static ``init``) is reused across layers.
 _projection_kernel_init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
 _out_kernel_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of cached positions, ``[..., batch, slots, kv heads, head_dim]``
+    (stacked over layers by the model). Split over "tensor" on the kv heads
+    like ``key.kernel`` (padded heads included), or replicated when
+    ``num_kv_heads < tp``; see ``ParallelAttention.cache_spec``."""
+
+    key: jax.Array
+    value: jax.Array
 
 
 class _Projection(nnx.Module):
@@ -226,6 +236,62 @@ class ParallelAttention(nnx.Module):
         if self.out.bias is not None:
             y = y + self.out.bias[...]
         return y
+
+    # --- generation with a KV cache ---------------------------------------------
+
+    @property
+    def cache_heads(self) -> int:
+        """kv heads held by the cache, all ranks together (padded when split over "tensor")."""
+        return padded_size(self.num_kv_heads, tensor_size(self.mesh)) if self.kv_sharded else self.num_kv_heads
+
+    @property
+    def cache_spec(self) -> P:
+        """How ``[batch, slots, kv heads, head_dim]`` cache buffers split over "tensor"."""
+        return P(None, None, TENSOR if self.kv_sharded else None, None)
+
+    def decode(self, x: jax.Array, cache: KVCache, cursor: jax.Array, start: jax.Array) -> tuple[jax.Array, KVCache]:
+        """One rank's math with a KV cache (generation; no gradients).
+
+        ``x [B, S, features]`` (replicated over "tensor") holds the new tokens of
+        cache slots ``cursor .. cursor+S-1`` in every row (the prompt at
+        ``cursor = 0``, then one token per step). Row ``b`` starts at slot
+        ``start[b]`` (left padding), so a token in slot ``t`` has position
+        ``t - start[b]`` for RoPE and attends to the slots ``start[b] .. t``.
+        The new keys and values are written into ``cache`` (this rank's kv
+        heads, or all of them when they are replicated; fixed ``slots``, so one
+        compiled step serves every position). Returns ``(y, cache)``;
+        communication: the one all-reduce of ``local``.
+        """
+        new, slots = x.shape[1], cache.key.shape[1]
+        query_slots = cursor + jnp.arange(new)
+        positions = query_slots[None, :] - start[:, None]  # [B, S]
+        q = self._project(self.query, x, self.num_heads)
+        kv_heads = self.num_kv_heads if self.kv_sharded else None
+        k = self._project(self.key, x, kv_heads)  # replicated kv: computed from replicated x, so cached replicated
+        v = self._project(self.value, x, kv_heads)
+        if self.rope_theta is not None:
+            q = apply_rotary(q, positions, self.rope_theta)
+            k = apply_rotary(k, positions, self.rope_theta)
+        cache = KVCache(
+            jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cursor, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cursor, axis=1),
+        )
+        keys = self._kv_per_query_head(cache.key, q.shape[2])
+        values = self._kv_per_query_head(cache.value, q.shape[2])
+
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys, preferred_element_type=jnp.float32)
+        logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
+        key_slots = jnp.arange(slots)
+        visible = (key_slots <= query_slots[:, None]) & (key_slots >= start[:, None, None])  # [B, S, slots]
+        logits = jnp.where(visible[:, None], logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+        o = jnp.einsum("bhqk,bkhd->bqhd", weights, values)
+
+        out_kernel = mask_padding(self.out.kernel[...], 0, self.num_heads)
+        y = reduce_from_tensor_region(jnp.einsum("bqhd,hdf->bqf", o, out_kernel))
+        if self.out.bias is not None:
+            y = y + self.out.bias[...]
+        return y, cache
 
     @staticmethod
     def _project(projection: _Projection, x: jax.Array, logical_heads: int | None) -> jax.Array:

@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import COLLECTIVE_OUTPUT, reduce_from_tensor_region
-from lite_tp_jax.layers.attention import ParallelAttention
+from lite_tp_jax.layers.attention import KVCache, ParallelAttention
 from lite_tp_jax.layers.cross_entropy import vocab_parallel_cross_entropy
 from lite_tp_jax.layers.embedding import VocabParallelEmbedding
 from lite_tp_jax.layers.mlp import ParallelMLP
@@ -48,7 +48,7 @@ from lite_tp_jax.layers.norm import RMSNorm
 from lite_tp_jax.mesh import AXES, DATA, EXPERT, PIPELINE, TENSOR
 from lite_tp_jax.models.config import ModelConfig, Remat
 from lite_tp_jax.parallel.pipeline import run_pipeline
-from lite_tp_jax.sharding import enter_tensor_region, in_tensor_region, sequence_spec
+from lite_tp_jax.sharding import enter_tensor_region, in_tensor_region, sequence_spec, spec_for_region
 
 BATCH_AXES = (DATA, EXPERT)  # the mesh axes that split batch rows
 
@@ -115,6 +115,13 @@ class Block(nnx.Module):
             return x + y, stats
         return x + self.mlp(self.mlp_norm(x)), zero_stats()
 
+    def decode(self, x, cache: KVCache, cursor, start) -> tuple[jax.Array, KVCache]:
+        """``local`` with the attention reading and extending its KV cache."""
+        h, cache = self.attention.decode(self.attention_norm(x), cache, cursor, start)
+        x = x + h
+        y = self.mlp(self.mlp_norm(x))
+        return x + (y[0] if isinstance(self.mlp, MoEMLP) else y), cache
+
 
 class LayerGroup(nnx.Module):
     """The unit that is stacked and scanned: ``moe_every`` blocks, the last an
@@ -132,6 +139,14 @@ class LayerGroup(nnx.Module):
             x, block_stats = block.local(x)
             stats = jax.tree.map(jnp.add, stats, block_stats)
         return x, stats
+
+    def decode(self, x, cache: KVCache, cursor, start) -> tuple[jax.Array, KVCache]:
+        """``cache``: ``[blocks, B, slots, kv heads, head_dim]``, one entry per block."""
+        caches = []
+        for i, block in enumerate(self.blocks):
+            x, block_cache = block.decode(x, KVCache(cache.key[i], cache.value[i]), cursor, start)
+            caches.append(block_cache)
+        return x, KVCache(*(jnp.stack(buffers) for buffers in zip(*caches)))
 
 
 def remat_policy(remat: Remat):
@@ -228,6 +243,71 @@ class Transformer(nnx.Module):
             self, lambda self, t, y: self.local_loss(t, y, microbatches), tokens, targets,
             arg_specs=(rows, rows), out_specs=(P(), P()), axes=self.axes,
         )
+
+    # --- generation with a KV cache ----------------------------------------------
+
+    def new_cache(self, batch: int, slots: int) -> KVCache:
+        """Zeroed cache buffers ``[layer groups, blocks, batch, slots, kv heads, head_dim]``
+        for ``batch`` rows (split over "data" x "expert") and ``slots`` positions,
+        the kv heads split over "tensor" as the attention layers split them."""
+        self._check_cached(batch)
+        attention = self.layers.blocks[0].attention
+        groups = self.config.num_layers // self.config.layers_per_group
+        shape = (groups, self.config.layers_per_group, batch, slots, attention.cache_heads, attention.head_dim)
+        sharding = jax.sharding.NamedSharding(self.mesh, self.cache_spec())
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.embed.embedding.dtype), out_shardings=sharding)
+        return KVCache(zeros(), zeros())
+
+    def prefill(self, tokens: jax.Array, start: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Runs the prompts ``tokens [B, P]`` (left-padded: row b's prompt starts
+        at ``start[b]``) once, filling cache slots ``0 .. P-1``. Returns the logits
+        ``[B, vocab]`` of the last position, and the cache."""
+        return self.decode(tokens, jnp.zeros((), jnp.int32), start, cache)
+
+    def decode(self, tokens: jax.Array, cursor: jax.Array, start: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Extends every row by ``tokens [B, S]`` (S = 1 when decoding) in cache
+        slots ``cursor .. cursor+S-1``; returns the logits ``[B, vocab]`` of the
+        last one, and the cache. One region: the model's collectives, no others."""
+        self._check_cached(tokens.shape[0])
+        rows = P(self.batch_axes)
+        logits, cache = enter_tensor_region(
+            self, lambda self, *args: self.local_decode(*args), tokens, cursor, start, cache,
+            arg_specs=(rows, P(), rows, self.cache_spec(self.axes)),
+            out_specs=(P(self.batch_axes, self.vocab_axes), self.cache_spec(self.axes)), axes=self.axes,
+        )
+        return logits[:, : self.config.vocab_size], cache
+
+    def local_decode(self, tokens, cursor, start, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One rank's math for ``decode``: this rank's vocabulary slice of the last
+        position's logits ``[B, vocab_i]``, and its cache shards."""
+        x = self.embed(tokens)
+        graphdef, stacked = nnx.split(self.layers)
+        stacked = jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stacked)  # [v, G/v] -> [G]
+
+        def one_group(x, group):
+            group_state, group_cache = group
+            return nnx.merge(graphdef, group_state).decode(x, group_cache, cursor, start)
+
+        x, cache = jax.lax.scan(one_group, x, (stacked, cache))
+        x = self.final_norm(x[:, -1:])
+        head = self.embed if self.head is None else self.head
+        return head.local_attend(x)[:, 0], cache
+
+    def cache_spec(self, axes=None) -> P:
+        """PartitionSpec of the cache buffers (restricted to region ``axes`` when given)."""
+        attention_spec = tuple(self.layers.blocks[0].attention.cache_spec)
+        spec = P(None, None, self.batch_axes or None, *attention_spec[1:])
+        return spec if axes is None else spec_for_region(spec, axes)
+
+    def _check_cached(self, batch: int) -> None:
+        if self.mesh.shape[PIPELINE] > 1 or self.config.sequence_parallel:
+            raise ValueError(
+                "Generation with a KV cache needs a model built with mesh.pipeline=1 and "
+                "sequence_parallel=false (the parameters are the same; restore them onto such a mesh)."
+            )
+        rows = math.prod(self.mesh.shape[a] for a in BATCH_AXES)
+        if batch % rows:
+            raise ValueError(f"batch {batch} must be divisible by mesh data x expert = {rows}.")
 
     # --- one rank's math --------------------------------------------------------
 
