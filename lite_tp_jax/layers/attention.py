@@ -249,7 +249,9 @@ class ParallelAttention(nnx.Module):
         """How ``[batch, slots, kv heads, head_dim]`` cache buffers split over "tensor"."""
         return P(None, None, TENSOR if self.kv_sharded else None, None)
 
-    def decode(self, x: jax.Array, cache: KVCache, cursor: jax.Array, start: jax.Array) -> tuple[jax.Array, KVCache]:
+    def decode(
+        self, x: jax.Array, cache: KVCache, layer: tuple, cursor: jax.Array, start: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
         """One rank's math with a KV cache (generation; no gradients).
 
         ``x [B, S, features]`` (replicated over "tensor") holds the new tokens of
@@ -257,14 +259,16 @@ class ParallelAttention(nnx.Module):
         ``cursor = 0``, then one token per step). Row ``b`` starts at slot
         ``start[b]`` (left padding), so a token in slot ``t`` has position
         ``t - start[b]`` for RoPE and attends to the slots ``start[b] .. t``.
-        The new keys and values are written into ``cache`` (this rank's kv
-        heads, or all of them when they are replicated; fixed ``slots``, so one
-        compiled step serves every position). Returns ``(y, cache)``;
-        communication: the one all-reduce of ``local``.
+        ``cache`` holds the buffers of every layer, ``[..., B, slots, kv heads,
+        head_dim]``; this layer's are ``cache.key[layer]`` (this rank's kv
+        heads, or all of them when they are replicated). The new keys and
+        values are written there first (in place, into fixed-size buffers),
+        then read with the rest. Returns ``(y, cache)``; communication: the
+        one all-reduce of ``local``.
         """
-        new, slots = x.shape[1], cache.key.shape[1]
-        query_slots = cursor + jnp.arange(new)
-        positions = query_slots[None, :] - start[:, None]  # [B, S]
+        new = x.shape[1]
+        new_slots = cursor + jnp.arange(new)
+        positions = new_slots[None, :] - start[:, None]  # [B, S]
         q = self._project(self.query, x, self.num_heads)
         kv_heads = self.num_kv_heads if self.kv_sharded else None
         k = self._project(self.key, x, kv_heads)  # replicated kv: computed from replicated x, so cached replicated
@@ -272,26 +276,44 @@ class ParallelAttention(nnx.Module):
         if self.rope_theta is not None:
             q = apply_rotary(q, positions, self.rope_theta)
             k = apply_rotary(k, positions, self.rope_theta)
-        cache = KVCache(
-            jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cursor, axis=1),
-            jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cursor, axis=1),
-        )
-        keys = self._kv_per_query_head(cache.key, q.shape[2])
-        values = self._kv_per_query_head(cache.value, q.shape[2])
+        at = (*layer, 0, cursor, 0, 0)
+        cache = KVCache(*(
+            jax.lax.dynamic_update_slice(buffer, new_entries.astype(buffer.dtype)[(None,) * len(layer)], at)
+            for buffer, new_entries in zip(cache, (k, v))
+        ))
+        keys, values = cache.key[layer], cache.value[layer]  # [B, slots, kv heads, D]
 
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys, preferred_element_type=jnp.float32)
-        logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
-        key_slots = jnp.arange(slots)
-        visible = (key_slots <= query_slots[:, None]) & (key_slots >= start[:, None, None])  # [B, S, slots]
+        logits = self._scores(q, keys) / jnp.sqrt(jnp.float32(self.head_dim))  # [B, local heads, S, slots]
+        key_slots = jnp.arange(keys.shape[1])
+        visible = (key_slots <= new_slots[:, None]) & (key_slots >= start[:, None, None])  # [B, S, slots]
         logits = jnp.where(visible[:, None], logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-        o = jnp.einsum("bhqk,bkhd->bqhd", weights, values)
+        o = self._mix(weights, values)
 
         out_kernel = mask_padding(self.out.kernel[...], 0, self.num_heads)
         y = reduce_from_tensor_region(jnp.einsum("bqhd,hdf->bqf", o, out_kernel))
         if self.out.bias is not None:
             y = y + self.out.bias[...]
         return y, cache
+
+    def _scores(self, q: jax.Array, keys: jax.Array) -> jax.Array:
+        """``q [B, S, local heads, D]`` . ``keys [B, T, kv heads, D]`` -> ``[B, local heads, S, T]``
+        (float32); with sharded kv heads grouped, so the keys are not repeated per query head."""
+        b, s, h, d = q.shape
+        if self.kv_sharded:
+            grouped = q.reshape(b, s, h // self.group, self.group, d)
+            scores = jnp.einsum("bskgd,btkd->bkgst", grouped, keys, preferred_element_type=jnp.float32)
+            return scores.reshape(b, h, s, keys.shape[1])
+        keys = self._kv_per_query_head(keys, h)
+        return jnp.einsum("bshd,bthd->bhst", q, keys, preferred_element_type=jnp.float32)
+
+    def _mix(self, weights: jax.Array, values: jax.Array) -> jax.Array:
+        """``weights [B, local heads, S, T]`` x ``values [B, T, kv heads, D]`` -> ``[B, S, local heads, D]``."""
+        b, h, s, t = weights.shape
+        if self.kv_sharded:
+            grouped = weights.reshape(b, h // self.group, self.group, s, t)
+            return jnp.einsum("bkgst,btkd->bskgd", grouped, values).reshape(b, s, h, values.shape[-1])
+        return jnp.einsum("bhst,bthd->bshd", weights, self._kv_per_query_head(values, h))
 
     @staticmethod
     def _project(projection: _Projection, x: jax.Array, logical_heads: int | None) -> jax.Array:

@@ -115,9 +115,9 @@ class Block(nnx.Module):
             return x + y, stats
         return x + self.mlp(self.mlp_norm(x)), zero_stats()
 
-    def decode(self, x, cache: KVCache, cursor, start) -> tuple[jax.Array, KVCache]:
-        """``local`` with the attention reading and extending its KV cache."""
-        h, cache = self.attention.decode(self.attention_norm(x), cache, cursor, start)
+    def decode(self, x, cache: KVCache, layer: tuple, cursor, start) -> tuple[jax.Array, KVCache]:
+        """``local`` with the attention extending and reading the KV cache (its buffers ``cache.key[layer]``)."""
+        h, cache = self.attention.decode(self.attention_norm(x), cache, layer, cursor, start)
         x = x + h
         y = self.mlp(self.mlp_norm(x))
         return x + (y[0] if isinstance(self.mlp, MoEMLP) else y), cache
@@ -140,13 +140,12 @@ class LayerGroup(nnx.Module):
             stats = jax.tree.map(jnp.add, stats, block_stats)
         return x, stats
 
-    def decode(self, x, cache: KVCache, cursor, start) -> tuple[jax.Array, KVCache]:
-        """``cache``: ``[blocks, B, slots, kv heads, head_dim]``, one entry per block."""
-        caches = []
+    def decode(self, x, cache: KVCache, group: jax.Array, cursor, start) -> tuple[jax.Array, KVCache]:
+        """``cache``: every layer's buffers ``[groups, blocks, B, slots, kv heads,
+        head_dim]``; block i of this group uses ``[group, i]``."""
         for i, block in enumerate(self.blocks):
-            x, block_cache = block.decode(x, KVCache(cache.key[i], cache.value[i]), cursor, start)
-            caches.append(block_cache)
-        return x, KVCache(*(jnp.stack(buffers) for buffers in zip(*caches)))
+            x, cache = block.decode(x, cache, (group, i), cursor, start)
+        return x, cache
 
 
 def remat_policy(remat: Remat):
@@ -284,11 +283,12 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
         stacked = jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stacked)  # [v, G/v] -> [G]
 
-        def one_group(x, group):
-            group_state, group_cache = group
-            return nnx.merge(graphdef, group_state).decode(x, group_cache, cursor, start)
+        def one_group(carry, group):  # the cache is carried whole and updated in place
+            group_state, index = group
+            return nnx.merge(graphdef, group_state).decode(*carry, index, cursor, start), None
 
-        x, cache = jax.lax.scan(one_group, x, (stacked, cache))
+        groups = jax.tree.leaves(stacked)[0].shape[0]
+        (x, cache), _ = jax.lax.scan(one_group, (x, cache), (stacked, jnp.arange(groups)))
         x = self.final_norm(x[:, -1:])
         head = self.embed if self.head is None else self.head
         return head.local_attend(x)[:, 0], cache
