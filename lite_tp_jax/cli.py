@@ -118,12 +118,16 @@ def _generate(args) -> int:
         model, tokenizer = load_trained_model(args.run_dir), ByteTokenizer()
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    for piece in stream_text(model, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                             seed=args.seed, tokenizer=tokenizer):
-        sys.stdout.write(piece)
+    try:
+        for piece in stream_text(model, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                 seed=args.seed, tokenizer=tokenizer):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except FloatingPointError as error:  # NaN parameters: a bad checkpoint, not text of NUL bytes
+        raise ValueError(f"{args.hf or args.run_dir}: {error}") from error
+    finally:
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
     return 0
 
 

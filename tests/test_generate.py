@@ -214,7 +214,7 @@ def _snapshot(directory):
     return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
 
 
-def test_cli_generate_streams_and_writes_nothing(tmp_path, monkeypatch):
+def test_cli_generate_streams_and_writes_nothing(tmp_path, monkeypatch, capsys):
     """A run directory holding a checkpoint: stdout gets the prompt, then each
     piece of text as it is produced (flushed); the run directory is unchanged."""
     from lite_tp_jax.train.checkpoint import Checkpointer
@@ -249,3 +249,12 @@ def test_cli_generate_streams_and_writes_nothing(tmp_path, monkeypatch):
     assert len(writes) >= 3  # the prompt, at least one piece, the newline
     assert all(recorder.events[i + 1] == ("flush", None) for i, (k, _) in enumerate(recorder.events[:-1]) if k == "write")
     assert _snapshot(run) == before
+
+    # A checkpoint whose parameters are NaN: exit 2 with one line, not text of NUL bytes.
+    state = nnx.state((model, optimizer))
+    state = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+    Checkpointer(run / "checkpoints", keep=1).save(2, state, {"step": 2, "data_position": 2})
+    monkeypatch.undo()
+    code = main(["generate", "--run-dir", str(run), "--prompt", "ab", "--max-new-tokens", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
