@@ -199,15 +199,23 @@ def test_left_pad_rejects_empty_prompts():
         (["--top-k", "-2"], "top_k must be an integer >= 0"),
         (["--top-p", "0"], "top_p must be in (0, 1]"),
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--hf", "{tmp}/no-model"], "No config.json in"),
+        (["--hf", "{tmp}/no-model", "--tensor", "0"], "--tensor must be a positive integer"),
+        (["--hf", "{tmp}/no-model", "--run-dir", "{tmp}/run"], "not allowed with argument"),
     ],
 )
 def test_cli_generate_checks_its_arguments_before_loading(flags, message, capsys, tmp_path):
     """The run directory does not exist: the argument error comes first, and nothing is created."""
-    code = main(["generate", "--run-dir", str(tmp_path / "run"), "--prompt", "x", *flags])
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    source = [] if "--hf" in flags else ["--run-dir", str(tmp_path / "run")]
+    try:
+        code = main(["generate", *source, "--prompt", "x", *flags])
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "no-model").exists()
 
 
 def _snapshot(directory):
