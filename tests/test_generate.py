@@ -266,3 +266,13 @@ def test_cli_generate_streams_and_writes_nothing(tmp_path, monkeypatch, capsys):
     code = main(["generate", "--run-dir", str(run), "--prompt", "ab", "--max-new-tokens", "5"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cache_refuses_what_it_cannot_serve():
+    """Sequence parallelism and pipeline stages are not used when generating: one sentence says how to load instead."""
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="needs a model built with mesh.pipeline=1 and sequence_parallel=false"):
+        _model(replace(GQA, sequence_parallel=True), tp_mesh(2)).new_cache(2, 8)
+    with pytest.raises(ValueError, match="batch 3 must be divisible by mesh data x expert = 2"):
+        _model(PADDED_KV, make_mesh(data=2, tensor=2, devices=jax.devices()[:4])).new_cache(3, 8)  # meshes and shapes of the cases above
