@@ -47,8 +47,9 @@ from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import all_gather
 from lite_tp_jax.mesh import make_mesh_for
-from lite_tp_jax.models.transformer import BATCH_AXES, Transformer
-from lite_tp_jax.sharding import enter_tensor_region, padded_size
+from lite_tp_jax.models.transformer import Transformer
+from lite_tp_jax.plan.rules import BATCH_AXES, padded_size
+from lite_tp_jax.parallel.region import run_in_region
 from lite_tp_jax.train.checkpoint import CheckpointError, Checkpointer
 from lite_tp_jax.train.config import ConfigError, load_config
 from lite_tp_jax.train.data import decode as decode_bytes
@@ -175,14 +176,15 @@ class Generator:
             token, finite = pick(logits, noise[0] if noise else None, sampling, vocab_size, vocab)
             return token, finite, cache
 
-        args, specs = [tokens, cursor, start, cache], [rows, P(), rows, model.cache_spec(axes)]
+        args, specs = [tokens, cursor, start, cache], [rows, P(), rows, model.cache_spec]
         if not sampling.greedy:  # Gumbel noise for the logical vocabulary, drawn shard by shard
             noise = jax.random.gumbel(key, (tokens.shape[0], vocab_size), jnp.float32)
             noise = jnp.pad(noise, ((0, 0), (0, self.padded_vocab - vocab_size)))
             args.append(jax.lax.with_sharding_constraint(noise, NamedSharding(model.mesh, P(model.batch_axes, vocab))))
             specs.append(P(model.batch_axes, vocab))
-        return enter_tensor_region(
-            model, body, *args, arg_specs=tuple(specs), out_specs=(rows, rows, model.cache_spec(axes)), axes=axes
+        return run_in_region(
+            model, body, *args, mesh=model.mesh, arg_specs=tuple(specs), out_specs=(rows, rows, model.cache_spec),
+            row_axes=model.batch_axes, axes=axes,
         )
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int = 0) -> Iterator[np.ndarray]:
