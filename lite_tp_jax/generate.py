@@ -32,6 +32,7 @@ same tokens (tested); ``benchmarks/generate.py`` compares their speed.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -150,26 +151,15 @@ def left_pad(prompts: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, n
 # --- the cached path ----------------------------------------------------------------
 
 
-class Generator:
-    """Compiled prefill and decode steps of ``model`` for one ``sampling``.
+@functools.lru_cache(maxsize=32)
+def _compiled_step(graphdef, sampling: Sampling, padded_vocab: int):
+    """The jitted prefill/decode step for one model structure and sampling (shared
+    by every Generator of it, so each shape compiles once per process)."""
 
-    ``stream(prompts, max_new_tokens)`` yields the next token of every prompt,
-    one step at a time. Compiles once per (batch, prompt width) for the prefill
-    and once per (batch, slots) for the decode step."""
-
-    def __init__(self, model: Transformer, sampling: Sampling = Sampling()):
-        self.model, self.sampling = model, sampling
-        self.graphdef, self.state = nnx.split(model)
-        self.rows = math.prod(model.mesh.shape[axis] for axis in BATCH_AXES)
-        head = model.embed if model.head is None else model.head
-        self.padded_vocab = head.embedding.shape[0]
-        self._step = jax.jit(self._step_fn, donate_argnames=("cache",))
-
-    def _step_fn(self, state, tokens, cursor, start, cache, key):
+    def step(state, tokens, cursor, start, cache, key):
         """Extends the rows by ``tokens`` at ``cursor``; returns (next tokens, finite, cache)."""
-        model = nnx.merge(self.graphdef, state)
-        rows, axes, vocab = P(model.batch_axes), model.axes, model.vocab_axes
-        sampling, vocab_size = self.sampling, model.config.vocab_size
+        model = nnx.merge(graphdef, state)
+        rows, vocab, vocab_size = P(model.batch_axes), model.vocab_axes, model.config.vocab_size
 
         def body(model, tokens, cursor, start, cache, *noise):
             logits, cache = model.local_decode(tokens, cursor, start, cache)
@@ -179,13 +169,30 @@ class Generator:
         args, specs = [tokens, cursor, start, cache], [rows, P(), rows, model.cache_spec]
         if not sampling.greedy:  # Gumbel noise for the logical vocabulary, drawn shard by shard
             noise = jax.random.gumbel(key, (tokens.shape[0], vocab_size), jnp.float32)
-            noise = jnp.pad(noise, ((0, 0), (0, self.padded_vocab - vocab_size)))
+            noise = jnp.pad(noise, ((0, 0), (0, padded_vocab - vocab_size)))
             args.append(jax.lax.with_sharding_constraint(noise, NamedSharding(model.mesh, P(model.batch_axes, vocab))))
             specs.append(P(model.batch_axes, vocab))
         return run_in_region(
             model, body, *args, mesh=model.mesh, arg_specs=tuple(specs), out_specs=(rows, rows, model.cache_spec),
-            row_axes=model.batch_axes, axes=axes,
+            row_axes=model.batch_axes, axes=model.axes,
         )
+
+    return jax.jit(step, donate_argnames=("cache",))
+
+
+class Generator:
+    """Compiled prefill and decode steps of ``model`` for one ``sampling``.
+
+    ``stream(prompts, max_new_tokens)`` yields the next token of every prompt,
+    one step at a time. Compiles once per (batch, prompt width) for the prefill
+    and once per (batch, slots) for the decode step."""
+
+    def __init__(self, model: Transformer, sampling: Sampling = Sampling()):
+        self.model, self.sampling = model, sampling
+        graphdef, self.state = nnx.split(model)
+        self.rows = math.prod(model.mesh.shape[axis] for axis in BATCH_AXES)
+        head = model.embed if model.head is None else model.head
+        self._step = _compiled_step(graphdef, sampling, head.embedding.shape[0])
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int = 0) -> Iterator[np.ndarray]:
         """Yields ``max_new_tokens`` times the next token of every prompt, ``[len(prompts)]``."""
@@ -219,6 +226,18 @@ class Generator:
 # --- the path without a cache ------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled_forward(graphdef):
+    """Greedy next tokens of right-padded rows from a forward over the whole window."""
+
+    @jax.jit
+    def next_tokens(state, window, lengths):
+        logits = nnx.merge(graphdef, state)(window)
+        return jnp.argmax(jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], axis=-1)
+
+    return next_tokens
+
+
 def greedy_without_cache(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Iterator[np.ndarray]:
     """Greedy generation that runs the model over the whole window
     ``[B, longest prompt + max_new_tokens]`` for every new token (rows
@@ -231,12 +250,7 @@ def greedy_without_cache(model: Transformer, prompts: Sequence[Sequence[int]], m
     for i, prompt in enumerate(prompts):
         window[i, : len(prompt)], lengths[i] = prompt, len(prompt)
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def next_tokens(state, window, lengths):
-        logits = nnx.merge(graphdef, state)(window)
-        return jnp.argmax(jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], axis=-1)
-
+    next_tokens = _compiled_forward(graphdef)
     sharding = NamedSharding(model.mesh, P(model.batch_axes))
     for _ in range(max_new_tokens):
         token = np.asarray(next_tokens(state, jax.device_put(window, sharding), jax.device_put(lengths, sharding)))
