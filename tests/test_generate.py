@@ -43,15 +43,18 @@ def _model(config: ModelConfig, mesh) -> Transformer:
 
 @pytest.fixture(scope="module")
 def reference():
-    """Greedy tokens and the logits of every position, from the unsharded model without a cache."""
+    """Greedy tokens from the unsharded model without a cache, and (GQA) the logits of every position."""
     out = {}
     for name, config in (("gqa", GQA), ("padded_kv", PADDED_KV)):
         model = _model(config, tp_mesh(1))
         tokens = np.stack(list(greedy_without_cache(model, PROMPTS, NEW_TOKENS)), axis=1)  # [rows, new]
-        window = np.zeros((len(PROMPTS), max(map(len, PROMPTS)) + NEW_TOKENS), np.int32)  # right-padded
-        for row, (prompt, new) in enumerate(zip(PROMPTS, tokens)):
-            window[row, : len(prompt) + NEW_TOKENS] = prompt + new.tolist()
-        out[name] = tokens, np.asarray(model(jnp.asarray(window)))  # causal: padding after a row cannot change it
+        logits = None
+        if name == "gqa":
+            window = np.zeros((len(PROMPTS), max(map(len, PROMPTS)) + NEW_TOKENS), np.int32)  # right-padded
+            for row, (prompt, new) in enumerate(zip(PROMPTS, tokens)):
+                window[row, : len(prompt) + NEW_TOKENS] = prompt + new.tolist()
+            logits = np.asarray(model(jnp.asarray(window)))  # causal: padding after a row cannot change it
+        out[name] = tokens, logits
     return out
 
 
@@ -63,6 +66,9 @@ CASES = {
 }
 
 
+LOGITS_CASES = ("gqa-tp3",)  # logits compared too (two more compiles): uneven, kv heads replicated
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_cached_greedy_equals_no_cache_path(case, reference):
     config, sizes = CASES[case]
@@ -72,6 +78,8 @@ def test_cached_greedy_equals_no_cache_path(case, reference):
 
     got = np.stack(list(Generator(model).stream(PROMPTS, NEW_TOKENS)), axis=1)
     np.testing.assert_array_equal(got, expected_tokens)
+    if case not in LOGITS_CASES:
+        return
 
     # The logits of prefill and of two decode steps, for every left-padded row.
     tokens, start = left_pad(PROMPTS, mesh.shape["data"])
