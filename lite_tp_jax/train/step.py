@@ -9,7 +9,7 @@ backward), and gradients of parameters replicated across data-parallel ranks
 are summed over "data" (and "expert") by the backward of their use on per-rank
 rows.
 The global gradient norm for clipping is computed over the sharded gradients
-(padding is zero, so it adds nothing).
+with one all-reduce (``parallel/grads.py``; padding is zero, so it adds nothing).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import jax
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer
+from lite_tp_jax.parallel.grads import clip_by_norm, global_norm
 from lite_tp_jax.plan.rules import batch_spec, param_shardings
 from lite_tp_jax.train.config import TrainConfig
 
@@ -53,15 +53,13 @@ def _decay_mask(params: nnx.State) -> Any:
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(train.grad_clip),
-        optax.adamw(
-            learning_rate_schedule(train),
-            b1=train.b1,
-            b2=train.b2,
-            weight_decay=train.weight_decay,
-            mask=_decay_mask,
-        ),
+    """AdamW; gradients arrive clipped by their global norm (``TrainStep``)."""
+    return optax.adamw(
+        learning_rate_schedule(train),
+        b1=train.b1,
+        b2=train.b2,
+        weight_decay=train.weight_decay,
+        mask=_decay_mask,
     )
 
 
@@ -90,6 +88,7 @@ class TrainStep:
     def __init__(self, model: Transformer, optimizer: nnx.Optimizer, train: TrainConfig):
         self.model, self.optimizer = model, optimizer
         self.schedule = learning_rate_schedule(train)
+        self.grad_clip = train.grad_clip
         self.microbatches = train.microbatches
         mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
@@ -107,9 +106,10 @@ class TrainStep:
             return model.loss(tokens, targets, self.microbatches)
 
         (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        grad_norm = global_norm(grads, model.mesh)  # one all-reduce
         lr = self.schedule(optimizer.step[...])
-        optimizer.update(model, grads)
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": lr}
+        optimizer.update(model, clip_by_norm(grads, grad_norm, self.grad_clip))
+        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "lr": lr}
         return nnx.state((model, optimizer)), metrics
 
     def lower(self, tokens: jax.Array, targets: jax.Array):
