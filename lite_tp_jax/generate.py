@@ -201,6 +201,12 @@ class Generator:
             return
         tokens, start = left_pad(prompts, self.rows)
         batch, width = tokens.shape
+        limit = self.model.config.max_positions if self.model.positions is not None else None
+        if limit is not None and width + max_new_tokens > limit:
+            raise ValueError(
+                f"the longest prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's {limit} learned positions; shorten the prompt or generate fewer tokens."
+            )
         slots = padded_size(width + max_new_tokens, SLOT_ROUNDING)
         sharding = NamedSharding(self.model.mesh, P(self.model.batch_axes))
         start = jax.device_put(start, sharding)
