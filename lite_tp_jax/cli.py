@@ -101,6 +101,7 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
+    import json
     from pathlib import Path
 
     from lite_tp_jax.mesh import provide_cpu_devices
@@ -126,10 +127,8 @@ def _generate(args) -> int:
         import lite_tp_jax
         from lite_tp_jax.mesh import make_mesh_for
 
-        if not hasattr(lite_tp_jax, "from_pretrained"):
-            raise ValueError("--hf needs lite_tp_jax.from_pretrained, which this version does not have yet.")
+        tokenizer = load_tokenizer(args.hf, json.loads((Path(args.hf) / "config.json").read_text()).get("vocab_size", 0))
         model = lite_tp_jax.from_pretrained(args.hf, mesh=make_mesh_for({"tensor": args.tensor}))
-        tokenizer = load_tokenizer(args.hf)
     else:
         model, tokenizer = load_trained_model(args.run_dir), ByteTokenizer()
     sys.stdout.write(args.prompt)

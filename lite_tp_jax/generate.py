@@ -293,15 +293,19 @@ class HFTokenizer:
         return self.tokenizer.decode(list(ids))
 
 
-def load_tokenizer(model_dir: str | os.PathLike):
-    """The model directory's ``tokenizer.json`` when it has one and ``tokenizers``
-    is installed, else byte-level."""
+def load_tokenizer(model_dir: str | os.PathLike, vocab_size: int):
+    """The model directory's ``tokenizer.json`` through the ``tokenizers`` package,
+    or byte-level when it has none (only for vocabularies of at most 256)."""
     path = Path(model_dir) / "tokenizer.json"
     if path.exists():
         try:
             return HFTokenizer(path)
         except ImportError:
-            pass
+            reason = f"{path} needs the tokenizers package (pip install tokenizers)"
+    else:
+        reason = f"{model_dir} has no tokenizer.json"
+    if vocab_size > 256:
+        raise ValueError(f"{reason}, and its vocabulary of {vocab_size} is not byte-level tokens.")
     return ByteTokenizer()
 
 

@@ -284,3 +284,28 @@ def test_cache_refuses_what_it_cannot_serve():
         _model(replace(GQA, sequence_parallel=True), tp_mesh(2)).new_cache(2, 8)
     with pytest.raises(ValueError, match="batch 3 must be divisible by mesh data x expert = 2"):
         _model(PADDED_KV, make_mesh(data=2, tensor=2, devices=jax.devices()[:4])).new_cache(3, 8)  # meshes and shapes of the cases above
+
+
+def test_cli_generate_from_a_hugging_face_checkpoint(capsys):
+    """``--hf`` on the stored tiny GPT-2 (learned positions, LayerNorm, biases, fused
+    c_attn) at TP 3 with the cache prints the text of the no-cache greedy tokens of
+    the unsharded model (no tokenizer.json, vocabulary 101: byte-level)."""
+    from pathlib import Path
+
+    from lite_tp_jax import from_pretrained
+
+    gpt2 = Path(__file__).resolve().parent / "data" / "hf" / "gpt2"
+    unsharded = from_pretrained(gpt2, mesh=tp_mesh(1))
+    expected = [int(t[0]) for t in greedy_without_cache(unsharded, [[97, 98]], 5)]
+    code = main(["generate", "--hf", str(gpt2), "--tensor", "3", "--prompt", "ab", "--max-new-tokens", "5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out == "ab" + ByteTokenizer().decode(expected) + "\n"
+
+    # Logits with the cache at TP 3, left-padded rows: the learned positions count from each row's start.
+    tokens, start = left_pad(PROMPTS, 1)
+    model = from_pretrained(gpt2, mesh=tp_mesh(3))
+    logits, _ = model.prefill(jnp.asarray(tokens), jnp.asarray(start), model.new_cache(len(PROMPTS), tokens.shape[1]))
+    for row, prompt in enumerate(PROMPTS):
+        want = np.asarray(unsharded(jnp.asarray([prompt])))[0, -1]
+        assert max_relative_error(np.asarray(logits)[row], want) <= 1e-5, row
