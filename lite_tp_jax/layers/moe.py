@@ -115,7 +115,11 @@ class _Weights(nnx.Module):
 def _all_to_all(x: jax.Array, split_axis: int, concat_axis: int) -> jax.Array:
     """All-to-all over "expert": ``split_axis`` is cut into ``ep`` chunks, chunk j
     goes to expert rank j, and the chunks received are concatenated along
-    ``concat_axis`` in rank order. Autodiff's transpose is the reverse all-to-all."""
+    ``concat_axis`` in rank order. Autodiff's transpose is the reverse all-to-all.
+    Nothing to exchange where "expert" is not manual (a model leaves an axis of
+    size 1 to the partitioner)."""
+    if EXPERT not in jax.sharding.get_abstract_mesh().manual_axes:
+        return x
     y = jax.lax.all_to_all(x, check_axis(EXPERT), split_axis, concat_axis, tiled=True)
     return checkpoint_name(y, COLLECTIVE_OUTPUT)
 

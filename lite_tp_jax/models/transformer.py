@@ -99,11 +99,9 @@ def check_batch(config: ModelConfig, mesh: Mesh, rows: int, seq_len: int, microb
 
 
 def region_axes(config: ModelConfig, mesh: Mesh) -> frozenset[str]:
-    """The axes manual in the model's region: "tensor", those of size > 1, and
-    "expert" whenever there are experts. (Axes of size 1 are left out, so no
-    trivial collectives over them appear.)"""
-    used = {axis for axis in AXES if mesh.shape[axis] > 1}
-    return frozenset({TENSOR, *used, *([EXPERT] if config.moe_every else [])})
+    """The axes manual in the model's region: "tensor" and those of size > 1.
+    (Axes of size 1 are left out, so no trivial collectives over them appear.)"""
+    return frozenset({TENSOR, *(axis for axis in AXES if mesh.shape[axis] > 1)})
 
 
 def make_norm(config: ModelConfig, *, mesh: Mesh, rules: PartitionRules, rngs: nnx.Rngs, role: str = "norm") -> RMSNorm | LayerNorm:
