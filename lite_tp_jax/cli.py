@@ -2,6 +2,11 @@
 
     lite-tp train CONFIG [--set KEY=VALUE]... [--run-dir DIR]
     lite-tp generate --run-dir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
+    lite-tp launch --processes N [--devices-per-process D] -- train|generate ARGS...
+
+``train`` and ``generate`` join a multi-process run (``jax.distributed``) when
+the environment describes one: ``lite-tp launch`` on one machine, or SLURM,
+Open MPI or ``JAX_COORDINATOR_ADDRESS`` on a cluster (docs/multi-host.md).
 
 Exit codes: 0 success; 2 bad input (config, mesh, data, checkpoint), one line
 on stderr and no traceback; 1 a failure at run time.
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import traceback
 
@@ -40,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=200)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     generate.add_argument("--seed", type=int, default=0)
+
+    launch = commands.add_parser("launch", help="run train or generate in several local processes, one mesh")
+    launch.add_argument("--processes", type=int, required=True, help="number of processes (each a 'host')")
+    launch.add_argument("--devices-per-process", type=int, default=None,
+                        help="fake CPU devices per process (default: the mesh's devices / processes)")
+    launch.add_argument("worker", nargs=argparse.REMAINDER, metavar="-- train|generate ARGS",
+                        help="the lite-tp command every process runs")
     return parser
 
 
@@ -55,12 +68,30 @@ def _devices_needed(mesh_config) -> int:
     return math.prod(size for size in (mesh_config.data, mesh_config.pipeline, mesh_config.expert, mesh_config.tensor) if size > 0)
 
 
+def _start_devices(config) -> None:
+    """Joins a multi-process run if the environment describes one (its devices
+    are then set by the launcher or the cluster); otherwise provides fake CPU
+    devices for the mesh when there is no accelerator. Before any jax operation."""
+    from lite_tp_jax.mesh import provide_cpu_devices, start_cluster
+
+    if config.train.deterministic:
+        _use_deterministic_gpu_ops()
+    if not start_cluster():
+        provide_cpu_devices(_devices_needed(config.mesh))
+
+
+def _use_deterministic_gpu_ops() -> None:
+    """XLA's ``--xla_gpu_deterministic_ops`` (no effect on CPU); read when jax starts."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
+
+
 def _train(args) -> int:
-    from lite_tp_jax.mesh import provide_cpu_devices
     from lite_tp_jax.train.config import load_config
 
     config = load_config(args.config, args.overrides)
-    provide_cpu_devices(_devices_needed(config.mesh))  # fake CPU devices when there is no accelerator
+    _start_devices(config)
 
     from lite_tp_jax.train.loop import Trainer
 
@@ -70,6 +101,10 @@ def _train(args) -> int:
     except Exception:
         traceback.print_exc()
         return RUNTIME_FAILURE
+    from lite_tp_jax.train.loop import is_primary
+
+    if not is_primary():
+        return 0
     if records:
         print(f"trained steps {records[0]['step']}..{records[-1]['step']}: "
               f"loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; run dir {args.run_dir}")
@@ -81,26 +116,61 @@ def _train(args) -> int:
 def _generate(args) -> int:
     from pathlib import Path
 
-    from lite_tp_jax.mesh import provide_cpu_devices
+    from lite_tp_jax.mesh import start_cluster
     from lite_tp_jax.train.config import load_config
 
     config_path = Path(args.run_dir) / "config.yaml"
     if config_path.exists():
-        provide_cpu_devices(_devices_needed(load_config(config_path).mesh))
+        _start_devices(load_config(config_path))
+    else:
+        start_cluster()
 
     from lite_tp_jax.train.generate import generate, load_trained_model
 
     model, window = load_trained_model(args.run_dir)
     text = generate(model, window, args.prompt, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, seed=args.seed)
-    print(text)
+    import jax
+
+    if jax.process_index() == 0:
+        print(text)
     return 0
+
+
+def _launch(args) -> int:
+    from pathlib import Path
+
+    from lite_tp_jax.launch import launch
+    from lite_tp_jax.train.config import ConfigError, load_config
+
+    worker = args.worker[1:] if args.worker[:1] == ["--"] else args.worker
+    if worker[:1] not in (["train"], ["generate"]):
+        raise ConfigError(f"launch runs 'train' or 'generate', got {' '.join(worker) or 'nothing'}; "
+                          f"e.g. lite-tp launch --processes 2 -- train configs/tiny.yaml")
+    if args.processes < 1:
+        raise ConfigError(f"--processes must be at least 1, got {args.processes}")
+    worker_args = _parser().parse_args(worker)  # bad worker arguments: exit 2 here, once
+    run_dir = Path(worker_args.run_dir)
+    devices = args.devices_per_process
+    if devices is None:
+        config = (load_config(worker_args.config, worker_args.overrides) if worker_args.command == "train"
+                  else load_config(run_dir / "config.yaml"))
+        sizes = (config.mesh.data, config.mesh.pipeline, config.mesh.expert, config.mesh.tensor)
+        if -1 in sizes:
+            raise ConfigError("a mesh axis is -1 (inferred); give --devices-per-process")
+        if math.prod(sizes) % args.processes:
+            raise ConfigError(f"the mesh's {math.prod(sizes)} devices do not split evenly over "
+                              f"--processes {args.processes}; choose a divisor or give --devices-per-process")
+        devices = math.prod(sizes) // args.processes
+    if devices < 1:
+        raise ConfigError(f"--devices-per-process must be at least 1, got {devices}")
+    return launch(worker, args.processes, devices, run_dir / "logs")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "generate": _generate}[args.command](args)
+        return {"train": _train, "generate": _generate, "launch": _launch}[args.command](args)
     except _bad_input_errors() as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"lite-tp: error: {message}", file=sys.stderr)

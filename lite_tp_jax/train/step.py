@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lite_tp_jax.collectives import deterministic_collectives
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import BATCH_AXES, Transformer
 from lite_tp_jax.train.config import TrainConfig
@@ -93,12 +94,15 @@ class TrainStep:
 
     The step is compiled once; state buffers are donated so parameters and
     optimizer moments are updated without a second copy in device memory.
+    With ``train.deterministic`` it is traced in deterministic-collectives mode
+    (every reduction in fixed rank order, see ``collectives.py``).
     """
 
     def __init__(self, model: Transformer, optimizer: nnx.Optimizer, train: TrainConfig):
         self.model, self.optimizer = model, optimizer
         self.schedule = learning_rate_schedule(train)
         self.microbatches = train.microbatches
+        self.deterministic = train.deterministic
         mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
         shardings = state_shardings(state, mesh)
@@ -122,10 +126,12 @@ class TrainStep:
 
     def lower(self, tokens: jax.Array, targets: jax.Array):
         """The lowered step (for HLO inspection) without running it."""
-        return self._step.lower(nnx.state((self.model, self.optimizer)), tokens, targets)
+        with deterministic_collectives(self.deterministic):
+            return self._step.lower(nnx.state((self.model, self.optimizer)), tokens, targets)
 
     def __call__(self, tokens: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
         state = nnx.state((self.model, self.optimizer))
-        new_state, metrics = self._step(state, tokens, targets)
+        with deterministic_collectives(self.deterministic):
+            new_state, metrics = self._step(state, tokens, targets)
         nnx.update((self.model, self.optimizer), new_state)
         return metrics

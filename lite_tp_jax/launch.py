@@ -1,0 +1,174 @@
+"""``lite-tp launch``: several local processes that form one mesh.
+
+    lite-tp launch --processes N [--devices-per-process D] -- train|generate ARGS...
+
+Starts N copies of ``lite-tp ARGS...`` on this machine. Each gets D fake CPU
+devices (default: the mesh's device count / N) and joins the others through
+``jax.distributed.initialize`` with a coordinator on 127.0.0.1 at a free port
+(``mesh.start_cluster`` reads the ``LITE_TP_*`` variables set here). Together
+they hold one global mesh, exactly as one process per host would on a cluster.
+
+Output: process 0's standard output is shown here; everything every process
+writes (standard output and error) goes to ``RUN_DIR/logs/rank-K.log``, without
+Gloo's "Rank N is connected" chatter. If a process fails to start or exits
+with an error, the others are stopped (SIGKILL: JAX's preemption handler
+swallows SIGTERM) and the launcher exits non-zero (2 if that process reported
+bad input) after printing the failed process's last error line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+BAD_INPUT = 2
+RUNTIME_FAILURE = 1
+_GLOO_CHATTER = re.compile(r"\[Gloo\]|is connected to \d+ peer ranks")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_environment(rank: int, processes: int, devices_per_process: int, port: int) -> dict[str, str]:
+    """The environment of process ``rank``: how to reach the coordinator, and its devices."""
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.update(
+        LITE_TP_COORDINATOR=f"127.0.0.1:{port}",
+        LITE_TP_NUM_PROCESSES=str(processes),
+        LITE_TP_PROCESS_ID=str(rank),
+        JAX_NUM_CPU_DEVICES=str(devices_per_process),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@dataclass
+class _Worker:
+    rank: int
+    process: subprocess.Popen
+    log: TextIO
+    last_error: str = ""
+    last_output: str = ""
+    exited_at: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    readers: list[threading.Thread] = field(default_factory=list)
+
+    def read(self, stream: TextIO, echo: TextIO | None, is_stderr: bool) -> None:
+        for line in stream:
+            if _GLOO_CHATTER.search(line):
+                continue
+            with self.lock:
+                self.log.write(line)
+                self.log.flush()
+            if line.strip():
+                if is_stderr:
+                    self.last_error = line.strip()
+                else:
+                    self.last_output = line.strip()
+            if echo is not None:
+                echo.write(line)
+                echo.flush()
+
+
+def run_processes(
+    argv: Sequence[str],
+    environments: Sequence[dict[str, str]],
+    log_dir: str | os.PathLike,
+    *,
+    echo: TextIO | None = None,
+    errors: TextIO | None = None,
+    poll_s: float = 0.05,
+) -> int:
+    """Runs ``argv`` once per environment and supervises the processes.
+
+    Process 0's standard output is copied to ``echo`` (default: stdout); every
+    process's output goes to ``log_dir/rank-K.log``. Returns 0 when all exit
+    with 0. When one fails to start or exits non-zero, the others are killed,
+    one line naming it and its last error line goes to ``errors`` (default:
+    stderr), and 2 is returned if it exited with 2 (bad input), else 1.
+    """
+    echo = sys.stdout if echo is None else echo
+    errors = sys.stderr if errors is None else errors
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    workers: list[_Worker] = []
+    try:
+        for rank, env in enumerate(environments):
+            log = open(log_dir / f"rank-{rank}.log", "w")
+            try:
+                process = subprocess.Popen(
+                    list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    errors="replace", start_new_session=True,
+                )
+            except OSError as error:
+                log.close()
+                _stop(workers)
+                print(f"lite-tp launch: process {rank} failed to start: {error}", file=errors)
+                return RUNTIME_FAILURE
+            worker = _Worker(rank, process, log)
+            for stream, out, is_stderr in ((process.stdout, echo if rank == 0 else None, False), (process.stderr, None, True)):
+                reader = threading.Thread(target=worker.read, args=(stream, out, is_stderr), daemon=True)
+                reader.start()
+                worker.readers.append(reader)
+            workers.append(worker)
+        failed = _wait(workers, poll_s)
+    except KeyboardInterrupt:
+        _stop(workers)
+        return 130
+    _stop(workers)
+    if failed is None:
+        return 0
+    code = failed.process.returncode
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    last = failed.last_error or failed.last_output or "(no output)"
+    print(f"lite-tp launch: process {failed.rank} {how}: {last}  [log: {log_dir / f'rank-{failed.rank}.log'}]", file=errors)
+    return BAD_INPUT if code == BAD_INPUT else RUNTIME_FAILURE
+
+
+def _wait(workers: list[_Worker], poll_s: float) -> _Worker | None:
+    """Waits until all exit (returns None) or one exits non-zero (returns the first)."""
+    while True:
+        now = time.monotonic()
+        for worker in workers:
+            if worker.exited_at is None and worker.process.poll() is not None:
+                worker.exited_at = now
+        failures = [w for w in workers if w.exited_at is not None and w.process.returncode != 0]
+        if failures:
+            return min(failures, key=lambda w: (w.exited_at, w.rank))
+        if all(w.exited_at is not None for w in workers):
+            return None
+        time.sleep(poll_s)
+
+
+def _stop(workers: list[_Worker]) -> None:
+    """Kills the processes still running (SIGKILL), then drains their output."""
+    for worker in workers:
+        if worker.process.poll() is None:
+            os.killpg(worker.process.pid, signal.SIGKILL)  # its own session: the worker and its children
+    for worker in workers:
+        worker.process.wait()
+        for reader in worker.readers:
+            reader.join(timeout=5)
+        worker.log.close()
+
+
+def launch(command: Sequence[str], processes: int, devices_per_process: int, log_dir: str | os.PathLike) -> int:
+    """``lite-tp COMMAND...`` in ``processes`` local processes joined into one mesh."""
+    port = free_port()
+    environments = [worker_environment(rank, processes, devices_per_process, port) for rank in range(processes)]
+    return run_processes([sys.executable, "-m", "lite_tp_jax.cli", *command], environments, log_dir)
