@@ -9,7 +9,9 @@ backward), and gradients of parameters replicated across data-parallel ranks
 are summed over "data" (and "expert") by the backward of their use on per-rank
 rows.
 The global gradient norm for clipping is computed over the sharded gradients
-(padding is zero, so it adds nothing).
+(padding is zero, so it adds nothing): each device sums its shard's squares and
+``collectives.all_reduce`` adds them over the axes that split the parameter,
+so in deterministic mode the norm, too, is summed in fixed rank order.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.collectives import deterministic_collectives
+from lite_tp_jax.collectives import all_reduce, deterministic_collectives
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import BATCH_AXES, Transformer
 from lite_tp_jax.train.config import TrainConfig
@@ -52,9 +55,46 @@ def _decay_mask(params: nnx.State) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+Norm = Callable[[Any], jax.Array]
+
+
+def sharded_global_norm(model: nnx.Module) -> Norm:
+    """``norm(tree)``: the L2 norm of a tree shaped like ``model``'s parameters
+    (as ``nnx.Optimizer`` passes gradients), from per-device sums of squares
+    all-reduced over the mesh axes that split each parameter."""
+    mesh = model.mesh
+    params = nnx.state(model, nnx.Param)
+    specs = nnx.as_pure(jax.tree.map(lambda v: P(*(v.get_metadata().get("out_sharding") or ())), params,
+                                     is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+    def sum_of_squares(tree):
+        total = jnp.zeros((), jnp.float32)
+        for x, spec in zip(jax.tree.leaves(tree), jax.tree.leaves(specs)):
+            axes = tuple(name for entry in spec if entry for name in ((entry,) if isinstance(entry, str) else entry))
+            local = jnp.sum(jnp.square(x.astype(jnp.float32)))
+            total = total + (all_reduce(local, axes) if axes else local)
+        return total
+
+    def norm(tree):
+        return jnp.sqrt(jax.shard_map(sum_of_squares, mesh=mesh, in_specs=(specs,), out_specs=P())(tree))
+
+    return norm
+
+
+def clip_by_global_norm(max_norm: float, norm: Norm = optax.tree.norm) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` (same formula, same empty state) with the norm given."""
+
+    def update(updates, state, params=None):
+        g_norm = norm(updates)
+        scale = lambda t: jax.lax.select(g_norm < max_norm, t, (t / g_norm.astype(t.dtype)) * max_norm)  # noqa: E731
+        return jax.tree.map(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(train: TrainConfig, norm: Norm = optax.tree.norm) -> optax.GradientTransformation:
     return optax.chain(
-        optax.clip_by_global_norm(train.grad_clip),
+        clip_by_global_norm(train.grad_clip, norm),
         optax.adamw(
             learning_rate_schedule(train),
             b1=train.b1,
@@ -71,7 +111,7 @@ def create_model_and_optimizer(
     """A sharded model (initialised from ``train.seed``, identically for any mesh)
     and its optimizer, whose state is sharded like the parameters."""
     model = Transformer(model_config, mesh=mesh, rngs=nnx.Rngs(train.seed))
-    optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, make_optimizer(train, sharded_global_norm(model)), wrt=nnx.Param)
     return model, optimizer
 
 
@@ -104,6 +144,7 @@ class TrainStep:
         self.microbatches = train.microbatches
         self.deterministic = train.deterministic
         mesh = model.mesh
+        self.norm = sharded_global_norm(model)
         self.graphdef, state = nnx.split((model, optimizer))
         shardings = state_shardings(state, mesh)
         self._step: Callable = jax.jit(
@@ -121,7 +162,7 @@ class TrainStep:
         (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         lr = self.schedule(optimizer.step[...])
         optimizer.update(model, grads)
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": lr}
+        metrics = {"loss": loss, **metrics, "grad_norm": self.norm(nnx.as_pure(grads)), "lr": lr}
         return nnx.state((model, optimizer)), metrics
 
     def lower(self, tokens: jax.Array, targets: jax.Array):
