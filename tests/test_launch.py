@@ -62,6 +62,54 @@ def test_mesh_that_cannot_fill_hosts_is_a_clear_error():
         device_grid((1, 1, 1, 6), hosts(2, 4)[:6])
 
 
+# --- start-up and data ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, False),
+        ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, False),  # one task: a one-process run
+        ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}, True),
+        ({"OMPI_COMM_WORLD_SIZE": "4"}, True),
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+        ({"LITE_TP_COORDINATOR": "127.0.0.1:1", "LITE_TP_NUM_PROCESSES": "2", "LITE_TP_PROCESS_ID": "0"}, True),
+    ],
+)
+def test_cluster_is_read_from_the_environment(monkeypatch, env, expected):
+    from lite_tp_jax.mesh import cluster_in_environment
+
+    for name in ("SLURM_NTASKS", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS",
+                 "LITE_TP_COORDINATOR", "LITE_TP_NUM_PROCESSES", "LITE_TP_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cluster_in_environment() is expected
+
+
+def test_deterministic_mode_sets_the_gpu_flag_once(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    cli._use_deterministic_gpu_ops()
+    cli._use_deterministic_gpu_ops()
+    import os
+
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_gpu_deterministic_ops=true"
+
+
+def test_device_batch_holds_the_batch():
+    from lite_tp_jax.mesh import make_mesh
+    from lite_tp_jax.train.data import Batches, device_batch, process_rows
+    from lite_tp_jax.train.step import batch_sharding
+
+    sharding = batch_sharding(make_mesh(data=2, tensor=4))
+    batches = Batches(np.arange(5000) % 256, 8, 16, seed=0)
+    assert process_rows(sharding, (8, 16)) == slice(0, 8)  # one process holds every row
+    for array, expected in zip(device_batch(batches, 3, sharding), batches.batch(3)):
+        assert array.sharding == sharding
+        np.testing.assert_array_equal(array, expected)
+    np.testing.assert_array_equal(batches.batch(3, slice(2, 5))[1], batches.batch(3)[1][2:5])
+
+
 # --- the launcher ------------------------------------------------------------------
 
 SCRIPT = """
