@@ -34,6 +34,7 @@ from typing import TextIO
 BAD_INPUT = 2
 RUNTIME_FAILURE = 1
 _GLOO_CHATTER = re.compile(r"\[Gloo\]|is connected to \d+ peer ranks")
+_NOT_THE_ERROR = re.compile(r"^(@ |\*\*\* |RPC: )")  # a native abort's stack trace and status detail
 
 
 def free_port() -> int:
@@ -75,7 +76,7 @@ class _Worker:
             with self.lock:
                 self.log.write(line)
                 self.log.flush()
-            if line.strip():
+            if line.strip() and not _NOT_THE_ERROR.match(line.strip()):
                 if is_stderr:
                     self.last_error = line.strip()
                 else:

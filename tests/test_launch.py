@@ -112,6 +112,11 @@ def test_device_batch_holds_the_batch():
 
 # --- the launcher ------------------------------------------------------------------
 
+def environments(processes: int, devices: int) -> list[dict]:
+    port = free_port()  # one coordinator for all
+    return [worker_environment(rank, processes, devices, port) for rank in range(processes)]
+
+
 SCRIPT = """
 import os, sys, time
 rank = int(os.environ["LITE_TP_PROCESS_ID"])
@@ -125,7 +130,7 @@ time.sleep(120)  # rank 0 would wait for its peer for ever
 
 
 def test_a_failing_process_stops_the_others(tmp_path, capsys):
-    envs = [worker_environment(rank, 2, 1, free_port()) for rank in range(2)]
+    envs = environments(2, 1)
     code = run_processes([sys.executable, "-c", SCRIPT], envs, tmp_path / "logs")
     out, err = capsys.readouterr()
     assert code == 1
@@ -136,8 +141,24 @@ def test_a_failing_process_stops_the_others(tmp_path, capsys):
     assert "hello from 1" in (tmp_path / "logs" / "rank-1.log").read_text()
 
 
+ABORT = r"""
+import os, sys
+sys.stderr.write("F1125 client.h:80] Terminating process because the JAX distributed service detected fatal errors.\n"
+                 "\nRPC: /xla.coordination.CoordinationService/RegisterTask\n*** Check failure stack trace: ***\n"
+                 "    @     0x7fee99b58ba3  PyObject_Vectorcall\n")
+sys.stderr.flush()
+os.abort()
+"""
+
+
+def test_an_aborted_process_reports_its_fatal_line_not_its_stack(tmp_path, capsys):
+    assert run_processes([sys.executable, "-c", ABORT], environments(1, 1), tmp_path / "logs") == 1
+    err = capsys.readouterr().err
+    assert "process 0 was killed by signal 6: F1125 client.h:80] Terminating process because" in err, err
+
+
 def test_bad_input_in_the_workers_exits_2(tmp_path, capsys):
-    envs = [worker_environment(rank, 2, 1, free_port()) for rank in range(2)]
+    envs = environments(2, 1)
     argv = [sys.executable, "-m", "lite_tp_jax.cli", "train", str(tmp_path / "missing.yaml")]
     assert run_processes(argv, envs, tmp_path / "logs") == 2
     err = capsys.readouterr().err
@@ -145,7 +166,7 @@ def test_bad_input_in_the_workers_exits_2(tmp_path, capsys):
 
 
 def test_a_process_that_cannot_start(tmp_path, capsys):
-    envs = [worker_environment(rank, 2, 1, free_port()) for rank in range(2)]
+    envs = environments(2, 1)
     assert run_processes([str(tmp_path / "no-such-program")], envs, tmp_path / "logs") == 1
     assert "process 0 failed to start" in capsys.readouterr().err
 
@@ -259,7 +280,7 @@ def test_deterministic_mode_gives_the_same_bits_on_two_processes(tmp_path):
         "default": DETERMINISTIC_MESH,
         "pipeline": PIPELINE_MESH,
     }
-    envs = [worker_environment(rank, 2, 4, free_port()) for rank in range(2)]
+    envs = environments(2, 4)
     plan = json.dumps([{"run_dir": str(tmp_path / "two" / name), "overrides": o} for name, o in runs.items()])
     assert run_processes([sys.executable, str(ROOT / "tests" / "launch_worker.py"), plan], envs, tmp_path / "logs") == 0
     here = {name: train_here(tmp_path / "one" / name, o) for name, o in runs.items()}
