@@ -166,8 +166,7 @@ def start_cluster() -> bool:
     env = os.environ
     if all(name in env for name in LAUNCH_ENV):
         jax.distributed.initialize(
-            env["LITE_TP_COORDINATOR"], int(env["LITE_TP_NUM_PROCESSES"]), int(env["LITE_TP_PROCESS_ID"]),
-            heartbeat_timeout_seconds=int(env.get("LITE_TP_HEARTBEAT_TIMEOUT_S", "100")),
+            env["LITE_TP_COORDINATOR"], int(env["LITE_TP_NUM_PROCESSES"]), int(env["LITE_TP_PROCESS_ID"])
         )
     else:
         jax.distributed.initialize()  # SLURM, Open MPI, JAX_COORDINATOR_ADDRESS: detected by JAX

@@ -273,8 +273,10 @@ def final_parameters(run_dir, overrides) -> dict[str, np.ndarray]:
 def test_deterministic_mode_gives_the_same_bits_on_two_processes(tmp_path):
     """tensor 8 over 1 process x 8 devices and over 2 processes x 4: with
     train.deterministic the losses and final parameters are bitwise equal; in
-    default mode they are not (the all-reduces across processes sum in another
-    order). The same launch also trains pipeline 2 x tensor 4 across 2 processes."""
+    default mode the parameters are not (all-reduces across processes sum in
+    another order). 8 kv heads: no k/v replicated over "tensor", whose implicit
+    gradient psum would escape the switch. The same launch also trains
+    pipeline 2 x tensor 4 across 2 processes."""
     runs = {
         "deterministic": [*DETERMINISTIC_MESH, "train.deterministic=true"],
         "default": DETERMINISTIC_MESH,
@@ -285,12 +287,17 @@ def test_deterministic_mode_gives_the_same_bits_on_two_processes(tmp_path):
     assert run_processes([sys.executable, str(ROOT / "tests" / "launch_worker.py"), plan], envs, tmp_path / "logs") == 0
     here = {name: train_here(tmp_path / "one" / name, o) for name, o in runs.items()}
 
+    def parameters(name):
+        return [final_parameters(tmp_path / where / name, runs[name]) for where in ("one", "two")]
+
     assert losses(tmp_path / "two" / "deterministic") == here["deterministic"]
-    two = final_parameters(tmp_path / "two" / "deterministic", runs["deterministic"])
-    one = final_parameters(tmp_path / "one" / "deterministic", runs["deterministic"])
+    one, two = parameters("deterministic")
     for name in one:
         np.testing.assert_array_equal(two[name], one[name], err_msg=name)
 
     np.testing.assert_allclose(losses(tmp_path / "two" / "default"), here["default"], rtol=1e-5)
-    assert losses(tmp_path / "two" / "default") != here["default"]
+    one, two = parameters("default")  # the losses print alike, but the parameters are off in the last bits
+    assert not all(np.array_equal(two[name], one[name]) for name in one)
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(losses(tmp_path / "two" / "pipeline"), here["pipeline"], rtol=1e-5)
