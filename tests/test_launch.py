@@ -272,32 +272,31 @@ def final_parameters(run_dir, overrides) -> dict[str, np.ndarray]:
 
 def test_deterministic_mode_gives_the_same_bits_on_two_processes(tmp_path):
     """tensor 8 over 1 process x 8 devices and over 2 processes x 4: with
-    train.deterministic the losses and final parameters are bitwise equal; in
-    default mode the parameters are not (all-reduces across processes sum in
-    another order). 8 kv heads: no k/v replicated over "tensor", whose implicit
-    gradient psum would escape the switch. The same launch also trains
-    pipeline 2 x tensor 4 across 2 processes."""
-    runs = {
-        "deterministic": [*DETERMINISTIC_MESH, "train.deterministic=true"],
-        "default": DETERMINISTIC_MESH,
-        "pipeline": PIPELINE_MESH,
-    }
-    envs = environments(2, 4)
-    plan = json.dumps([{"run_dir": str(tmp_path / "two" / name), "overrides": o} for name, o in runs.items()])
-    assert run_processes([sys.executable, str(ROOT / "tests" / "launch_worker.py"), plan], envs, tmp_path / "logs") == 0
-    here = {name: train_here(tmp_path / "one" / name, o) for name, o in runs.items()}
+    train.deterministic the per-step losses and final parameters are bitwise
+    equal. Default mode is not: its all-reduce of the same rows gives other
+    bits across processes (the deterministic one the same). 8 kv heads, so no
+    k/v kernel is replicated over "tensor" (its implicit gradient psum would
+    escape the switch). The same launch also trains pipeline 2 x tensor 4
+    across 2 processes."""
+    from launch_worker import all_reduce_sums
 
-    def parameters(name):
-        return [final_parameters(tmp_path / where / name, runs[name]) for where in ("one", "two")]
+    deterministic = [*DETERMINISTIC_MESH, "train.deterministic=true"]
+    plan = [{"run_dir": str(tmp_path / "two" / "deterministic"), "overrides": deterministic},
+            {"run_dir": str(tmp_path / "two" / "pipeline"), "overrides": PIPELINE_MESH},
+            {"all_reduce_to": str(tmp_path / "two" / "sums.npz")}]
+    (tmp_path / "two").mkdir()
+    worker = [sys.executable, str(ROOT / "tests" / "launch_worker.py"), json.dumps(plan)]
+    assert run_processes(worker, environments(2, 4), tmp_path / "logs") == 0
 
-    assert losses(tmp_path / "two" / "deterministic") == here["deterministic"]
-    one, two = parameters("deterministic")
+    assert losses(tmp_path / "two" / "deterministic") == train_here(tmp_path / "one", deterministic)
+    one, two = (final_parameters(path, deterministic) for path in (tmp_path / "one", tmp_path / "two" / "deterministic"))
     for name in one:
         np.testing.assert_array_equal(two[name], one[name], err_msg=name)
 
-    np.testing.assert_allclose(losses(tmp_path / "two" / "default"), here["default"], rtol=1e-5)
-    one, two = parameters("default")  # the losses print alike, but the parameters are off in the last bits
-    assert not all(np.array_equal(two[name], one[name]) for name in one)
-    for name in one:
-        np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-6, err_msg=name)
-    np.testing.assert_allclose(losses(tmp_path / "two" / "pipeline"), here["pipeline"], rtol=1e-5)
+    here, there = all_reduce_sums(), np.load(tmp_path / "two" / "sums.npz")
+    np.testing.assert_array_equal(there["deterministic"], here["deterministic"])
+    np.testing.assert_allclose(there["default"], here["default"], rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(there["default"], here["default"])
+
+    np.testing.assert_allclose(losses(tmp_path / "two" / "pipeline"), train_here(tmp_path / "pipeline", PIPELINE_MESH),
+                               rtol=1e-5)
