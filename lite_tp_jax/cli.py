@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--processes", type=int, required=True, help="number of processes (each a 'host')")
     launch.add_argument("--devices-per-process", type=int, default=None,
                         help="fake CPU devices per process (default: the mesh's devices / processes)")
+    launch.add_argument("--max-restarts", type=int, default=0,
+                        help="restart the whole job from its last checkpoint after a failure, at most this often")
+    launch.add_argument("--hang-timeout", type=float, default=None, metavar="S",
+                        help="treat S seconds without a completed training step as a failure")
     launch.add_argument("worker", nargs=argparse.REMAINDER, metavar="-- train|generate ARGS",
                         help="the lite-tp command every process runs")
     return parser
@@ -140,7 +144,7 @@ def _generate(args) -> int:
 def _launch(args) -> int:
     from pathlib import Path
 
-    from lite_tp_jax.launch import launch
+    from lite_tp_jax.fault.restart import supervise
     from lite_tp_jax.train.config import ConfigError, load_config
 
     worker = args.worker[1:] if args.worker[:1] == ["--"] else args.worker
@@ -149,6 +153,10 @@ def _launch(args) -> int:
                           f"e.g. lite-tp launch --processes 2 -- train configs/tiny.yaml")
     if args.processes < 1:
         raise ConfigError(f"--processes must be at least 1, got {args.processes}")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be at least 0, got {args.max_restarts}")
+    if args.hang_timeout is not None and not args.hang_timeout > 0:
+        raise ConfigError(f"--hang-timeout must be a positive number of seconds, got {args.hang_timeout}")
     worker_args = _parser().parse_args(worker)  # bad worker arguments: exit 2 here, once
     run_dir = Path(worker_args.run_dir)
     devices = args.devices_per_process
@@ -164,7 +172,7 @@ def _launch(args) -> int:
         devices = math.prod(sizes) // args.processes
     if devices < 1:
         raise ConfigError(f"--devices-per-process must be at least 1, got {devices}")
-    return launch(worker, args.processes, devices, run_dir / "logs")
+    return supervise(worker, args.processes, devices, run_dir, max_restarts=args.max_restarts, hang_timeout=args.hang_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

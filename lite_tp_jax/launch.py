@@ -1,6 +1,6 @@
 """``lite-tp launch``: several local processes that form one mesh.
 
-    lite-tp launch --processes N [--devices-per-process D] -- train|generate ARGS...
+    lite-tp launch --processes N [--devices-per-process D] [--max-restarts K] [--hang-timeout S] -- train|generate ARGS...
 
 Starts N copies of ``lite-tp ARGS...`` on this machine. Each gets D fake CPU
 devices (default: the mesh's device count / N) and joins the others through
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -86,6 +86,20 @@ class _Worker:
                 echo.flush()
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a launch ended: the exit code, and for a failure the rank that failed
+    first (None for a hang) and why, in one line."""
+
+    code: int
+    rank: int | None = None
+    cause: str = ""
+
+
+Watchdog = Callable[[], "str | None"]
+"""Polled while the processes run; a returned string stops them all as a failure (a hang)."""
+
+
 def run_processes(
     argv: Sequence[str],
     environments: Sequence[dict[str, str]],
@@ -103,11 +117,28 @@ def run_processes(
     one line naming it and its last error line goes to ``errors`` (default:
     stderr), and 2 is returned if it exited with 2 (bad input), else 1.
     """
+    return run_attempt(argv, environments, log_dir, echo=echo, errors=errors, poll_s=poll_s).code
+
+
+def run_attempt(
+    argv: Sequence[str],
+    environments: Sequence[dict[str, str]],
+    log_dir: str | os.PathLike,
+    *,
+    echo: TextIO | None = None,
+    errors: TextIO | None = None,
+    poll_s: float = 0.05,
+    watchdog: Watchdog | None = None,
+) -> Outcome:
+    """``run_processes``, returning the ``Outcome``; ``watchdog`` may declare a hang.
+    SIGTERM to this process is passed on to every worker (preemption: they save
+    at the next step boundary and exit), and the launch then ends with their codes."""
     echo = sys.stdout if echo is None else echo
     errors = sys.stderr if errors is None else errors
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     workers: list[_Worker] = []
+    forward = _forward_sigterm(workers)
     try:
         for rank, env in enumerate(environments):
             log = open(log_dir / f"rank-{rank}.log", "w")
@@ -120,29 +151,54 @@ def run_processes(
                 log.close()
                 _stop(workers)
                 print(f"lite-tp launch: process {rank} failed to start: {error}", file=errors)
-                return RUNTIME_FAILURE
+                return Outcome(RUNTIME_FAILURE, rank, f"failed to start: {error}")
             worker = _Worker(rank, process, log)
             for stream, out, is_stderr in ((process.stdout, echo if rank == 0 else None, False), (process.stderr, None, True)):
                 reader = threading.Thread(target=worker.read, args=(stream, out, is_stderr), daemon=True)
                 reader.start()
                 worker.readers.append(reader)
             workers.append(worker)
-        failed = _wait(workers, poll_s)
+        failed, hang = _wait(workers, poll_s, watchdog)
     except KeyboardInterrupt:
         _stop(workers)
-        return 130
+        return Outcome(130, None, "interrupted")
+    finally:
+        forward.restore()
     _stop(workers)
+    if hang is not None:
+        print(f"lite-tp launch: {hang}; stopped every process", file=errors)
+        return Outcome(RUNTIME_FAILURE, None, hang)
     if failed is None:
-        return 0
+        return Outcome(0)
     code = failed.process.returncode
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     last = failed.last_error or failed.last_output or "(no output)"
     print(f"lite-tp launch: process {failed.rank} {how}: {last}  [log: {log_dir / f'rank-{failed.rank}.log'}]", file=errors)
-    return BAD_INPUT if code == BAD_INPUT else RUNTIME_FAILURE
+    return Outcome(BAD_INPUT if code == BAD_INPUT else RUNTIME_FAILURE, failed.rank, f"process {failed.rank} {how}: {last}")
 
 
-def _wait(workers: list[_Worker], poll_s: float) -> _Worker | None:
-    """Waits until all exit (returns None) or one exits non-zero (returns the first)."""
+class _forward_sigterm:
+    """While installed (main thread only), SIGTERM is sent on to every worker."""
+
+    def __init__(self, workers: list[_Worker]):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: self._forward(workers))
+
+    @staticmethod
+    def _forward(workers: list[_Worker]) -> None:
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _wait(workers: list[_Worker], poll_s: float, watchdog: Watchdog | None = None) -> tuple[_Worker | None, str | None]:
+    """Waits until all exit (None, None), one exits non-zero (it, None), or the
+    watchdog reports a hang (None, its message)."""
     while True:
         now = time.monotonic()
         for worker in workers:
@@ -150,9 +206,12 @@ def _wait(workers: list[_Worker], poll_s: float) -> _Worker | None:
                 worker.exited_at = now
         failures = [w for w in workers if w.exited_at is not None and w.process.returncode != 0]
         if failures:
-            return min(failures, key=lambda w: (w.exited_at, w.rank))
+            return min(failures, key=lambda w: (w.exited_at, w.rank)), None
         if all(w.exited_at is not None for w in workers):
-            return None
+            return None, None
+        hang = watchdog() if watchdog is not None else None
+        if hang is not None:
+            return None, hang
         time.sleep(poll_s)
 
 
@@ -166,10 +225,3 @@ def _stop(workers: list[_Worker]) -> None:
         for reader in worker.readers:
             reader.join(timeout=5)
         worker.log.close()
-
-
-def launch(command: Sequence[str], processes: int, devices_per_process: int, log_dir: str | os.PathLike) -> int:
-    """``lite-tp COMMAND...`` in ``processes`` local processes joined into one mesh."""
-    port = free_port()
-    environments = [worker_environment(rank, processes, devices_per_process, port) for rank in range(processes)]
-    return run_processes([sys.executable, "-m", "lite_tp_jax.cli", *command], environments, log_dir)
