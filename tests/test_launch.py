@@ -178,6 +178,7 @@ def test_a_process_that_cannot_start(tmp_path, capsys):
          "4 devices do not split evenly over --processes 3"),
         (["launch", "--processes", "2", "--", "train", str(TINY), "--set", "train.stepz=4"], "train.stepz"),
         (["launch", "--processes", "2", "--", "plan"], "launch runs 'train' or 'generate'"),
+        (["launch", "--processes", "2", "--", "train", str(TINY), "--set", "mesh.spares=1"], "set mesh.spares=0"),
     ],
 )
 def test_bad_launch_arguments_exit_2(argv, message, capsys):
