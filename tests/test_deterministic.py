@@ -5,6 +5,8 @@ The bitwise 1 x 8 vs 2 x 4 process comparison of a whole training run is in
 tests/test_launch.py (it needs several processes).
 """
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +107,28 @@ def test_switch_is_part_of_the_jit_key(mesh):
         assert kinds() == ["all-gather", "all-to-all"]
     assert kinds() == ["all-reduce"]
     assert not C.deterministic()
+
+
+def test_every_sum_of_the_training_step_is_switched():
+    """The compiled deterministic TrainStep (data 2 x tensor 4, sequence
+    parallel: gradient sums over "data", tensor all-reduces and reduce-scatters,
+    loss and norm sums) adds nothing with all-reduce or reduce-scatter: its only
+    all-reduce is the cross-entropy's max, which is exact in any order."""
+    import re
+    from dataclasses import asdict
+
+    from lite_tp_jax.mesh import make_mesh_for
+    from lite_tp_jax.train.config import load_config
+    from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    config = load_config(tiny, ["mesh.data=2", "mesh.tensor=4", "model.sequence_parallel=true",
+                                               "train.deterministic=true"])
+    mesh = make_mesh_for(asdict(config.mesh))
+    step = TrainStep(*create_model_and_optimizer(config.model, config.train, mesh), config.train)
+    tokens = jax.device_put(np.zeros((8, 64), np.int32), batch_sharding(mesh))
+    hlo = step.lower(tokens, tokens).compile().as_text()
+    kinds = {c.kind for c in collectives(hlo)}
+    assert kinds == {"all-to-all", "all-gather", "all-reduce"}, kinds
+    reductions = [line for line in hlo.splitlines() if re.search(r" (all-reduce|reduce-scatter)(-start)?\(", line)]
+    assert reductions and all(re.search(r'op_name="[^"]*/pmax"', line) for line in reductions), reductions

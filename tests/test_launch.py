@@ -178,6 +178,7 @@ def test_a_process_that_cannot_start(tmp_path, capsys):
          "4 devices do not split evenly over --processes 3"),
         (["launch", "--processes", "2", "--", "train", str(TINY), "--set", "train.stepz=4"], "train.stepz"),
         (["launch", "--processes", "2", "--", "plan"], "launch runs 'train' or 'generate'"),
+        (["launch", "--processes", "2", "--", "train", str(TINY), "--set", "mesh.spares=1"], "set mesh.spares=0"),
     ],
 )
 def test_bad_launch_arguments_exit_2(argv, message, capsys):
@@ -247,7 +248,7 @@ def test_four_processes_resume_a_one_process_checkpoint(one_process_run, tmp_pat
     np.testing.assert_allclose(losses(run_dir), reference[4:], rtol=1e-5)
 
 
-DETERMINISTIC_MESH = ["mesh.tensor=8", "model.num_heads=8", "model.num_kv_heads=8", "train.steps=3"]
+DETERMINISTIC_MESH = ["mesh.tensor=8", "train.steps=3"]
 PIPELINE_MESH = ["mesh.pipeline=2", "mesh.tensor=4", "train.microbatches=2", "train.steps=2"]
 
 
@@ -274,10 +275,9 @@ def test_deterministic_mode_gives_the_same_bits_on_two_processes(tmp_path):
     """tensor 8 over 1 process x 8 devices and over 2 processes x 4: with
     train.deterministic the per-step losses and final parameters are bitwise
     equal. Default mode is not: its all-reduce of the same rows gives other
-    bits across processes (the deterministic one the same). 8 kv heads, so no
-    k/v kernel is replicated over "tensor" (its implicit gradient psum would
-    escape the switch). The same launch also trains pipeline 2 x tensor 4
-    across 2 processes."""
+    bits across processes (the deterministic one the same). The tensor axis
+    spans both processes, and the 2 kv heads are replicated over it. The same
+    launch also trains pipeline 2 x tensor 4 across 2 processes."""
     from launch_worker import all_reduce_sums
 
     deterministic = [*DETERMINISTIC_MESH, "train.deterministic=true"]
