@@ -8,6 +8,12 @@
     lite-tp plan CONFIG [--set KEY=VALUE]... [--json] [--check]
                  [--devices N --memory-gb M --device-profile h100|h200|a100|tpu-v5e|cpu]
     lite-tp bench CONFIG [--set KEY=VALUE]... [--json] [--steps N] [--out FILE.json]
+    lite-tp launch --processes N [--devices-per-process D] [--max-restarts K] [--hang-timeout S]
+                   -- train|generate ARGS...
+
+``train`` and ``generate`` join a multi-process run (``jax.distributed``) when
+the environment describes one: ``lite-tp launch`` on one machine, or SLURM,
+Open MPI or ``JAX_COORDINATOR_ADDRESS`` on a cluster (docs/multi-host.md).
 
 Exit codes: 0 success; 2 bad input (config, mesh, data, checkpoint), one line
 on stderr and no traceback; 1 a failure at run time; 3 a device failed and no
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import traceback
 
@@ -53,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
     generate.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set holding P of the mass")
     generate.add_argument("--seed", type=int, default=0)
+
+    launch = commands.add_parser("launch", help="run train or generate in several local processes, one mesh")
+    launch.add_argument("--processes", type=int, required=True, help="number of processes (each a 'host')")
+    launch.add_argument("--devices-per-process", type=int, default=None,
+                        help="fake CPU devices per process (default: the mesh's devices / processes)")
+    launch.add_argument("--max-restarts", type=int, default=0,
+                        help="restart the whole job from its last checkpoint after a failure, at most this often")
+    launch.add_argument("--hang-timeout", type=float, default=None, metavar="S",
+                        help="treat S seconds without a completed training step as a failure")
+    launch.add_argument("worker", nargs=argparse.REMAINDER, metavar="-- train|generate ARGS",
+                        help="the lite-tp command every process runs")
 
     convert = commands.add_parser("convert", help="Hugging Face model directory <-> run directory")
     direction = convert.add_mutually_exclusive_group(required=True)
@@ -106,12 +124,30 @@ def _devices_needed(mesh_config) -> int:
     return math.prod(size for size in sizes if size > 0) + mesh_config.spares
 
 
+def _start_devices(config) -> None:
+    """Joins a multi-process run if the environment describes one (its devices
+    are then set by the launcher or the cluster); otherwise provides fake CPU
+    devices for the mesh when there is no accelerator. Before any jax operation."""
+    from lite_tp_jax.mesh import provide_cpu_devices, start_cluster
+
+    if config.train.deterministic:
+        _use_deterministic_gpu_ops()
+    if not start_cluster():
+        provide_cpu_devices(_devices_needed(config.mesh))
+
+
+def _use_deterministic_gpu_ops() -> None:
+    """XLA's ``--xla_gpu_deterministic_ops`` (no effect on CPU); read when jax starts."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
+
+
 def _train(args) -> int:
-    from lite_tp_jax.mesh import provide_cpu_devices
     from lite_tp_jax.train.config import load_config
 
     config = load_config(args.config, args.overrides)
-    provide_cpu_devices(_devices_needed(config.mesh))  # fake CPU devices when there is no accelerator
+    _start_devices(config)
 
     from lite_tp_jax.fault.spare import DEVICE_LOST_EXIT, DeviceLost
     from lite_tp_jax.train.loop import Trainer
@@ -125,6 +161,10 @@ def _train(args) -> int:
     except Exception:
         traceback.print_exc()
         return RUNTIME_FAILURE
+    from lite_tp_jax.train.loop import is_primary
+
+    if not is_primary():
+        return 0
     if records:
         print(f"trained steps {records[0]['step']}..{records[-1]['step']}: "
               f"loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; run dir {args.run_dir}")
@@ -137,7 +177,7 @@ def _generate(args) -> int:
     import json
     from pathlib import Path
 
-    from lite_tp_jax.mesh import provide_cpu_devices
+    from lite_tp_jax.mesh import provide_cpu_devices, start_cluster
 
     # Everything about the arguments is checked before a model is loaded.
     sampling = _sampling(args)
@@ -146,13 +186,16 @@ def _generate(args) -> int:
             raise ValueError(f"--tensor must be a positive integer, got {args.tensor}.")
         if not (Path(args.hf) / "config.json").exists():
             raise FileNotFoundError(f"No config.json in {args.hf}; --hf takes a Hugging Face model directory.")
-        provide_cpu_devices(args.tensor)
+        if not start_cluster():
+            provide_cpu_devices(args.tensor)
     else:
         from lite_tp_jax.train.config import load_config
 
         config_path = Path(args.run_dir) / "config.yaml"
         if config_path.exists():
-            provide_cpu_devices(_devices_needed(load_config(config_path).mesh))
+            _start_devices(load_config(config_path))
+        else:
+            start_cluster()
 
     from lite_tp_jax.generate import ByteTokenizer, load_tokenizer, load_trained_model, stream_text
 
@@ -185,6 +228,43 @@ def _sampling(args):
 
     check_max_new_tokens(args.max_new_tokens)
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def _launch(args) -> int:
+    from pathlib import Path
+
+    from lite_tp_jax.fault.restart import supervise
+    from lite_tp_jax.train.config import ConfigError, load_config
+
+    worker = args.worker[1:] if args.worker[:1] == ["--"] else args.worker
+    if worker[:1] not in (["train"], ["generate"]):
+        raise ConfigError(f"launch runs 'train' or 'generate', got {' '.join(worker) or 'nothing'}; "
+                          f"e.g. lite-tp launch --processes 2 -- train configs/tiny.yaml")
+    if args.processes < 1:
+        raise ConfigError(f"--processes must be at least 1, got {args.processes}")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be at least 0, got {args.max_restarts}")
+    if args.hang_timeout is not None and not args.hang_timeout > 0:
+        raise ConfigError(f"--hang-timeout must be a positive number of seconds, got {args.hang_timeout}")
+    worker_args = _parser().parse_args(worker)  # bad worker arguments: exit 2 here, once
+    run_dir = Path(worker_args.run_dir)
+    config = (load_config(worker_args.config, worker_args.overrides) if worker_args.command == "train"
+              else load_config(run_dir / "config.yaml"))
+    if config.mesh.spares:
+        raise ConfigError(f"'mesh.spares' ({config.mesh.spares}) replaces devices within one process; "
+                          f"launch runs several, so set mesh.spares=0")
+    devices = args.devices_per_process
+    if devices is None:
+        sizes = (config.mesh.data, config.mesh.pipeline, config.mesh.expert, config.mesh.tensor)
+        if -1 in sizes:
+            raise ConfigError("a mesh axis is -1 (inferred); give --devices-per-process")
+        if math.prod(sizes) % args.processes:
+            raise ConfigError(f"the mesh's {math.prod(sizes)} devices do not split evenly over "
+                              f"--processes {args.processes}; choose a divisor or give --devices-per-process")
+        devices = math.prod(sizes) // args.processes
+    if devices < 1:
+        raise ConfigError(f"--devices-per-process must be at least 1, got {devices}")
+    return supervise(worker, args.processes, devices, run_dir, max_restarts=args.max_restarts, hang_timeout=args.hang_timeout)
 
 
 def _convert(args) -> int:
@@ -267,7 +347,8 @@ def _bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "generate": _generate, "convert": _convert, "plan": _plan, "bench": _bench}[args.command](args)
+        commands = {"train": _train, "generate": _generate, "launch": _launch, "convert": _convert, "plan": _plan, "bench": _bench}
+        return commands[args.command](args)
     except _bad_input_errors() as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"lite-tp: error: {message}", file=sys.stderr)

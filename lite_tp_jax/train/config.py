@@ -96,6 +96,7 @@ class TrainConfig:
     b2: float = 0.95
     grad_clip: float = 1.0
     microbatches: int = 1  # pipeline microbatches per step (per data-parallel replica)
+    deterministic: bool = False  # reductions in fixed rank order: same bits on any process layout
 
 
 DataSource = Literal["stdlib", "text", "tokens"]

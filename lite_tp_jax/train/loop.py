@@ -8,6 +8,11 @@ A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``
 (one JSON object per step) and ``checkpoints/``. Starting on a directory that
 already has a checkpoint resumes from it: parameters, optimizer state and the
 data position, so the loss curve continues exactly as if never interrupted.
+
+In a run of several processes every process trains and checkpoints its
+shards; only process 0 prints progress and writes ``config.yaml`` and
+``metrics.jsonl`` (``lite-tp launch`` keeps the others' output in
+``logs/rank-K.log``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from lite_tp_jax.models.transformer import check_batch
 from lite_tp_jax.models.transformer import check_fits_mesh as model_fits_mesh
 from lite_tp_jax.train.config import Config, ConfigError, dump_config, key_path
 from lite_tp_jax.validate import FitError
-from lite_tp_jax.train.data import Batches, load_tokens
+from lite_tp_jax.train.data import Batches, device_batch, load_tokens
 from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
 
 
@@ -66,6 +71,11 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def is_primary() -> bool:
+    """True in the process that writes the run's files and prints (process 0)."""
+    return jax.process_index() == 0
+
+
 class Trainer:
     def __init__(self, config: Config, run_dir: str | os.PathLike):
         self.config = config
@@ -82,10 +92,13 @@ class Trainer:
             state, progress = self.checkpointer.restore(nnx.state((self.model, self.optimizer)), self.mesh)
             nnx.update((self.model, self.optimizer), state)
             self.start_step = int(progress["step"])
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, self.run_dir / "config.yaml")
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.start_step)
+        self.metrics = self._open_run_files() if is_primary() else None
         self.step = TrainStep(self.model, self.optimizer, train)
+
+    def _open_run_files(self) -> MetricsLog:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(self.config, self.run_dir / "config.yaml")
+        return MetricsLog(self.run_dir / "metrics.jsonl", self.start_step)
 
     def run(self, *, show_progress: bool = True) -> list[dict]:
         """Trains from the resumed step to ``train.steps``; returns this run's metrics."""
@@ -94,13 +107,13 @@ class Trainer:
         progress = Progress(
             TextColumn("step {task.completed}/{task.total}"), BarColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tokens_per_s]:,.0f} tok/s"),
-            TimeRemainingColumn(), disable=not show_progress,
+            TimeRemainingColumn(), disable=not (show_progress and is_primary()),
         )
         with progress:
             task = progress.add_task("train", total=train.steps, completed=self.start_step, loss=float("nan"), tokens_per_s=0.0)
             for position in range(self.start_step, train.steps):
                 self.spares.before_step(self, position)  # an injected device failure: a spare takes over
-                inputs, targets = (jax.device_put(a, batch_sharding(self.mesh)) for a in self.batches.batch(position))
+                inputs, targets = device_batch(self.batches, position, batch_sharding(self.mesh))
                 started = time.perf_counter()
                 metrics = jax.device_get(self.step(inputs, targets))
                 elapsed = time.perf_counter() - started
@@ -112,7 +125,8 @@ class Trainer:
                 }
                 if not np.isfinite(record["loss"]):
                     raise FloatingPointError(f"loss became {record['loss']} at step {position + 1}.")
-                self.metrics.append(record)
+                if self.metrics is not None:
+                    self.metrics.append(record)
                 records.append(record)
                 progress.update(task, completed=position + 1, loss=record["loss"], tokens_per_s=record["tokens_per_s"])
                 if (position + 1) % every == 0 or position + 1 == train.steps:

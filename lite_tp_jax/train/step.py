@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from lite_tp_jax.collectives import deterministic_collectives
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer
 from lite_tp_jax.parallel.grads import clip_by_norm, global_norm
@@ -85,6 +86,8 @@ class TrainStep:
 
     The step is compiled once; state buffers are donated so parameters and
     optimizer moments are updated without a second copy in device memory.
+    With ``train.deterministic`` it is traced (and cached) in deterministic
+    mode: every reduction in fixed rank order (``collectives.py``).
     """
 
     def __init__(self, model: Transformer, optimizer: nnx.Optimizer, train: TrainConfig):
@@ -92,6 +95,7 @@ class TrainStep:
         self.schedule = learning_rate_schedule(train)
         self.grad_clip = train.grad_clip
         self.microbatches = train.microbatches
+        self.deterministic = train.deterministic
         mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
         shardings = param_shardings(state, mesh)
@@ -116,10 +120,12 @@ class TrainStep:
 
     def lower(self, tokens: jax.Array, targets: jax.Array):
         """The lowered step (for HLO inspection) without running it."""
-        return self._step.lower(nnx.state((self.model, self.optimizer)), tokens, targets)
+        with deterministic_collectives(self.deterministic):
+            return self._step.lower(nnx.state((self.model, self.optimizer)), tokens, targets)
 
     def __call__(self, tokens: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
         state = nnx.state((self.model, self.optimizer))
-        new_state, metrics = self._step(state, tokens, targets)
+        with deterministic_collectives(self.deterministic):
+            new_state, metrics = self._step(state, tokens, targets)
         nnx.update((self.model, self.optimizer), new_state)
         return metrics
