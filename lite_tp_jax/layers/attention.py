@@ -45,7 +45,6 @@ num_kv_heads`` query heads that attend with it (query head ``j`` uses kv head
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
@@ -71,6 +70,7 @@ from lite_tp_jax.sharding import (
     tensor_size,
     zeros_init,
 )
+from lite_tp_jax.validate import check_positive_int
 
 # Module-level so that sharded_param's jitted initialiser (static ``init``) is reused across layers.
 _projection_kernel_init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
@@ -91,9 +91,7 @@ def _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta) -> Non
     sizes = {"features": features, "num_heads": num_heads, "num_kv_heads": num_kv_heads}
     if head_dim is not None:
         sizes["head_dim"] = head_dim
-    for label, value in sizes.items():
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} {label} must be a positive integer, got {value!r}.")
+    check_positive_int(name, **sizes)
     if num_heads % num_kv_heads:
         divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
         raise ValueError(

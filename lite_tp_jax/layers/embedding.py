@@ -48,6 +48,7 @@ from lite_tp_jax.sharding import (
     sequence_spec,
     sharded_param,
 )
+from lite_tp_jax.validate import check_positive_int
 
 
 def check_integer_ids(ids: jax.Array, name: str) -> None:
@@ -79,6 +80,7 @@ class VocabParallelEmbedding(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("VocabParallelEmbedding", num_embeddings=num_embeddings, features=features)
         self.mesh = mesh
         self.num_embeddings, self.features = num_embeddings, features
         self.sequence_parallel = sequence_parallel

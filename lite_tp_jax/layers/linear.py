@@ -42,6 +42,7 @@ from lite_tp_jax.sharding import (
     tensor_size,
     zeros_init,
 )
+from lite_tp_jax.validate import check_positive_int
 
 
 class ColumnParallelLinear(nnx.Module):
@@ -72,6 +73,7 @@ class ColumnParallelLinear(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("ColumnParallelLinear", in_features=in_features, out_features=out_features)
         self.mesh = mesh
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
@@ -147,6 +149,7 @@ class RowParallelLinear(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("RowParallelLinear", in_features=in_features, out_features=out_features)
         self.mesh = mesh
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel

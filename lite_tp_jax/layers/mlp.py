@@ -27,6 +27,7 @@ from lite_tp_jax.sharding import (
     call_local,
     check_last_dim,
 )
+from lite_tp_jax.validate import check_positive_int
 
 Activation = Literal["swiglu", "gelu"]
 
@@ -46,6 +47,7 @@ class ParallelMLP(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("ParallelMLP", features=features, hidden_features=hidden_features)
         if activation not in ("swiglu", "gelu"):
             raise ValueError(f"ParallelMLP activation must be 'swiglu' or 'gelu', got {activation!r}.")
         self.mesh = mesh

@@ -104,6 +104,7 @@ from lite_tp_jax.sharding import (
     sharded_param,
     tensor_size,
 )
+from lite_tp_jax.validate import check_positive_int
 
 REGION_AXES = frozenset({EXPERT, TENSOR})
 """The manual axes of the region ``MoEMLP`` runs in."""
@@ -191,6 +192,7 @@ class MoEMLP(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("MoEMLP", features=features, hidden_features=hidden_features, num_experts=num_experts)
         expert_size = mesh.shape[EXPERT]
         if num_experts < 1 or num_experts % expert_size:
             raise ValueError(

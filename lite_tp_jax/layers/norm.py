@@ -24,6 +24,7 @@ from lite_tp_jax.sharding import (
     ones_init,
     sharded_param,
 )
+from lite_tp_jax.validate import check_positive_int
 
 
 class RMSNorm(nnx.Module):
@@ -39,6 +40,7 @@ class RMSNorm(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("RMSNorm", features=features)
         self.mesh, self.features, self.eps = mesh, features, eps
         self.sequence_parallel = sequence_parallel
         self.scale = sharded_param(ones_init, rngs.params(), (features,), P(), mesh, dtype=param_dtype)
