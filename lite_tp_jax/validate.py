@@ -1,8 +1,10 @@
-"""Argument checks shared by the layer constructors."""
+"""Input checks shared by the layers: one sentence naming what is wrong and what would be right."""
 
 from __future__ import annotations
 
 import numbers
+
+import jax
 
 
 def check_positive_int(owner: str, **sizes) -> None:
@@ -11,3 +13,17 @@ def check_positive_int(owner: str, **sizes) -> None:
     for name, value in sizes.items():
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{owner} {name} must be a positive integer, got {value!r}.")
+
+
+def check_last_dim(x: jax.Array, expected: int, name: str) -> None:
+    """``x``'s last dimension must be ``expected`` (a layer's input features)."""
+    if x.ndim < 1 or x.shape[-1] != expected:
+        raise ValueError(
+            f"{name} expects inputs whose last dimension is {expected}, got shape {tuple(x.shape)}."
+        )
+
+
+def check_rank(x: jax.Array, ndim: int, layout: str, name: str) -> None:
+    """``x`` must have ``ndim`` dims, laid out as ``layout`` (e.g. "[batch, seq, features]")."""
+    if x.ndim != ndim:
+        raise ValueError(f"{name} expects inputs {layout}, got shape {tuple(x.shape)}.")
