@@ -3,8 +3,10 @@
     lite-tp train CONFIG [--set KEY=VALUE]... [--run-dir DIR]
     lite-tp generate --run-dir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
 
-Exit codes: 0 success; 2 bad input (config, mesh, data, checkpoint), one line
-on stderr and no traceback; 1 a failure at run time.
+Exit codes: 0 success; 2 bad input (config, mesh, data, checkpoint, a run
+directory in use or not writable), one line on stderr and no traceback; 1 a
+failure at run time (a non-finite loss with ``train.on_nonfinite=stop``: one
+line); 143 preempted by SIGTERM after saving a checkpoint (rerun to continue).
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     from lite_tp_jax.train.checkpoint import CheckpointError
     from lite_tp_jax.train.config import ConfigError
     from lite_tp_jax.train.data import DataError
+    from lite_tp_jax.train.run_lock import RunLockError
 
-    return (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, RunLockError, ValueError, FileNotFoundError)
 
 
 def _devices_needed(mesh_config) -> int:
@@ -60,16 +63,31 @@ def _train(args) -> int:
     from lite_tp_jax.train.config import load_config
 
     config = load_config(args.config, args.overrides)
+    from lite_tp_jax.train.preflight import check_fake_device_count
+
+    check_fake_device_count(_devices_needed(config.mesh))
     provide_cpu_devices(_devices_needed(config.mesh))  # fake CPU devices when there is no accelerator
 
+    from lite_tp_jax.train.checkpoint import NonFiniteError
     from lite_tp_jax.train.loop import Trainer
+    from lite_tp_jax.train.preemption import PREEMPTED_EXIT_CODE
 
     trainer = Trainer(config, args.run_dir)
     try:
         records = trainer.run(show_progress=not args.no_progress)
+    except NonFiniteError as error:  # train.on_nonfinite=stop: one line, the last checkpoint kept
+        print(f"lite-tp: error: {error}", file=sys.stderr)
+        return RUNTIME_FAILURE
     except Exception:
         traceback.print_exc()
         return RUNTIME_FAILURE
+    if trainer.preempted_at is not None:
+        print(f"lite-tp: preempted (SIGTERM): checkpoint {trainer.preempted_at} saved in {args.run_dir}; "
+              f"rerun the same command to continue", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    if trainer.skipped_steps:
+        print(f"lite-tp: warning: {trainer.skipped_steps} updates were skipped for a non-finite loss or "
+              f"gradient norm (train.on_nonfinite=skip); see 'skipped' in metrics.jsonl", file=sys.stderr)
     if records:
         print(f"trained steps {records[0]['step']}..{records[-1]['step']}: "
               f"loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; run dir {args.run_dir}")

@@ -69,6 +69,9 @@ class MeshConfig:
     tensor: int = 1
 
 
+NonFinitePolicy = Literal["stop", "skip"]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation: AdamW with linear warmup then cosine decay to lr * min_lr_ratio."""
@@ -85,6 +88,7 @@ class TrainConfig:
     b2: float = 0.95
     grad_clip: float = 1.0
     microbatches: int = 1  # pipeline microbatches per step (per data-parallel replica)
+    on_nonfinite: NonFinitePolicy = "stop"  # a NaN/inf loss or gradient norm: stop (exit 1) or skip the update
 
 
 DataSource = Literal["stdlib", "text", "tokens"]

@@ -9,7 +9,10 @@ backward), and gradients of parameters replicated across data-parallel ranks
 are summed over "data" (and "expert") by the backward of their use on per-rank
 rows.
 The global gradient norm for clipping is computed over the sharded gradients
-(padding is zero, so it adds nothing).
+(padding is zero, so it adds nothing). A step whose loss or gradient norm is
+not finite leaves parameters and optimizer state as they were and reports
+``skipped = 1``; the loop decides whether to stop or go on
+(``train.on_nonfinite``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -88,6 +92,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def keep_if_not(finite: jax.Array, updated: Any, previous: Any) -> Any:
+    """``updated`` where ``finite`` (a scalar bool) holds, else ``previous``: an
+    update with a non-finite loss or gradient norm is dropped inside the compiled
+    step (a select per array, no recompile, no communication)."""
+    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, previous)
+
+
 class TrainStep:
     """``step(tokens, targets) -> metrics``: updates ``model`` and ``optimizer`` in place.
 
@@ -116,9 +127,12 @@ class TrainStep:
 
         (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         lr = self.schedule(optimizer.step[...])
+        grad_norm = optax.tree.norm(grads)
         optimizer.update(model, grads)
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": lr}
-        return nnx.state((model, optimizer)), metrics
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = keep_if_not(finite, nnx.state((model, optimizer)), state)
+        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "lr": lr, "skipped": (~finite).astype(jnp.float32)}
+        return new_state, metrics
 
     def lower(self, tokens: jax.Array, targets: jax.Array):
         """The lowered step (for HLO inspection) without running it."""
