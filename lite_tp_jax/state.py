@@ -100,7 +100,8 @@ def export_state(tree: nnx.Module | nnx.State) -> dict[str, np.ndarray]:
 def import_state(module: nnx.Module, state: Mapping[str, np.ndarray]) -> None:
     """Loads logical arrays (as ``export_state`` returns them) onto the module's
     sharded parameters, padding uneven shards. Every parameter must be given
-    with its logical shape; unknown names are an error."""
+    with its logical shape; unknown names are an error. All entries are checked
+    before any is written, so a failed import leaves the module unchanged."""
     params = flat_variables(module)
     missing = sorted(set(params) - set(state))
     unknown = sorted(set(state) - set(params))
@@ -109,11 +110,18 @@ def import_state(module: nnx.Module, state: Mapping[str, np.ndarray]) -> None:
             f"import_state: state is missing {missing or 'nothing'} and has unknown "
             f"names {unknown or 'none'}; expected exactly the names of export_state(module)."
         )
-    for name, variable in params.items():
+    values = {}
+    for name, variable in params.items():  # every entry is checked before any is written
         value = np.asarray(state[name])
         if value.shape != logical_shape(variable):
             raise ValueError(
                 f"import_state: {name!r} has shape {value.shape}, expected {logical_shape(variable)}."
             )
-        mesh = variable.get_metadata()["mesh"]
-        variable[...] = to_physical(variable, value.astype(variable.dtype), mesh)
+        if not np.can_cast(value.dtype, variable.dtype, casting="same_kind"):
+            raise ValueError(
+                f"import_state: {name!r} has dtype {value.dtype}, expected {np.dtype(variable.dtype)} "
+                f"(or a {np.dtype(variable.dtype).kind!r}-kind dtype that casts to it)."
+            )
+        values[name] = value.astype(variable.dtype)
+    for name, variable in params.items():
+        variable[...] = to_physical(variable, values[name], variable.get_metadata()["mesh"])

@@ -54,6 +54,14 @@ class NonFiniteError(FloatingPointError):
     """A NaN or infinity where training state must be finite."""
 
 
+def display_name(name: str) -> str:
+    """A checkpoint entry as users name it: ``0/embed/embedding`` of the saved
+    (model, optimizer) pair reads ``model.embed.embedding``."""
+    first, _, rest = name.partition("/")
+    owner = {"0": "model", "1": "optimizer"}.get(first)
+    return f"{owner}.{rest.replace('/', '.')}" if owner and rest else name.replace("/", ".")
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else ""
@@ -160,7 +168,7 @@ class Checkpointer:
         arrays = {name: to_logical(v) for name, v in flat_variables(state, "/").items()}
         bad = first_non_finite(arrays)
         if bad is not None:
-            raise NonFiniteError(f"refusing to save checkpoint {step}: {bad!r} holds a NaN or infinity.")
+            raise NonFiniteError(f"refusing to save checkpoint {step}: {display_name(bad)!r} holds a NaN or infinity.")
         self.wait()
         if step in self.all_steps():  # a damaged checkpoint that resuming skipped
             self._set_aside(step)
@@ -240,7 +248,7 @@ class Checkpointer:
             if restored is not None:
                 bad = first_non_finite(restored.state)
                 if bad is not None:
-                    problem, restored = f"{bad!r} holds a NaN or infinity", None
+                    problem, restored = f"{display_name(bad)!r} holds a NaN or infinity", None
             if restored is None:
                 skipped.append(candidate)
                 if step is not None:
@@ -259,11 +267,11 @@ class Checkpointer:
         """CheckpointError naming the first parameter whose name or shape differs."""
         saved = {name: tuple(meta.shape) for name, meta in self.manager.item_metadata(step).state.items()}
         for name, variable in sorted(variables.items()):
-            here = logical_shape(variable)
+            here, shown = logical_shape(variable), display_name(name)
             if name not in saved:
-                problem = f"{name!r} {list(here)} is in this model but not in the checkpoint"
+                problem = f"{shown!r} {list(here)} is in this model but not in the checkpoint"
             elif saved[name] != tuple(here):
-                problem = f"{name!r} is {list(saved[name])} in the checkpoint but {list(here)} in this model"
+                problem = f"{shown!r} is {list(saved[name])} in the checkpoint but {list(here)} in this model"
             else:
                 continue
             raise CheckpointError(
@@ -273,7 +281,7 @@ class Checkpointer:
         extra = sorted(set(saved) - set(variables))
         if extra:
             raise CheckpointError(
-                f"Checkpoint {self._step_dir(step)} does not match this model: {extra[0]!r} "
+                f"Checkpoint {self._step_dir(step)} does not match this model: {display_name(extra[0])!r} "
                 f"{list(saved[extra[0]])} is in the checkpoint but not in this model "
                 f"(a different model config? use another --run-dir to start afresh)."
             )

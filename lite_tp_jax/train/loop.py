@@ -114,10 +114,13 @@ def check_finite_step(record: dict, policy: str, last_checkpoint: int | None) ->
     when the step was skipped for a non-finite loss or gradient norm."""
     if not record["skipped"] or policy != "stop":
         return
-    name = "loss" if not math.isfinite(record["loss"]) else "grad_norm"
+    what = next(
+        (f"{name} is {record[name]}" for name in ("loss", "grad_norm") if not math.isfinite(record[name])),
+        f"the update made parameters non-finite (loss {record['loss']:.4g}, grad_norm {record['grad_norm']:.4g})",
+    )
     kept = f"checkpoint {last_checkpoint} is intact" if last_checkpoint is not None else "no checkpoint was saved"
     raise NonFiniteError(
-        f"step {record['step']}: {name} is {record[name]} (train.on_nonfinite=stop); {kept}; "
+        f"step {record['step']}: {what} (train.on_nonfinite=stop); {kept}; "
         f"lower train.lr, or set train.on_nonfinite=skip to drop such updates."
     )
 

@@ -54,5 +54,5 @@ def check_writable(directory: str | os.PathLike, what: str) -> None:
     except OSError as error:
         reason = error.strerror or type(error).__name__
         raise PreflightError(
-            f"the {what} {directory} is not writable ({reason}); fix its permissions or choose another --run-dir."
+            f"the {what} {directory} is not a writable directory ({reason}); fix its permissions or choose another --run-dir."
         ) from None

@@ -9,8 +9,9 @@ backward), and gradients of parameters replicated across data-parallel ranks
 are summed over "data" (and "expert") by the backward of their use on per-rank
 rows.
 The global gradient norm for clipping is computed over the sharded gradients
-(padding is zero, so it adds nothing). A step whose loss or gradient norm is
-not finite leaves parameters and optimizer state as they were and reports
+(padding is zero, so it adds nothing). A step whose loss, gradient norm or
+updated parameters are not finite leaves parameters and optimizer state as
+they were and reports
 ``skipped = 1``; the loop decides whether to stop or go on
 (``train.on_nonfinite``).
 """
@@ -92,11 +93,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def keep_if_not(finite: jax.Array, updated: Any, previous: Any) -> Any:
+def all_finite(tree: Any) -> jax.Array:
+    """One bool: no NaN or infinity anywhere in ``tree`` (on sharded arrays, a
+    local reduction and one all-reduce of a bool)."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def keep_if_not(finite: jax.Array, updated: Any, previous: list[jax.Array]) -> Any:
     """``updated`` where ``finite`` (a scalar bool) holds, else ``previous``: an
-    update with a non-finite loss or gradient norm is dropped inside the compiled
-    step (a select per array, no recompile, no communication)."""
-    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, previous)
+    update with a non-finite loss, gradient norm or resulting parameter is
+    dropped inside the compiled step (a select per array, no recompile)."""
+    leaves, structure = jax.tree.flatten(updated)
+    return jax.tree.unflatten(structure, [jnp.where(finite, new, old) for new, old in zip(leaves, previous, strict=True)])
 
 
 class TrainStep:
@@ -121,6 +129,7 @@ class TrainStep:
         )
 
     def _pure_step(self, state, tokens, targets):
+        previous = jax.tree.leaves(state)  # the arrays; merge's Variables are updated in place
         model, optimizer = nnx.merge(self.graphdef, state)
         def loss_fn(model):
             return model.loss(tokens, targets, self.microbatches)
@@ -129,8 +138,8 @@ class TrainStep:
         lr = self.schedule(optimizer.step[...])
         grad_norm = optax.tree.norm(grads)
         optimizer.update(model, grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = keep_if_not(finite, nnx.state((model, optimizer)), state)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(nnx.state(model, nnx.Param))
+        new_state = keep_if_not(finite, nnx.state((model, optimizer)), previous)
         metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "lr": lr, "skipped": (~finite).astype(jnp.float32)}
         return new_state, metrics
 
