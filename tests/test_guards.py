@@ -401,3 +401,20 @@ def test_kill_during_an_async_save_resumes_exactly(trained_run, tmp_path):
     subprocess.run(command, env=env, check=True, capture_output=True)
     assert losses(run) == losses(trained_run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_model_mismatch_in_a_fresh_process_is_one_line(trained_run, tmp_path):
+    """No orbax advice, no "Event loop is closed" traceback at exit."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "lite_tp_jax.cli", "train", str(TINY), "--no-progress", "--run-dir", str(run),
+         "--set", *BASE, "model.num_kv_heads=4"], env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"lite-tp: error: Checkpoint {run}/checkpoints/4 does not match this model: "
+        f"'model.layers.blocks.0.attention.key.kernel' is [2, 64, 2, 16] in the checkpoint but [2, 64, 4, 16] "
+        f"in this model (a different model config? use another --run-dir to start afresh)."
+    ]
