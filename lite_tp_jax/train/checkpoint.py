@@ -71,13 +71,18 @@ def _warn(message: str) -> None:
     print(f"lite-tp: warning: {message}", file=sys.stderr, flush=True)
 
 
+@jax.jit
+def _finite_flags(arrays: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.isfinite(x).all() for x in arrays])
+
+
 def first_non_finite(arrays: dict[str, jax.Array]) -> str | None:
     """The name of the first array holding a NaN or infinity, or None (one
     compiled reduction per array, one transfer of a bool vector)."""
     names = sorted(arrays)
     if not names:
         return None
-    finite = jax.device_get(jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]))([arrays[n] for n in names]))
+    finite = jax.device_get(_finite_flags([arrays[n] for n in names]))
     bad = np.flatnonzero(~np.asarray(finite))
     return names[bad[0]] if bad.size else None
 
