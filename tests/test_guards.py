@@ -177,8 +177,8 @@ CASES = [
     ("half-deleted-latest", TRAINED, delete_half_of_latest, [], 0, "is missing", ["checkpoints/2"]),
     ("manifest-unreadable", TRAINED, unreadable_manifest_in_latest, [], 0, "lite_tp_manifest.json is unreadable", ["checkpoints/2"]),
     ("nan-checkpoint", TRAINED, nan_in_latest, [], 0, "'model.final_norm.scale' holds a NaN or infinity", ["checkpoints/2"]),
-    ("damaged-metrics-line", TRAINED, damage_metrics_line, ["train.steps=6"], 0, "metrics.jsonl:2 is damaged", ["checkpoints/4"]),
-    ("stale-lock", TRAINED, stale_lock, ["train.steps=6"], 0, "left by process", ["checkpoints/4"]),
+    ("damaged-metrics-line", TRAINED, damage_metrics_line, [], 0, "metrics.jsonl:2 is damaged", ["checkpoints", "config.yaml"]),
+    ("stale-lock", TRAINED, stale_lock, [], 0, "left by process", ALL),
     ("already-done", TRAINED, None, [], 0, "", ALL),
     ("diverges-stop", None, None, ["train.lr=1e30"], 1, "step 3: grad_norm is nan (train.on_nonfinite=stop); checkpoint 2 is intact", ["checkpoints"]),
     ("diverges-skip", None, None, ["train.lr=1e30", "train.on_nonfinite=skip"], 0, "2 updates were skipped", []),
@@ -215,6 +215,11 @@ def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchan
     assert got == code, err
     assert "Traceback" not in err
     assert fragment.format(pid=os.getpid()) in err
+    if fault is damage_metrics_line:  # the damaged line is dropped, the rest kept
+        assert [step for step, _ in losses(run)] == [1, 3, 4]
+    if "skip" in " ".join(overrides):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["skipped"] for r in records] == [0, 0, 1, 1] and records[-1]["skipped_steps"] == 2
     if code:  # one error line (after any warnings about what was tried), nothing else
         assert [line for line in err.splitlines() if not line.startswith("lite-tp: warning:")] == [
             line for line in err.splitlines() if line.startswith("lite-tp: error:")

@@ -8,6 +8,14 @@ A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``
 (one JSON object per step) and ``checkpoints/``. Starting on a directory that
 already has a checkpoint resumes from it: parameters, optimizer state and the
 data position, so the loss curve continues exactly as if never interrupted.
+
+Before the first step the run directory is claimed: both directories must
+take a file (``preflight.check_writable``) and no other process may train in
+it (``run_lock.RunLock``; a second ``lite-tp train`` exits 2). During the
+run, a step whose update was dropped as non-finite stops the run
+(``train.on_nonfinite=stop``, NonFiniteError) or is counted (``skip``:
+``skipped`` and ``skipped_steps`` in the metrics); a SIGTERM checkpoints the
+step just finished and stops (``preempted_at``).
 """
 
 from __future__ import annotations
@@ -214,6 +222,7 @@ class Trainer:
                 }
                 check_finite_step(record, train.on_nonfinite, self.last_checkpoint)
                 self.skipped_steps += int(record["skipped"])
+                record["skipped_steps"] = self.skipped_steps
                 self.metrics.append(record)
                 records.append(record)
                 progress.update(task, completed=position + 1, loss=record["loss"], tokens_per_s=record["tokens_per_s"])
