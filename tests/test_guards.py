@@ -226,8 +226,11 @@ def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchan
         ] and err.count("lite-tp: error:") == 1, err
     if before is not None:
         assert snapshot(run, unchanged) == before
-    else:  # bad input on a fresh run directory writes nothing at all
+    elif code == 2:  # bad input on a fresh run directory writes nothing at all
         assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    if code == 1:  # stopped at step 3: checkpoint 2 is the last, nothing non-finite saved or logged
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
+        assert [step for step, _ in losses(run)] == [1, 2]
     assert not (run / ".lock").exists() or fault == "hold_lock"
     if fault in (truncate_latest, flip_a_byte_in_latest, delete_half_of_latest, unreadable_manifest_in_latest, nan_in_latest):
         finished = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
