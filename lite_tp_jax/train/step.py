@@ -29,7 +29,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.models.transformer import BATCH_AXES, Transformer
+from lite_tp_jax.models.transformer import Transformer
+from lite_tp_jax.plan.rules import batch_spec, param_shardings
 from lite_tp_jax.train.config import TrainConfig
 
 
@@ -79,18 +80,9 @@ def create_model_and_optimizer(
     return model, optimizer
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
-    """NamedShardings of every variable in ``state`` from its ``out_sharding`` metadata."""
-
-    def sharding_of(variable):
-        return NamedSharding(mesh, P(*(variable.get_metadata().get("out_sharding") or ())))
-
-    return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Token batches ``[global_batch, seq]``: rows split over "data" x "expert"."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+    return NamedSharding(mesh, batch_spec())
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -120,7 +112,7 @@ class TrainStep:
         self.microbatches = train.microbatches
         mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
-        shardings = state_shardings(state, mesh)
+        shardings = param_shardings(state, mesh)
         self._step: Callable = jax.jit(
             self._pure_step,
             in_shardings=(shardings, batch_sharding(mesh), batch_sharding(mesh)),
