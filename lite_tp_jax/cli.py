@@ -61,11 +61,10 @@ def _devices_needed(mesh_config) -> int:
 def _train(args) -> int:
     from lite_tp_jax.mesh import provide_cpu_devices
     from lite_tp_jax.train.config import load_config
-
-    config = load_config(args.config, args.overrides)
     from lite_tp_jax.train.preflight import check_fake_device_count
 
-    check_fake_device_count(_devices_needed(config.mesh))
+    config = load_config(args.config, args.overrides)
+    check_fake_device_count(_devices_needed(config.mesh))  # before jax allocates them
     provide_cpu_devices(_devices_needed(config.mesh))  # fake CPU devices when there is no accelerator
 
     from lite_tp_jax.train.checkpoint import NonFiniteError
@@ -86,8 +85,8 @@ def _train(args) -> int:
               f"rerun the same command to continue", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     if trainer.skipped_steps:
-        print(f"lite-tp: warning: {trainer.skipped_steps} updates were skipped for a non-finite loss or "
-              f"gradient norm (train.on_nonfinite=skip); see 'skipped' in metrics.jsonl", file=sys.stderr)
+        print(f"lite-tp: warning: {trainer.skipped_steps} updates were skipped for a non-finite loss, "
+              f"gradient norm or parameter (train.on_nonfinite=skip); see 'skipped' in metrics.jsonl", file=sys.stderr)
     if records:
         print(f"trained steps {records[0]['step']}..{records[-1]['step']}: "
               f"loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; run dir {args.run_dir}")
