@@ -9,11 +9,11 @@ backward), and gradients of parameters replicated across data-parallel ranks
 are summed over "data" (and "expert") by the backward of their use on per-rank
 rows.
 The global gradient norm for clipping is computed over the sharded gradients
-(padding is zero, so it adds nothing). A step whose loss, gradient norm or
-updated parameters are not finite leaves parameters and optimizer state as
-they were and reports
-``skipped = 1``; the loop decides whether to stop or go on
-(``train.on_nonfinite``).
+with one all-reduce (``parallel/grads.py``; padding is zero, so it adds nothing).
+A step whose loss, gradient norm or updated parameters (their global norm: one
+more scalar all-reduce) are not finite leaves parameters and optimizer state
+as they were and reports ``skipped = 1``; the loop decides whether to stop or
+go on (``train.on_nonfinite``).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer
+from lite_tp_jax.parallel.grads import clip_by_norm, global_norm
 from lite_tp_jax.plan.rules import batch_spec, param_shardings
 from lite_tp_jax.train.config import TrainConfig
 
@@ -58,15 +58,13 @@ def _decay_mask(params: nnx.State) -> Any:
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(train.grad_clip),
-        optax.adamw(
-            learning_rate_schedule(train),
-            b1=train.b1,
-            b2=train.b2,
-            weight_decay=train.weight_decay,
-            mask=_decay_mask,
-        ),
+    """AdamW; gradients arrive clipped by their global norm (``TrainStep``)."""
+    return optax.adamw(
+        learning_rate_schedule(train),
+        b1=train.b1,
+        b2=train.b2,
+        weight_decay=train.weight_decay,
+        mask=_decay_mask,
     )
 
 
@@ -83,12 +81,6 @@ def create_model_and_optimizer(
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Token batches ``[global_batch, seq]``: rows split over "data" x "expert"."""
     return NamedSharding(mesh, batch_spec())
-
-
-def all_finite(tree: Any) -> jax.Array:
-    """One bool: no NaN or infinity anywhere in ``tree`` (on sharded arrays, a
-    local reduction and one all-reduce of a bool)."""
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def keep_if_not(finite: jax.Array, updated: Any, previous: list[jax.Array]) -> Any:
@@ -109,6 +101,7 @@ class TrainStep:
     def __init__(self, model: Transformer, optimizer: nnx.Optimizer, train: TrainConfig):
         self.model, self.optimizer = model, optimizer
         self.schedule = learning_rate_schedule(train)
+        self.grad_clip = train.grad_clip
         self.microbatches = train.microbatches
         mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
@@ -127,12 +120,14 @@ class TrainStep:
             return model.loss(tokens, targets, self.microbatches)
 
         (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        grad_norm = global_norm(grads, model.mesh)  # one all-reduce
         lr = self.schedule(optimizer.step[...])
-        grad_norm = optax.tree.norm(grads)
-        optimizer.update(model, grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(nnx.state(model, nnx.Param))
+        optimizer.update(model, clip_by_norm(grads, grad_norm, self.grad_clip))
+        param_norm = global_norm(nnx.state(model, nnx.Param), model.mesh)  # one all-reduce
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
         new_state = keep_if_not(finite, nnx.state((model, optimizer)), previous)
-        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "lr": lr, "skipped": (~finite).astype(jnp.float32)}
+        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "param_norm": param_norm, "lr": lr,
+                   "skipped": (~finite).astype(jnp.float32)}
         return new_state, metrics
 
     def lower(self, tokens: jax.Array, targets: jax.Array):
