@@ -180,8 +180,9 @@ CASES = [
     ("damaged-metrics-line", TRAINED, damage_metrics_line, [], 0, "metrics.jsonl:2 is damaged", ["checkpoints", "config.yaml"]),
     ("stale-lock", TRAINED, stale_lock, [], 0, "left by process", ALL),
     ("already-done", TRAINED, None, [], 0, "", ALL),
-    ("diverges-stop", None, None, ["train.lr=1e30"], 1, "step 3: grad_norm is nan (train.on_nonfinite=stop); checkpoint 2 is intact", ["checkpoints"]),
-    ("diverges-skip", None, None, ["train.lr=1e30", "train.on_nonfinite=skip"], 0, "2 updates were skipped", []),
+    ("diverges-stop", None, None, ["train.lr=1e30", "checkpoint.every=1"], 1,
+     "step 2: the update made parameters non-finite (loss ", ["checkpoints"]),
+    ("diverges-skip", None, None, ["train.lr=1e30", "train.on_nonfinite=skip"], 0, "3 updates were skipped", []),
 ]
 
 
@@ -219,7 +220,7 @@ def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchan
         assert [step for step, _ in losses(run)] == [1, 3, 4]
     if "skip" in " ".join(overrides):
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert [r["skipped"] for r in records] == [0, 0, 1, 1] and records[-1]["skipped_steps"] == 2
+        assert [r["skipped"] for r in records] == [0, 1, 1, 1] and records[-1]["skipped_steps"] == 3
     if code:  # one error line (after any warnings about what was tried), nothing else
         assert [line for line in err.splitlines() if not line.startswith("lite-tp: warning:")] == [
             line for line in err.splitlines() if line.startswith("lite-tp: error:")
@@ -228,9 +229,10 @@ def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchan
         assert snapshot(run, unchanged) == before
     elif code == 2:  # bad input on a fresh run directory writes nothing at all
         assert sorted(p.name for p in tmp_path.iterdir()) == listing
-    if code == 1:  # stopped at step 3: checkpoint 2 is the last, nothing non-finite saved or logged
-        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
-        assert [step for step, _ in losses(run)] == [1, 2]
+    if code == 1:  # stopped at step 2: checkpoint 1 is the last, nothing non-finite saved or logged
+        assert "(train.on_nonfinite=stop); checkpoint 1 is intact" in err
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1"]
+        assert [step for step, _ in losses(run)] == [1]
     assert not (run / ".lock").exists() or fault == "hold_lock"
     if fault in (truncate_latest, flip_a_byte_in_latest, delete_half_of_latest, unreadable_manifest_in_latest, nan_in_latest):
         finished = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
