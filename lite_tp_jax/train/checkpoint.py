@@ -261,7 +261,7 @@ class Checkpointer:
                 _warn(f"checkpoint {self._step_dir(candidate)} is damaged ({problem}); trying an older one")
                 continue
             for name, variable in variables.items():
-                variable[...] = to_physical(variable, restored.state[name], mesh)
+                variable.set_value(to_physical(variable, restored.state[name], mesh))  # also fills an abstract (eval_shape) state
             return state, dict(restored.progress)
         raise CheckpointError(
             f"No intact checkpoint in {self.directory}: steps {', '.join(map(str, skipped))} are all damaged; "

@@ -75,6 +75,8 @@ def create_model_and_optimizer(
     and its optimizer, whose state is sharded like the parameters."""
     model = Transformer(model_config, mesh=mesh, rngs=nnx.Rngs(train.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
+    state = nnx.state(optimizer)  # step counts start on one device: put them on the mesh, replicated
+    nnx.update(optimizer, jax.device_put(state, param_shardings(state, mesh)))
     return model, optimizer
 
 
