@@ -166,7 +166,9 @@ class Checkpointer:
     # ---- saving ----
 
     def save(self, step: int, state: nnx.State, progress: dict[str, Any]) -> None:
-        """Starts an asynchronous save of ``state`` as checkpoint ``step``.
+        """Starts an asynchronous save of ``state`` as checkpoint ``step``; it
+        is finished and sealed by the next ``save``, ``wait`` or ``close``
+        (call ``close`` when done with the Checkpointer).
 
         Raises NonFiniteError (saving nothing) if any value is NaN or infinite.
         """
