@@ -15,10 +15,13 @@
 the environment describes one: ``lite-tp launch`` on one machine, or SLURM,
 Open MPI or ``JAX_COORDINATOR_ADDRESS`` on a cluster (docs/multi-host.md).
 
-Exit codes: 0 success; 2 bad input (config, mesh, data, checkpoint), one line
-on stderr and no traceback; 1 a failure at run time; 3 a device failed and no
-spare could take its place (``fault/spare.py``): one line saying why, and the
-job should be restarted from the last checkpoint.
+Exit codes: 0 success; 2 bad input (config, mesh, data, checkpoint, a run
+directory in use or not writable), one line on stderr and no traceback; 1 a
+failure at run time (a non-finite loss with ``train.on_nonfinite=stop``: one
+line); 3 a device failed and no spare could take its place
+(``fault/spare.py``): one line saying why, and the job should be restarted
+from the last checkpoint; 143 preempted by SIGTERM after saving a checkpoint
+(rerun to continue).
 """
 
 from __future__ import annotations
@@ -115,8 +118,9 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     from lite_tp_jax.train.checkpoint import CheckpointError
     from lite_tp_jax.train.config import ConfigError
     from lite_tp_jax.train.data import DataError
+    from lite_tp_jax.train.run_lock import RunLockError
 
-    return (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, RunLockError, ValueError, FileNotFoundError)
 
 
 def _devices_needed(mesh_config) -> int:
@@ -129,10 +133,12 @@ def _start_devices(config) -> None:
     are then set by the launcher or the cluster); otherwise provides fake CPU
     devices for the mesh when there is no accelerator. Before any jax operation."""
     from lite_tp_jax.mesh import provide_cpu_devices, start_cluster
+    from lite_tp_jax.train.preflight import check_fake_device_count
 
     if config.train.deterministic:
         _use_deterministic_gpu_ops()
     if not start_cluster():
+        check_fake_device_count(_devices_needed(config.mesh))  # before jax allocates them
         provide_cpu_devices(_devices_needed(config.mesh))
 
 
@@ -149,12 +155,17 @@ def _train(args) -> int:
     config = load_config(args.config, args.overrides)
     _start_devices(config)
 
+    from lite_tp_jax.train.checkpoint import NonFiniteError
     from lite_tp_jax.fault.spare import DEVICE_LOST_EXIT, DeviceLost
     from lite_tp_jax.train.loop import Trainer
+    from lite_tp_jax.train.preemption import PREEMPTED_EXIT_CODE
 
     trainer = Trainer(config, args.run_dir)
     try:
         records = trainer.run(show_progress=not args.no_progress)
+    except NonFiniteError as error:  # train.on_nonfinite=stop: one line, the last checkpoint kept
+        print(f"lite-tp: error: {error}", file=sys.stderr)
+        return RUNTIME_FAILURE
     except DeviceLost as lost:
         print(f"lite-tp: {lost}", file=sys.stderr)
         return DEVICE_LOST_EXIT
@@ -163,8 +174,15 @@ def _train(args) -> int:
         return RUNTIME_FAILURE
     from lite_tp_jax.train.loop import is_primary
 
+    if trainer.preempted_at is not None:
+        print(f"lite-tp: preempted (SIGTERM): checkpoint {trainer.preempted_at} saved in {args.run_dir}; "
+              f"rerun the same command to continue", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     if not is_primary():
         return 0
+    if trainer.skipped_steps:
+        print(f"lite-tp: warning: {trainer.skipped_steps} updates were skipped for a non-finite loss, "
+              f"gradient norm or parameter (train.on_nonfinite=skip); see 'skipped' in metrics.jsonl", file=sys.stderr)
     if records:
         print(f"trained steps {records[0]['step']}..{records[-1]['step']}: "
               f"loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; run dir {args.run_dir}")

@@ -11,7 +11,8 @@ the steps redone after a restart replace their earlier lines in
 ``metrics.jsonl``, so each step is recorded once.
 
 At most K restarts, then the last failure's exit code. Bad input (exit 2) is
-never retried. When the first step after a restart completes, one event line
+never retried, nor a preempted run (exit 143: it saved a checkpoint; rerun the
+same command when the machines are back). When the first step after a restart completes, one event line
 goes to ``metrics.jsonl``::
 
     {"event": "restart", "cause": "...", "rank": 1, "step": 7, "restart": 1, "seconds_to_first_step": 12.3}
@@ -34,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lite_tp_jax.launch import BAD_INPUT, free_port, run_attempt, worker_environment
+from lite_tp_jax.train.preemption import PREEMPTED_EXIT_CODE
 
 
 class StepWatch:
@@ -126,7 +128,7 @@ def supervise(
         environments = [worker_environment(rank, processes, devices_per_process, port) for rank in range(processes)]
         attempt = _Attempt(StepWatch(metrics), hang_timeout, pending, failed_at)
         outcome = run_attempt(argv, environments, run_dir / "logs", watchdog=attempt, poll_s=0.2)
-        if outcome.code == 0 or outcome.code in (BAD_INPUT, 130):
+        if outcome.code in (0, BAD_INPUT, PREEMPTED_EXIT_CODE, 130):  # done, bad input, preempted, interrupted
             return outcome.code
         if restarts == max_restarts:
             if max_restarts:

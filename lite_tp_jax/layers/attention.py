@@ -46,7 +46,6 @@ num_kv_heads`` query heads that attend with it (query head ``j`` uses kv head
 
 from __future__ import annotations
 
-import numbers
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -62,7 +61,7 @@ from lite_tp_jax.mesh import TENSOR
 from lite_tp_jax.padding import mask_padding
 from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_parallel
 from lite_tp_jax.plan.rules import MEGATRON, PartitionRules, padded_size
-from lite_tp_jax.validate import check_last_dim, check_rank
+from lite_tp_jax.validate import check_last_dim, check_positive_int, check_rank
 
 zeros_init = nnx.initializers.zeros_init()
 
@@ -95,9 +94,7 @@ def _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta) -> Non
     sizes = {"features": features, "num_heads": num_heads, "num_kv_heads": num_kv_heads}
     if head_dim is not None:
         sizes["head_dim"] = head_dim
-    for label, value in sizes.items():
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} {label} must be a positive integer, got {value!r}.")
+    check_positive_int(name, **sizes)
     if num_heads % num_kv_heads:
         divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
         raise ValueError(

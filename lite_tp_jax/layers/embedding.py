@@ -42,7 +42,7 @@ from lite_tp_jax.parallel.region import (
     sequence_parallel,
 )
 from lite_tp_jax.plan.rules import MEGATRON, Initializer, PartitionRules
-from lite_tp_jax.validate import check_last_dim
+from lite_tp_jax.validate import check_last_dim, check_positive_int
 
 default_embedding_init: Initializer = nnx.initializers.normal(stddev=0.02)
 
@@ -78,6 +78,7 @@ class VocabParallelEmbedding(ParallelLayer):
         rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("VocabParallelEmbedding", num_embeddings=num_embeddings, features=features)
         self.mesh = mesh
         self.num_embeddings, self.features = num_embeddings, features
         self.sequence_parallel = sequence_parallel

@@ -96,7 +96,7 @@ from lite_tp_jax.mesh import EXPERT, TENSOR
 from lite_tp_jax.padding import mask_padding
 from lite_tp_jax.parallel.region import STATISTIC, Layout, ParallelLayer, sequence_parallel
 from lite_tp_jax.plan.rules import BATCH_AXES, MEGATRON, PartitionRules
-from lite_tp_jax.validate import FitError, check_last_dim, check_rank
+from lite_tp_jax.validate import FitError, check_last_dim, check_positive_int, check_rank
 
 default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -189,6 +189,7 @@ class MoEMLP(ParallelLayer):
         rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("MoEMLP", features=features, hidden_features=hidden_features, num_experts=num_experts)
         self.check_experts(num_experts, mesh)
         if top_k not in (1, 2):
             raise ValueError(f"MoEMLP top_k must be 1 or 2, got {top_k}.")

@@ -80,6 +80,9 @@ class MeshConfig:
     spares: int = 0
 
 
+NonFinitePolicy = Literal["stop", "skip"]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation: AdamW with linear warmup then cosine decay to lr * min_lr_ratio."""
@@ -97,6 +100,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     microbatches: int = 1  # pipeline microbatches per step (per data-parallel replica)
     deterministic: bool = False  # reductions in fixed rank order: same bits on any process layout
+    on_nonfinite: NonFinitePolicy = "stop"  # a NaN/inf loss or gradient norm: stop (exit 1) or skip the update
 
 
 DataSource = Literal["stdlib", "text", "tokens"]

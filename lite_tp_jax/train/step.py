@@ -10,6 +10,10 @@ are summed over "data" (and "expert") by the backward of their use on per-rank
 rows.
 The global gradient norm for clipping is computed over the sharded gradients
 with one all-reduce (``parallel/grads.py``; padding is zero, so it adds nothing).
+A step whose loss, gradient norm or updated parameters (their global norm: one
+more scalar all-reduce) are not finite leaves parameters and optimizer state
+as they were and reports ``skipped = 1``; the loop decides whether to stop or
+go on (``train.on_nonfinite``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -81,6 +86,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, batch_spec())
 
 
+def keep_if_not(finite: jax.Array, updated: Any, previous: list[jax.Array]) -> Any:
+    """``updated`` where ``finite`` (a scalar bool) holds, else ``previous``: an
+    update with a non-finite loss, gradient norm or resulting parameter is
+    dropped inside the compiled step (a select per array, no recompile)."""
+    leaves, structure = jax.tree.flatten(updated)
+    return jax.tree.unflatten(structure, [jnp.where(finite, new, old) for new, old in zip(leaves, previous, strict=True)])
+
+
 class TrainStep:
     """``step(tokens, targets) -> metrics``: updates ``model`` and ``optimizer`` in place.
 
@@ -107,6 +120,7 @@ class TrainStep:
         )
 
     def _pure_step(self, state, tokens, targets):
+        previous = jax.tree.leaves(state)  # the arrays; merge's Variables are updated in place
         model, optimizer = nnx.merge(self.graphdef, state)
         def loss_fn(model):
             return model.loss(tokens, targets, self.microbatches)
@@ -115,8 +129,12 @@ class TrainStep:
         grad_norm = global_norm(grads, model.mesh)  # one all-reduce
         lr = self.schedule(optimizer.step[...])
         optimizer.update(model, clip_by_norm(grads, grad_norm, self.grad_clip))
-        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "lr": lr}
-        return nnx.state((model, optimizer)), metrics
+        param_norm = global_norm(nnx.state(model, nnx.Param), model.mesh)  # one all-reduce
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        new_state = keep_if_not(finite, nnx.state((model, optimizer)), previous)
+        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "param_norm": param_norm, "lr": lr,
+                   "skipped": (~finite).astype(jnp.float32)}
+        return new_state, metrics
 
     def lower(self, tokens: jax.Array, targets: jax.Array):
         """The lowered step (for HLO inspection) without running it."""
