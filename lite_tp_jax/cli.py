@@ -1,7 +1,8 @@
 """``lite-tp``: the command line.
 
     lite-tp train CONFIG [--set KEY=VALUE]... [--run-dir DIR]
-    lite-tp generate --run-dir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
+    lite-tp generate (--run-dir DIR | --hf PATH [--tensor N]) --prompt TEXT
+                     [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     lite-tp convert --from-hf PATH --run-dir DIR [--tensor N]   (Hugging Face -> run dir, step 0)
     lite-tp convert --to-hf PATH --run-dir DIR                  (run dir's latest checkpoint -> Hugging Face)
     lite-tp launch --processes N [--devices-per-process D] -- train|generate ARGS...
@@ -44,11 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", default="runs/latest", help="where config, metrics and checkpoints go")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    generate = commands.add_parser("generate", help="sample text from a run's latest checkpoint")
-    generate.add_argument("--run-dir", required=True)
+    generate = commands.add_parser("generate", help="sample text with a KV cache, streamed to stdout")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir", help="a training run: its latest checkpoint, byte-level tokens")
+    source.add_argument("--hf", metavar="PATH", help="a Hugging Face model directory (its tokenizer.json if any)")
+    generate.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree for --hf")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=200)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set holding P of the mass")
     generate.add_argument("--seed", type=int, default=0)
 
     launch = commands.add_parser("launch", help="run train or generate in several local processes, one mesh")
@@ -130,27 +136,60 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
+    import json
     from pathlib import Path
 
-    from lite_tp_jax.mesh import start_cluster
-    from lite_tp_jax.train.config import load_config
+    from lite_tp_jax.mesh import provide_cpu_devices, start_cluster
 
-    config_path = Path(args.run_dir) / "config.yaml"
-    if config_path.exists():
-        _start_devices(load_config(config_path))
+    # Everything about the arguments is checked before a model is loaded.
+    sampling = _sampling(args)
+    if args.hf is not None:
+        if args.tensor < 1:
+            raise ValueError(f"--tensor must be a positive integer, got {args.tensor}.")
+        if not (Path(args.hf) / "config.json").exists():
+            raise FileNotFoundError(f"No config.json in {args.hf}; --hf takes a Hugging Face model directory.")
+        if not start_cluster():
+            provide_cpu_devices(args.tensor)
     else:
-        start_cluster()
+        from lite_tp_jax.train.config import load_config
 
-    from lite_tp_jax.train.generate import generate, load_trained_model
+        config_path = Path(args.run_dir) / "config.yaml"
+        if config_path.exists():
+            _start_devices(load_config(config_path))
+        else:
+            start_cluster()
 
-    model, window = load_trained_model(args.run_dir)
-    text = generate(model, window, args.prompt, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, seed=args.seed)
-    import jax
+    from lite_tp_jax.generate import ByteTokenizer, load_tokenizer, load_trained_model, stream_text
 
-    if jax.process_index() == 0:
-        print(text)
+    if args.hf is not None:
+        import lite_tp_jax
+        from lite_tp_jax.mesh import make_mesh_for
+
+        tokenizer = load_tokenizer(args.hf, json.loads((Path(args.hf) / "config.json").read_text()).get("vocab_size", 0))
+        model = lite_tp_jax.from_pretrained(args.hf, mesh=make_mesh_for({"tensor": args.tensor}))
+    else:
+        model, tokenizer = load_trained_model(args.run_dir), ByteTokenizer()
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    try:
+        for piece in stream_text(model, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                 seed=args.seed, tokenizer=tokenizer):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except FloatingPointError as error:  # NaN parameters: a bad checkpoint, not text of NUL bytes
+        raise ValueError(f"{args.hf or args.run_dir}: {error}") from error
+    finally:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     return 0
+
+
+def _sampling(args):
+    """The sampling options of ``lite-tp generate``, checked (ValueError, one sentence)."""
+    from lite_tp_jax.generate import Sampling, check_max_new_tokens
+
+    check_max_new_tokens(args.max_new_tokens)
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 
 def _launch(args) -> int:
@@ -166,6 +205,8 @@ def _launch(args) -> int:
     if args.processes < 1:
         raise ConfigError(f"--processes must be at least 1, got {args.processes}")
     worker_args = _parser().parse_args(worker)  # bad worker arguments: exit 2 here, once
+    if worker_args.command == "generate" and worker_args.run_dir is None:
+        raise ConfigError("launch runs generate from a training run's --run-dir (not --hf)")
     run_dir = Path(worker_args.run_dir)
     config = (load_config(worker_args.config, worker_args.overrides) if worker_args.command == "train"
               else load_config(run_dir / "config.yaml"))
