@@ -5,6 +5,9 @@
                      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     lite-tp convert --from-hf PATH --run-dir DIR [--tensor N]   (Hugging Face -> run dir, step 0)
     lite-tp convert --to-hf PATH --run-dir DIR                  (run dir's latest checkpoint -> Hugging Face)
+    lite-tp plan CONFIG [--set KEY=VALUE]... [--json] [--check]
+                 [--devices N --memory-gb M --device-profile h100|h200|a100|tpu-v5e|cpu]
+    lite-tp bench CONFIG [--set KEY=VALUE]... [--json] [--steps N] [--out FILE.json]
     lite-tp launch --processes N [--devices-per-process D] -- train|generate ARGS...
 
 ``train`` and ``generate`` join a multi-process run (``jax.distributed``) when
@@ -70,7 +73,37 @@ def _parser() -> argparse.ArgumentParser:
     direction.add_argument("--to-hf", metavar="PATH", help="write --run-dir's latest checkpoint here")
     convert.add_argument("--run-dir", required=True)
     convert.add_argument("--tensor", type=int, default=1, help="TP degree to load over while converting (any mesh trains from the result)")
+
+    from lite_tp_jax.plan.profiles import PROFILES
+
+    plan = commands.add_parser("plan", help="memory and communication of a mesh, before running it")
+    plan.add_argument("config", help="YAML config, e.g. configs/llama-1b.yaml")
+    plan.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    plan.add_argument("--check", action="store_true",
+                      help="also compile the training step (abstractly) and compare its collective bytes")
+    plan.add_argument("--devices", type=_positive_int, help="rank every mesh of N devices")
+    plan.add_argument("--memory-gb", type=float, help="memory per device in GB (10^9 bytes) for the ranking (default: the profile's)")
+    plan.add_argument("--device-profile", choices=sorted(PROFILES), default="h100")
+
+    bench = commands.add_parser("bench", help="time a training step: lite_tp_jax vs GSPMD vs one device")
+    bench.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    bench.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    bench.add_argument("--steps", type=_positive_int, default=20, help="timed interleaved rounds (>= 2)")
+    bench.add_argument("--depths", default="2,8,32", help="layer counts for compile time vs depth ('' for none)")
+    bench.add_argument("--out", help="also write the JSON (and a PNG plot beside it) to this path")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
@@ -253,10 +286,61 @@ def _convert(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    import json
+
+    from lite_tp_jax.mesh import provide_cpu_devices
+    from lite_tp_jax.train.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.devices is None and -1 in (config.mesh.data, config.mesh.pipeline, config.mesh.expert, config.mesh.tensor):
+        raise ValueError("the config's mesh has an inferred axis (-1); give --devices N to fix its size")
+    provide_cpu_devices(max(args.devices or 0, _devices_needed(config.mesh)))  # fake CPU devices to lay the model out on
+
+    from lite_tp_jax.plan import planner
+    from lite_tp_jax.plan.profiles import PROFILES
+
+    sizes = planner.mesh_sizes(config, args.devices)
+    out = {"config": args.config, **planner.plan(config, sizes)}
+    if args.check:
+        out["compiled_collective_bytes_by_axis"] = planner.compiled_bytes_by_axis(config, sizes)
+    if args.devices is not None:
+        profile = PROFILES[args.device_profile]
+        memory_gb = args.memory_gb if args.memory_gb is not None else profile.memory_bytes / 1e9
+        out["ranking"] = planner.rank_meshes(config, args.devices, memory_gb, profile)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(planner.format_plan(out))
+    if args.check:
+        print("compiled step:", ", ".join(f"{k} {planner.mib(v)}" for k, v in out["compiled_collective_bytes_by_axis"].items()))
+    if args.devices is not None:
+        print()
+        print(planner.format_ranking(out["ranking"], PROFILES[args.device_profile], memory_gb))
+    return 0
+
+
+def _bench(args) -> int:
+    from lite_tp_jax.mesh import provide_cpu_devices
+    from lite_tp_jax.train.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    provide_cpu_devices(_devices_needed(config.mesh))
+
+    from lite_tp_jax import bench
+
+    depths = [int(d) for d in args.depths.split(",") if d.strip()]
+    result = bench.run(config, steps=args.steps, depths=depths, config_name=args.config)
+    print(bench.to_json(result) if args.json else bench.format_result(result))
+    if args.out:
+        bench.write(result, args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "generate": _generate, "launch": _launch, "convert": _convert}[args.command](args)
+        return {"train": _train, "generate": _generate, "launch": _launch, "convert": _convert, "plan": _plan, "bench": _bench}[args.command](args)
     except _bad_input_errors() as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"lite-tp: error: {message}", file=sys.stderr)
