@@ -265,6 +265,8 @@ def _launch(args) -> int:
     if args.hang_timeout is not None and not args.hang_timeout > 0:
         raise ConfigError(f"--hang-timeout must be a positive number of seconds, got {args.hang_timeout}")
     worker_args = _parser().parse_args(worker)  # bad worker arguments: exit 2 here, once
+    if worker_args.command == "generate" and worker_args.run_dir is None:
+        raise ConfigError("launch runs generate from a training run's --run-dir (not --hf)")
     run_dir = Path(worker_args.run_dir)
     config = (load_config(worker_args.config, worker_args.overrides) if worker_args.command == "train"
               else load_config(run_dir / "config.yaml"))

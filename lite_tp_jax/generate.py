@@ -222,11 +222,20 @@ class Generator:
                     self.state, previous[:, None], jnp.int32(width + step - 1), start, cache,
                     jax.random.fold_in(key, step),
                 )
-            if not np.all(np.asarray(previous_finite)):
+            if not np.all(_on_host(previous_finite)):
                 raise FloatingPointError(
                     f"the model's logits are not finite at new token {step}; its parameters hold NaN or inf."
                 )
-            yield np.asarray(previous)[: len(prompts)]
+            yield _on_host(previous)[: len(prompts)]
+
+
+def _on_host(x: jax.Array) -> np.ndarray:
+    """The whole of ``x`` as numpy, also when its rows lie in other processes."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # --- the path without a cache ------------------------------------------------------
@@ -259,7 +268,7 @@ def greedy_without_cache(model: Transformer, prompts: Sequence[Sequence[int]], m
     next_tokens = _compiled_forward(graphdef)
     sharding = NamedSharding(model.mesh, P(model.batch_axes))
     for _ in range(max_new_tokens):
-        token = np.asarray(next_tokens(state, jax.device_put(window, sharding), jax.device_put(lengths, sharding)))
+        token = _on_host(next_tokens(state, jax.device_put(window, sharding), jax.device_put(lengths, sharding)))
         window[np.arange(batch), lengths] = token
         lengths += 1
         yield token[: len(prompts)]

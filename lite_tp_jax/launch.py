@@ -33,7 +33,10 @@ from typing import TextIO
 
 BAD_INPUT = 2
 RUNTIME_FAILURE = 1
-_GLOO_CHATTER = re.compile(r"\[Gloo\]|is connected to \d+ peer ranks")
+_GLOO_CHATTER = re.compile(  # "[Gloo] Rank N is connected to M peer ranks. ...", also cut in pieces by other writes
+    r"\[Gloo\] Rank (\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+\n?)?"
+    r"|\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+\n?"
+)
 _NOT_THE_ERROR = re.compile(r"^(@ |\*\*\* |RPC: )")  # a native abort's stack trace and status detail
 
 
@@ -71,8 +74,10 @@ class _Worker:
 
     def read(self, stream: TextIO, echo: TextIO | None, is_stderr: bool) -> None:
         for line in stream:
-            if _GLOO_CHATTER.search(line):
+            cleaned = _GLOO_CHATTER.sub("", line)
+            if cleaned != line and not cleaned.strip():  # nothing but Gloo's chatter
                 continue
+            line = cleaned
             with self.lock:
                 self.log.write(line)
                 self.log.flush()

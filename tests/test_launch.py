@@ -157,6 +157,22 @@ def test_an_aborted_process_reports_its_fatal_line_not_its_stack(tmp_path, capsy
     assert "process 0 was killed by signal 6: F1125 client.h:80] Terminating process because" in err, err
 
 
+GLOO = r"""
+import sys
+sys.stdout.write("def ")  # Gloo writes its chatter into the middle of a line
+sys.stdout.write("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n")
+sys.stdout.write("[Gloo] Rank [Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n")
+sys.stdout.write("0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n")
+sys.stdout.write("foo\n")
+"""
+
+
+def test_gloo_chatter_is_cut_out_of_the_output(tmp_path, capsys):
+    assert run_processes([sys.executable, "-c", GLOO], environments(1, 1), tmp_path / "logs") == 0
+    assert capsys.readouterr().out == "def foo\n"
+    assert (tmp_path / "logs" / "rank-0.log").read_text() == "def foo\n"
+
+
 def test_bad_input_in_the_workers_exits_2(tmp_path, capsys):
     envs = environments(2, 1)
     argv = [sys.executable, "-m", "lite_tp_jax.cli", "train", str(tmp_path / "missing.yaml")]
