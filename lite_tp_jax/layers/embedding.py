@@ -77,9 +77,11 @@ class VocabParallelEmbedding(nnx.Module):
         vocab_axes: tuple[str, ...] = (TENSOR,),
         embedding_init: Initializer = default_embedding_init,
         param_dtype: Any = jnp.float32,
+        dtype: Any = None,
         rngs: nnx.Rngs,
     ):
         self.mesh = mesh
+        self.dtype = dtype  # of the looked-up vectors (the compute dtype); None: param_dtype
         self.num_embeddings, self.features = num_embeddings, features
         self.sequence_parallel = sequence_parallel
         if TENSOR not in vocab_axes:
@@ -97,7 +99,7 @@ class VocabParallelEmbedding(nnx.Module):
         return mask_padding(self.embedding[...], 0, self.num_embeddings, self.vocab_axes)
 
     def _output_struct(self, ids: jax.Array) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct((*ids.shape, self.features), self.embedding.dtype)
+        return jax.ShapeDtypeStruct((*ids.shape, self.features), self.dtype or self.embedding.dtype)
 
     # --- lookup -------------------------------------------------------------
 
@@ -122,6 +124,7 @@ class VocabParallelEmbedding(nnx.Module):
         if self.sequence_parallel:
             check_sequence_divisible(self._output_struct(ids), self.mesh, type(self).__name__)
         table = self._table()
+        table = table if self.dtype is None else table.astype(self.dtype)
         rows = table.shape[0]
         local_ids = ids - jax.lax.axis_index(self.vocab_axes) * rows
         mine = (local_ids >= 0) & (local_ids < rows)
@@ -161,4 +164,4 @@ class VocabParallelEmbedding(nnx.Module):
         if self.sequence_parallel:
             x = gather_from_sequence_region(x, TENSOR, -2)
         x = copy_to_tensor_region(x, self.vocab_axes)  # no-op for axes already per-rank
-        return x @ self._table().T
+        return jnp.matmul(x, self._table().astype(x.dtype).T, preferred_element_type=jnp.float32)

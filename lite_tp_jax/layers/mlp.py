@@ -18,6 +18,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from lite_tp_jax.collectives import copy_to_tensor_region, gather_from_sequence_region
@@ -68,8 +69,10 @@ class ParallelMLP(nnx.Module):
             x = gather_from_sequence_region(x, TENSOR, -2)
         else:
             x = copy_to_tensor_region(x)
+        # Named for the remat policies (models/transformer.py): what the backward keeps.
+        up = checkpoint_name(self.up(x), "mlp_up")
         if self.gate is not None:
-            h = jax.nn.silu(self.gate(x)) * self.up(x)
+            h = jax.nn.silu(checkpoint_name(self.gate(x), "mlp_gate")) * up
         else:
-            h = jax.nn.gelu(self.up(x))
-        return self.down(h)
+            h = jax.nn.gelu(up)
+        return self.down(checkpoint_name(h, "mlp_hidden"))
