@@ -85,6 +85,10 @@ class TrainConfig:
     b2: float = 0.95
     grad_clip: float = 1.0
     microbatches: int = 1  # pipeline microbatches per step (per data-parallel replica)
+    # Gradient accumulation: each rank's rows run as grad_accum micro-steps (a
+    # scan), their gradients averaged into one update; each micro-step is split
+    # into `microbatches` again under pipeline parallelism.
+    grad_accum: int = 1
 
 
 DataSource = Literal["stdlib", "text", "tokens"]
@@ -195,6 +199,7 @@ _RANGES: dict[str, _Range] = {
     "train.b2": _Range(0, 1, hi_open=True),
     "train.grad_clip": _ABOVE_ZERO,
     "train.microbatches": _POSITIVE,
+    "train.grad_accum": _POSITIVE,
     "checkpoint.every": _POSITIVE,
     "checkpoint.keep": _POSITIVE,
 }

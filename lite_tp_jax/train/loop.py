@@ -50,10 +50,17 @@ def check_fits_mesh(config: Config, mesh) -> None:
             f"the {groups} layer groups (num_layers / max(moe_every, 1)) must split evenly into "
             f"'model.virtual_stages' ({model.virtual_stages}) x 'mesh.pipeline' ({pipeline}) chunks."
         )
-    if pipeline > 1 and (config.train.global_batch // (data * expert)) % config.train.microbatches:
+    rows, accum = config.train.global_batch // (data * expert), config.train.grad_accum
+    if rows % accum:
         raise ConfigError(
             f"'train.global_batch' ({config.train.global_batch}) / (data x expert = {data * expert}) rows "
-            f"per rank must be divisible by 'train.microbatches' ({config.train.microbatches})."
+            f"per rank must be divisible by 'train.grad_accum' ({accum})."
+        )
+    if pipeline > 1 and (rows // accum) % config.train.microbatches:
+        raise ConfigError(
+            f"'train.global_batch' ({config.train.global_batch}) / (data x expert = {data * expert}) "
+            f"/ 'train.grad_accum' ({accum}) rows per micro-step must be divisible by "
+            f"'train.microbatches' ({config.train.microbatches})."
         )
     if pipeline > 1 and model.virtual_stages > 1 and config.train.microbatches < pipeline:
         raise ConfigError(

@@ -10,14 +10,23 @@ are summed over "data" (and "expert") by the backward of their use on per-rank
 rows.
 The global gradient norm for clipping is computed over the sharded gradients
 (padding is zero, so it adds nothing).
+
+Gradient accumulation (``train.grad_accum = k``): each rank's rows are split
+into k micro-steps (rows i, i+k, i+2k, ...: a local reshape), run one after
+the other by ``jax.lax.scan``; their gradients are summed in float32 and
+divided by k, then one optimizer update. The loss and update equal those of
+the whole batch, with the activation memory of 1/k of it. Pipeline
+microbatches split each micro-step again.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -98,7 +107,7 @@ class TrainStep:
     def __init__(self, model: Transformer, optimizer: nnx.Optimizer, train: TrainConfig):
         self.model, self.optimizer = model, optimizer
         self.schedule = learning_rate_schedule(train)
-        self.microbatches = train.microbatches
+        self.microbatches, self.grad_accum = train.microbatches, train.grad_accum
         mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
         shardings = state_shardings(state, mesh)
@@ -111,14 +120,39 @@ class TrainStep:
 
     def _pure_step(self, state, tokens, targets):
         model, optimizer = nnx.merge(self.graphdef, state)
-        def loss_fn(model):
-            return model.loss(tokens, targets, self.microbatches)
-
-        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        (loss, metrics), grads = self._loss_and_grads(model, tokens, targets)
         lr = self.schedule(optimizer.step[...])
         optimizer.update(model, grads)
         metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": lr}
         return nnx.state((model, optimizer)), metrics
+
+    def _loss_and_grads(self, model: Transformer, tokens: jax.Array, targets: jax.Array):
+        """``((loss, metrics), grads)`` of the whole batch, as the mean over
+        ``grad_accum`` scanned micro-steps."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss_fn(params, tokens, targets):
+            return nnx.merge(graphdef, params, rest).loss(tokens, targets, self.microbatches)
+
+        value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+        k = self.grad_accum
+        if k == 1:
+            return value_and_grad(params, tokens, targets)
+
+        micro_rows = NamedSharding(model.mesh, P(None, BATCH_AXES))
+
+        def micro_steps(rows):  # [B, S] -> [k, B/k, S]; step i: rows i, i+k, ... (local on every rank)
+            rows = rows.reshape(rows.shape[0] // k, k, rows.shape[1]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(rows, micro_rows)
+
+        def accumulate(total, batch):
+            (loss, metrics), grads = value_and_grad(params, *batch)
+            return jax.tree.map(jnp.add, total, grads), (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        total, (losses, metrics) = jax.lax.scan(accumulate, zeros, (micro_steps(tokens), micro_steps(targets)))
+        mean = functools.partial(jnp.mean, axis=0)
+        return (mean(losses), jax.tree.map(mean, metrics)), jax.tree.map(lambda g: g / k, total)
 
     def lower(self, tokens: jax.Array, targets: jax.Array):
         """The lowered step (for HLO inspection) without running it."""
