@@ -62,6 +62,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import (
+    cast_for,
     copy_to_tensor_region,
     gather_from_sequence_region,
     reduce_from_tensor_region,
@@ -255,22 +256,22 @@ class ParallelAttention(nnx.Module):
         q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query", "key", "value")))
         o = checkpoint_name(attention_core(q, k, v, self.attention_kernel), "attention_output")  # [B, S, local heads, D]
 
-        out_kernel = mask_padding(self.out.kernel[...], 0, self.num_heads).astype(o.dtype)
+        out_kernel = cast_for(mask_padding(self.out.kernel[...], 0, self.num_heads), o)
         partial_sums = jnp.einsum("bqhd,hdf->bqf", o, out_kernel)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_region(partial_sums, TENSOR, -2)
         else:
             y = reduce_from_tensor_region(partial_sums)
         if self.out.bias is not None:
-            y = y + self.out.bias[...].astype(y.dtype)
+            y = y + cast_for(self.out.bias[...], y)
         return y
 
     @staticmethod
     def _project(projection: _Projection, x: jax.Array, logical_heads: int | None) -> jax.Array:
         """``x @ kernel (+ bias)`` per head; ``logical_heads`` set when the head dim
         is split over "tensor", so its padded heads are zeroed first."""
-        kernel = projection.kernel[...].astype(x.dtype)
-        bias = None if projection.bias is None else projection.bias[...].astype(x.dtype)
+        kernel = cast_for(projection.kernel[...], x)
+        bias = None if projection.bias is None else cast_for(projection.bias[...], x)
         if logical_heads is not None:
             kernel = mask_padding(kernel, 1, logical_heads)
             bias = None if bias is None else mask_padding(bias, 0, logical_heads)

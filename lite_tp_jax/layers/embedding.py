@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import (
+    cast_for,
     copy_to_tensor_region,
     gather_from_sequence_region,
     reduce_from_tensor_region,
@@ -124,7 +125,7 @@ class VocabParallelEmbedding(nnx.Module):
         if self.sequence_parallel:
             check_sequence_divisible(self._output_struct(ids), self.mesh, type(self).__name__)
         table = self._table()
-        table = table if self.dtype is None else table.astype(self.dtype)
+        table = table if self.dtype is None else cast_for(table, ids, self.dtype)
         rows = table.shape[0]
         local_ids = ids - jax.lax.axis_index(self.vocab_axes) * rows
         mine = (local_ids >= 0) & (local_ids < rows)
@@ -164,4 +165,4 @@ class VocabParallelEmbedding(nnx.Module):
         if self.sequence_parallel:
             x = gather_from_sequence_region(x, TENSOR, -2)
         x = copy_to_tensor_region(x, self.vocab_axes)  # no-op for axes already per-rank
-        return jnp.matmul(x, self._table().astype(x.dtype).T, preferred_element_type=jnp.float32)
+        return jnp.matmul(x, cast_for(self._table(), x).T, preferred_element_type=jnp.float32)

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import (
+    cast_for,
     copy_to_tensor_region,
     gather_from_sequence_region,
     gather_from_tensor_region,
@@ -111,9 +112,9 @@ class ColumnParallelLinear(nnx.Module):
             x = gather_from_sequence_region(x, TENSOR, -2)
         else:
             x = copy_to_tensor_region(x)
-        y = x @ mask_padding(self.kernel[...], 1, self.out_features).astype(x.dtype)  # computes in x's dtype
+        y = x @ cast_for(mask_padding(self.kernel[...], 1, self.out_features), x)  # computes in x's dtype
         if self.bias is not None:
-            y = y + mask_padding(self.bias[...], 0, self.out_features).astype(x.dtype)
+            y = y + cast_for(mask_padding(self.bias[...], 0, self.out_features), x)
         if self.gather_output:
             y = gather_from_tensor_region(y, TENSOR, -1)[..., : self.out_features]
         return y
@@ -184,11 +185,11 @@ class RowParallelLinear(nnx.Module):
             check_last_dim(x, self.in_features, type(self).__name__)
             x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.in_padded - self.in_features)])
             x = scatter_to_tensor_region(x, TENSOR, -1)
-        partial_sums = x @ mask_padding(self.kernel[...], 0, self.in_features).astype(x.dtype)  # in x's dtype
+        partial_sums = x @ cast_for(mask_padding(self.kernel[...], 0, self.in_features), x)  # in x's dtype
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_region(partial_sums, TENSOR, -2)
         else:
             y = reduce_from_tensor_region(partial_sums)
         if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+            y = y + cast_for(self.bias[...], y)
         return y

@@ -85,6 +85,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import (
+    cast_for,
     COLLECTIVE_OUTPUT,
     all_reduce,
     check_axis,
@@ -293,9 +294,9 @@ class MoEMLP(nnx.Module):
 
         # The local experts on this rank's hidden shard: partial sums over "tensor".
         hidden = self.hidden_features
-        w_gate = mask_padding(self.gate.kernel[...], 2, hidden).astype(x.dtype)
-        w_up = mask_padding(self.up.kernel[...], 2, hidden).astype(x.dtype)
-        w_down = mask_padding(self.down.kernel[...], 1, hidden).astype(x.dtype)
+        w_gate = cast_for(mask_padding(self.gate.kernel[...], 2, hidden), expert_in)
+        w_up = cast_for(mask_padding(self.up.kernel[...], 2, hidden), expert_in)
+        w_down = cast_for(mask_padding(self.down.kernel[...], 1, hidden), expert_in)
         h = jax.nn.silu(jnp.einsum("eth,ehf->etf", expert_in, w_gate))
         h = h * jnp.einsum("eth,ehf->etf", expert_in, w_up)
         expert_out = jnp.einsum("etf,efh->eth", h, w_down)  # [E_l, ep*B_l*C, H]
