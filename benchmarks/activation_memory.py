@@ -57,6 +57,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lite_tp_jax.mesh import make_mesh  # noqa: E402
+from report import machine, write_report  # noqa: E402  benchmarks/report.py
 from lite_tp_jax.models.config import ModelConfig  # noqa: E402
 from lite_tp_jax.models.transformer import Transformer  # noqa: E402
 
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ffn", type=int, default=688)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--depths", type=int, nargs=2, default=(2, 4))
+    parser.add_argument("--depths", type=int, nargs=2, default=(4, 8))
     parser.add_argument("--tensor", type=int, nargs="+", default=(1, 2, 4))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -123,8 +124,9 @@ def main(argv=None) -> int:
     low, high = args.depths
     lines = [
         f"# Activation memory per layer (hidden {args.hidden}, {args.heads} heads, {args.kv_heads} kv heads, "
-        f"SwiGLU {args.ffn}, seq {args.seq}, batch {args.batch}; float32; jax {jax.__version__}, "
-        f"{jax.devices()[0].platform})",
+        f"SwiGLU {args.ffn}, seq {args.seq}, batch {args.batch}; float32; jax {jax.__version__})",
+        "",
+        f"Machine: {machine()}.",
         "",
         f"Slope of the compiled loss+grad temp bytes between {low} and {high} layers, per layer and device; "
         "formula: the adapted Korthikanti bytes (benchmarks/activation_memory.py docstring); "
@@ -157,11 +159,9 @@ def main(argv=None) -> int:
         "",
         f"At TP {top}: TP only without remat / SP + selective = **{ratio:.2f}x** per layer.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
+    print("\n".join(lines))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_report(lines, str(args.out))
     return 0
 
 
