@@ -14,6 +14,11 @@ autodiff must run, so gradients are right by construction.
     gather_from_sequence_region      all-gather       reduce-scatter
     reduce_scatter_to_sequence_region reduce-scatter  all-gather
 
+A tensor-parallel block (MLP, attention, MoE, the tied head) enters and leaves
+the region once, through the pair ``enter_tensor_parallel`` /
+``exit_tensor_parallel``: with sequence parallelism an all-gather on entry and
+a reduce-scatter on exit, otherwise an identity and an all-reduce.
+
 Values follow JAX's varying/invariant typing (``check_vma``): a value that is
 identical on every rank of the axis is *invariant*, a per-rank value is
 *varying*. The functions take and return the types in the table's sense.
@@ -230,3 +235,24 @@ def _reduce_scatter_seq_bwd(axis, dim, _, g):
 
 
 _reduce_scatter_to_sequence_region.defvjp(_reduce_scatter_seq_fwd, _reduce_scatter_seq_bwd)
+
+
+# --- a block's entry and exit -------------------------------------------------
+
+
+def enter_tensor_parallel(x: jax.Array, sequence_parallel: bool, axis: Axis = TENSOR) -> jax.Array:
+    """Entry of a block: ``x`` full on every rank (``copy_to_tensor_region``), or,
+    with sequence parallelism, its sequence shards (dim -2) all-gathered
+    (``gather_from_sequence_region``). Backward: all-reduce / reduce-scatter of dx."""
+    if sequence_parallel:
+        return gather_from_sequence_region(x, axis, -2)
+    return copy_to_tensor_region(x, axis)
+
+
+def exit_tensor_parallel(partial_sums: jax.Array, sequence_parallel: bool, axis: Axis = TENSOR) -> jax.Array:
+    """Exit of a block: partial sums all-reduced (``reduce_from_tensor_region``), or,
+    with sequence parallelism, reduce-scattered into sequence shards (dim -2)
+    (``reduce_scatter_to_sequence_region``). Backward: identity / all-gather."""
+    if sequence_parallel:
+        return reduce_scatter_to_sequence_region(partial_sums, axis, -2)
+    return reduce_from_tensor_region(partial_sums, axis)

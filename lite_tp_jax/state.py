@@ -5,7 +5,7 @@ Names are the dotted paths of the module's parameters (``"up.kernel"``,
 stored ones in two ways, both undone here:
 
 * padding: a dimension split unevenly is stored padded at its end (see
-  ``sharding.py``); ``logical_shape`` metadata gives the unpadded trailing dims.
+  ``padding.py``); ``logical_shape`` metadata gives the unpadded trailing dims.
 * stacking: stacked layers carry leading dims that the metadata does not
   describe (``[virtual_stages, groups / virtual_stages]`` for pipelining); the
   logical form merges them into one ``[groups]`` dim, so it does not depend on

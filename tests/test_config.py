@@ -164,7 +164,7 @@ def test_overrides_do_not_mutate_the_mapping():
             {"model": {"hiden_size": 3}},
             (),
             r"^unknown key 'model\.hiden_size'; allowed keys in 'model': vocab_size, hidden_size, "
-            r"num_layers, .*virtual_stages$",
+            r"num_layers, .*virtual_stages, ",
         ),
         ({}, ["model.hiden_size=3"], r"^unknown key 'model\.hiden_size'; allowed keys in 'model': "),
         ({"modle": {}}, (), r"^unknown section 'modle'; allowed: model, mesh, train, data, checkpoint$"),

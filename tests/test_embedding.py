@@ -18,7 +18,7 @@ from lite_tp_jax import (
     vocab_parallel_cross_entropy,
 )
 from lite_tp_jax.hlo import collectives, summary
-from lite_tp_jax.sharding import param_specs
+from lite_tp_jax.parallel.region import run_in_region
 
 TOL = 1e-5
 B, S, H, V = 2, 8, 6, 50  # V = 50 is uneven at TP 3, 4 and 8
@@ -225,16 +225,15 @@ def test_embedding_attend_cross_entropy_in_one_region(tp, vocab, features, seque
     graphdef, state = nnx.split(layer)
     ids, targets = token_ids(rng, vocab, (B, 4)), token_ids(rng, vocab, (B, 4))
 
-    def body(state, ids, targets):
-        m = nnx.merge(graphdef, state)
+    def body(m, ids, targets):
         logits = m.attend(jnp.tanh(m(ids)))
         return jnp.mean(vocab_parallel_cross_entropy(logits, targets, vocab))
 
     def loss(state):
-        return jax.shard_map(
-            body, mesh=layer.mesh, in_specs=(param_specs(state), P(), P()), out_specs=P(),
-            axis_names={"tensor"},
-        )(state, ids, targets)
+        return run_in_region(
+            nnx.merge(graphdef, state), body, ids, targets, mesh=layer.mesh,
+            arg_specs=(P(), P()), out_specs=P(), row_axes=(), axes=frozenset({"tensor"}),
+        )
 
     value, grads = jax.jit(jax.value_and_grad(loss))(state)
 

@@ -152,7 +152,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     "argv, message",
     [
         (["train", str(TINY), "--set", "model.hiden_size=8"], "unknown key 'model.hiden_size'"),
-        (["train", str(TINY), "--set", "train.global_batch=3", "--set", "mesh.data=2"], "'train.global_batch' (3) must be divisible by 'mesh.data' x 'mesh.expert' (2)"),
+        (["train", str(TINY), "--set", "train.global_batch=3", "--set", "mesh.data=2"], "'train.global_batch' (3) must be divisible by 'mesh.data' (2) x 'mesh.expert' (1)"),
         (["train", "no/such.yaml"], "no/such.yaml"),
         (
             ["train", str(TINY), "--set", "model.num_layers=4", "mesh.pipeline=2", "model.virtual_stages=2"],

@@ -43,15 +43,15 @@ num_kv_heads`` query heads that attend with it (query head ``j`` uses kv head
   heads and picks, for each of its query heads, kv head ``global_q // group``
   (clamped for padded query heads). Padded query heads are zeroed on
   ``query`` and ``out.kernel``, so they add nothing to y or to any gradient.
-  The replicated kernels' gradients are summed over the ranks by JAX's
-  varying/invariant typing: using an invariant kernel with a per-rank input is
-  an implicit ``pcast`` to varying, whose transpose is a psum (an all-reduce of
-  the k/v kernel gradients, ``features * num_kv_heads * head_dim`` each).
+  The replicated kernels enter the region explicitly per rank
+  (``copy_to_tensor_region``), so their gradients are all-reduced over
+  "tensor" (``features * num_kv_heads * head_dim`` each).
 """
 
 from __future__ import annotations
 
 import numbers
+from functools import partial
 from typing import Any, Literal, get_args
 
 import jax
@@ -59,28 +59,18 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.collectives import (
-    cast_for,
-    copy_to_tensor_region,
-    gather_from_sequence_region,
-    reduce_from_tensor_region,
-    reduce_scatter_to_sequence_region,
-)
+from lite_tp_jax.collectives import cast_for, copy_to_tensor_region, enter_tensor_parallel, exit_tensor_parallel
 from lite_tp_jax.layers.rotary import apply_rotary
 from lite_tp_jax.mesh import TENSOR
-from lite_tp_jax.sharding import (
-    call_local,
-    check_last_dim,
-    mask_padding,
-    padded_size,
-    sharded_param,
-    tensor_size,
-    zeros_init,
-)
+from lite_tp_jax.padding import mask_padding
+from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_parallel
+from lite_tp_jax.plan.rules import MEGATRON, PartitionRules, padded_size
+from lite_tp_jax.validate import check_last_dim, check_rank
 
-# Module-level so that sharded_param's jitted initialiser (static ``init``) is reused across layers.
+zeros_init = nnx.initializers.zeros_init()
+
+# Module-level so that PartitionRules.param's jitted initialiser (static ``init``) is reused across layers.
 _projection_kernel_init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
 _out_kernel_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
 
@@ -154,7 +144,7 @@ def _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta) -> Non
             )
 
 
-class ParallelAttention(nnx.Module):
+class ParallelAttention(ParallelLayer):
     """Causal multi-head (or grouped-query) self-attention, heads split over "tensor"."""
 
     def __init__(
@@ -170,6 +160,8 @@ class ParallelAttention(nnx.Module):
         rope_theta: float | None = None,
         kernel: AttentionKernel = "auto",
         param_dtype: Any = jnp.float32,
+        role: str = "attention",
+        rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
         if kernel not in ATTENTION_KERNELS:
@@ -184,63 +176,65 @@ class ParallelAttention(nnx.Module):
         self.group = num_heads // num_kv_heads
         self.sequence_parallel, self.rope_theta = sequence_parallel, rope_theta
 
-        tp = tensor_size(mesh)
-        self.kv_sharded = num_kv_heads >= tp
+        tp = mesh.shape[TENSOR]
+        kv_strategy = rules.strategy(f"{role}.key")
+        if kv_strategy != rules.strategy(f"{role}.value"):
+            raise ValueError(
+                f"ParallelAttention needs one strategy for {role}.key and {role}.value, got "
+                f"{kv_strategy!r} and {rules.strategy(f'{role}.value')!r}; set both in partition_rules."
+            )
+        # kv heads are split whole over "tensor" (with their query groups), or replicated
+        # when there are fewer of them than ranks (or the rules say so).
+        self.kv_sharded = kv_strategy == "column" and num_kv_heads >= tp
         if self.kv_sharded:  # whole kv groups per rank; pad the groups
             kv_padded = padded_size(num_kv_heads, tp)
             heads_padded = kv_padded * self.group
-            kv_spec = P(None, TENSOR, None)
         else:  # kv replicated; only the query heads are split
             kv_padded = num_kv_heads
             heads_padded = padded_size(num_heads, tp)
-            kv_spec = P()
 
-        def param(init, shape, spec, padded_shape):
-            return sharded_param(
-                init, rngs.params(), shape, spec, mesh, padded_shape=padded_shape, dtype=param_dtype
-            )
-
-        def projection(heads, padded_heads, spec):
+        def projection(name, heads, padded_heads, dims, strategy=None):
+            param = partial(rules.param, f"{role}.{name}", mesh=mesh, dtype=param_dtype, strategy=strategy)
             kernel = param(
-                _projection_kernel_init, (features, heads, self.head_dim), spec,
-                (features, padded_heads, self.head_dim),
+                _projection_kernel_init, rngs.params(), (features, heads, self.head_dim), dims,
+                padded_shape=(features, padded_heads, self.head_dim),
             )
-            bias_spec = P(*tuple(spec)[1:])
             bias = (
-                param(zeros_init, (heads, self.head_dim), bias_spec, (padded_heads, self.head_dim))
+                param(zeros_init, rngs.params(), (heads, self.head_dim), dims[1:], padded_shape=(padded_heads, self.head_dim))
                 if use_bias
                 else None
             )
             return _Projection(kernel, bias)
 
-        self.query = projection(num_heads, heads_padded, P(None, TENSOR, None))
-        self.key = projection(num_kv_heads, kv_padded, kv_spec)
-        self.value = projection(num_kv_heads, kv_padded, kv_spec)
+        kv_override = None if self.kv_sharded else "replicated"
+        self.query = projection("query", num_heads, heads_padded, ("in", "out", None))
+        self.key = projection("key", num_kv_heads, kv_padded, ("in", "out", None), kv_override)
+        self.value = projection("value", num_kv_heads, kv_padded, ("in", "out", None), kv_override)
+        out = partial(rules.param, f"{role}.out", mesh=mesh, dtype=param_dtype)
         self.out = _Projection(
-            param(
-                _out_kernel_init, (num_heads, self.head_dim, features), P(TENSOR, None, None),
-                (heads_padded, self.head_dim, features),
+            out(
+                _out_kernel_init, rngs.params(), (num_heads, self.head_dim, features), ("in", None, "out"),
+                padded_shape=(heads_padded, self.head_dim, features),
             ),
-            param(zeros_init, (features,), P(), (features,)) if use_bias else None,
+            out(zeros_init, rngs.params(), (features,), ("out",)) if use_bias else None,
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x``: ``[B, S, features]``, replicated over "tensor" (or sharded along
-        ``S`` with ``sequence_parallel``); returns the same shape."""
+    def layout(self, x: jax.Array) -> Layout:
+        """``x`` and the result: ``[B, S, features]``, replicated over "tensor" (or
+        sharded along ``S`` with ``sequence_parallel``)."""
+        activation = sequence_parallel(self.sequence_parallel)
+        return Layout((activation,), activation.of(x.ndim))
+
+    def check(self, x: jax.Array) -> None:
         name = type(self).__name__
         check_last_dim(x, self.features, name)
-        if x.ndim != 3:
-            raise ValueError(f"{name} expects inputs [batch, seq, features], got shape {tuple(x.shape)}.")
-        return call_local(self, x)
+        check_rank(x, 3, "[batch, seq, features]", name)
 
     def local(self, x: jax.Array) -> jax.Array:
         """One rank's math: ``x`` full (replicated over "tensor"), or its sequence
         shard with ``sequence_parallel``. Returns the same."""
         # Enter the region once for q, k and v, so backward has one collective for dx.
-        if self.sequence_parallel:
-            x = gather_from_sequence_region(x, TENSOR, -2)
-        else:
-            x = copy_to_tensor_region(x)
+        x = enter_tensor_parallel(x, self.sequence_parallel)
         seq = x.shape[-2]  # the full sequence, also with sequence_parallel
 
         q = self._project(self.query, x, self.num_heads)  # [B, S, local heads, D]
@@ -258,12 +252,10 @@ class ParallelAttention(nnx.Module):
 
         out_kernel = cast_for(mask_padding(self.out.kernel[...], 0, self.num_heads), o)
         partial_sums = jnp.einsum("bqhd,hdf->bqf", o, out_kernel)
-        if self.sequence_parallel:
-            y = reduce_scatter_to_sequence_region(partial_sums, TENSOR, -2)
-        else:
-            y = reduce_from_tensor_region(partial_sums)
-        if self.out.bias is not None:
-            y = y + cast_for(self.out.bias[...], y)
+        y = exit_tensor_parallel(partial_sums, self.sequence_parallel)
+        if self.out.bias is not None:  # per-rank on sequence shards: its gradient is all-reduced
+            bias = cast_for(self.out.bias[...], y)
+            y = y + (copy_to_tensor_region(bias) if self.sequence_parallel else bias)
         return y
 
     @staticmethod
@@ -275,6 +267,9 @@ class ParallelAttention(nnx.Module):
         if logical_heads is not None:
             kernel = mask_padding(kernel, 1, logical_heads)
             bias = None if bias is None else mask_padding(bias, 0, logical_heads)
+        else:  # replicated k/v used by every rank: their gradients are all-reduced
+            kernel = copy_to_tensor_region(kernel)
+            bias = None if bias is None else copy_to_tensor_region(bias)
         y = jnp.einsum("bsf,fhd->bshd", x, kernel)
         return y if bias is None else y + bias
 

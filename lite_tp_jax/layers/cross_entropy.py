@@ -21,16 +21,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import reduce_from_tensor_region
-from lite_tp_jax.mesh import TENSOR
-from lite_tp_jax.sharding import (
-    check_last_dim,
-    axes_size,
-    in_tensor_region,
-    padded_size,
-)
+from lite_tp_jax.parallel.region import REPLICATED, Layout, features, in_region, run_standalone
+from lite_tp_jax.plan.rules import padded_size, vocab_axes as mesh_vocab_axes
+from lite_tp_jax.validate import check_last_dim
 
 _NAME = "vocab_parallel_cross_entropy"
 
@@ -41,7 +36,7 @@ def vocab_parallel_cross_entropy(
     vocab_size: int,
     *,
     mesh: Mesh | None = None,
-    vocab_axes: tuple[str, ...] = (TENSOR,),
+    vocab_axes: tuple[str, ...] | None = None,
 ) -> jax.Array:
     """Per-token loss ``-log softmax(logits)[targets]``, shape ``targets.shape``, float32.
 
@@ -53,7 +48,8 @@ def vocab_parallel_cross_entropy(
     "tensor". ``targets``: integers, replicated over "tensor".
 
     ``vocab_axes``: the mesh axes the vocabulary is split over, as in
-    ``VocabParallelEmbedding`` (its statistics are reduced over all of them).
+    ``VocabParallelEmbedding`` (its statistics are reduced over all of them);
+    by default the rule table's (``plan.rules.vocab_axes``).
 
     Targets outside ``[0, vocab_size)`` cannot raise an error under jit: no rank
     owns them, so their loss is the log-sum-exp of the logits (gradient:
@@ -66,25 +62,18 @@ def vocab_parallel_cross_entropy(
             f"{_NAME}: targets of shape {tuple(targets.shape)} do not match logits of shape "
             f"{tuple(logits.shape)} (expected targets.shape == logits.shape[:-1])."
         )
-    if in_tensor_region():
-        return _local(logits, targets, vocab_size, tuple(vocab_axes))
+    if in_region():
+        return _local(logits, targets, vocab_size, tuple(vocab_axes or ("tensor",)))
     if mesh is None:
         raise ValueError(
             f"{_NAME} called outside a tensor-parallel region needs mesh=... to shard "
             f"the logits over 'tensor'."
         )
     check_last_dim(logits, vocab_size, _NAME)
-    vocab_axes = tuple(vocab_axes)
-    padding = padded_size(vocab_size, axes_size(mesh, vocab_axes)) - vocab_size
-    if padding:
-        logits = jnp.pad(logits, [(0, 0)] * (logits.ndim - 1) + [(0, padding)])
-    return jax.shard_map(
-        partial(_local, vocab_size=vocab_size, vocab_axes=vocab_axes),
-        mesh=mesh,
-        in_specs=(P(*([None] * (logits.ndim - 1)), vocab_axes), P()),
-        out_specs=P(),
-        axis_names=set(vocab_axes),
-    )(logits, targets)
+    vocab_axes = tuple(vocab_axes or mesh_vocab_axes(mesh))
+    layout = Layout((features(vocab_size, vocab_axes), REPLICATED), REPLICATED.of(targets.ndim))
+    local = partial(_local, vocab_size=vocab_size, vocab_axes=vocab_axes)
+    return run_standalone(None, local, layout, logits, targets, mesh=mesh, name=_NAME)
 
 
 def _local(logits: jax.Array, targets: jax.Array, vocab_size: int, vocab_axes: tuple[str, ...]) -> jax.Array:

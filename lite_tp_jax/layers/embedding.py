@@ -4,7 +4,7 @@ usable as a tied output head.
 The table ``embedding [vocab, features]`` is split on the vocabulary over
 ``vocab_axes`` (default "tensor"; a pipeline-parallel model uses
 ("pipeline", "tensor") so that no stage holds the whole table), padded at its
-end to a multiple of the number of ranks (see ``sharding.py``): rank i holds
+end to a multiple of the number of ranks (see ``padding.py``): rank i holds
 rows ``[i*v, (i+1)*v)``. The same class is the output head (``attend``),
 tied to the input embedding or as a table of its own.
 
@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import (
     cast_for,
@@ -36,19 +35,17 @@ from lite_tp_jax.collectives import (
     reduce_scatter_to_sequence_region,
 )
 from lite_tp_jax.mesh import TENSOR
-from lite_tp_jax.sharding import (
-    axes_size,
-    Initializer,
-    check_last_dim,
-    check_sequence_divisible,
-    default_embedding_init,
-    enter_tensor_region,
-    in_tensor_region,
-    mask_padding,
-    padded_size,
-    sequence_spec,
-    sharded_param,
+from lite_tp_jax.padding import mask_padding
+from lite_tp_jax.parallel.region import (
+    Layout,
+    ParallelLayer,
+    features,
+    sequence_parallel,
 )
+from lite_tp_jax.plan.rules import MEGATRON, Initializer, PartitionRules
+from lite_tp_jax.validate import check_last_dim
+
+default_embedding_init: Initializer = nnx.initializers.normal(stddev=0.02)
 
 
 def check_integer_ids(ids: jax.Array, name: str) -> None:
@@ -56,9 +53,10 @@ def check_integer_ids(ids: jax.Array, name: str) -> None:
         raise TypeError(f"{name} expects integer token ids, got dtype {jnp.result_type(ids)}.")
 
 
-class VocabParallelEmbedding(nnx.Module):
+class VocabParallelEmbedding(ParallelLayer):
     """``table[ids]`` with the table ``[num_embeddings, features]`` split on the
-    vocabulary over "tensor".
+    vocabulary (the rule table's "vocab" strategy: over "tensor", and over
+    ("pipeline", "tensor") on a pipelined mesh).
 
     Ids outside ``[0, num_embeddings)`` cannot raise an error under jit: they
     produce a zero vector (no rank owns them) and receive no gradient.
@@ -75,9 +73,10 @@ class VocabParallelEmbedding(nnx.Module):
         *,
         mesh: Mesh,
         sequence_parallel: bool = False,
-        vocab_axes: tuple[str, ...] = (TENSOR,),
         embedding_init: Initializer = default_embedding_init,
         param_dtype: Any = jnp.float32,
+        role: str = "embedding",
+        rules: PartitionRules = MEGATRON,
         dtype: Any = None,
         rngs: nnx.Rngs,
     ):
@@ -85,45 +84,28 @@ class VocabParallelEmbedding(nnx.Module):
         self.dtype = dtype  # of the looked-up vectors (the compute dtype); None: param_dtype
         self.num_embeddings, self.features = num_embeddings, features
         self.sequence_parallel = sequence_parallel
-        if TENSOR not in vocab_axes:
-            raise ValueError(f"vocab_axes must include 'tensor', got {vocab_axes}.")
-        self.vocab_axes = tuple(vocab_axes)
-        self.region_axes = frozenset(vocab_axes)
-        self.other_vocab_axes = tuple(a for a in vocab_axes if a != TENSOR)
-        vocab_padded = padded_size(num_embeddings, axes_size(mesh, self.vocab_axes))
-        self.embedding = sharded_param(
-            embedding_init, rngs.params(), (num_embeddings, features), P(self.vocab_axes, None), mesh,
-            padded_shape=(vocab_padded, features), dtype=param_dtype,
+        self.embedding = rules.param(
+            role, embedding_init, rngs.params(), (num_embeddings, features), ("vocab", None), mesh, dtype=param_dtype
         )
+        vocab_entry = self.embedding.get_metadata()["out_sharding"][0]
+        self.vocab_axes = tuple(a for a in ((vocab_entry,) if isinstance(vocab_entry, str) else vocab_entry) if a != "data")
+        self.other_vocab_axes = tuple(a for a in self.vocab_axes if a != TENSOR)
 
     def _table(self) -> jax.Array:
         return mask_padding(self.embedding[...], 0, self.num_embeddings, self.vocab_axes)
 
-    def _output_struct(self, ids: jax.Array) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct((*ids.shape, self.features), self.dtype or self.embedding.dtype)
-
     # --- lookup -------------------------------------------------------------
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        """``ids``: integer ``[..., seq]``, replicated over "tensor". Returns
-        ``[..., seq, features]`` (replicated, or sharded along ``seq`` with
-        ``sequence_parallel``: this rank's shard inside a tensor region)."""
+    def layout(self, ids: jax.Array) -> Layout:
+        """``ids`` ``[..., seq]`` replicated over "tensor"; the vectors
+        ``[..., seq, features]`` replicated (or sharded along ``seq`` with ``sequence_parallel``)."""
+        return Layout((sequence_parallel(False),), sequence_parallel(self.sequence_parallel).of(ids.ndim + 1))
+
+    def check(self, ids: jax.Array) -> None:
         check_integer_ids(ids, type(self).__name__)
-        if in_tensor_region():
-            return self.local(ids)
-        out_spec = P()
-        if self.sequence_parallel:
-            check_sequence_divisible(self._output_struct(ids), self.mesh, type(self).__name__)
-            out_spec = sequence_spec(ids.ndim + 1)
-        return enter_tensor_region(
-            self, type(self).local, ids, arg_specs=(P(),), out_specs=out_spec, axes=self.region_axes
-        )
 
     def local(self, ids: jax.Array) -> jax.Array:
         """One rank's math: ``ids`` full (replicated over "tensor")."""
-        check_integer_ids(ids, type(self).__name__)
-        if self.sequence_parallel:
-            check_sequence_divisible(self._output_struct(ids), self.mesh, type(self).__name__)
         table = self._table()
         table = table if self.dtype is None else cast_for(table, ids, self.dtype)
         rows = table.shape[0]
@@ -142,26 +124,18 @@ class VocabParallelEmbedding(nnx.Module):
         """Logits ``x @ table.T`` of a tied output head. ``x``: ``[..., seq, features]``,
         replicated over "tensor" (or sharded along ``seq`` with ``sequence_parallel``).
 
-        Inside a tensor region: this rank's ``[..., seq, vocab_i]`` slice of the
-        padded vocabulary (padded entries are 0; ``vocab_parallel_cross_entropy``
-        masks them). From ordinary jit code: the logical ``[..., seq, vocab]``
-        logits, sharded over "tensor" on the last dimension."""
+        Inside a region: this rank's ``[..., seq, vocab_i]`` slice of the padded
+        vocabulary (padded entries are 0; ``vocab_parallel_cross_entropy`` masks
+        them). From ordinary jit code: the logical ``[..., seq, vocab]`` logits,
+        sharded over the vocabulary axes on the last dimension."""
         check_last_dim(x, self.features, f"{type(self).__name__}.attend")
-        if in_tensor_region():
-            return self.local_attend(x)
-        in_spec = P()
-        if self.sequence_parallel:
-            check_sequence_divisible(x, self.mesh, f"{type(self).__name__}.attend")
-            in_spec = sequence_spec(x.ndim)
-        logits = enter_tensor_region(
-            self, type(self).local_attend, x, arg_specs=(in_spec,),
-            out_specs=P(*([None] * (x.ndim - 1)), self.vocab_axes), axes=self.region_axes,
+        layout = Layout(
+            (sequence_parallel(self.sequence_parallel),), features(self.num_embeddings, self.vocab_axes).of(x.ndim)
         )
-        return logits[..., : self.num_embeddings]
+        return self.run(type(self).local_attend, layout, x)
 
     def local_attend(self, x: jax.Array) -> jax.Array:
         """One rank's math for ``attend``."""
-        check_last_dim(x, self.features, f"{type(self).__name__}.attend")
         if self.sequence_parallel:
             x = gather_from_sequence_region(x, TENSOR, -2)
         x = copy_to_tensor_region(x, self.vocab_axes)  # no-op for axes already per-rank

@@ -10,47 +10,45 @@ wording is PyTorch's (``[out, in]``, ``x @ W.T``), so its names are swapped:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import (
     cast_for,
     copy_to_tensor_region,
-    gather_from_sequence_region,
+    enter_tensor_parallel,
+    exit_tensor_parallel,
     gather_from_tensor_region,
-    reduce_from_tensor_region,
-    reduce_scatter_to_sequence_region,
     scatter_to_tensor_region,
 )
 from lite_tp_jax.mesh import TENSOR
-from lite_tp_jax.sharding import (
-    Initializer,
-    check_last_dim,
-    check_sequence_divisible,
-    default_kernel_init,
-    enter_tensor_region,
-    feature_spec,
-    in_tensor_region,
-    sequence_spec,
-    mask_padding,
-    padded_size,
-    sharded_param,
-    tensor_size,
-    zeros_init,
+from lite_tp_jax.padding import mask_padding
+from lite_tp_jax.parallel.region import (
+    REPLICATED,
+    Layout,
+    ParallelLayer,
+    features,
+    in_region,
+    sequence_parallel,
 )
+from lite_tp_jax.plan.rules import MEGATRON, Initializer, PartitionRules
+from lite_tp_jax.validate import check_last_dim
+
+default_kernel_init: Initializer = nnx.initializers.lecun_normal()
+zeros_init: Initializer = nnx.initializers.zeros_init()
 
 
-class ColumnParallelLinear(nnx.Module):
+class ColumnParallelLinear(ParallelLayer):
     """``y = x @ W + b`` with W ``[in, out]`` split on ``out`` over "tensor".
 
     Each rank holds ``W[:, out_i]`` and ``b[out_i]`` and computes its slice of
     ``y`` from the full input: no communication forward; backward, the input
-    gradient's partial sums are all-reduced (``copy_to_tensor_region``). With
+    gradient's partial sums are all-reduced (``enter_tensor_parallel``). With
     ``gather_output`` the output slices are all-gathered into the full ``y``.
 
     With ``sequence_parallel`` the input arrives sharded along the sequence
@@ -71,47 +69,30 @@ class ColumnParallelLinear(nnx.Module):
         kernel_init: Initializer = default_kernel_init,
         bias_init: Initializer = zeros_init,
         param_dtype: Any = jnp.float32,
+        role: str = "column",
+        rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
         self.mesh = mesh
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
-        out_padded = padded_size(out_features, tensor_size(mesh))
-        self.kernel = sharded_param(
-            kernel_init, rngs.params(), (in_features, out_features), P(None, TENSOR), mesh,
-            padded_shape=(in_features, out_padded), dtype=param_dtype,
-        )
-        self.bias = (
-            sharded_param(
-                bias_init, rngs.params(), (out_features,), P(TENSOR), mesh,
-                padded_shape=(out_padded,), dtype=param_dtype,
-            )
-            if use_bias
-            else None
-        )
+        param = partial(rules.param, role, mesh=mesh, dtype=param_dtype)
+        self.kernel = param(kernel_init, rngs.params(), (in_features, out_features), ("in", "out"))
+        self.bias = param(bias_init, rngs.params(), (out_features,), ("out",)) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x``: ``[..., in]``. Returns ``[..., out]`` (gathered), or this rank's
-        ``[..., out_i]`` slice inside a tensor region, or the logical ``[..., out]``
-        array sharded over "tensor" when called from ordinary jit code."""
+    def layout(self, x: jax.Array) -> Layout:
+        """Input replicated (or sequence-sharded); output split over "tensor" (or gathered)."""
+        output = REPLICATED if self.gather_output else features(self.out_features)
+        return Layout((sequence_parallel(self.sequence_parallel),), output.of(x.ndim))
+
+    def check(self, x: jax.Array) -> None:
         check_last_dim(x, self.in_features, type(self).__name__)
-        if in_tensor_region():
-            return self.local(x)
-        out_spec = P() if self.gather_output else feature_spec(x.ndim)
-        in_spec = P()
-        if self.sequence_parallel:
-            check_sequence_divisible(x, self.mesh, type(self).__name__)
-            in_spec = sequence_spec(x.ndim)
-        y = enter_tensor_region(self, type(self).local, x, arg_specs=(in_spec,), out_specs=out_spec)
-        return y[..., : self.out_features]
 
     def local(self, x: jax.Array) -> jax.Array:
         """One rank's math: ``x`` full (replicated over "tensor"), or its sequence
-        shard with ``sequence_parallel``."""
-        if self.sequence_parallel:
-            x = gather_from_sequence_region(x, TENSOR, -2)
-        else:
-            x = copy_to_tensor_region(x)
+        shard with ``sequence_parallel``. Returns this rank's ``[..., out_i]`` slice
+        of the padded output (or the full output with ``gather_output``)."""
+        x = enter_tensor_parallel(x, self.sequence_parallel)
         y = x @ cast_for(mask_padding(self.kernel[...], 1, self.out_features), x)  # computes in x's dtype
         if self.bias is not None:
             y = y + cast_for(mask_padding(self.bias[...], 0, self.out_features), x)
@@ -120,12 +101,12 @@ class ColumnParallelLinear(nnx.Module):
         return y
 
 
-class RowParallelLinear(nnx.Module):
+class RowParallelLinear(ParallelLayer):
     """``y = x @ W + b`` with W ``[in, out]`` split on ``in`` over "tensor".
 
     Each rank multiplies its slice of the input features by ``W[in_i, :]``; the
-    partial sums are combined by one all-reduce (``reduce_from_tensor_region``)
-    and the replicated bias is added once, after the reduction. With
+    partial sums are combined by one all-reduce (``exit_tensor_parallel``) and
+    the replicated bias is added once, after the reduction. With
     ``input_is_parallel=False`` the layer takes the full input and keeps its own
     slice (``scatter_to_tensor_region``).
 
@@ -146,50 +127,40 @@ class RowParallelLinear(nnx.Module):
         kernel_init: Initializer = default_kernel_init,
         bias_init: Initializer = zeros_init,
         param_dtype: Any = jnp.float32,
+        role: str = "row",
+        rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
         self.mesh = mesh
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
-        self.in_padded = padded_size(in_features, tensor_size(mesh))
-        self.kernel = sharded_param(
-            kernel_init, rngs.params(), (in_features, out_features), P(TENSOR, None), mesh,
-            padded_shape=(self.in_padded, out_features), dtype=param_dtype,
-        )
-        self.bias = (
-            sharded_param(bias_init, rngs.params(), (out_features,), P(), mesh, dtype=param_dtype)
-            if use_bias
-            else None
-        )
+        param = partial(rules.param, role, mesh=mesh, dtype=param_dtype)
+        self.kernel = param(kernel_init, rngs.params(), (in_features, out_features), ("in", "out"))
+        self.in_padded = self.kernel.shape[0]
+        self.bias = param(bias_init, rngs.params(), (out_features,), ("out",)) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x``: ``[..., in]`` (logical), or this rank's ``[..., in_i]`` slice of the
-        padded input inside a tensor region when ``input_is_parallel``."""
-        if in_tensor_region():
-            return self.local(x)
-        check_last_dim(x, self.in_features, type(self).__name__)
-        out_spec = P()
-        if self.sequence_parallel:
-            check_sequence_divisible(x, self.mesh, type(self).__name__)
-            out_spec = sequence_spec(x.ndim)
-        if not self.input_is_parallel:
-            return enter_tensor_region(self, type(self).local, x, arg_specs=(P(),), out_specs=out_spec)
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.in_padded - self.in_features)])
-        return enter_tensor_region(
-            self, type(self).local, x, arg_specs=(feature_spec(x.ndim),), out_specs=out_spec
-        )
+    def layout(self, x: jax.Array) -> Layout:
+        """Input split over "tensor" on its features (or whole); output replicated (or sequence-sharded)."""
+        inputs = features(self.in_features) if self.input_is_parallel else REPLICATED
+        return Layout((inputs,), sequence_parallel(self.sequence_parallel).of(x.ndim))
+
+    def check(self, x: jax.Array) -> None:
+        if not self.input_is_parallel or not in_region():
+            check_last_dim(x, self.in_features, type(self).__name__)
 
     def local(self, x: jax.Array) -> jax.Array:
-        """One rank's math: ``x`` is this rank's input slice (or the full input)."""
+        """One rank's math: ``x`` is this rank's slice of the padded input (or the full input)."""
         if not self.input_is_parallel:
-            check_last_dim(x, self.in_features, type(self).__name__)
             x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.in_padded - self.in_features)])
             x = scatter_to_tensor_region(x, TENSOR, -1)
         partial_sums = x @ cast_for(mask_padding(self.kernel[...], 0, self.in_features), x)  # in x's dtype
-        if self.sequence_parallel:
-            y = reduce_scatter_to_sequence_region(partial_sums, TENSOR, -2)
-        else:
-            y = reduce_from_tensor_region(partial_sums)
+        y = exit_tensor_parallel(partial_sums, self.sequence_parallel)
         if self.bias is not None:
-            y = y + cast_for(self.bias[...], y)
+            y = y + cast_for(self._replicated_bias(), y)
         return y
+
+    def _replicated_bias(self) -> jax.Array:
+        """The bias, per-rank when added to sequence shards (so its gradient, a
+        partial sum per shard, is all-reduced: ``copy_to_tensor_region``)."""
+        bias = self.bias[...]
+        return copy_to_tensor_region(bias) if self.sequence_parallel else bias

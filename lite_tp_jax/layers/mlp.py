@@ -21,18 +21,16 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from lite_tp_jax.collectives import copy_to_tensor_region, gather_from_sequence_region
+from lite_tp_jax.collectives import enter_tensor_parallel
 from lite_tp_jax.layers.linear import ColumnParallelLinear, RowParallelLinear
-from lite_tp_jax.mesh import TENSOR
-from lite_tp_jax.sharding import (
-    call_local,
-    check_last_dim,
-)
+from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_parallel
+from lite_tp_jax.plan.rules import MEGATRON, PartitionRules
+from lite_tp_jax.validate import check_last_dim
 
 Activation = Literal["swiglu", "gelu"]
 
 
-class ParallelMLP(nnx.Module):
+class ParallelMLP(ParallelLayer):
     """``swiglu``: ``down(silu(gate(x)) * up(x))`` (Llama); ``gelu``: ``down(gelu(up(x)))`` (GPT-2)."""
 
     def __init__(
@@ -45,6 +43,8 @@ class ParallelMLP(nnx.Module):
         use_bias: bool = False,
         sequence_parallel: bool = False,
         param_dtype: Any = jnp.float32,
+        role: str = "mlp",
+        rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
         if activation not in ("swiglu", "gelu"):
@@ -52,23 +52,29 @@ class ParallelMLP(nnx.Module):
         self.mesh = mesh
         self.features, self.activation = features, activation
         self.sequence_parallel = sequence_parallel
-        common = dict(mesh=mesh, use_bias=use_bias, param_dtype=param_dtype, rngs=rngs)
-        self.gate = ColumnParallelLinear(features, hidden_features, **common) if activation == "swiglu" else None
-        self.up = ColumnParallelLinear(features, hidden_features, **common)
-        self.down = RowParallelLinear(hidden_features, features, sequence_parallel=sequence_parallel, **common)
+        common = dict(mesh=mesh, use_bias=use_bias, param_dtype=param_dtype, rules=rules, rngs=rngs)
+        self.gate = (
+            ColumnParallelLinear(features, hidden_features, role=f"{role}.gate", **common)
+            if activation == "swiglu"
+            else None
+        )
+        self.up = ColumnParallelLinear(features, hidden_features, role=f"{role}.up", **common)
+        self.down = RowParallelLinear(
+            hidden_features, features, sequence_parallel=sequence_parallel, role=f"{role}.down", **common
+        )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x``: ``[..., seq, features]``, replicated over "tensor" (or sharded
-        along ``seq`` with ``sequence_parallel``); returns the same shape."""
+    def layout(self, x: jax.Array) -> Layout:
+        """``x`` and the result: ``[..., seq, features]``, replicated over "tensor" (or
+        sharded along ``seq`` with ``sequence_parallel``)."""
+        activation = sequence_parallel(self.sequence_parallel)
+        return Layout((activation,), activation.of(x.ndim))
+
+    def check(self, x: jax.Array) -> None:
         check_last_dim(x, self.features, type(self).__name__)
-        return call_local(self, x)
 
     def local(self, x: jax.Array) -> jax.Array:
         # Enter the region once for gate and up, so backward has one collective for dx.
-        if self.sequence_parallel:
-            x = gather_from_sequence_region(x, TENSOR, -2)
-        else:
-            x = copy_to_tensor_region(x)
+        x = enter_tensor_parallel(x, self.sequence_parallel)
         # Named for the remat policies (models/transformer.py): what the backward keeps.
         up = checkpoint_name(self.up(x), "mlp_up")
         if self.gate is not None:

@@ -75,6 +75,7 @@ expert buffers.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import jax
@@ -82,7 +83,6 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import (
     cast_for,
@@ -90,26 +90,18 @@ from lite_tp_jax.collectives import (
     all_reduce,
     check_axis,
     copy_to_tensor_region,
-    gather_from_sequence_region,
-    reduce_from_tensor_region,
-    reduce_scatter_to_sequence_region,
+    enter_tensor_parallel,
+    exit_tensor_parallel,
 )
 from lite_tp_jax.mesh import EXPERT, TENSOR
-from lite_tp_jax.sharding import (
-    check_last_dim,
-    default_kernel_init,
-    enter_tensor_region,
-    in_tensor_region,
-    mask_padding,
-    padded_size,
-    sharded_param,
-    tensor_size,
-)
+from lite_tp_jax.padding import mask_padding
+from lite_tp_jax.parallel.region import STATISTIC, Layout, ParallelLayer, sequence_parallel
+from lite_tp_jax.plan.rules import BATCH_AXES, MEGATRON, PartitionRules
+from lite_tp_jax.validate import FitError, check_last_dim, check_rank
 
-REGION_AXES = frozenset({EXPERT, TENSOR})
-"""The manual axes of the region ``MoEMLP`` runs in."""
+default_kernel_init = nnx.initializers.lecun_normal()
 
-# Module-level so that sharded_param's jitted initialiser (static ``init``) is reused across layers.
+# Module-level so that PartitionRules.param's jitted initialiser (static ``init``) is reused across layers.
 # One fan-in per expert: the expert dimension is a batch dimension of the initialiser.
 _expert_kernel_init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
 
@@ -167,7 +159,7 @@ def route(
     return dispatch, gates, probs, assigned, dropped
 
 
-class MoEMLP(nnx.Module):
+class MoEMLP(ParallelLayer):
     """A mixture of ``num_experts`` SwiGLU experts; ``__call__(x)`` returns ``(y, stats)``.
 
     ``x``: ``[batch, seq, features]``. ``stats`` from ordinary jit code: float32
@@ -190,14 +182,11 @@ class MoEMLP(nnx.Module):
         mesh: Mesh,
         sequence_parallel: bool = False,
         param_dtype: Any = jnp.float32,
+        role: str = "moe",
+        rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
-        expert_size = mesh.shape[EXPERT]
-        if num_experts < 1 or num_experts % expert_size:
-            raise ValueError(
-                f"MoEMLP num_experts ({num_experts}) must be a positive multiple of the "
-                f"mesh's expert size ({expert_size}), so every expert rank holds whole experts."
-            )
+        self.check_experts(num_experts, mesh)
         if top_k not in (1, 2):
             raise ValueError(f"MoEMLP top_k must be 1 or 2, got {top_k}.")
         if top_k > num_experts:
@@ -211,24 +200,23 @@ class MoEMLP(nnx.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = capacity_factor
         self.sequence_parallel = sequence_parallel
-        hidden_padded = padded_size(hidden_features, tensor_size(mesh))
-        e, h, f, fp = num_experts, features, hidden_features, hidden_padded
-        self.router = _Weights(
-            sharded_param(default_kernel_init, rngs.params(), (h, e), P(), mesh, dtype=param_dtype)
-        )
-        column, row = P(EXPERT, None, TENSOR), P(EXPERT, TENSOR, None)
+        e, h, f = num_experts, features, hidden_features
+        param = partial(rules.param, mesh=mesh, dtype=param_dtype)
+        self.router = _Weights(param(f"{role}.router", default_kernel_init, rngs.params(), (h, e), ("in", None)))
+        self.gate = _Weights(param(f"{role}.gate", _expert_kernel_init, rngs.params(), (e, h, f), ("experts", "in", "out")))
+        self.up = _Weights(param(f"{role}.up", _expert_kernel_init, rngs.params(), (e, h, f), ("experts", "in", "out")))
+        self.down = _Weights(param(f"{role}.down", _expert_kernel_init, rngs.params(), (e, f, h), ("experts", "in", "out")))
 
-        def expert_param(shape, padded, spec):
-            return _Weights(
-                sharded_param(
-                    _expert_kernel_init, rngs.params(), shape, spec, mesh,
-                    padded_shape=padded, dtype=param_dtype,
-                )
+    @staticmethod
+    def check_experts(num_experts: int, mesh: Mesh) -> None:
+        """Every expert rank holds whole experts."""
+        expert_size = mesh.shape[EXPERT]
+        if num_experts < 1 or num_experts % expert_size:
+            raise FitError(
+                "MoEMLP {num_experts} must be a positive multiple of {expert}, the expert axis "
+                "size, so every expert rank holds whole experts",
+                num_experts=num_experts, expert=expert_size,
             )
-
-        self.gate = expert_param((e, h, f), (e, h, fp), column)
-        self.up = expert_param((e, h, f), (e, h, fp), column)
-        self.down = expert_param((e, f, h), (e, fp, h), row)
 
     def capacity(self, seq_len: int) -> int:
         """Slots per expert per row (routing group) of ``seq_len`` tokens."""
@@ -237,51 +225,34 @@ class MoEMLP(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``x``: ``[batch, seq, features]`` (logical) from ordinary jit code; the
         batch is split over "expert" (and the sequence over "tensor" with
-        ``sequence_parallel``). Inside a region with "expert" and "tensor"
-        manual, ``x`` is this rank's ``[batch/ep, seq(/tp), features]`` block."""
+        ``sequence_parallel``); the statistics are batch means. Inside a region,
+        ``x`` is this rank's ``[batch/ep, seq(/tp), features]`` block and the
+        statistics are row sums, for the caller to reduce over its batch axes."""
+        return super().__call__(x)
+
+    def layout(self, x: jax.Array) -> Layout:
+        activation = sequence_parallel(self.sequence_parallel)
+        stats = {name: STATISTIC for name in ("aux_loss", "dropped", "dropped_fraction")}
+        return Layout((activation,), (activation.of(x.ndim), stats), required=(EXPERT,))
+
+    def check(self, x: jax.Array) -> None:
         name = type(self).__name__
         check_last_dim(x, self.features, name)
-        if x.ndim != 3:
-            raise ValueError(f"{name} expects inputs [batch, seq, features], got shape {tuple(x.shape)}.")
-        if in_tensor_region():
-            if EXPERT not in jax.sharding.get_abstract_mesh().manual_axes:
-                raise ValueError(
-                    f"{name} inside a tensor region needs the 'expert' axis manual too: enter it "
-                    f"with axes=frozenset({{'expert', 'tensor'}}) (lite_tp_jax.layers.moe.REGION_AXES)."
-                )
-            return self.local(x)  # row sums: the caller reduces them over its batch axes
-        ep, tp = self.mesh.shape[EXPERT], tensor_size(self.mesh)
-        if x.shape[0] % ep:
-            raise ValueError(
-                f"{name} splits the batch over the expert axis: batch size {x.shape[0]} is not "
-                f"divisible by the expert size {ep}."
-            )
-        spec = P(EXPERT)
-        if self.sequence_parallel:
-            if x.shape[1] % tp:
-                raise ValueError(
-                    f"{name} with sequence_parallel needs a sequence length divisible by the "
-                    f"tensor-parallel degree {tp}, got shape {tuple(x.shape)}."
-                )
-            spec = P(EXPERT, TENSOR, None)
-        return enter_tensor_region(
-            self, type(self)._global_stats, x, arg_specs=(spec,), out_specs=(spec, P()), axes=REGION_AXES
-        )
+        check_rank(x, 3, "[batch, seq, features]", name)
 
     def local(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """One rank's math: ``x [B_l, S, H]`` (or ``[B_l, S/tp, H]`` with
         sequence_parallel), this expert rank's rows."""
         # Enter the tensor region once: backward, one all-reduce (or reduce-scatter) of dx.
-        if self.sequence_parallel:
-            x = gather_from_sequence_region(x, TENSOR, -2)
-        else:
-            x = copy_to_tensor_region(x)
+        x = enter_tensor_parallel(x, self.sequence_parallel)
         rows, seq, _ = x.shape
         top_k = self.top_k
         slots = self.capacity(seq)
 
-        # Route: full rows on every rank, so every tensor rank routes identically.
-        logits = x.astype(jnp.float32) @ self.router.kernel[...].astype(jnp.float32)
+        # Route: full rows on every rank, so every tensor rank routes identically. The
+        # router is replicated over "tensor": its gradient, a partial sum per rank, is all-reduced.
+        router = copy_to_tensor_region(self.router.kernel[...])
+        logits = x.astype(jnp.float32) @ router.astype(jnp.float32)
         dispatch, gates, probs, assigned, dropped = route(logits, top_k, slots)
         combine = (dispatch * gates[..., None]).astype(x.dtype)
         dispatch = dispatch.astype(x.dtype)
@@ -305,10 +276,7 @@ class MoEMLP(nnx.Module):
         expert_out = expert_out.reshape(local_experts, -1, slots, expert_out.shape[-1])
         expert_out = checkpoint_name(_all_to_all(jnp.swapaxes(expert_out, 0, 1), 0, 1), "moe_combined")  # [B_l, E, C, H]
         y = jnp.einsum("bsec,bech->bsh", combine, expert_out.astype(combine.dtype))
-        if self.sequence_parallel:
-            y = reduce_scatter_to_sequence_region(y, TENSOR, -2)
-        else:
-            y = reduce_from_tensor_region(y)
+        y = exit_tensor_parallel(y, self.sequence_parallel)
         return y, self._row_sums(probs, assigned, dropped)
 
     def _row_sums(self, probs: jax.Array, assigned: jax.Array, dropped: jax.Array) -> dict[str, jax.Array]:
@@ -330,11 +298,13 @@ class MoEMLP(nnx.Module):
         aux_loss, dropped_count, assignments = all_reduce(local, TENSOR) / jax.lax.axis_size(TENSOR)
         return {"aux_loss": aux_loss, "dropped": dropped_count, "assignments": assignments}
 
-    def _global_stats(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def standalone(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``local``, with its row sums turned into batch means (standalone use)."""
         y, sums = self.local(x)
-        sums = {name: all_reduce(value, EXPERT) for name, value in sums.items()}
-        rows = x.shape[0] * jax.lax.axis_size(EXPERT)
+        row_axes = tuple(axis for axis in BATCH_AXES if axis in jax.typeof(sums["dropped"]).mat.varying)
+        if row_axes:
+            sums = {name: all_reduce(value, row_axes) for name, value in sums.items()}
+        rows = x.shape[0] * math.prod(jax.lax.axis_size(axis) for axis in row_axes)
         return y, {
             "aux_loss": sums["aux_loss"] / rows,
             "dropped": sums["dropped"],

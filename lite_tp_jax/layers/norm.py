@@ -15,18 +15,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import copy_to_tensor_region
-from lite_tp_jax.sharding import (
-    call_local,
-    check_last_dim,
-    ones_init,
-    sharded_param,
-)
+from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_parallel
+from lite_tp_jax.plan.rules import MEGATRON, PartitionRules
+from lite_tp_jax.validate import check_last_dim
+
+ones_init = nnx.initializers.ones_init()
 
 
-class RMSNorm(nnx.Module):
+class RMSNorm(ParallelLayer):
     """``y = x / sqrt(mean(x**2) + eps) * scale`` over the last dim, computed in float32."""
 
     def __init__(
@@ -37,15 +35,20 @@ class RMSNorm(nnx.Module):
         eps: float = 1e-5,
         sequence_parallel: bool = False,
         param_dtype: Any = jnp.float32,
+        role: str = "norm",
+        rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
         self.mesh, self.features, self.eps = mesh, features, eps
         self.sequence_parallel = sequence_parallel
-        self.scale = sharded_param(ones_init, rngs.params(), (features,), P(), mesh, dtype=param_dtype)
+        self.scale = rules.param(role, ones_init, rngs.params(), (features,), (None,), mesh, dtype=param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def layout(self, x: jax.Array) -> Layout:
+        activation = sequence_parallel(self.sequence_parallel)
+        return Layout((activation,), activation.of(x.ndim))
+
+    def check(self, x: jax.Array) -> None:
         check_last_dim(x, self.features, type(self).__name__)
-        return call_local(self, x)
 
     def local(self, x: jax.Array) -> jax.Array:
         scale = self.scale[...]

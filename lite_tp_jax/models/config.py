@@ -41,6 +41,10 @@ class ModelConfig:
     aux_loss_weight: float = 0.01
     # Pipeline: chunks of layers per pipeline stage (1: GPipe, > 1: circular schedule).
     virtual_stages: int = 1
+    # Overrides of the partitioning rule table (lite_tp_jax/plan/rules.py), written in
+    # YAML as a mapping {role pattern: strategy}, e.g. {attention.key: replicated,
+    # attention.value: replicated}; kept as (pattern, strategy) pairs, in order.
+    partition_rules: tuple[tuple[str, str], ...] = ()
 
     @property
     def resolved_head_dim(self) -> int:

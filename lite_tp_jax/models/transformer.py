@@ -64,16 +64,49 @@ from lite_tp_jax.layers.moe import MoEMLP
 from lite_tp_jax.layers.norm import RMSNorm
 from lite_tp_jax.mesh import AXES, DATA, EXPERT, PIPELINE, TENSOR
 from lite_tp_jax.models.config import ModelConfig, Remat
-from lite_tp_jax.parallel.pipeline import run_pipeline
-from lite_tp_jax.sharding import enter_tensor_region, in_tensor_region, sequence_spec
-
-BATCH_AXES = (DATA, EXPERT)  # the mesh axes that split batch rows
+from lite_tp_jax.parallel.pipeline import check_schedule, run_pipeline
+from lite_tp_jax.parallel.region import Layout, ParallelLayer, run_in_region, sequence_parallel
+from lite_tp_jax.plan.rules import BATCH_AXES, PartitionRules, vocab_axes
+from lite_tp_jax.validate import FitError
 
 
 @functools.cache
 def _head_init(hidden_size: int):
     """N(0, 1/hidden) for the output head; cached, so the sharded initialiser compiles once."""
     return nnx.initializers.normal(hidden_size**-0.5)
+
+
+def check_fits_mesh(config: ModelConfig, mesh: Mesh) -> None:
+    """The layer groups split evenly into pipeline chunks (the MoE layer checks its experts)."""
+    groups, laps, stages = config.num_layers // config.layers_per_group, config.virtual_stages, mesh.shape[PIPELINE]
+    if groups % (laps * stages):
+        raise FitError(
+            f"the {groups} layer groups ({{num_layers}} / max({{moe_every}}, 1)) must split evenly into "
+            f"{{virtual_stages}} x {{pipeline}} chunks",
+            num_layers=config.num_layers, moe_every=config.moe_every,
+            virtual_stages=laps, pipeline=stages,
+        )
+
+
+def check_batch(config: ModelConfig, mesh: Mesh, rows: int, seq_len: int, microbatches: int = 1) -> None:
+    """A ``[rows, seq_len]`` token batch fits the mesh: rows split over data x expert
+    (then into pipeline microbatches), the sequence over "tensor" with sequence parallelism."""
+    data, expert, tensor, stages = (mesh.shape[a] for a in (DATA, EXPERT, TENSOR, PIPELINE))
+    if rows % (data * expert):
+        raise FitError("{global_batch} must be divisible by {data} x {expert}", global_batch=rows, data=data, expert=expert)
+    if config.sequence_parallel and seq_len % tensor:
+        raise FitError(
+            "{seq_len} must be divisible by {tensor} with {sequence_parallel}",
+            seq_len=seq_len, tensor=tensor, sequence_parallel=True,
+        )
+    if stages > 1:
+        local_rows = rows // (data * expert)
+        if local_rows % microbatches:
+            raise FitError(
+                f"{{global_batch}} / (data x expert = {data * expert}) rows per rank must be divisible by {{microbatches}}",
+                global_batch=rows, microbatches=microbatches,
+            )
+        check_schedule(stages, microbatches, config.virtual_stages)
 
 
 def region_axes(config: ModelConfig, mesh: Mesh) -> frozenset[str]:
@@ -90,12 +123,15 @@ def zero_stats() -> dict[str, jax.Array]:
     return {name: jnp.zeros((), jnp.float32) for name in ("aux_loss", "dropped", "assignments")}
 
 
-class Block(nnx.Module):
+class Block(ParallelLayer):
     """Pre-norm residual block: attention, then a SwiGLU MLP or a mixture of experts."""
 
-    def __init__(self, config: ModelConfig, *, mesh: Mesh, moe: bool = False, rngs: nnx.Rngs):
+    def __init__(
+        self, config: ModelConfig, *, mesh: Mesh, moe: bool = False, rules: PartitionRules | None = None, rngs: nnx.Rngs
+    ):
+        rules = rules or partition_rules(config)
         self.mesh, self.sequence_parallel = mesh, config.sequence_parallel
-        norm = dict(mesh=mesh, eps=config.norm_eps, sequence_parallel=config.sequence_parallel, rngs=rngs)
+        norm = dict(mesh=mesh, eps=config.norm_eps, sequence_parallel=config.sequence_parallel, rules=rules, rngs=rngs)
         self.attention_norm = RMSNorm(config.hidden_size, **norm)
         self.attention = ParallelAttention(
             config.hidden_size,
@@ -106,10 +142,11 @@ class Block(nnx.Module):
             sequence_parallel=config.sequence_parallel,
             rope_theta=config.rope_theta,
             kernel=config.attention,
+            rules=rules,
             rngs=rngs,
         )
         self.mlp_norm = RMSNorm(config.hidden_size, **norm)
-        mlp = dict(mesh=mesh, sequence_parallel=config.sequence_parallel, rngs=rngs)
+        mlp = dict(mesh=mesh, sequence_parallel=config.sequence_parallel, rules=rules, rngs=rngs)
         self.mlp = (
             MoEMLP(
                 config.hidden_size, config.ffn_hidden_size, num_experts=config.num_experts,
@@ -121,10 +158,8 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``[B, S, H]`` (sharded along S with sequence parallelism). Returns the block output."""
-        if in_tensor_region():
-            return self.local(x)[0]
-        spec = sequence_spec(x.ndim) if self.sequence_parallel else P()
-        return enter_tensor_region(self, lambda self, x: self.local(x)[0], x, arg_specs=(spec,), out_specs=spec)
+        activation = sequence_parallel(self.sequence_parallel)
+        return self.run(lambda self, x: self.local(x)[0], Layout((activation,), activation.of(x.ndim)), x)
 
     def local(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         # checkpoint_name: what the remat policies may keep (REMAT_SAVES)
@@ -141,10 +176,13 @@ class LayerGroup(nnx.Module):
     """The unit that is stacked and scanned: ``moe_every`` blocks, the last an
     MoE block (or one dense block)."""
 
-    def __init__(self, config: ModelConfig, *, mesh: Mesh, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, mesh: Mesh, rules: PartitionRules, rngs: nnx.Rngs):
         size = config.layers_per_group
         self.blocks = nnx.List(
-            [Block(config, mesh=mesh, moe=bool(config.moe_every) and i == size - 1, rngs=rngs) for i in range(size)]
+            [
+                Block(config, mesh=mesh, moe=bool(config.moe_every) and i == size - 1, rules=rules, rngs=rngs)
+                for i in range(size)
+            ]
         )
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -176,32 +214,35 @@ def remat_policy(remat: Remat):
     return jax.checkpoint_policies.save_only_these_names(*REMAT_SAVES[remat])
 
 
-def _stack_groups(config: ModelConfig, mesh: Mesh, rngs: nnx.Rngs) -> LayerGroup:
-    """``[virtual_stages, groups / virtual_stages, ...]`` stacked layer groups,
-    dim 1 split over "pipeline". Initialised as ``[groups, ...]`` and reshaped,
-    so the values do not depend on the pipeline layout."""
-    groups, laps, stages = config.num_layers // config.layers_per_group, config.virtual_stages, mesh.shape[PIPELINE]
-    if groups % (laps * stages):
-        raise ValueError(
-            f"{groups} layer groups (num_layers / max(moe_every, 1)) do not split into "
-            f"virtual_stages ({laps}) x pipeline ({stages}) equal chunks."
-        )
+def partition_rules(config: ModelConfig, *, shard_over_data: bool = False) -> PartitionRules:
+    """The rule table for ``config``: its ``partition_rules`` overrides before Megatron's defaults."""
+    return PartitionRules(dict(config.partition_rules), shard_over_data=shard_over_data)
+
+
+def _stack_groups(config: ModelConfig, mesh: Mesh, rules: PartitionRules, rngs: nnx.Rngs) -> LayerGroup:
+    """``[virtual_stages, groups / virtual_stages, ...]`` stacked layer groups, split
+    as the rule table's "stacked" strategy says (dim 1 over "pipeline").
+    Initialised as ``[groups, ...]`` and reshaped, so the values do not depend on
+    the pipeline layout."""
+    groups, laps = config.num_layers // config.layers_per_group, config.virtual_stages
 
     @nnx.split_rngs(splits=groups)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
     def create(rngs: nnx.Rngs) -> LayerGroup:
-        return LayerGroup(config, mesh=mesh, rngs=rngs)
+        return LayerGroup(config, mesh=mesh, rules=rules, rngs=rngs)
 
     stacked = create(rngs)
     variables = [variable for _, variable in nnx.to_flat_state(nnx.state(stacked))]
-    specs = [(None, PIPELINE, *tuple(v.get_metadata()["out_sharding"])[1:]) for v in variables]
+    shapes = [(laps, groups // laps, *v.shape[1:]) for v in variables]
+    # vmap put a None in front of each spec for the stacking dim; the table replaces it
+    stacking = [rules.stack(tuple(v.get_metadata()["out_sharding"])[1:], shape, mesh) for v, shape in zip(variables, shapes)]
     reshaped = jax.jit(
-        lambda values: [v.reshape(laps, groups // laps, *v.shape[1:]) for v in values],
-        out_shardings=[jax.sharding.NamedSharding(mesh, P(*spec)) for spec in specs],
+        lambda values: [v.reshape(shape) for v, shape in zip(values, shapes)],
+        out_shardings=[jax.sharding.NamedSharding(mesh, P(*spec)) for spec, _ in stacking],
     )([v[...] for v in variables])
-    for variable, value, spec in zip(variables, reshaped, specs):
+    for variable, value, (spec, data_dim) in zip(variables, reshaped, stacking):
         variable.set_value(value)
-        variable.set_metadata(out_sharding=spec)
+        variable.set_metadata(out_sharding=spec, data_dim=data_dim)
     return stacked
 
 
@@ -209,23 +250,27 @@ class Transformer(nnx.Module):
     """Decoder-only LM. ``loss(tokens, targets, microbatches=1)`` for training,
     ``__call__(tokens)`` for logits."""
 
-    def __init__(self, config: ModelConfig, *, mesh: Mesh, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, mesh: Mesh, rules: PartitionRules | None = None, rngs: nnx.Rngs):
+        check_fits_mesh(config, mesh)
+        rules = rules or partition_rules(config)
         self.config, self.mesh = config, mesh
         self.axes = region_axes(config, mesh)
         self.batch_axes = tuple(axis for axis in BATCH_AXES if axis in self.axes)
-        self.vocab_axes = tuple(axis for axis in (PIPELINE, TENSOR) if axis in self.axes)
+        self.vocab_axes = vocab_axes(mesh)
         sp = config.sequence_parallel
         dtype = jnp.dtype(config.compute_dtype)  # of every activation, from the embedding lookup on
-        table = dict(mesh=mesh, sequence_parallel=sp, vocab_axes=self.vocab_axes, dtype=dtype, rngs=rngs)
-        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **table)
-        self.layers = _stack_groups(config, mesh, rngs)
-        self.final_norm = RMSNorm(config.hidden_size, mesh=mesh, eps=config.norm_eps, sequence_parallel=sp, rngs=rngs)
+        table = dict(mesh=mesh, sequence_parallel=sp, rules=rules, rngs=rngs)
+        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, role="embedding", dtype=dtype, **table)
+        self.layers = _stack_groups(config, mesh, rules, rngs)
+        self.final_norm = RMSNorm(
+            config.hidden_size, mesh=mesh, eps=config.norm_eps, sequence_parallel=sp, role="final_norm", rules=rules, rngs=rngs
+        )
         self.head = (
             None
             if config.tie_embeddings
             else VocabParallelEmbedding(
                 config.vocab_size, config.hidden_size,
-                embedding_init=_head_init(config.hidden_size), **table,
+                embedding_init=_head_init(config.hidden_size), role="head", **table,
             )
         )
 
@@ -238,10 +283,10 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Logits ``[B, S, vocab]`` for int tokens ``[B, S]`` (B split over "data" x "expert")."""
         self._check(tokens, tokens)
-        rows = P(self.batch_axes)
-        logits = enter_tensor_region(
-            self, lambda self, t: self.local_logits(t, 1)[0], tokens,
-            arg_specs=(rows,), out_specs=P(self.batch_axes, None, self.vocab_axes), axes=self.axes,
+        logits = run_in_region(
+            self, lambda self, t: self.local_logits(t, 1)[0], tokens, mesh=self.mesh,
+            arg_specs=(self._rows,), out_specs=P(self.batch_axes, None, self.vocab_axes),
+            row_axes=self.batch_axes, axes=self.axes,
         )
         return logits[..., : self.config.vocab_size]
 
@@ -251,12 +296,16 @@ class Transformer(nnx.Module):
         ``dropped_fraction``). ``microbatches``: pipeline microbatches per
         data-parallel rank (no effect without pipeline parallelism). The
         result does not depend on the mesh."""
-        self._check(tokens, targets)
-        rows = P(self.batch_axes)
-        return enter_tensor_region(
-            self, lambda self, t, y: self.local_loss(t, y, microbatches), tokens, targets,
-            arg_specs=(rows, rows), out_specs=(P(), P()), axes=self.axes,
+        self._check(tokens, targets, microbatches)
+        return run_in_region(
+            self, lambda self, t, y: self.local_loss(t, y, microbatches), tokens, targets, mesh=self.mesh,
+            arg_specs=(self._rows, self._rows), out_specs=(P(), P()), row_axes=self.batch_axes, axes=self.axes,
         )
+
+    @property
+    def _rows(self) -> P:
+        """Token batches: rows split over the batch axes in use."""
+        return P(self.batch_axes)
 
     # --- one rank's math --------------------------------------------------------
 
@@ -298,26 +347,15 @@ class Transformer(nnx.Module):
 
         if self.mesh.shape[PIPELINE] == 1:  # all layers here, in order: [v, G/v] -> [G]
             return run_chunk(jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stacked), x)
-        rows = x.shape[0]
-        if rows % microbatches:
-            raise ValueError(
-                f"The {rows} batch rows per data-parallel rank do not split into {microbatches} microbatches."
-            )
+        rows = x.shape[0]  # divisible by microbatches: check_batch
         # microbatch k takes rows k, k+m, k+2m, ...: a local reshape, whatever the batch sharding
         x = x.reshape(rows // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
         y, stats = run_pipeline(run_chunk, stacked, x)
         return y.swapaxes(0, 1).reshape(rows, *y.shape[2:]), stats
 
-    def _check(self, tokens: jax.Array, targets: jax.Array) -> None:
+    def _check(self, tokens: jax.Array, targets: jax.Array, microbatches: int = 1) -> None:
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an integer array [batch, seq], got {tokens.dtype}{list(tokens.shape)}.")
         if tokens.shape != targets.shape:
             raise ValueError(f"targets shape {targets.shape} must equal tokens shape {tokens.shape}.")
-        rows = math.prod(self.mesh.shape[a] for a in BATCH_AXES)
-        if tokens.shape[0] % rows:
-            raise ValueError(f"batch {tokens.shape[0]} must be divisible by mesh data x expert = {rows}.")
-        if self.config.sequence_parallel and tokens.shape[1] % self.mesh.shape[TENSOR]:
-            raise ValueError(
-                f"sequence length {tokens.shape[1]} must be divisible by mesh tensor "
-                f"({self.mesh.shape[TENSOR]}) with sequence_parallel."
-            )
+        check_batch(self.config, self.mesh, tokens.shape[0], tokens.shape[1], microbatches)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from lite_tp_jax.collectives import check_axis, copy_to_tensor_region, reduce_from_tensor_region
 from lite_tp_jax.mesh import PIPELINE
+from lite_tp_jax.validate import FitError
 
 StageFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
 
@@ -47,11 +48,7 @@ def run_pipeline(stage_fn: StageFn, chunks: Any, inputs: jax.Array, *, axis: str
     stages, stage = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
     laps = jax.tree.leaves(chunks)[0].shape[0]
     microbatches = inputs.shape[0]
-    if laps > 1 and microbatches < stages:
-        raise ValueError(
-            f"The circular pipeline schedule needs at least as many microbatches as stages: "
-            f"got {microbatches} microbatches for {stages} stages; set train.microbatches >= {stages}."
-        )
+    check_schedule(stages, microbatches, laps)
     iterations = laps * microbatches
     inputs = copy_to_tensor_region(inputs, axis)  # only stage 0 reads them; backward sums over stages
     ring = [(s, (s + 1) % stages) for s in range(stages)] if laps > 1 else [(s, s + 1) for s in range(stages - 1)]
@@ -82,6 +79,16 @@ def run_pipeline(stage_fn: StageFn, chunks: Any, inputs: jax.Array, *, axis: str
     outputs = reduce_from_tensor_region(jnp.where(stage == stages - 1, outputs, jnp.zeros_like(outputs)), axis)
     aux = jax.tree.map(lambda a: reduce_from_tensor_region(a.sum(0), axis), aux)
     return outputs, aux
+
+
+def check_schedule(stages: int, microbatches: int, laps: int) -> None:
+    """The circular schedule (``laps`` > 1) needs at least as many microbatches as stages:
+    a microbatch coming round waits on stage 0 until its next lap."""
+    if laps > 1 and microbatches < stages:
+        raise FitError(
+            "{microbatches} must be at least {pipeline} for the circular schedule ({virtual_stages} > 1)",
+            microbatches=microbatches, pipeline=stages, virtual_stages=laps,
+        )
 
 
 def bubble_fraction(stages: int, microbatches: int, laps: int = 1) -> float:

@@ -38,6 +38,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from lite_tp_jax.models.config import ModelConfig
+from lite_tp_jax.plan.rules import PartitionRules
 
 __all__ = [
     "CheckpointConfig",
@@ -50,6 +51,7 @@ __all__ = [
     "TrainConfig",
     "config_to_dict",
     "dump_config",
+    "key_path",
     "load_config",
     "parse_config",
 ]
@@ -205,6 +207,9 @@ _RANGES: dict[str, _Range] = {
 }
 
 
+_PAIRS = tuple[tuple[str, str], ...]
+
+
 def _show(value: Any) -> str:
     """A value as the user would write it in YAML (strings quoted)."""
     if value is None:
@@ -236,6 +241,8 @@ def _expected(key: str, hint: Any) -> str:
         text = "a string"
     elif get_origin(base) is Literal:
         text = "one of " + ", ".join(str(a) for a in get_args(base))
+    elif base == _PAIRS:
+        text = "a mapping of strings to strings"
     else:  # pragma: no cover - a programming error, not a user error
         raise TypeError(f"no check for the annotation {hint!r} of {key!r}")
     return text + (" or null" if optional else "")
@@ -267,6 +274,13 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
         ok = isinstance(value, str)
     elif get_origin(base) is Literal:
         ok = any(type(value) is type(a) and value == a for a in get_args(base))
+    elif base == _PAIRS:  # a YAML mapping, kept as (key, value) pairs in order (hashable)
+        pairs = value.items() if isinstance(value, Mapping) else value
+        try:
+            value = tuple((k, v) for k, v in pairs)
+            ok = all(isinstance(k, str) and isinstance(v, str) for k, v in value)
+        except (TypeError, ValueError):
+            ok = False
     else:  # pragma: no cover
         raise TypeError(f"no check for the annotation {hint!r} of {key!r}")
     if not ok:
@@ -316,12 +330,10 @@ def _check_cross_field(config: Config) -> None:
             f"'model.num_layers' ({model.num_layers}) must be a multiple of 'model.moe_every' "
             f"({model.moe_every}): every moe_every-th layer is an MoE layer"
         )
-    groups = model.num_layers // model.layers_per_group
-    if groups % model.virtual_stages:
-        raise ConfigError(
-            f"'model.virtual_stages' ({model.virtual_stages}) must divide the number of layer "
-            f"groups ({groups} = num_layers / max(moe_every, 1))"
-        )
+    try:
+        PartitionRules(dict(model.partition_rules))
+    except ValueError as error:
+        raise ConfigError(f"'model.partition_rules': {error}") from None
     inferred = [f"'mesh.{f.name}'" for f in dataclasses.fields(mesh) if getattr(mesh, f.name) == -1]
     if len(inferred) > 1:
         raise ConfigError(
@@ -438,9 +450,23 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     return parse_config(mapping, overrides)
 
 
+def key_path(field_name: str) -> str:
+    """``'section.field'`` of the first section with a field ``field_name`` (for
+    messages of checks that name quantities by field, ``validate.FitError``)."""
+    for section, cls in SECTIONS.items():
+        if field_name in {f.name for f in dataclasses.fields(cls)}:
+            return f"'{section}.{field_name}'"
+    return field_name
+
+
 def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
-    """Plain nested dicts (section -> key -> value), in field order."""
-    return dataclasses.asdict(config)
+    """Plain nested dicts (section -> key -> value), in field order; pairs as mappings."""
+    sections = dataclasses.asdict(config)
+    for section, cls in SECTIONS.items():
+        for name, hint in get_type_hints(cls).items():
+            if hint == _PAIRS:
+                sections[section][name] = dict(sections[section][name])
+    return sections
 
 
 def dump_config(config: Config, path: str | os.PathLike) -> None:

@@ -25,52 +25,26 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lite_tp_jax.mesh import make_mesh_for
 from lite_tp_jax.train.checkpoint import Checkpointer
-from lite_tp_jax.train.config import Config, ConfigError, dump_config
+from lite_tp_jax.layers.moe import MoEMLP
+from lite_tp_jax.models.transformer import check_batch
+from lite_tp_jax.models.transformer import check_fits_mesh as model_fits_mesh
+from lite_tp_jax.train.config import Config, ConfigError, dump_config, key_path
+from lite_tp_jax.validate import FitError
 from lite_tp_jax.train.data import Batches, load_tokens
-from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+from lite_tp_jax.train.step import TrainStep, batch_sharding, check_grad_accum, create_model_and_optimizer
 
 
 def check_fits_mesh(config: Config, mesh) -> None:
-    """Config values that depend on the mesh: a ConfigError naming the key."""
-    data, tensor, expert = mesh.shape["data"], mesh.shape["tensor"], mesh.shape["expert"]
-    if config.train.global_batch % (data * expert):
-        raise ConfigError(
-            f"'train.global_batch' ({config.train.global_batch}) must be divisible by "
-            f"'mesh.data' x 'mesh.expert' ({data * expert})."
-        )
-    if config.model.sequence_parallel and config.train.seq_len % tensor:
-        raise ConfigError(
-            f"'train.seq_len' ({config.train.seq_len}) must be divisible by 'mesh.tensor' "
-            f"({tensor}) with model.sequence_parallel."
-        )
-    model, pipeline = config.model, mesh.shape["pipeline"]
-    groups = model.num_layers // model.layers_per_group
-    if groups % (model.virtual_stages * pipeline):
-        raise ConfigError(
-            f"the {groups} layer groups (num_layers / max(moe_every, 1)) must split evenly into "
-            f"'model.virtual_stages' ({model.virtual_stages}) x 'mesh.pipeline' ({pipeline}) chunks."
-        )
-    rows, accum = config.train.global_batch // (data * expert), config.train.grad_accum
-    if rows % accum:
-        raise ConfigError(
-            f"'train.global_batch' ({config.train.global_batch}) / (data x expert = {data * expert}) rows "
-            f"per rank must be divisible by 'train.grad_accum' ({accum})."
-        )
-    if pipeline > 1 and (rows // accum) % config.train.microbatches:
-        raise ConfigError(
-            f"'train.global_batch' ({config.train.global_batch}) / (data x expert = {data * expert}) "
-            f"/ 'train.grad_accum' ({accum}) rows per micro-step must be divisible by "
-            f"'train.microbatches' ({config.train.microbatches})."
-        )
-    if pipeline > 1 and model.virtual_stages > 1 and config.train.microbatches < pipeline:
-        raise ConfigError(
-            f"'train.microbatches' ({config.train.microbatches}) must be at least 'mesh.pipeline' "
-            f"({pipeline}) for the circular schedule ('model.virtual_stages' > 1)."
-        )
-    if model.moe_every and model.num_experts % expert:
-        raise ConfigError(
-            f"'model.num_experts' ({model.num_experts}) must be divisible by 'mesh.expert' ({expert})."
-        )
+    """The model and the batch fit the mesh (rules owned by the model); errors name config keys."""
+    try:
+        model_fits_mesh(config.model, mesh)
+        train = config.train
+        check_batch(config.model, mesh, train.global_batch, train.seq_len, train.microbatches if train.grad_accum == 1 else 1)
+        check_grad_accum(train, mesh)
+        if config.model.moe_every:
+            MoEMLP.check_experts(config.model.num_experts, mesh)
+    except FitError as error:
+        raise ConfigError(error.format(key_path)) from None
 
 
 class MetricsLog:

@@ -32,9 +32,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lite_tp_jax.mesh import DATA, EXPERT, PIPELINE
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.models.transformer import BATCH_AXES, Transformer
+from lite_tp_jax.models.transformer import Transformer
+from lite_tp_jax.plan.rules import batch_spec, param_shardings
 from lite_tp_jax.train.config import TrainConfig
+from lite_tp_jax.validate import FitError
 
 
 def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
@@ -83,18 +86,27 @@ def create_model_and_optimizer(
     return model, optimizer
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
-    """NamedShardings of every variable in ``state`` from its ``out_sharding`` metadata."""
-
-    def sharding_of(variable):
-        return NamedSharding(mesh, P(*(variable.get_metadata().get("out_sharding") or ())))
-
-    return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Token batches ``[global_batch, seq]``: rows split over "data" x "expert"."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+    return NamedSharding(mesh, batch_spec())
+
+
+def check_grad_accum(train: TrainConfig, mesh: Mesh) -> None:
+    """Each rank's rows split into ``grad_accum`` micro-steps, each into the
+    pipeline's ``microbatches``; a ``FitError`` naming the fields otherwise."""
+    ranks = mesh.shape[DATA] * mesh.shape[EXPERT]
+    rows, k = train.global_batch // ranks, train.grad_accum
+    if rows % k:
+        raise FitError(
+            f"{{global_batch}} / (data x expert = {ranks}) rows per rank must be divisible by {{grad_accum}}",
+            global_batch=train.global_batch, grad_accum=k,
+        )
+    if k > 1 and mesh.shape[PIPELINE] > 1 and (rows // k) % train.microbatches:
+        raise FitError(
+            f"{{global_batch}} / (data x expert = {ranks}) / {{grad_accum}} rows per micro-step "
+            f"must be divisible by {{microbatches}}",
+            global_batch=train.global_batch, grad_accum=k, microbatches=train.microbatches,
+        )
 
 
 class TrainStep:
@@ -110,7 +122,7 @@ class TrainStep:
         self.microbatches, self.grad_accum = train.microbatches, train.grad_accum
         mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
-        shardings = state_shardings(state, mesh)
+        shardings = param_shardings(state, mesh)
         self._step: Callable = jax.jit(
             self._pure_step,
             in_shardings=(shardings, batch_sharding(mesh), batch_sharding(mesh)),
@@ -139,7 +151,7 @@ class TrainStep:
         if k == 1:
             return value_and_grad(params, tokens, targets)
 
-        micro_rows = NamedSharding(model.mesh, P(None, BATCH_AXES))
+        micro_rows = NamedSharding(model.mesh, P(None, *batch_spec()))
 
         def micro_steps(rows):  # [B, S] -> [k, B/k, S]; step i: rows i, i+k, ... (local on every rank)
             rows = rows.reshape(rows.shape[0] // k, k, rows.shape[1]).swapaxes(0, 1)

@@ -1,0 +1,129 @@
+"""The partitioning rule table: every spec comes from it, overrides change the
+layout (not the math), bad overrides are one-sentence errors, and parameters
+stored split over "data" (ZeRO) gather at region entry and reduce-scatter."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import max_relative_error, tp_mesh
+from lite_tp_jax import export_state, import_state, make_mesh
+from lite_tp_jax.hlo import summary
+from lite_tp_jax.models.config import ModelConfig
+from lite_tp_jax.models.transformer import Transformer, partition_rules
+from lite_tp_jax.plan.rules import MEGATRON, STRATEGIES, PartitionRules
+from lite_tp_jax.state import flat_variables
+from lite_tp_jax.train.config import ConfigError, parse_config
+
+SMALL = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=40)
+MOE = dataclasses.replace(SMALL, moe_every=2, num_experts=4)
+B, S = 4, 8
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return jnp.asarray(np.random.default_rng(0).integers(0, SMALL.vocab_size, (B, S + 1)), jnp.int32)
+
+
+def test_every_parameter_carries_its_strategy_and_the_spec_it_implies():
+    mesh = make_mesh(pipeline=2, expert=2, tensor=2)
+    model = nnx.eval_shape(lambda: Transformer(dataclasses.replace(MOE, num_layers=4), mesh=mesh, rngs=nnx.Rngs(0)))
+    expected = {  # role -> spec of the kernel (stacked layers: [virtual_stages, groups/v, ...])
+        "embedding": (("pipeline", "tensor"), None),
+        "attention.query": (None, "pipeline", None, "tensor", None),
+        "attention.out": (None, "pipeline", "tensor", None, None),
+        "mlp.down": (None, "pipeline", "tensor", None),
+        "moe.gate": (None, "pipeline", "expert", None, "tensor"),
+        "moe.router": (None, "pipeline", None, None),
+    }
+    seen = {}
+    for name, variable in flat_variables(model).items():
+        meta = variable.get_metadata()
+        assert meta["strategy"] in STRATEGIES, name
+        assert meta["strategy"] == MEGATRON.strategy(meta["role"]), name
+        seen[meta["role"]] = tuple(meta["out_sharding"])
+    for role, spec in expected.items():
+        assert seen[role] == spec, role
+
+
+def loss_and_grads(config, mesh, tokens, weights, rules=None):
+    model = Transformer(config, mesh=mesh, rules=rules, rngs=nnx.Rngs(0))
+    import_state(model, weights)
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+        return nnx.merge(graphdef, state).loss(tokens[:, :-1], tokens[:, 1:])[0]
+
+    fn = jax.jit(jax.value_and_grad(loss))
+    value, grads = fn(state)
+    return model, float(value), export_state(grads), summary(fn.lower(state).compile().as_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tokens):
+    weights = export_state(Transformer(SMALL, mesh=tp_mesh(1), rngs=nnx.Rngs(0)))
+    _, loss, grads, _ = loss_and_grads(SMALL, tp_mesh(1), tokens, weights)
+    return weights, loss, grads
+
+
+def assert_equal_to_reference(reference, loss, grads):
+    _, loss_1, grads_1 = reference
+    assert abs(loss - loss_1) <= 1e-5 * abs(loss_1)
+    for name in grads_1:
+        assert max_relative_error(grads[name], grads_1[name]) <= 1e-5, name
+
+
+def test_override_replicates_kv_heads_and_keeps_the_math(tokens, reference):
+    """At TP 2 with 2 kv heads the default splits k/v; the override replicates
+    them, which adds one all-reduce of each k/v kernel gradient per layer."""
+    config = dataclasses.replace(SMALL, partition_rules=(("attention.key", "replicated"), ("attention.value", "replicated")))
+    model, loss, grads, collectives = loss_and_grads(config, tp_mesh(2), tokens, reference[0])
+    key = flat_variables(model)["layers.blocks.0.attention.key.kernel"].get_metadata()
+    assert key["strategy"] == "replicated" and "tensor" not in jax.tree.leaves(key["out_sharding"])
+    assert_equal_to_reference(reference, loss, grads)
+    _, _, _, default = loss_and_grads(SMALL, tp_mesh(2), tokens, reference[0])
+    kv_kernel = SMALL.hidden_size * SMALL.num_kv_heads * SMALL.resolved_head_dim
+    extra = sorted(collectives["all-reduce"])
+    for size in default["all-reduce"]:
+        extra.remove(size)
+    assert extra == [kv_kernel] * 2  # k and v, in the layer scan's body (once per layer)
+
+
+def test_shard_over_data_gathers_parameters_and_reduce_scatters_gradients(tokens, reference):
+    mesh = make_mesh(data=2, tensor=2, devices=jax.devices()[:4])
+    rules = partition_rules(SMALL, shard_over_data=True)
+    model, loss, grads, collectives = loss_and_grads(SMALL, mesh, tokens, reference[0], rules)
+    stored = {name: v.get_metadata() for name, v in flat_variables(model).items()}
+    assert all(meta["data_dim"] is not None for meta in stored.values())  # every size here divides
+    assert_equal_to_reference(reference, loss, grads)
+    _, _, _, replicated = loss_and_grads(SMALL, mesh, tokens, reference[0])
+    # Each data-parallel gradient all-reduce became an all-gather (forward) and a
+    # reduce-scatter (backward) of the same parameter; only the loss sums stay all-reduces.
+    gathered = sum(collectives["all-gather"])
+    assert gathered == 2 * sum(collectives["reduce-scatter"])
+    assert sum(replicated["all-reduce"]) - sum(collectives["all-reduce"]) == gathered
+    assert "all-gather" not in replicated and "reduce-scatter" not in replicated
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"mlp.up": "diagonal"}, "unknown strategy 'diagonal'; choose one of column, row, vocab"),
+        ({"mlp.upp": "column"}, "partition rule 'mlp.upp' matches no role"),
+        ({"mlp.up": "row"}, "'mlp.up' cannot be 'row'; its layer supports column"),
+    ],
+)
+def test_bad_override_is_one_sentence(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        PartitionRules(overrides)
+
+
+def test_config_names_the_key_of_a_bad_override():
+    with pytest.raises(ConfigError, match=r"^'model\.partition_rules': partition rule 'mlp\.up'"):
+        parse_config({"model": {"partition_rules": {"mlp.up": "row"}}})
+    config = parse_config({}, ["model.partition_rules={attention.key: replicated, attention.value: replicated}"])
+    assert dict(config.model.partition_rules) == {"attention.key": "replicated", "attention.value": "replicated"}
