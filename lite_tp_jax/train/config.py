@@ -91,6 +91,9 @@ class TrainConfig:
     # scan), their gradients averaged into one update; each micro-step is split
     # into `microbatches` again under pipeline parallelism.
     grad_accum: int = 1
+    # ZeRO-1 over "data": parameters and AdamW moments stored split over the
+    # data-parallel ranks (gathered on use, gradients reduce-scattered).
+    shard_optimizer: bool = False
 
 
 DataSource = Literal["stdlib", "text", "tokens"]

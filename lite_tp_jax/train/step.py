@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.mesh import DATA, EXPERT, PIPELINE
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.models.transformer import Transformer
+from lite_tp_jax.models.transformer import Transformer, partition_rules
 from lite_tp_jax.plan.rules import batch_spec, param_shardings
 from lite_tp_jax.train.config import TrainConfig
 from lite_tp_jax.validate import FitError
@@ -80,8 +80,13 @@ def create_model_and_optimizer(
     model_config: ModelConfig, train: TrainConfig, mesh: Mesh
 ) -> tuple[Transformer, nnx.Optimizer]:
     """A sharded model (initialised from ``train.seed``, identically for any mesh)
-    and its optimizer, whose state is sharded like the parameters."""
-    model = Transformer(model_config, mesh=mesh, rngs=nnx.Rngs(train.seed))
+    and its optimizer, whose state is sharded like the parameters. With
+    ``train.shard_optimizer`` (ZeRO-1, Megatron's distributed optimizer) the
+    parameters, and so the AdamW moments, are stored split over "data": the
+    region all-gathers them and reduce-scatters their gradients
+    (``PartitionRules.shard_over_data``), and each rank updates its slice."""
+    rules = partition_rules(model_config, shard_over_data=train.shard_optimizer)
+    model = Transformer(model_config, mesh=mesh, rules=rules, rngs=nnx.Rngs(train.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
     return model, optimizer
 
