@@ -93,7 +93,7 @@ def transformer_loss(p, tokens, targets, cfg: ModelConfig):
 
 def jnp_train_step(cfg: ModelConfig, train: TrainConfig, state, batch_sharding):
     """AdamW step of the plain model; ``state = (params, opt_state, step)`` keeps its placement."""
-    tx, schedule = make_optimizer(train), learning_rate_schedule(train)
+    tx, schedule = optax.chain(optax.clip_by_global_norm(train.grad_clip), make_optimizer(train)), learning_rate_schedule(train)
 
     def step(state, tokens, targets):
         params, opt_state, count = state
@@ -175,7 +175,7 @@ def transformer_workload(mesh, data_sharding, one_device, check_steps=3):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def jnp_state(sharding, replicated):
-        tx = make_optimizer(train)
+        tx = optax.chain(optax.clip_by_global_norm(train.grad_clip), make_optimizer(train))
         params = jax.device_put(nested(export_state(model)), sharding)
         opt_state = tx.init(params)  # moments sharded like their parameter, counters replicated:
         opt_state = jax.device_put(opt_state, optax.tree_map_params(

@@ -11,13 +11,15 @@ from lite_tp_jax.layers import (
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
+from lite_tp_jax.interop.hf import from_pretrained, save_pretrained
+from lite_tp_jax.layers.norm import LayerNorm
 from lite_tp_jax.mesh import AXES, DATA, EXPERT, PIPELINE, TENSOR, make_mesh, provide_cpu_devices
 from lite_tp_jax.state import export_state, import_state
 
 __all__ = [
     "AXES", "DATA", "EXPERT", "PIPELINE", "TENSOR",
     "make_mesh", "provide_cpu_devices",
-    "export_state", "import_state",
+    "export_state", "import_state", "from_pretrained", "save_pretrained",
     "ColumnParallelLinear", "RowParallelLinear", "ParallelMLP", "ParallelAttention",
-    "VocabParallelEmbedding", "vocab_parallel_cross_entropy", "RMSNorm", "MoEMLP",
+    "VocabParallelEmbedding", "vocab_parallel_cross_entropy", "RMSNorm", "LayerNorm", "MoEMLP",
 ]

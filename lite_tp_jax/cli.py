@@ -2,9 +2,13 @@
 
     lite-tp train CONFIG [--set KEY=VALUE]... [--run-dir DIR]
     lite-tp generate --run-dir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
+    lite-tp convert --from-hf PATH --run-dir DIR [--tensor N]   (Hugging Face -> run dir, step 0)
+    lite-tp convert --to-hf PATH --run-dir DIR                  (run dir's latest checkpoint -> Hugging Face)
 
 Exit codes: 0 success; 2 bad input (config, mesh, data, checkpoint), one line
-on stderr and no traceback; 1 a failure at run time.
+on stderr and no traceback; 1 a failure at run time; 3 a device failed and no
+spare could take its place (``fault/spare.py``): one line saying why, and the
+job should be restarted from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -40,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=200)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     generate.add_argument("--seed", type=int, default=0)
+
+    convert = commands.add_parser("convert", help="Hugging Face model directory <-> run directory")
+    direction = convert.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="PATH", help="read this Hugging Face model into --run-dir (step 0)")
+    direction.add_argument("--to-hf", metavar="PATH", help="write --run-dir's latest checkpoint here")
+    convert.add_argument("--run-dir", required=True)
+    convert.add_argument("--tensor", type=int, default=1, help="TP degree to load over while converting (any mesh trains from the result)")
     return parser
 
 
@@ -52,7 +63,8 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
 
 
 def _devices_needed(mesh_config) -> int:
-    return math.prod(size for size in (mesh_config.data, mesh_config.pipeline, mesh_config.expert, mesh_config.tensor) if size > 0)
+    sizes = (mesh_config.data, mesh_config.pipeline, mesh_config.expert, mesh_config.tensor)
+    return math.prod(size for size in sizes if size > 0) + mesh_config.spares
 
 
 def _train(args) -> int:
@@ -62,11 +74,15 @@ def _train(args) -> int:
     config = load_config(args.config, args.overrides)
     provide_cpu_devices(_devices_needed(config.mesh))  # fake CPU devices when there is no accelerator
 
+    from lite_tp_jax.fault.spare import DEVICE_LOST_EXIT, DeviceLost
     from lite_tp_jax.train.loop import Trainer
 
     trainer = Trainer(config, args.run_dir)
     try:
         records = trainer.run(show_progress=not args.no_progress)
+    except DeviceLost as lost:
+        print(f"lite-tp: {lost}", file=sys.stderr)
+        return DEVICE_LOST_EXIT
     except Exception:
         traceback.print_exc()
         return RUNTIME_FAILURE
@@ -97,10 +113,36 @@ def _generate(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from pathlib import Path
+
+    from lite_tp_jax.mesh import provide_cpu_devices
+    from lite_tp_jax.train.config import load_config
+
+    if args.from_hf is not None:
+        if args.tensor < 1:
+            raise ValueError(f"--tensor must be a positive TP degree, got {args.tensor}.")
+        provide_cpu_devices(args.tensor)
+        from lite_tp_jax.interop.convert import hf_to_run_dir
+
+        hf_to_run_dir(args.from_hf, args.run_dir, tensor=args.tensor)
+        print(f"converted {args.from_hf} -> {args.run_dir} (step 0); fine-tune with "
+              f"`lite-tp train {Path(args.run_dir) / 'config.yaml'} --run-dir {args.run_dir}`")
+        return 0
+    config_path = Path(args.run_dir) / "config.yaml"
+    if config_path.exists():
+        provide_cpu_devices(_devices_needed(load_config(config_path).mesh))
+    from lite_tp_jax.interop.convert import run_dir_to_hf
+
+    run_dir_to_hf(args.run_dir, args.to_hf)
+    print(f"converted {args.run_dir} -> {args.to_hf}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "generate": _generate}[args.command](args)
+        return {"train": _train, "generate": _generate, "convert": _convert}[args.command](args)
     except _bad_input_errors() as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"lite-tp: error: {message}", file=sys.stderr)

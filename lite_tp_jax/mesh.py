@@ -68,8 +68,20 @@ def make_mesh(
 
 def make_mesh_for(sizes: dict[str, int]) -> Mesh:
     """``make_mesh(**sizes)``; on CPU (fake devices) using only as many devices
-    as the sizes multiply to, so one process can hold several meshes."""
-    devices = jax.devices()
+    as the sizes multiply to, so one process can hold several meshes.
+
+    ``sizes["spares"]`` (optional) devices are kept out of the mesh: the mesh
+    takes the first devices, the spares are the next ones (``fault/spare.py``).
+    """
+    sizes = dict(sizes)
+    spares, devices = sizes.pop("spares", 0), jax.devices()
+    in_mesh = math.prod(size for size in sizes.values() if size != -1)  # at least
+    if spares and len(devices) < in_mesh + spares:
+        raise ValueError(
+            f"'mesh.spares' ({spares}) needs {spares} devices beyond the mesh's "
+            f"{in_mesh}, but only {len(devices)} exist; lower mesh.spares or the mesh sizes."
+        )
+    devices = devices[: len(devices) - spares]
     if devices[0].platform == "cpu" and -1 not in sizes.values():
         devices = devices[: math.prod(sizes.values())]
     return make_mesh(**sizes, devices=devices)

@@ -81,3 +81,26 @@ def assert_matches_reference(layer, reference, *inputs, tol: float = 1e-5):
         assert max_relative_error(g, grads_ref[0][name]) <= tol, f"gradient of {name}"
     for i, (g, g_ref) in enumerate(zip(grads[1:], grads_ref[1:])):
         assert max_relative_error(g, g_ref) <= tol, f"gradient of input {i}"
+
+
+def model_loss_and_grads(config, mesh, tokens, weights=None, rules=None):
+    """A ``Transformer`` of ``config`` on ``mesh`` (optionally with ``weights``
+    imported and a rule table), its loss on next-token ``tokens [B, S + 1]``,
+    the logical gradients, and the compiled step's collectives (``hlo.summary``)."""
+    from flax import nnx
+
+    from lite_tp_jax import export_state, import_state
+    from lite_tp_jax.hlo import summary
+    from lite_tp_jax.models.transformer import Transformer
+
+    model = Transformer(config, mesh=mesh, rules=rules, rngs=nnx.Rngs(0))
+    if weights is not None:
+        import_state(model, weights)
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+        return nnx.merge(graphdef, state).loss(tokens[:, :-1], tokens[:, 1:])[0]
+
+    fn = jax.jit(jax.value_and_grad(loss))
+    value, grads = fn(state)
+    return model, float(value), export_state(grads), summary(fn.lower(state).compile().as_text())

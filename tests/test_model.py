@@ -10,8 +10,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from conftest import max_relative_error, tp_mesh
-from lite_tp_jax import export_state, import_state, make_mesh
+from conftest import max_relative_error, model_loss_and_grads, tp_mesh
+from lite_tp_jax import export_state, make_mesh
 from lite_tp_jax.hlo import summary
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Block, Transformer
@@ -49,17 +49,7 @@ def tokens():
 
 
 def loss_and_grads(config, mesh, tokens, weights=None):
-    model = Transformer(config, mesh=mesh, rngs=nnx.Rngs(0))
-    if weights is not None:
-        import_state(model, weights)
-    graphdef, state = nnx.split(model)
-
-    def loss(state):
-        return nnx.merge(graphdef, state).loss(tokens[:, :-1], tokens[:, 1:])[0]
-
-    fn = jax.jit(jax.value_and_grad(loss))
-    value, grads = fn(state)
-    return float(value), export_state(grads), summary(fn.lower(state).compile().as_text())
+    return model_loss_and_grads(config, mesh, tokens, weights)[1:]
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])

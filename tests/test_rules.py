@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import max_relative_error, tp_mesh
-from lite_tp_jax import export_state, import_state, make_mesh
-from lite_tp_jax.hlo import summary
+from conftest import max_relative_error, model_loss_and_grads, tp_mesh
+from lite_tp_jax import export_state, make_mesh
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer, partition_rules
 from lite_tp_jax.plan.rules import MEGATRON, STRATEGIES, PartitionRules
@@ -51,16 +50,7 @@ def test_every_parameter_carries_its_strategy_and_the_spec_it_implies():
 
 
 def loss_and_grads(config, mesh, tokens, weights, rules=None):
-    model = Transformer(config, mesh=mesh, rules=rules, rngs=nnx.Rngs(0))
-    import_state(model, weights)
-    graphdef, state = nnx.split(model)
-
-    def loss(state):
-        return nnx.merge(graphdef, state).loss(tokens[:, :-1], tokens[:, 1:])[0]
-
-    fn = jax.jit(jax.value_and_grad(loss))
-    value, grads = fn(state)
-    return model, float(value), export_state(grads), summary(fn.lower(state).compile().as_text())
+    return model_loss_and_grads(config, mesh, tokens, weights, rules)
 
 
 @pytest.fixture(scope="module")

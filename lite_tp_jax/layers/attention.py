@@ -28,7 +28,9 @@ Parameters, as ``export_state`` names them (Flax layout, ``x @ W``)::
 
 With ``use_bias``: ``query.bias [num_heads, head_dim]``, ``key.bias`` and
 ``value.bias [num_kv_heads, head_dim]`` split like their kernels, and
-``out.bias [features]`` replicated, added once after the reduction.
+``out.bias [features]`` replicated, added once after the reduction
+(``out_bias`` overrides ``use_bias`` for ``out.bias`` alone: Qwen2 has q/k/v
+biases and none on the output).
 
 The unit of sharding is a kv group: one kv head and the ``num_heads //
 num_kv_heads`` query heads that attend with it (query head ``j`` uses kv head
@@ -61,7 +63,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from lite_tp_jax.collectives import cast_for, copy_to_tensor_region, enter_tensor_parallel, exit_tensor_parallel
-from lite_tp_jax.layers.rotary import apply_rotary
+from lite_tp_jax.layers.rotary import RopeScaling, apply_rotary
 from lite_tp_jax.mesh import TENSOR
 from lite_tp_jax.padding import mask_padding
 from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_parallel
@@ -156,8 +158,10 @@ class ParallelAttention(ParallelLayer):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         use_bias: bool = False,
+        out_bias: bool | None = None,
         sequence_parallel: bool = False,
         rope_theta: float | None = None,
+        rope_scaling: RopeScaling | None = None,
         kernel: AttentionKernel = "auto",
         param_dtype: Any = jnp.float32,
         role: str = "attention",
@@ -174,7 +178,8 @@ class ParallelAttention(ParallelLayer):
         self.features, self.num_heads, self.num_kv_heads = features, num_heads, num_kv_heads
         self.head_dim = features // num_heads if head_dim is None else int(head_dim)
         self.group = num_heads // num_kv_heads
-        self.sequence_parallel, self.rope_theta = sequence_parallel, rope_theta
+        self.sequence_parallel, self.rope_theta, self.rope_scaling = sequence_parallel, rope_theta, rope_scaling
+        out_bias = use_bias if out_bias is None else out_bias
 
         tp = mesh.shape[TENSOR]
         kv_strategy = rules.strategy(f"{role}.key")
@@ -216,7 +221,7 @@ class ParallelAttention(ParallelLayer):
                 _out_kernel_init, rngs.params(), (num_heads, self.head_dim, features), ("in", None, "out"),
                 padded_shape=(heads_padded, self.head_dim, features),
             ),
-            out(zeros_init, rngs.params(), (features,), ("out",)) if use_bias else None,
+            out(zeros_init, rngs.params(), (features,), ("out",)) if out_bias else None,
         )
 
     def layout(self, x: jax.Array) -> Layout:
@@ -243,8 +248,8 @@ class ParallelAttention(ParallelLayer):
         v = self._project(self.value, x, kv_heads)
         if self.rope_theta is not None:
             positions = jnp.arange(seq)
-            q = apply_rotary(q, positions, self.rope_theta)
-            k = apply_rotary(k, positions, self.rope_theta)
+            q = apply_rotary(q, positions, self.rope_theta, self.rope_scaling)
+            k = apply_rotary(k, positions, self.rope_theta, self.rope_scaling)
         if not self.kv_sharded:  # each local query head picks its kv head: a group of 1
             k, v = self._kv_per_query_head(k, q.shape[2]), self._kv_per_query_head(v, q.shape[2])
         q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query", "key", "value")))

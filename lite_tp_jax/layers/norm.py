@@ -1,6 +1,7 @@
-"""RMSNorm, run by every rank on the part of the activation it holds.
+"""RMSNorm (Llama) and LayerNorm (GPT-2), run by every rank on the part of the
+activation it holds.
 
-The scale is replicated over "tensor". Without sequence parallelism every rank
+The scale (and LayerNorm's bias) is replicated over "tensor". Without sequence parallelism every rank
 normalises the same full activation and gets the same scale gradient: no
 communication. With ``sequence_parallel`` each rank normalises its sequence
 shard (1/TP of the work), so its scale gradient is a partial sum, all-reduced
@@ -22,6 +23,7 @@ from lite_tp_jax.plan.rules import MEGATRON, PartitionRules
 from lite_tp_jax.validate import check_last_dim
 
 ones_init = nnx.initializers.ones_init()
+zeros_init = nnx.initializers.zeros_init()
 
 
 class RMSNorm(ParallelLayer):
@@ -57,3 +59,35 @@ class RMSNorm(ParallelLayer):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * scale).astype(x.dtype)
+
+
+class LayerNorm(RMSNorm):
+    """``y = (x - mean(x)) / sqrt(var(x) + eps) * scale + bias`` over the last dim,
+    computed in float32. Parallelism as ``RMSNorm``'s, for both parameters."""
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        mesh: Mesh,
+        eps: float = 1e-5,
+        sequence_parallel: bool = False,
+        param_dtype: Any = jnp.float32,
+        role: str = "norm",
+        rules: PartitionRules = MEGATRON,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(
+            features, mesh=mesh, eps=eps, sequence_parallel=sequence_parallel, param_dtype=param_dtype,
+            role=role, rules=rules, rngs=rngs,
+        )
+        self.bias = rules.param(role, zeros_init, rngs.params(), (features,), (None,), mesh, dtype=param_dtype)
+
+    def local(self, x: jax.Array) -> jax.Array:
+        scale, bias = self.scale[...], self.bias[...]
+        if self.sequence_parallel:
+            scale, bias = copy_to_tensor_region(scale), copy_to_tensor_region(bias)
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale + bias).astype(x.dtype)

@@ -1,4 +1,4 @@
-"""The shape of a Llama-style decoder LM and how it runs."""
+"""The shape of a decoder LM (Llama-style by default; GPT-2, Qwen2, Mixtral variants) and how it runs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from typing import Literal
 Remat = Literal["none", "full", "selective"]
 ComputeDtype = Literal["float32", "bfloat16"]
 AttentionKernel = Literal["auto", "xla", "cudnn", "reference"]  # layers.attention.attention_core
+Norm = Literal["rms", "layer"]
+Activation = Literal["swiglu", "gelu"]
+Position = Literal["rope", "learned"]
+RopeScalingKind = Literal["none", "linear", "llama3"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,27 @@ class ModelConfig:
     # YAML as a mapping {role pattern: strategy}, e.g. {attention.key: replicated,
     # attention.value: replicated}; kept as (pattern, strategy) pairs, in order.
     partition_rules: tuple[tuple[str, str], ...] = ()
+    # Architecture variants, for the Hugging Face families (lite_tp_jax/interop/hf.py);
+    # the defaults are the Llama path. GPT-2: norm "layer" (LayerNorm with a bias),
+    # activation "gelu" (tanh approximation, up/down MLP), qkv_bias, out_bias and
+    # mlp_bias, position "learned" (a table of max_positions vectors added to the
+    # token embedding). Qwen2: qkv_bias. rope_scaling stretches RoPE's wavelengths
+    # for long contexts: "linear" divides every frequency by rope_scaling_factor;
+    # "llama3" divides only the low ones (wavelength > rope_original_max_positions /
+    # rope_low_freq_factor), keeps the high ones (< ... / rope_high_freq_factor)
+    # and interpolates in between.
+    norm: Norm = "rms"
+    activation: Activation = "swiglu"
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    position: Position = "rope"
+    max_positions: int = 2048
+    rope_scaling: RopeScalingKind = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
 
     @property
     def resolved_head_dim(self) -> int:

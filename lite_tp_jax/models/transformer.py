@@ -3,6 +3,10 @@
     tokens -> VocabParallelEmbedding -> layer groups -> RMSNorm -> head -> vocab-parallel loss
     Block:  x + Attention(RMSNorm(x)),  then  x + MLP(RMSNorm(x))   (MLP: SwiGLU, or MoE)
 
+``ModelConfig``'s variant fields give the other Hugging Face families the same
+skeleton: LayerNorm for RMSNorm, a GeLU MLP, biases, learned positions added
+after the embedding (GPT-2), RoPE scaling (Llama 3).
+
 One region, every axis manual. ``loss`` enters a single shard_map in which
 every mesh axis in use (size > 1, and always "tensor") is manual, so every
 collective is one the code asks for:
@@ -61,7 +65,9 @@ from lite_tp_jax.layers.cross_entropy import vocab_parallel_cross_entropy
 from lite_tp_jax.layers.embedding import VocabParallelEmbedding
 from lite_tp_jax.layers.mlp import ParallelMLP
 from lite_tp_jax.layers.moe import MoEMLP
-from lite_tp_jax.layers.norm import RMSNorm
+from lite_tp_jax.layers.norm import LayerNorm, RMSNorm
+from lite_tp_jax.layers.positions import LearnedPositions
+from lite_tp_jax.layers.rotary import RopeScaling
 from lite_tp_jax.mesh import AXES, DATA, EXPERT, PIPELINE, TENSOR
 from lite_tp_jax.models.config import ModelConfig, Remat
 from lite_tp_jax.parallel.pipeline import check_schedule, run_pipeline
@@ -117,6 +123,24 @@ def region_axes(config: ModelConfig, mesh: Mesh) -> frozenset[str]:
     return frozenset({TENSOR, *used, *([EXPERT] if config.moe_every else [])})
 
 
+def make_norm(config: ModelConfig, *, mesh: Mesh, rules: PartitionRules, rngs: nnx.Rngs, role: str = "norm") -> RMSNorm | LayerNorm:
+    """The model's normalisation layer: RMSNorm, or LayerNorm with ``norm: layer``."""
+    norm = LayerNorm if config.norm == "layer" else RMSNorm
+    return norm(
+        config.hidden_size, mesh=mesh, eps=config.norm_eps, sequence_parallel=config.sequence_parallel,
+        role=role, rules=rules, rngs=rngs,
+    )
+
+
+def rope_scaling(config: ModelConfig) -> RopeScaling | None:
+    if config.rope_scaling == "none":
+        return None
+    return RopeScaling(
+        config.rope_scaling, config.rope_scaling_factor, config.rope_low_freq_factor,
+        config.rope_high_freq_factor, config.rope_original_max_positions,
+    )
+
+
 def zero_stats() -> dict[str, jax.Array]:
     """Per-layer MoE statistics, summed over batch rows: the load-balancing loss,
     dropped and all (token, choice) assignments. Zero for a dense layer."""
@@ -131,21 +155,23 @@ class Block(ParallelLayer):
     ):
         rules = rules or partition_rules(config)
         self.mesh, self.sequence_parallel = mesh, config.sequence_parallel
-        norm = dict(mesh=mesh, eps=config.norm_eps, sequence_parallel=config.sequence_parallel, rules=rules, rngs=rngs)
-        self.attention_norm = RMSNorm(config.hidden_size, **norm)
+        self.attention_norm = make_norm(config, mesh=mesh, rules=rules, rngs=rngs)
         self.attention = ParallelAttention(
             config.hidden_size,
             config.num_heads,
             mesh=mesh,
             num_kv_heads=config.num_kv_heads,
             head_dim=config.resolved_head_dim,
+            use_bias=config.qkv_bias,
+            out_bias=config.out_bias,
             sequence_parallel=config.sequence_parallel,
-            rope_theta=config.rope_theta,
+            rope_theta=config.rope_theta if config.position == "rope" else None,
+            rope_scaling=rope_scaling(config),
             kernel=config.attention,
             rules=rules,
             rngs=rngs,
         )
-        self.mlp_norm = RMSNorm(config.hidden_size, **norm)
+        self.mlp_norm = make_norm(config, mesh=mesh, rules=rules, rngs=rngs)
         mlp = dict(mesh=mesh, sequence_parallel=config.sequence_parallel, rules=rules, rngs=rngs)
         self.mlp = (
             MoEMLP(
@@ -153,7 +179,10 @@ class Block(ParallelLayer):
                 top_k=config.top_k, capacity_factor=config.capacity_factor, **mlp,
             )
             if moe
-            else ParallelMLP(config.hidden_size, config.ffn_hidden_size, activation="swiglu", **mlp)
+            else ParallelMLP(
+                config.hidden_size, config.ffn_hidden_size, activation=config.activation,
+                use_bias=config.mlp_bias, **mlp,
+            )
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -261,10 +290,13 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(config.compute_dtype)  # of every activation, from the embedding lookup on
         table = dict(mesh=mesh, sequence_parallel=sp, rules=rules, rngs=rngs)
         self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, role="embedding", dtype=dtype, **table)
-        self.layers = _stack_groups(config, mesh, rules, rngs)
-        self.final_norm = RMSNorm(
-            config.hidden_size, mesh=mesh, eps=config.norm_eps, sequence_parallel=sp, role="final_norm", rules=rules, rngs=rngs
+        self.positions = (
+            LearnedPositions(config.max_positions, config.hidden_size, mesh=mesh, sequence_parallel=sp, rules=rules, rngs=rngs)
+            if config.position == "learned"
+            else None
         )
+        self.layers = _stack_groups(config, mesh, rules, rngs)
+        self.final_norm = make_norm(config, mesh=mesh, rules=rules, rngs=rngs, role="final_norm")
         self.head = (
             None
             if config.tie_embeddings
@@ -328,6 +360,8 @@ class Transformer(nnx.Module):
     def local_logits(self, tokens, microbatches):
         """This rank's vocabulary slice of the logits for its batch rows, and MoE stats."""
         x = self.embed(tokens)
+        if self.positions is not None:
+            x = self.positions(x)
         x, stats = self._run_layers(x, microbatches)
         x = self.final_norm(x)
         head = self.embed if self.head is None else self.head
@@ -359,3 +393,8 @@ class Transformer(nnx.Module):
         if tokens.shape != targets.shape:
             raise ValueError(f"targets shape {targets.shape} must equal tokens shape {tokens.shape}.")
         check_batch(self.config, self.mesh, tokens.shape[0], tokens.shape[1], microbatches)
+        if self.config.position == "learned" and tokens.shape[1] > self.config.max_positions:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds max_positions ({self.config.max_positions}), "
+                f"the size of the learned position table."
+            )

@@ -23,6 +23,7 @@ says which dims are split over which mesh axes. Megatron-LM's defaults::
     moe.gate, moe.up         expert-column   experts over "expert", out (hidden) over "tensor"
     moe.down                 expert-row      experts over "expert", in (hidden) over "tensor"
     *norm                    replicated      -
+    positions                replicated      -   (learned positions, GPT-2)
     column / row             column / row    standalone ColumnParallelLinear / RowParallelLinear
     layers                   stacked         stacked layer groups [virtual_stages, groups/v] over "pipeline"
 
@@ -93,6 +94,7 @@ MEGATRON_RULES: tuple[tuple[str, str], ...] = (
     ("moe.up", "expert-column"),
     ("moe.down", "expert-row"),
     ("*norm", "replicated"),
+    ("positions", "replicated"),
     ("column", "column"),
     ("row", "row"),
     ("layers", "stacked"),

@@ -76,5 +76,5 @@ class Checkpointer:
                 f"(different model config?): {str(error).splitlines()[0]}"
             ) from error
         for name, variable in variables.items():
-            variable[...] = to_physical(variable, restored.state[name], mesh)
+            variable.set_value(to_physical(variable, restored.state[name], mesh))  # also fills an abstract (eval_shape) state
         return state, dict(restored.progress)

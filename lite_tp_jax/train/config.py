@@ -1,11 +1,11 @@
 """Typed training configs, loaded from YAML and checked field by field.
 
-A config file has up to five sections; any missing section or key takes its
+A config file has up to six sections; any missing section or key takes its
 default::
 
     model:        # lite_tp_jax.models.config.ModelConfig
       hidden_size: 64
-    mesh:         # sizes of the (data, pipeline, expert, tensor) axes; one may be -1
+    mesh:         # sizes of the (data, pipeline, expert, tensor) axes (one may be -1); spares
       tensor: 8
     train:        # optimisation: steps, batch, learning-rate schedule, AdamW
       steps: 60
@@ -13,6 +13,9 @@ default::
       source: stdlib
     checkpoint:   # save every N steps, keep the newest K
       every: 20
+    fault:        # inject a device failure (CPU testing of mesh.spares)
+      fail_device: 1
+      fail_step: 2
 
 ``load_config(path, overrides)`` reads a file, applies ``"section.key=value"``
 overrides (values parsed as YAML: ``true``, ``4``, ``1e-3``, ``null``) and returns
@@ -45,6 +48,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "FaultConfig",
     "MeshConfig",
     "ModelConfig",
     "SECTIONS",
@@ -63,12 +67,17 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Axis sizes of the device mesh; at most one may be -1 (inferred)."""
+    """Axis sizes of the device mesh; at most one may be -1 (inferred).
+
+    ``spares`` devices are kept out of the mesh; one takes a failed device's
+    place (``lite_tp_jax/fault/spare.py``).
+    """
 
     data: int = 1
     pipeline: int = 1
     expert: int = 1
     tensor: int = 1
+    spares: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,12 +130,23 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """An injected failure of device ``fail_device`` (a device id in the mesh)
+    when step ``fail_step`` starts, in the first run on a run directory only
+    (a restart does not fail again); a fake CPU device cannot fail by itself."""
+
+    fail_device: int | None = None
+    fail_step: int | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 #: section name -> its dataclass, in file order.
@@ -191,7 +211,13 @@ _RANGES: dict[str, _Range] = {
     "model.capacity_factor": _ABOVE_ZERO,
     "model.aux_loss_weight": _NON_NEGATIVE,
     "model.virtual_stages": _POSITIVE,
+    "model.max_positions": _POSITIVE,
+    "model.rope_scaling_factor": _ABOVE_ZERO,
+    "model.rope_low_freq_factor": _ABOVE_ZERO,
+    "model.rope_high_freq_factor": _ABOVE_ZERO,
+    "model.rope_original_max_positions": _POSITIVE,
     **{f"mesh.{f.name}": _Range(1, also=(-1,)) for f in dataclasses.fields(MeshConfig)},
+    "mesh.spares": _NON_NEGATIVE,
     "train.steps": _POSITIVE,
     "train.seed": _NON_NEGATIVE,  # numpy's seed sequences reject negative seeds
     "train.global_batch": _POSITIVE,
@@ -207,6 +233,8 @@ _RANGES: dict[str, _Range] = {
     "train.grad_accum": _POSITIVE,
     "checkpoint.every": _POSITIVE,
     "checkpoint.keep": _POSITIVE,
+    "fault.fail_device": _NON_NEGATIVE,
+    "fault.fail_step": _POSITIVE,
 }
 
 
@@ -333,6 +361,16 @@ def _check_cross_field(config: Config) -> None:
             f"'model.num_layers' ({model.num_layers}) must be a multiple of 'model.moe_every' "
             f"({model.moe_every}): every moe_every-th layer is an MoE layer"
         )
+    if model.moe_every and model.activation != "swiglu":
+        raise ConfigError(
+            f"'model.activation' must be 'swiglu' with experts ('model.moe_every' > 0): "
+            f"experts are SwiGLU MLPs, got {model.activation!r}"
+        )
+    if model.position == "learned" and config.train.seq_len > model.max_positions:
+        raise ConfigError(
+            f"'train.seq_len' ({config.train.seq_len}) exceeds 'model.max_positions' "
+            f"({model.max_positions}), the size of the learned position table"
+        )
     try:
         PartitionRules(dict(model.partition_rules))
     except ValueError as error:
@@ -342,6 +380,15 @@ def _check_cross_field(config: Config) -> None:
         raise ConfigError(
             f"at most one mesh axis may be -1 (inferred from the device count), "
             f"got -1 for {' and '.join(inferred)}"
+        )
+    fault = config.fault
+    if (fault.fail_device is None) != (fault.fail_step is None):
+        given, missing = ("fail_device", "fail_step") if fault.fail_step is None else ("fail_step", "fail_device")
+        raise ConfigError(f"'fault.{given}' is set but 'fault.{missing}' is not; an injected failure needs both")
+    if fault.fail_step is not None and fault.fail_step > config.train.steps:
+        raise ConfigError(
+            f"'fault.fail_step' ({fault.fail_step}) is past 'train.steps' ({config.train.steps}), "
+            f"so the failure would never happen; choose a step from 1 to {config.train.steps}"
         )
     if data.source in ("text", "tokens") and data.path is None:
         what = "a file, a directory or a glob" if data.source == "text" else "a .npy file of token ids"

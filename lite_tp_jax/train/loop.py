@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from lite_tp_jax.fault.spare import Spares
 from lite_tp_jax.mesh import make_mesh_for
 from lite_tp_jax.train.checkpoint import Checkpointer
 from lite_tp_jax.layers.moe import MoEMLP
@@ -73,6 +74,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.mesh = make_mesh_for(asdict(config.mesh))
         check_fits_mesh(config, self.mesh)
+        self.spares = Spares(config, self.mesh, self.run_dir)
         train = config.train
         self.batches = Batches(load_tokens(config.data, config.model.vocab_size), train.global_batch, train.seq_len, train.seed)
         self.model, self.optimizer = create_model_and_optimizer(config.model, train, self.mesh)
@@ -90,7 +92,6 @@ class Trainer:
     def run(self, *, show_progress: bool = True) -> list[dict]:
         """Trains from the resumed step to ``train.steps``; returns this run's metrics."""
         train, every = self.config.train, self.config.checkpoint.every
-        sharding = batch_sharding(self.mesh)
         records = []
         progress = Progress(
             TextColumn("step {task.completed}/{task.total}"), BarColumn(),
@@ -100,7 +101,8 @@ class Trainer:
         with progress:
             task = progress.add_task("train", total=train.steps, completed=self.start_step, loss=float("nan"), tokens_per_s=0.0)
             for position in range(self.start_step, train.steps):
-                inputs, targets = (jax.device_put(a, sharding) for a in self.batches.batch(position))
+                self.spares.before_step(self, position)  # an injected device failure: a spare takes over
+                inputs, targets = (jax.device_put(a, batch_sharding(self.mesh)) for a in self.batches.batch(position))
                 started = time.perf_counter()
                 metrics = jax.device_get(self.step(inputs, targets))
                 elapsed = time.perf_counter() - started

@@ -9,7 +9,7 @@ backward), and gradients of parameters replicated across data-parallel ranks
 are summed over "data" (and "expert") by the backward of their use on per-rank
 rows.
 The global gradient norm for clipping is computed over the sharded gradients
-(padding is zero, so it adds nothing).
+with one all-reduce (``parallel/grads.py``; padding is zero, so it adds nothing).
 
 Gradient accumulation (``train.grad_accum = k``): each rank's rows are split
 into k micro-steps (rows i, i+k, i+2k, ...: a local reshape), run one after
@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from lite_tp_jax.mesh import DATA, EXPERT, PIPELINE
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer, partition_rules
+from lite_tp_jax.parallel.grads import clip_by_norm, global_norm
 from lite_tp_jax.plan.rules import batch_spec, param_shardings
 from lite_tp_jax.train.config import TrainConfig
 from lite_tp_jax.validate import FitError
@@ -64,15 +65,13 @@ def _decay_mask(params: nnx.State) -> Any:
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(train.grad_clip),
-        optax.adamw(
-            learning_rate_schedule(train),
-            b1=train.b1,
-            b2=train.b2,
-            weight_decay=train.weight_decay,
-            mask=_decay_mask,
-        ),
+    """AdamW; gradients arrive clipped by their global norm (``TrainStep``)."""
+    return optax.adamw(
+        learning_rate_schedule(train),
+        b1=train.b1,
+        b2=train.b2,
+        weight_decay=train.weight_decay,
+        mask=_decay_mask,
     )
 
 
@@ -88,6 +87,8 @@ def create_model_and_optimizer(
     rules = partition_rules(model_config, shard_over_data=train.shard_optimizer)
     model = Transformer(model_config, mesh=mesh, rules=rules, rngs=nnx.Rngs(train.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
+    state = nnx.state(optimizer)  # step counts start on one device: put them on the mesh, replicated
+    nnx.update(optimizer, jax.device_put(state, param_shardings(state, mesh)))
     return model, optimizer
 
 
@@ -124,6 +125,7 @@ class TrainStep:
     def __init__(self, model: Transformer, optimizer: nnx.Optimizer, train: TrainConfig):
         self.model, self.optimizer = model, optimizer
         self.schedule = learning_rate_schedule(train)
+        self.grad_clip = train.grad_clip
         self.microbatches, self.grad_accum = train.microbatches, train.grad_accum
         mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
@@ -138,9 +140,10 @@ class TrainStep:
     def _pure_step(self, state, tokens, targets):
         model, optimizer = nnx.merge(self.graphdef, state)
         (loss, metrics), grads = self._loss_and_grads(model, tokens, targets)
+        grad_norm = global_norm(grads, model.mesh)  # one all-reduce
         lr = self.schedule(optimizer.step[...])
-        optimizer.update(model, grads)
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": lr}
+        optimizer.update(model, clip_by_norm(grads, grad_norm, self.grad_clip))
+        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "lr": lr}
         return nnx.state((model, optimizer)), metrics
 
     def _loss_and_grads(self, model: Transformer, tokens: jax.Array, targets: jax.Array):

@@ -1,0 +1,62 @@
+"""``lite-tp convert``: a Hugging Face model as a run directory that ``lite-tp
+train`` fine-tunes from, on any mesh (``--from-hf``), and a run directory's
+latest checkpoint as a Hugging Face model (``--to-hf``).
+
+The run directory gets ``config.yaml`` (the model section from the Hugging
+Face config, the mesh it was loaded on, defaults elsewhere) and an orbax
+checkpoint at step 0 holding the weights and a fresh optimizer state, in the
+logical layout every checkpoint uses (so ``--set mesh.tensor=4`` resumes it
+on another mesh). Nothing is written when the directory already holds a
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from flax import nnx
+
+from lite_tp_jax.interop.hf import HFError, config_from_hf, from_pretrained, read_hf_config, save_pretrained
+from lite_tp_jax.mesh import make_mesh_for
+from lite_tp_jax.train.checkpoint import Checkpointer
+from lite_tp_jax.train.config import Config, MeshConfig, TrainConfig, dump_config, load_config
+from lite_tp_jax.train.step import create_model_and_optimizer, make_optimizer
+
+
+def hf_to_run_dir(hf_path: str | os.PathLike, run_dir: str | os.PathLike, *, tensor: int = 1) -> Config:
+    """Writes ``run_dir/config.yaml`` and a step-0 checkpoint from ``hf_path``; returns the config."""
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise HFError(f"{run_dir} already holds checkpoints; convert into a new run directory.")
+    model_config = config_from_hf(read_hf_config(hf_path))
+    train = TrainConfig()
+    if model_config.position == "learned":
+        train = replace(train, seq_len=min(train.seq_len, model_config.max_positions))
+    config = Config(model=model_config, mesh=MeshConfig(tensor=tensor), train=train)
+    mesh = make_mesh_for({"data": 1, "pipeline": 1, "expert": 1, "tensor": tensor})
+    model = from_pretrained(hf_path, mesh=mesh)
+    optimizer = nnx.Optimizer(model, make_optimizer(config.train), wrt=nnx.Param)
+    Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep).save(
+        0, nnx.state((model, optimizer)), {"step": 0, "data_position": 0}
+    )
+    dump_config(config, run_dir / "config.yaml")
+    return config
+
+
+def run_dir_to_hf(run_dir: str | os.PathLike, hf_path: str | os.PathLike) -> None:
+    """Writes the latest checkpoint of ``run_dir`` as a Hugging Face model directory.
+    The model is built abstractly and restored, with no random initialisation."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise HFError(f"No config.yaml in {run_dir}; convert or train into it first.")
+    config = load_config(run_dir / "config.yaml")
+    mesh = make_mesh_for(asdict(config.mesh))
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep)
+    if checkpointer.latest_step() is None:
+        raise HFError(f"No checkpoint in {run_dir / 'checkpoints'}; convert or train into it first.")
+    model, optimizer = nnx.eval_shape(lambda: create_model_and_optimizer(config.model, config.train, mesh))
+    state, _ = checkpointer.restore(nnx.state((model, optimizer)), mesh)
+    nnx.update((model, optimizer), state)
+    save_pretrained(model, hf_path)

@@ -1,0 +1,68 @@
+"""Learned absolute position embeddings (GPT-2's ``wpe``), added to the token
+embedding.
+
+The table ``embedding [max_positions, features]`` is replicated (role
+"positions" in the rule table). Each rank adds the rows of the positions it
+holds: all of ``0..S-1``, or with ``sequence_parallel`` its own sequence
+shard's (starting at ``rank * S/tp``), so the table's gradient is then a
+partial sum per rank, all-reduced over "tensor" in the backward pass
+(``copy_to_tensor_region``), as for the norms. No communication forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from lite_tp_jax.collectives import copy_to_tensor_region
+from lite_tp_jax.mesh import TENSOR
+from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_parallel
+from lite_tp_jax.plan.rules import MEGATRON, PartitionRules
+from lite_tp_jax.validate import check_last_dim
+
+_position_init = nnx.initializers.normal(stddev=0.02)
+
+
+class LearnedPositions(ParallelLayer):
+    """``x + embedding[positions]`` for ``x [B, S, features]``, positions ``0..S-1``."""
+
+    def __init__(
+        self,
+        max_positions: int,
+        features: int,
+        *,
+        mesh: Mesh,
+        sequence_parallel: bool = False,
+        param_dtype: Any = jnp.float32,
+        role: str = "positions",
+        rules: PartitionRules = MEGATRON,
+        rngs: nnx.Rngs,
+    ):
+        self.mesh, self.max_positions, self.features = mesh, max_positions, features
+        self.sequence_parallel = sequence_parallel
+        self.embedding = rules.param(
+            role, _position_init, rngs.params(), (max_positions, features), (None, None), mesh, dtype=param_dtype
+        )
+
+    def layout(self, x: jax.Array) -> Layout:
+        activation = sequence_parallel(self.sequence_parallel)
+        return Layout((activation,), activation.of(x.ndim))
+
+    def check(self, x: jax.Array) -> None:
+        check_last_dim(x, self.features, type(self).__name__)
+        if x.ndim < 2 or x.shape[-2] > self.max_positions:
+            raise ValueError(
+                f"{type(self).__name__} holds {self.max_positions} positions; got a sequence of shape {tuple(x.shape)}."
+            )
+
+    def local(self, x: jax.Array) -> jax.Array:
+        """``x``: this rank's ``[..., S (or S/tp), features]``."""
+        table, seq = self.embedding[...], x.shape[-2]
+        first = 0
+        if self.sequence_parallel:
+            table, first = copy_to_tensor_region(table), jax.lax.axis_index(TENSOR) * seq
+        return x + jax.lax.dynamic_slice_in_dim(table, first, seq, axis=0).astype(x.dtype)
