@@ -52,20 +52,32 @@ def bytes_by_kind(found):
     return out
 
 
-@pytest.mark.parametrize(
-    "axes, fields",
-    [(dict(data=2, tensor=4), {}), (dict(data=2, pipeline=2, tensor=2), dict(microbatches=2))],
-    ids=["data2-tensor4", "data2-pipeline2-tensor2"],
-)
-def test_sharded_optimizer_trains_like_the_replicated_one(axes, fields):
+MESHES = {"data2-tensor4": (dict(data=2, tensor=4), {}), "data2-pipeline2-tensor2": (dict(data=2, pipeline=2, tensor=2), dict(microbatches=2))}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """(replicated, sharded) training runs per mesh, computed once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            axes, fields = MESHES[name]
+            mesh = mesh_of(**axes)
+            cache[name] = mesh, train(mesh, False, **fields), train(mesh, True, **fields)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", MESHES)
+def test_sharded_optimizer_trains_like_the_replicated_one(runs, name):
     """Losses and weights after 2 steps equal within 1e-5. The data-parallel
     gradient all-reduces that disappear come back as an all-gather of each
     parameter and a reduce-scatter of its gradient: the same bytes on the wire,
     as a ring all-reduce is one of each (``hlo`` counts result bytes: the
     gathered parameter, and 1/data of the gradient)."""
-    mesh = mesh_of(**axes)
-    losses, weights, replicated, _ = train(mesh, False, **fields)
-    losses_z, weights_z, sharded, (model, _) = train(mesh, True, **fields)
+    mesh, (losses, weights, replicated, _), (losses_z, weights_z, sharded, (model, _)) = runs(name)
     np.testing.assert_allclose(losses_z, losses, rtol=1e-5)
     for name in weights:
         assert max_relative_error(weights_z[name], weights[name]) <= 1e-5, name
@@ -98,10 +110,9 @@ def test_optimizer_bytes_per_device_fall_as_one_over_data(data):
     assert sharded * data == replicated
 
 
-def test_checkpoints_restore_with_or_without_it(tmp_path):
+def test_checkpoints_restore_with_or_without_it(runs, tmp_path):
     """Saved sharded, restored replicated (and the reverse): the same logical values."""
-    mesh = mesh_of(data=2, tensor=2)
-    _, _, _, (model, optimizer) = train(mesh, True)
+    mesh, _, (_, _, _, (model, optimizer)) = runs("data2-tensor4")
     state = nnx.state((model, optimizer))
     Checkpointer(tmp_path / "sharded", keep=1).save(STEPS, state, {"position": STEPS})
     plain = create_model_and_optimizer(MODEL, TRAIN, mesh)
