@@ -1,7 +1,7 @@
 """Fault injection: runs that must finish bitwise equal to the fault-free run.
 
     python benchmarks/fault_injection.py [--spare-failures 3] [--steps 30] [--seed 0]
-                                         [--workloads tiny,wider] [--out FILE.md]
+                                         [--workloads tiny,wider] [--kills 10] [--out FILE.md]
 
 Spare takeovers (issue 10, part 3; ``lite_tp_jax/fault/spare.py``): one
 process, data 2 x tensor 3 (uneven shards) with ``mesh.spares=2``: 8 fake
@@ -17,9 +17,16 @@ compile), the compile part of them, the replayed step's own time, and the
 goal "at most 2 steps' time plus one compile". The persistent compilation
 cache is off, so every compile is a real one.
 
-Process kills under ``lite-tp launch --max-restarts`` (part 1: 2 processes x
-4 devices, 10 kills at random steps) belong in this script too; they are not
-written yet.
+Process kills (issue 10, part 1; ``lite_tp_jax/fault/restart.py``): ``lite-tp
+launch --processes 2 --max-restarts 2 -- train configs/tiny.yaml`` at data 2 x
+tensor 4 (4 devices per process), checkpoint every 5 steps. A fault-free
+launch, then ``--kills`` launches in turn, each with one worker process,
+drawn at random, killed (SIGKILL) once the run reaches a random step. Each
+must finish, with every step recorded once, its losses and the final
+checkpoint's parameters and optimizer state bitwise equal to the fault-free
+run's. Reported per kill: the restart event's ``seconds_to_first_step`` (from
+the failure seen to the first step after it: stopping, start-up, restore,
+compile) and the first step's own time (mostly compile) separately.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0, help="draws the failed devices and steps")
     parser.add_argument("--workloads", default="tiny,wider", help=f"comma-separated, from {', '.join(WORKLOADS)}")
+    parser.add_argument("--kills", type=int, default=10, help="launches with one killed worker process each")
     parser.add_argument("--out", help="markdown report (e.g. benchmarks/results/fault-injection-cpu.md)")
     args = parser.parse_args()
     args.workloads = args.workloads.split(",")
@@ -155,6 +163,8 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         sections = [line for name in args.workloads for line in workload(name, WORKLOADS[name], Path(tmp))]
+        kill_totals, kill_section = process_kills(args, config_path, Path(tmp)) if args.kills else ((0, 0, 0), [])
+    sections += kill_section
     load_after = os.getloadavg()[0]
     lines = [
         "# Fault injection: spare-device takeovers",
@@ -178,7 +188,103 @@ def main() -> int:
     print("\n".join(lines))
     if args.out:
         write_report(lines, args.out)
-    return 0 if totals[0] == totals[1] == totals[2] else 1
+    return 0 if totals[0] == totals[1] == totals[2] and kill_totals[0] == kill_totals[1] == kill_totals[2] else 1
+
+
+def process_kills(args, config_path: Path, tmp: Path) -> tuple[tuple[int, int, int], list[str]]:
+    """The fault-free launch and ``args.kills`` launches with one killed worker each."""
+    import subprocess
+
+    import numpy as np
+    from flax import nnx
+
+    from lite_tp_jax.mesh import make_mesh_for
+    from lite_tp_jax.train.checkpoint import Checkpointer
+    from lite_tp_jax.train.config import load_config
+    from lite_tp_jax.train.step import create_model_and_optimizer
+    from lite_tp_jax.state import export_state
+
+    steps = max(args.steps, 20)
+    overrides = ["mesh.data=2", "mesh.tensor=4", f"train.steps={steps}", "checkpoint.every=5", "checkpoint.keep=2"]
+
+    def command(run_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "lite_tp_jax.cli", "launch", "--processes", "2", "--max-restarts", "2",
+                "--hang-timeout", "120", "--", "train", str(config_path), "--no-progress",
+                *[a for o in overrides for a in ("--set", o)], "--run-dir", str(run_dir)]
+
+    def records(run_dir: Path) -> list[dict]:
+        path = run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def final_state(run_dir: Path) -> dict:
+        config = load_config(config_path, overrides)
+        mesh = make_mesh_for({"data": 2, "pipeline": 1, "expert": 1, "tensor": 4})
+        model, optimizer = nnx.eval_shape(lambda: create_model_and_optimizer(config.model, config.train, mesh))
+        state, _ = Checkpointer(run_dir / "checkpoints", keep=2).restore(nnx.state((model, optimizer)), mesh)
+        return export_state(state)
+
+    def workers_of(launcher: int) -> list[int]:
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == launcher:
+                children.append(int(stat.parent.name))
+        return sorted(children)
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    reference_dir = tmp / "kills-fault-free"
+    started = time.perf_counter()
+    subprocess.run(command(reference_dir), env=env, check=True, capture_output=True)
+    print(f"kills fault-free launch: {steps} steps in {time.perf_counter() - started:.1f} s", flush=True)
+    reference_losses = [r["loss"] for r in records(reference_dir) if "event" not in r]
+    reference_state = final_state(reference_dir)
+    rng = np.random.default_rng(args.seed + 1)
+    rows, finished_count, equal_count = [], 0, 0
+    for i in range(args.kills):
+        run_dir, at, victim = tmp / f"kill-{i}", int(rng.integers(2, steps)), int(rng.integers(0, 2))
+        launcher = subprocess.Popen(command(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while launcher.poll() is None and not any(r.get("step", 0) >= at for r in records(run_dir) if "event" not in r):
+            time.sleep(0.05)
+        workers = workers_of(launcher.pid)
+        if launcher.poll() is None and len(workers) > victim:
+            os.kill(workers[victim], 9)
+        _, err = launcher.communicate(timeout=900)
+        lines = records(run_dir)
+        steps_seen = [r["step"] for r in lines if "event" not in r]
+        finished = launcher.returncode == 0 and steps_seen == list(range(1, steps + 1))
+        equal = finished and [r["loss"] for r in lines if "event" not in r] == reference_losses
+        if equal:
+            state = final_state(run_dir)
+            equal = all(np.array_equal(state[k], reference_state[k]) for k in reference_state)
+        events = [r for r in lines if r.get("event") == "restart"]
+        first = next((r for r in lines if "event" not in r and events and r["step"] == events[0]["step"] + 1), None)
+        finished_count, equal_count = finished_count + finished, equal_count + equal
+        rows.append(
+            f"| {i + 1} | {victim} | {at} | {len(events)} | {events[0]['step'] if events else '–'} | "
+            f"{events[0]['seconds_to_first_step'] if events else '–'} | "
+            f"{round(first['step_time_s'], 2) if first else '–'} | {finished} | {equal} |"
+        )
+        print(f"kill {i + 1}: worker {victim} at step {at}: finished={finished} bitwise_equal={equal}"
+              + ("" if finished else f" ({err.strip().splitlines()[-1] if err.strip() else 'no output'})"), flush=True)
+    section = [
+        "## Process kills under `lite-tp launch --max-restarts 2` (2 processes x 4 devices, data 2 x tensor 4)",
+        "",
+        f"`configs/tiny.yaml` with {', '.join(f'`{o}`' for o in overrides)}; the fault-free launch, then "
+        f"{args.kills} launches, each with one worker killed (SIGKILL) once the run reached a random step.",
+        "",
+        f"**{finished_count}/{args.kills} runs finished; {equal_count}/{args.kills} bitwise equal** to the fault-free "
+        "run (every step's loss; every parameter and optimizer-state array of the final checkpoint).",
+        "",
+        "| # | killed rank | at step | restarts | last step before | failure to first step after (s) "
+        "| that first step, compile included (s) | finished | bitwise equal |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        *rows,
+        "",
+    ]
+    return (finished_count, equal_count, args.kills), section
 
 
 if __name__ == "__main__":

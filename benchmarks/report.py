@@ -1,23 +1,10 @@
-"""What the benchmark reports say about the machine they ran on."""
+"""What the benchmark reports say about the machine they ran on, and writing them."""
 
 import os
-import platform
 
-import jax
+from lite_tp_jax.bench import machine
 
-
-def machine() -> str:
-    """CPU model and cores, and the jax devices (fake when the backend is cpu)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    kind = jax.default_backend()
-    fake = " fake" if kind == "cpu" else ""
-    device_kind = jax.devices()[0].device_kind
-    named = "" if device_kind == kind else f" ({device_kind})"
-    return f"{cpu}, {os.cpu_count()} cores; {len(jax.devices())}{fake} {kind} devices{named}"
+__all__ = ["machine", "write_report"]
 
 
 def write_report(lines: list[str], path: str) -> None:

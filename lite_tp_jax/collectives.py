@@ -14,6 +14,13 @@ autodiff must run, so gradients are right by construction.
     gather_from_sequence_region      all-gather       reduce-scatter
     reduce_scatter_to_sequence_region reduce-scatter  all-gather
 
+Deterministic mode (``with deterministic_collectives():``, or
+``train.deterministic: true``) swaps the two reducing primitives for a
+fixed-order version: an all-to-all of chunks, a local sum in rank order, and
+(for ``all_reduce``) an all-gather. The bits then do not depend on how devices
+are spread over processes or on XLA's choice of reduction tree; the bytes per
+device are those of a ring all-reduce, 2(n-1)/n of the array.
+
 A tensor-parallel block (MLP, attention, MoE, the tied head) enters and leaves
 the region once, through the pair ``enter_tensor_parallel`` /
 ``exit_tensor_parallel``: with sequence parallelism an all-gather on entry and
@@ -26,9 +33,15 @@ identical on every rank of the axis is *invariant*, a per-rank value is
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import operator
+from collections.abc import Iterator
 from functools import partial
 
 import jax
+import jax.numpy as jnp
+from jax._src import config as _jax_config
 from jax.ad_checkpoint import checkpoint_name
 
 from lite_tp_jax.mesh import TENSOR
@@ -63,9 +76,36 @@ def _not_yet_varying(x: jax.Array, axis: Axis) -> tuple[str, ...]:
     return tuple(name for name in ((axis,) if isinstance(axis, str) else axis) if name not in varying)
 
 
+_DETERMINISTIC = _jax_config.bool_state(
+    "lite_tp_deterministic_collectives",
+    False,
+    help="lite_tp_jax: reduce in fixed rank order (all-to-all, local sum, all-gather).",
+    include_in_jit_key=True,
+    include_in_trace_context=True,
+)
+# A jax config state (not a module global) so that jit caches are keyed by it:
+# a function traced in one mode is never reused in the other.
+
+
+@contextlib.contextmanager
+def deterministic_collectives(enabled: bool = True) -> Iterator[None]:
+    """Within this block, functions traced reduce in fixed rank order (the
+    switch is read at trace time; already-compiled functions keep their mode)."""
+    with _DETERMINISTIC(enabled):
+        yield
+
+
+def deterministic() -> bool:
+    """Whether reductions traced now use the fixed-order implementation."""
+    return bool(_DETERMINISTIC.value)
+
+
 def all_reduce(x: jax.Array, axis: Axis = TENSOR) -> jax.Array:
     """Sum of ``x`` over the ranks of ``axis``; every rank gets the total."""
-    return jax.lax.psum(x, check_axis(axis))
+    axis = check_axis(axis)
+    if not deterministic():
+        return jax.lax.psum(x, axis)
+    return _ordered_all_reduce(to_varying(x, axis), axis)
 
 
 def all_gather(x: jax.Array, axis: Axis = TENSOR, *, dim: int = -1) -> jax.Array:
@@ -75,7 +115,67 @@ def all_gather(x: jax.Array, axis: Axis = TENSOR, *, dim: int = -1) -> jax.Array
 
 def reduce_scatter(x: jax.Array, axis: Axis = TENSOR, *, dim: int = -1) -> jax.Array:
     """Sum over ranks, then rank i keeps the i-th of ``axis_size`` slices of ``dim``."""
-    return jax.lax.psum_scatter(x, check_axis(axis), scatter_dimension=dim % x.ndim, tiled=True)
+    axis = check_axis(axis)
+    if not deterministic():
+        return jax.lax.psum_scatter(x, axis, scatter_dimension=dim % x.ndim, tiled=True)
+    return _ordered_reduce_scatter(to_varying(x, axis), axis, dim % x.ndim)
+
+
+# --- the fixed-order (deterministic) reductions ---------------------------------
+
+
+def _sum_in_rank_order(chunks: jax.Array) -> jax.Array:
+    """``((c[0] + c[1]) + c[2]) + ...``: one add per rank, always in this order."""
+    return functools.reduce(operator.add, [chunks[r] for r in range(chunks.shape[0])])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ordered_all_reduce(x: jax.Array, axis: Axis) -> jax.Array:
+    """Rank i receives chunk i of every rank (all-to-all), sums them in rank
+    order, and the summed chunks are all-gathered: (n-1)/n of x sent each way."""
+    n = jax.lax.axis_size(axis)
+    flat = x.reshape(-1)
+    flat = jnp.pad(flat, (0, -flat.size % n))
+    mine = jax.lax.all_to_all(flat.reshape(n, -1), axis, 0, 0, tiled=True)  # row r: rank r's chunk
+    total = jax.lax.all_gather(_sum_in_rank_order(mine), axis, axis=0, tiled=True, to="invarying")
+    return total[: x.size].reshape(x.shape)
+
+
+def _ordered_all_reduce_fwd(x, axis):
+    return _ordered_all_reduce(x, axis), None
+
+
+def _ordered_all_reduce_bwd(axis, _, g):  # as psum's: the cotangent, now per rank
+    return (to_varying(g, axis),)
+
+
+_ordered_all_reduce.defvjp(_ordered_all_reduce_fwd, _ordered_all_reduce_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _ordered_reduce_scatter(x: jax.Array, axis: Axis, dim: int) -> jax.Array:
+    """Rank i receives slice i of ``dim`` from every rank (all-to-all) and sums
+    them in rank order: (n-1)/n of x sent, as a ring reduce-scatter."""
+    n = jax.lax.axis_size(axis)
+    if x.shape[dim] % n:
+        raise ValueError(
+            f"reduce_scatter over {axis!r} splits dim {dim} of shape {x.shape} into {n} "
+            f"equal slices; its size must be divisible by {n}."
+        )
+    slices = jnp.moveaxis(x, dim, 0).reshape(n, x.shape[dim] // n, *x.shape[:dim], *x.shape[dim + 1:])
+    mine = jax.lax.all_to_all(slices, axis, 0, 0, tiled=True)  # row r: rank r's slice for me
+    return jnp.moveaxis(_sum_in_rank_order(mine), 0, dim)
+
+
+def _ordered_reduce_scatter_fwd(x, axis, dim):
+    return _ordered_reduce_scatter(x, axis, dim), None
+
+
+def _ordered_reduce_scatter_bwd(axis, dim, _, g):  # as psum_scatter's: all-gather
+    return (jax.lax.all_gather(g, axis, axis=dim, tiled=True),)
+
+
+_ordered_reduce_scatter.defvjp(_ordered_reduce_scatter_fwd, _ordered_reduce_scatter_bwd)
 
 
 def split(x: jax.Array, axis: Axis = TENSOR, *, dim: int = -1) -> jax.Array:

@@ -3,6 +3,12 @@
 Axis order is ``("data", "pipeline", "expert", "tensor")``. With the tensor axis
 innermost, a tensor-parallel group is made of neighbouring device ids (on real
 hardware the fastest links), and it is nested inside each data-parallel replica.
+
+Several processes (one per host or GPU; ``lite-tp launch`` on one machine)
+form one mesh: ``start_cluster`` joins them through ``jax.distributed``, and
+``make_mesh`` then lays the axes out hybrid-style: "tensor" (then "expert",
+"pipeline", "data") inside a process as far as its devices go, the rest across
+processes, so tensor-parallel traffic stays on a host's fast links.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 DATA, PIPELINE, EXPERT, TENSOR = "data", "pipeline", "expert", "tensor"
@@ -62,8 +69,44 @@ def make_mesh(
             f"Mesh {shape} needs {total} devices but {len(devices)} are "
             f"available; choose sizes whose product is {len(devices)}."
         )
-    grid = np.array(devices, dtype=object).reshape(tuple(sizes.values()))
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return Mesh(device_grid(tuple(sizes.values()), devices), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def device_grid(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:
+    """``devices`` arranged as ``shape`` (data, pipeline, expert, tensor).
+
+    Devices of one process: ``jax.make_mesh``'s topology-aware order (on CPU,
+    device-id order). Devices of several processes: the hybrid layout of
+    ``mesh_utils.create_hybrid_device_mesh``, with ``split_over_processes``.
+    """
+    processes = {d.process_index for d in devices}
+    if len(processes) == 1:
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices).devices
+    counts = {p: sum(d.process_index == p for d in devices) for p in processes}
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            f"The mesh's devices come from processes holding different numbers of them "
+            f"({counts}); give every process the same number of devices."
+        )
+    inner, outer = split_over_processes(shape, len(devices) // len(processes))
+    return mesh_utils.create_hybrid_device_mesh(inner, outer, devices, process_is_granule=True)
+
+
+def split_over_processes(shape: tuple[int, ...], per_process: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(inside a process, across processes) sizes of each axis, their products
+    ``shape``: the innermost axes ("tensor" first) take a process's devices."""
+    inner, left = [1] * len(shape), per_process
+    for i in reversed(range(len(shape))):
+        inner[i] = math.gcd(shape[i], left)
+        left //= inner[i]
+    if left != 1:
+        layout = " x ".join(f"{n}={s}" for n, s in zip(AXES, shape))
+        raise ValueError(
+            f"Mesh {layout} cannot be laid over processes of {per_process} devices each: the "
+            f"innermost axes must fill a process exactly; choose axis sizes whose inner "
+            f"part multiplies to {per_process}."
+        )
+    return tuple(inner), tuple(s // i for s, i in zip(shape, inner))
 
 
 def make_mesh_for(sizes: dict[str, int]) -> Mesh:
@@ -82,7 +125,7 @@ def make_mesh_for(sizes: dict[str, int]) -> Mesh:
             f"{in_mesh}, but only {len(devices)} exist; lower mesh.spares or the mesh sizes."
         )
     devices = devices[: len(devices) - spares]
-    if devices[0].platform == "cpu" and -1 not in sizes.values():
+    if devices[0].platform == "cpu" and jax.process_count() == 1 and -1 not in sizes.values():
         devices = devices[: math.prod(sizes.values())]
     return make_mesh(**sizes, devices=devices)
 
@@ -121,3 +164,38 @@ def provide_cpu_devices(count: int) -> None:
         return
     allow_bf16_cpu_all_reduce()
     jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
+
+
+# --- several processes ------------------------------------------------------------
+
+LAUNCH_ENV = ("LITE_TP_COORDINATOR", "LITE_TP_NUM_PROCESSES", "LITE_TP_PROCESS_ID")
+"""Set by ``lite-tp launch`` for each process it starts (see ``launch.py``)."""
+
+
+def cluster_in_environment() -> bool:
+    """True when this process is one of several: started by ``lite-tp launch``,
+    given ``JAX_COORDINATOR_ADDRESS``, or run as one of several SLURM tasks or
+    Open MPI ranks (which ``jax.distributed.initialize()`` detects itself)."""
+    env = os.environ
+    return (
+        all(name in env for name in LAUNCH_ENV)
+        or "JAX_COORDINATOR_ADDRESS" in env
+        or (int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env)
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
+
+
+def start_cluster() -> bool:
+    """Joins the other processes of the run with ``jax.distributed.initialize``
+    when ``cluster_in_environment()``; returns whether it did. Must run before
+    the first jax operation."""
+    if not cluster_in_environment():
+        return False
+    env = os.environ
+    if all(name in env for name in LAUNCH_ENV):
+        jax.distributed.initialize(
+            env["LITE_TP_COORDINATOR"], int(env["LITE_TP_NUM_PROCESSES"]), int(env["LITE_TP_PROCESS_ID"])
+        )
+    else:
+        jax.distributed.initialize()  # SLURM, Open MPI, JAX_COORDINATOR_ADDRESS: detected by JAX
+    return True

@@ -17,6 +17,7 @@ checkpoints use; ``export_state`` / ``import_state`` go through host numpy.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -66,13 +67,20 @@ def to_logical(variable: nnx.Variable) -> jax.Array:
     value, trailing = variable[...], _trailing(variable)
     if value.shape == logical_shape(variable):
         return value
-    stacking = len(value.shape) - len(trailing)
+    return _logical_converter(tuple(value.shape), trailing)(value)
+
+
+@functools.lru_cache(maxsize=None)
+def _logical_converter(shape: tuple[int, ...], trailing: tuple[int, ...]):
+    """One jitted function per layout, so each save does not compile anew."""
+    stacking = len(shape) - len(trailing)
+    logical = ((math.prod(shape[:stacking]),) if stacking else ()) + trailing
 
     def convert(v):
         v = v[(slice(None),) * stacking + tuple(slice(0, n) for n in trailing)]
-        return v.reshape(logical_shape(variable))
+        return v.reshape(logical)
 
-    return jax.jit(convert)(value)
+    return jax.jit(convert)
 
 
 def to_physical(variable: nnx.Variable, value: jax.Array | np.ndarray, mesh: Mesh) -> jax.Array:
@@ -81,14 +89,18 @@ def to_physical(variable: nnx.Variable, value: jax.Array | np.ndarray, mesh: Mes
     if tuple(value.shape) == tuple(variable.shape):
         return jax.device_put(value, target)
     value = jax.device_put(value, logical_sharding(variable, mesh))
-    trailing = _trailing(variable)
-    stacking = variable.shape[: len(variable.shape) - len(trailing)]
+    return _physical_converter(tuple(variable.shape), _trailing(variable), target)(value)
+
+
+@functools.lru_cache(maxsize=None)
+def _physical_converter(shape: tuple[int, ...], trailing: tuple[int, ...], target: NamedSharding):
+    stacking = shape[: len(shape) - len(trailing)]
 
     def convert(v):
         v = v.reshape(*stacking, *trailing)
-        return jnp.pad(v, [(0, 0)] * len(stacking) + [(0, p - n) for n, p in zip(trailing, variable.shape[len(stacking):])])
+        return jnp.pad(v, [(0, 0)] * len(stacking) + [(0, p - n) for n, p in zip(trailing, shape[len(stacking):])])
 
-    return jax.jit(convert, out_shardings=target)(value)
+    return jax.jit(convert, out_shardings=target)
 
 
 def export_state(tree: nnx.Module | nnx.State) -> dict[str, np.ndarray]:
@@ -100,7 +112,8 @@ def export_state(tree: nnx.Module | nnx.State) -> dict[str, np.ndarray]:
 def import_state(module: nnx.Module, state: Mapping[str, np.ndarray]) -> None:
     """Loads logical arrays (as ``export_state`` returns them) onto the module's
     sharded parameters, padding uneven shards. Every parameter must be given
-    with its logical shape; unknown names are an error."""
+    with its logical shape; unknown names are an error. All entries are checked
+    before any is written, so a failed import leaves the module unchanged."""
     params = flat_variables(module)
     missing = sorted(set(params) - set(state))
     unknown = sorted(set(state) - set(params))
@@ -109,11 +122,18 @@ def import_state(module: nnx.Module, state: Mapping[str, np.ndarray]) -> None:
             f"import_state: state is missing {missing or 'nothing'} and has unknown "
             f"names {unknown or 'none'}; expected exactly the names of export_state(module)."
         )
-    for name, variable in params.items():
+    values = {}
+    for name, variable in params.items():  # every entry is checked before any is written
         value = np.asarray(state[name])
         if value.shape != logical_shape(variable):
             raise ValueError(
                 f"import_state: {name!r} has shape {value.shape}, expected {logical_shape(variable)}."
             )
-        mesh = variable.get_metadata()["mesh"]
-        variable[...] = to_physical(variable, value.astype(variable.dtype), mesh)
+        if not np.can_cast(value.dtype, variable.dtype, casting="same_kind"):
+            raise ValueError(
+                f"import_state: {name!r} has dtype {value.dtype}, expected {np.dtype(variable.dtype)} "
+                f"(or a {np.dtype(variable.dtype).kind!r}-kind dtype that casts to it)."
+            )
+        values[name] = value.astype(variable.dtype)
+    for name, variable in params.items():
+        variable[...] = to_physical(variable, values[name], variable.get_metadata()["mesh"])

@@ -110,18 +110,24 @@ def test_optimizer_bytes_per_device_fall_as_one_over_data(data):
     assert sharded * data == replicated
 
 
+def save(directory, state):
+    checkpointer = Checkpointer(directory, keep=1)
+    checkpointer.save(STEPS, state, {"position": STEPS})
+    checkpointer.close()  # saves are asynchronous: sealed here
+
+
 def test_checkpoints_restore_with_or_without_it(runs, tmp_path):
     """Saved sharded, restored replicated (and the reverse): the same logical values."""
     mesh, _, (_, _, _, (model, optimizer)) = runs("data2-tensor4")
     state = nnx.state((model, optimizer))
-    Checkpointer(tmp_path / "sharded", keep=1).save(STEPS, state, {"position": STEPS})
+    save(tmp_path / "sharded", state)
     plain = create_model_and_optimizer(MODEL, TRAIN, mesh)
     restored, _ = Checkpointer(tmp_path / "sharded", keep=1).restore(nnx.state(plain), mesh)
     expected = export_state(state)
     for name, value in export_state(restored).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[name]), err_msg=name)
 
-    Checkpointer(tmp_path / "plain", keep=1).save(STEPS, restored, {"position": STEPS})
+    save(tmp_path / "plain", restored)
     sharded = create_model_and_optimizer(MODEL, dataclasses.replace(TRAIN, shard_optimizer=True), mesh)
     back, _ = Checkpointer(tmp_path / "plain", keep=1).restore(nnx.state(sharded), mesh)
     for name, value in export_state(back).items():

@@ -21,7 +21,7 @@ from lite_tp_jax.cli import main
 from lite_tp_jax.train.checkpoint import Checkpointer
 from lite_tp_jax.train.config import load_config
 from lite_tp_jax.train.data import Batches, load_tokens
-from lite_tp_jax.train.generate import generate, load_trained_model
+from lite_tp_jax.generate import generate, load_trained_model
 from lite_tp_jax.train.loop import MetricsLog
 from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
 
@@ -143,8 +143,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [r["step"] for r in got] == list(range(1, steps + 1))
     assert [r["loss"] for r in got] == [r["loss"] for r in expected]
 
-    model, window = load_trained_model(resumed)
-    text = generate(model, window, "def ", max_new_tokens=20)
+    model = load_trained_model(resumed)
+    text = generate(model, "def ", max_new_tokens=20)
     assert text.startswith("def ") and len(text.encode()) >= 20
 
 

@@ -38,9 +38,9 @@ def hf_to_run_dir(hf_path: str | os.PathLike, run_dir: str | os.PathLike, *, ten
     mesh = make_mesh_for({"data": 1, "pipeline": 1, "expert": 1, "tensor": tensor})
     model = from_pretrained(hf_path, mesh=mesh)
     optimizer = nnx.Optimizer(model, make_optimizer(config.train), wrt=nnx.Param)
-    Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep).save(
-        0, nnx.state((model, optimizer)), {"step": 0, "data_position": 0}
-    )
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep)
+    checkpointer.save(0, nnx.state((model, optimizer)), {"step": 0, "data_position": 0})
+    checkpointer.close()  # saves are asynchronous: finish and seal it
     dump_config(config, run_dir / "config.yaml")
     return config
 

@@ -52,15 +52,15 @@ num_kv_heads`` query heads that attend with it (query head ``j`` uses kv head
 
 from __future__ import annotations
 
-import numbers
 from functools import partial
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import cast_for, copy_to_tensor_region, enter_tensor_parallel, exit_tensor_parallel
 from lite_tp_jax.layers.rotary import RopeScaling, apply_rotary
@@ -68,7 +68,7 @@ from lite_tp_jax.mesh import TENSOR
 from lite_tp_jax.padding import mask_padding
 from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_parallel
 from lite_tp_jax.plan.rules import MEGATRON, PartitionRules, padded_size
-from lite_tp_jax.validate import check_last_dim, check_rank
+from lite_tp_jax.validate import check_last_dim, check_positive_int, check_rank
 
 zeros_init = nnx.initializers.zeros_init()
 
@@ -107,6 +107,15 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, kernel: AttentionKe
     weights = checkpoint_name(jax.nn.softmax(logits, axis=-1).astype(v.dtype), "attention_weights")
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
+class KVCache(NamedTuple):
+    """Keys and values of cached positions, ``[..., batch, slots, kv heads, head_dim]``
+    (stacked over layers by the model). Split over "tensor" on the kv heads
+    like ``key.kernel`` (padded heads included), or replicated when
+    ``num_kv_heads < tp``; see ``ParallelAttention.cache_spec``."""
+
+    key: jax.Array
+    value: jax.Array
+
 
 class _Projection(nnx.Module):
     """Holds one projection's ``kernel`` (and ``bias``) under its name; the math
@@ -122,9 +131,7 @@ def _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta) -> Non
     sizes = {"features": features, "num_heads": num_heads, "num_kv_heads": num_kv_heads}
     if head_dim is not None:
         sizes["head_dim"] = head_dim
-    for label, value in sizes.items():
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} {label} must be a positive integer, got {value!r}.")
+    check_positive_int(name, **sizes)
     if num_heads % num_kv_heads:
         divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
         raise ValueError(
@@ -262,6 +269,92 @@ class ParallelAttention(ParallelLayer):
             bias = cast_for(self.out.bias[...], y)
             y = y + (copy_to_tensor_region(bias) if self.sequence_parallel else bias)
         return y
+
+    # --- generation with a KV cache ---------------------------------------------
+
+    @property
+    def cache_heads(self) -> int:
+        """kv heads held by the cache, all ranks together (padded when split over "tensor")."""
+        return padded_size(self.num_kv_heads, self.mesh.shape[TENSOR]) if self.kv_sharded else self.num_kv_heads
+
+    @property
+    def cache_spec(self) -> P:
+        """How ``[batch, slots, kv heads, head_dim]`` cache buffers split over "tensor"."""
+        return P(None, None, TENSOR if self.kv_sharded else None, None)
+
+    def decode(
+        self, x: jax.Array, cache: KVCache, layer: tuple, cursor: jax.Array, start: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        """One rank's math with a KV cache (generation; no gradients).
+
+        ``x [B, S, features]`` (replicated over "tensor") holds the new tokens of
+        cache slots ``cursor .. cursor+S-1`` in every row (the prompt at
+        ``cursor = 0``, then one token per step). Row ``b`` starts at slot
+        ``start[b]`` (left padding), so a token in slot ``t`` has position
+        ``t - start[b]`` for RoPE and attends to the slots ``start[b] .. t``.
+        ``cache`` holds the buffers of every layer, ``[..., B, slots, kv heads,
+        head_dim]``; this layer's are ``cache.key[layer]`` (this rank's kv
+        heads, or all of them when they are replicated). The new keys and
+        values are written there first (in place, into fixed-size buffers),
+        then read with the rest. Returns ``(y, cache)``; communication: the
+        one all-reduce of ``local``.
+        """
+        new = x.shape[1]
+        new_slots = cursor + jnp.arange(new)
+        positions = new_slots[None, :] - start[:, None]  # [B, S]
+        q = self._project(self.query, x, self.num_heads)
+        if self.kv_sharded:
+            k, v = self._project(self.key, x, self.num_kv_heads), self._project(self.value, x, self.num_kv_heads)
+        else:  # all kv heads, the same on every rank: kept invariant, so the cache is stored replicated
+            k, v = self._project_replicated(self.key, x), self._project_replicated(self.value, x)
+        if self.rope_theta is not None:
+            q = apply_rotary(q, positions, self.rope_theta, self.rope_scaling)
+            k = apply_rotary(k, positions, self.rope_theta, self.rope_scaling)
+        at = (*layer, 0, cursor, 0, 0)
+        cache = KVCache(*(
+            jax.lax.dynamic_update_slice(buffer, new_entries.astype(buffer.dtype)[(None,) * len(layer)], at)
+            for buffer, new_entries in zip(cache, (k, v))
+        ))
+        keys, values = cache.key[layer], cache.value[layer]  # [B, slots, kv heads, D]
+
+        logits = self._scores(q, keys) / jnp.sqrt(jnp.float32(self.head_dim))  # [B, local heads, S, slots]
+        key_slots = jnp.arange(keys.shape[1])
+        visible = (key_slots <= new_slots[:, None]) & (key_slots >= start[:, None, None])  # [B, S, slots]
+        logits = jnp.where(visible[:, None], logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+        o = self._mix(weights, values)
+
+        out_kernel = mask_padding(self.out.kernel[...], 0, self.num_heads)
+        y = exit_tensor_parallel(jnp.einsum("bqhd,hdf->bqf", o, out_kernel), sequence_parallel=False)
+        if self.out.bias is not None:
+            y = y + self.out.bias[...]
+        return y, cache
+
+    @staticmethod
+    def _project_replicated(projection: _Projection, x: jax.Array) -> jax.Array:
+        """``x @ kernel (+ bias)`` of a projection replicated over "tensor", without
+        entering the region (no gradient flows when generating)."""
+        y = jnp.einsum("bsf,fhd->bshd", x, projection.kernel[...])
+        return y if projection.bias is None else y + projection.bias[...]
+
+    def _scores(self, q: jax.Array, keys: jax.Array) -> jax.Array:
+        """``q [B, S, local heads, D]`` . ``keys [B, T, kv heads, D]`` -> ``[B, local heads, S, T]``
+        (float32); with sharded kv heads grouped, so the keys are not repeated per query head."""
+        b, s, h, d = q.shape
+        if self.kv_sharded:
+            grouped = q.reshape(b, s, h // self.group, self.group, d)
+            scores = jnp.einsum("bskgd,btkd->bkgst", grouped, keys, preferred_element_type=jnp.float32)
+            return scores.reshape(b, h, s, keys.shape[1])
+        keys = self._kv_per_query_head(keys, h)
+        return jnp.einsum("bshd,bthd->bhst", q, keys, preferred_element_type=jnp.float32)
+
+    def _mix(self, weights: jax.Array, values: jax.Array) -> jax.Array:
+        """``weights [B, local heads, S, T]`` x ``values [B, T, kv heads, D]`` -> ``[B, S, local heads, D]``."""
+        b, h, s, t = weights.shape
+        if self.kv_sharded:
+            grouped = weights.reshape(b, h // self.group, self.group, s, t)
+            return jnp.einsum("bkgst,btkd->bskgd", grouped, values).reshape(b, s, h, values.shape[-1])
+        return jnp.einsum("bhst,bthd->bshd", weights, self._kv_per_query_head(values, h))
 
     @staticmethod
     def _project(projection: _Projection, x: jax.Array, logical_heads: int | None) -> jax.Array:

@@ -43,7 +43,7 @@ from lite_tp_jax.parallel.region import (
     sequence_parallel,
 )
 from lite_tp_jax.plan.rules import MEGATRON, Initializer, PartitionRules
-from lite_tp_jax.validate import check_last_dim
+from lite_tp_jax.validate import check_last_dim, check_positive_int
 
 default_embedding_init: Initializer = nnx.initializers.normal(stddev=0.02)
 
@@ -80,6 +80,7 @@ class VocabParallelEmbedding(ParallelLayer):
         dtype: Any = None,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("VocabParallelEmbedding", num_embeddings=num_embeddings, features=features)
         self.mesh = mesh
         self.dtype = dtype  # of the looked-up vectors (the compute dtype); None: param_dtype
         self.num_embeddings, self.features = num_embeddings, features

@@ -37,7 +37,7 @@ from lite_tp_jax.parallel.region import (
     sequence_parallel,
 )
 from lite_tp_jax.plan.rules import MEGATRON, Initializer, PartitionRules
-from lite_tp_jax.validate import check_last_dim
+from lite_tp_jax.validate import check_last_dim, check_positive_int
 
 default_kernel_init: Initializer = nnx.initializers.lecun_normal()
 zeros_init: Initializer = nnx.initializers.zeros_init()
@@ -73,6 +73,7 @@ class ColumnParallelLinear(ParallelLayer):
         rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("ColumnParallelLinear", in_features=in_features, out_features=out_features)
         self.mesh = mesh
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
@@ -131,6 +132,7 @@ class RowParallelLinear(ParallelLayer):
         rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("RowParallelLinear", in_features=in_features, out_features=out_features)
         self.mesh = mesh
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel

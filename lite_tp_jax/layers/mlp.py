@@ -25,7 +25,7 @@ from lite_tp_jax.collectives import enter_tensor_parallel
 from lite_tp_jax.layers.linear import ColumnParallelLinear, RowParallelLinear
 from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_parallel
 from lite_tp_jax.plan.rules import MEGATRON, PartitionRules
-from lite_tp_jax.validate import check_last_dim
+from lite_tp_jax.validate import check_last_dim, check_positive_int
 
 Activation = Literal["swiglu", "gelu"]
 
@@ -47,6 +47,7 @@ class ParallelMLP(ParallelLayer):
         rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("ParallelMLP", features=features, hidden_features=hidden_features)
         if activation not in ("swiglu", "gelu"):
             raise ValueError(f"ParallelMLP activation must be 'swiglu' or 'gelu', got {activation!r}.")
         self.mesh = mesh

@@ -97,7 +97,7 @@ from lite_tp_jax.mesh import EXPERT, TENSOR
 from lite_tp_jax.padding import mask_padding
 from lite_tp_jax.parallel.region import STATISTIC, Layout, ParallelLayer, sequence_parallel
 from lite_tp_jax.plan.rules import BATCH_AXES, MEGATRON, PartitionRules
-from lite_tp_jax.validate import FitError, check_last_dim, check_rank
+from lite_tp_jax.validate import FitError, check_last_dim, check_positive_int, check_rank
 
 default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -116,7 +116,11 @@ class _Weights(nnx.Module):
 def _all_to_all(x: jax.Array, split_axis: int, concat_axis: int) -> jax.Array:
     """All-to-all over "expert": ``split_axis`` is cut into ``ep`` chunks, chunk j
     goes to expert rank j, and the chunks received are concatenated along
-    ``concat_axis`` in rank order. Autodiff's transpose is the reverse all-to-all."""
+    ``concat_axis`` in rank order. Autodiff's transpose is the reverse all-to-all.
+    Nothing to exchange where "expert" is not manual (a model leaves an axis of
+    size 1 to the partitioner)."""
+    if EXPERT not in jax.sharding.get_abstract_mesh().manual_axes:
+        return x
     y = jax.lax.all_to_all(x, check_axis(EXPERT), split_axis, concat_axis, tiled=True)
     return checkpoint_name(y, COLLECTIVE_OUTPUT)
 
@@ -186,6 +190,7 @@ class MoEMLP(ParallelLayer):
         rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("MoEMLP", features=features, hidden_features=hidden_features, num_experts=num_experts)
         self.check_experts(num_experts, mesh)
         if top_k not in (1, 2):
             raise ValueError(f"MoEMLP top_k must be 1 or 2, got {top_k}.")

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from lite_tp_jax.collectives import copy_to_tensor_region
 from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_parallel
 from lite_tp_jax.plan.rules import MEGATRON, PartitionRules
-from lite_tp_jax.validate import check_last_dim
+from lite_tp_jax.validate import check_last_dim, check_positive_int
 
 ones_init = nnx.initializers.ones_init()
 zeros_init = nnx.initializers.zeros_init()
@@ -41,6 +41,7 @@ class RMSNorm(ParallelLayer):
         rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("RMSNorm", features=features)
         self.mesh, self.features, self.eps = mesh, features, eps
         self.sequence_parallel = sequence_parallel
         self.scale = rules.param(role, ones_init, rngs.params(), (features,), (None,), mesh, dtype=param_dtype)

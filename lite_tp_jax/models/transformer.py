@@ -60,7 +60,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.collectives import reduce_from_tensor_region
-from lite_tp_jax.layers.attention import ParallelAttention
+from lite_tp_jax.layers.attention import KVCache, ParallelAttention
 from lite_tp_jax.layers.cross_entropy import vocab_parallel_cross_entropy
 from lite_tp_jax.layers.embedding import VocabParallelEmbedding
 from lite_tp_jax.layers.mlp import ParallelMLP
@@ -116,11 +116,9 @@ def check_batch(config: ModelConfig, mesh: Mesh, rows: int, seq_len: int, microb
 
 
 def region_axes(config: ModelConfig, mesh: Mesh) -> frozenset[str]:
-    """The axes manual in the model's region: "tensor", those of size > 1, and
-    "expert" whenever there are experts. (Axes of size 1 are left out, so no
-    trivial collectives over them appear.)"""
-    used = {axis for axis in AXES if mesh.shape[axis] > 1}
-    return frozenset({TENSOR, *used, *([EXPERT] if config.moe_every else [])})
+    """The axes manual in the model's region: "tensor" and those of size > 1.
+    (Axes of size 1 are left out, so no trivial collectives over them appear.)"""
+    return frozenset({TENSOR, *(axis for axis in AXES if mesh.shape[axis] > 1)})
 
 
 def make_norm(config: ModelConfig, *, mesh: Mesh, rules: PartitionRules, rngs: nnx.Rngs, role: str = "norm") -> RMSNorm | LayerNorm:
@@ -200,6 +198,13 @@ class Block(ParallelLayer):
             return x + y, stats
         return x + self.mlp(h), zero_stats()
 
+    def decode(self, x, cache: KVCache, layer: tuple, cursor, start) -> tuple[jax.Array, KVCache]:
+        """``local`` with the attention extending and reading the KV cache (its buffers ``cache.key[layer]``)."""
+        h, cache = self.attention.decode(self.attention_norm(x), cache, layer, cursor, start)
+        x = x + h
+        y = self.mlp(self.mlp_norm(x))
+        return x + (y[0] if isinstance(self.mlp, MoEMLP) else y), cache
+
 
 class LayerGroup(nnx.Module):
     """The unit that is stacked and scanned: ``moe_every`` blocks, the last an
@@ -220,6 +225,14 @@ class LayerGroup(nnx.Module):
             x, block_stats = block.local(x)
             stats = jax.tree.map(jnp.add, stats, block_stats)
         return x, stats
+
+    def decode(self, x, cache: KVCache, group: jax.Array, cursor, start) -> tuple[jax.Array, KVCache]:
+        """``cache``: every layer's buffers ``[groups, blocks, B, slots, kv heads,
+        head_dim]``; block i of this group uses ``[group, i]``."""
+        for i, block in enumerate(self.blocks):
+            x, cache = block.decode(x, cache, (group, i), cursor, start)
+        return x, cache
+
 
 
 _RESIDUAL_STREAM = ("attention_residual",)  # and the layer input, which scan keeps anyway
@@ -338,6 +351,76 @@ class Transformer(nnx.Module):
     def _rows(self) -> P:
         """Token batches: rows split over the batch axes in use."""
         return P(self.batch_axes)
+
+    # --- generation with a KV cache ----------------------------------------------
+
+    def new_cache(self, batch: int, slots: int) -> KVCache:
+        """Zeroed cache buffers ``[layer groups, blocks, batch, slots, kv heads, head_dim]``
+        for ``batch`` rows (split over "data" x "expert") and ``slots`` positions,
+        the kv heads split over "tensor" as the attention layers split them."""
+        self._check_cached(batch)
+        attention = self.layers.blocks[0].attention
+        groups = self.config.num_layers // self.config.layers_per_group
+        shape = (groups, self.config.layers_per_group, batch, slots, attention.cache_heads, attention.head_dim)
+        sharding = jax.sharding.NamedSharding(self.mesh, self.cache_spec)
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.embed.embedding.dtype), out_shardings=sharding)
+        return KVCache(zeros(), zeros())
+
+    def prefill(self, tokens: jax.Array, start: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Runs the prompts ``tokens [B, P]`` (left-padded: row b's prompt starts
+        at ``start[b]``) once, filling cache slots ``0 .. P-1``. Returns the logits
+        ``[B, vocab]`` of the last position, and the cache."""
+        return self.decode(tokens, jnp.zeros((), jnp.int32), start, cache)
+
+    def decode(self, tokens: jax.Array, cursor: jax.Array, start: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Extends every row by ``tokens [B, S]`` (S = 1 when decoding) in cache
+        slots ``cursor .. cursor+S-1``; returns the logits ``[B, vocab]`` of the
+        last one, and the cache. One region: the model's collectives, no others."""
+        self._check_cached(tokens.shape[0])
+        rows = P(self.batch_axes)
+        logits, cache = run_in_region(
+            self, lambda self, *args: self.local_decode(*args), tokens, cursor, start, cache, mesh=self.mesh,
+            arg_specs=(rows, P(), rows, self.cache_spec), out_specs=(P(self.batch_axes, self.vocab_axes), self.cache_spec),
+            row_axes=self.batch_axes, axes=self.axes,
+        )
+        return logits[:, : self.config.vocab_size], cache
+
+    def local_decode(self, tokens, cursor, start, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One rank's math for ``decode``: this rank's vocabulary slice of the last
+        position's logits ``[B, vocab_i]``, and its cache shards."""
+        x = self.embed(tokens)
+        if self.positions is not None:  # learned positions: row b's token in slot t is at t - start[b]
+            slots = cursor + jnp.arange(tokens.shape[1])
+            positions = jnp.clip(slots[None, :] - start[:, None], 0, self.config.max_positions - 1)
+            x = x + jnp.take(self.positions.embedding[...], positions, axis=0).astype(x.dtype)
+        graphdef, stacked = nnx.split(self.layers)
+        stacked = jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stacked)  # [v, G/v] -> [G]
+
+        def one_group(carry, group):  # the cache is carried whole and updated in place
+            group_state, index = group
+            return nnx.merge(graphdef, group_state).decode(*carry, index, cursor, start), None
+
+        groups = jax.tree.leaves(stacked)[0].shape[0]
+        (x, cache), _ = jax.lax.scan(one_group, (x, cache), (stacked, jnp.arange(groups)))
+        x = self.final_norm(x[:, -1:])
+        head = self.embed if self.head is None else self.head
+        return head.local_attend(x)[:, 0], cache
+
+    @property
+    def cache_spec(self) -> P:
+        """PartitionSpec of the cache buffers: rows over the batch axes in use, kv heads as the attention splits them."""
+        attention_spec = tuple(self.layers.blocks[0].attention.cache_spec)
+        return P(None, None, self.batch_axes or None, *attention_spec[1:])
+
+    def _check_cached(self, batch: int) -> None:
+        if self.mesh.shape[PIPELINE] > 1 or self.config.sequence_parallel:
+            raise ValueError(
+                "Generation with a KV cache needs a model built with mesh.pipeline=1 and "
+                "sequence_parallel=false (the parameters are the same; restore them onto such a mesh)."
+            )
+        rows = math.prod(self.mesh.shape[a] for a in BATCH_AXES)
+        if batch % rows:
+            raise ValueError(f"batch {batch} must be divisible by mesh data x expert = {rows}.")
 
     # --- one rank's math --------------------------------------------------------
 

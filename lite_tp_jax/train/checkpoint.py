@@ -1,4 +1,4 @@
-"""Checkpoints with orbax-checkpoint, restorable onto any mesh.
+"""Checkpoints with orbax-checkpoint, restorable onto any mesh, never lost.
 
 What is saved is the logical state: every variable of (model, optimizer) with
 the padding of uneven shards sliced away, under its dotted path, plus a small
@@ -7,74 +7,298 @@ read straight into the current mesh's sharding (orbax reads only the slices a
 device needs) and padded for the current TP degree. So a run saved at TP 4
 resumes at TP 2, TP 8, TP 3 or data 2 x tensor 4.
 
-Saves are atomic: orbax writes to a temporary directory and renames it when
-complete, so a crash during a save leaves the previous checkpoint as the latest.
+Guarantees:
+
+* Atomic: orbax writes to ``<step>.orbax-checkpoint-tmp`` and renames it when
+  complete, so a kill -9 during a save leaves the previous checkpoint as the
+  latest.
+* Asynchronous: ``save`` returns once the arrays are copied to host memory;
+  the files are written while the next steps run. The save finishes (and is
+  sealed) at the next ``save``, ``wait`` or ``close``.
+* Sealed: a finished save gets ``lite_tp_manifest.json`` (size and CRC-32 of
+  every file). A checkpoint whose files are missing, truncated or changed is
+  *damaged*; ``restore`` warns in one line naming it and falls back to the
+  newest intact one. So does a checkpoint holding a NaN or infinity.
+* Finite: ``save`` refuses a state with a non-finite value.
+* Rotation keeps the newest ``keep`` checkpoints and, whatever they are, the
+  newest intact one.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import time
+import zlib
+from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
 from lite_tp_jax.state import flat_variables, logical_sharding, logical_shape, to_logical, to_physical
 
+MANIFEST = "lite_tp_manifest.json"
+
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model being restored."""
+    """A checkpoint that does not fit the model being restored, or none usable."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or infinity where training state must be finite."""
+
+
+def display_name(name: str) -> str:
+    """A checkpoint entry as users name it: ``0/embed/embedding`` of the saved
+    (model, optimizer) pair reads ``model.embed.embedding``."""
+    first, _, rest = name.partition("/")
+    owner = {"0": "model", "1": "optimizer"}.get(first)
+    return f"{owner}.{rest.replace('/', '.')}" if owner and rest else name.replace("/", ".")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _warn(message: str) -> None:
+    print(f"lite-tp: warning: {message}", file=sys.stderr, flush=True)
+
+
+@jax.jit
+def _finite_flags(arrays: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.isfinite(x).all() for x in arrays])
+
+
+def first_non_finite(arrays: dict[str, jax.Array]) -> str | None:
+    """The name of the first array holding a NaN or infinity, or None (one
+    compiled reduction per array, one transfer of a bool vector)."""
+    names = sorted(arrays)
+    if not names:
+        return None
+    finite = jax.device_get(_finite_flags([arrays[n] for n in names]))
+    bad = np.flatnonzero(~np.asarray(finite))
+    return names[bad[0]] if bad.size else None
+
+
+# --------------------------------------------------------------------------
+# Manifest: what "intact" means
+# --------------------------------------------------------------------------
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(step_dir: Path) -> None:
+    """Seals a finished checkpoint: size and CRC-32 of each of its files."""
+    entries = {str(p.relative_to(step_dir)): [p.stat().st_size, _crc32(p)] for p in _files(step_dir)}
+    tmp = step_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(entries, indent=0, sort_keys=True))
+    os.replace(tmp, step_dir / MANIFEST)
+
+
+def damage(step_dir: Path) -> str | None:
+    """What is wrong with a sealed checkpoint's files (one phrase), or None.
+    A checkpoint without a manifest (saved by an older version, or killed
+    between orbax's commit and the seal) is not judged here."""
+    manifest = step_dir / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        entries = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return f"its {MANIFEST} is unreadable"
+    for name, (size, crc) in entries.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if _crc32(path) != crc:
+            return f"{name} does not match its checksum"
+    return None
+
+
+# --------------------------------------------------------------------------
+# Checkpointer
+# --------------------------------------------------------------------------
 
 
 class Checkpointer:
     """Saves and restores (model, optimizer) state under ``directory``."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int):
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False,
+        self.directory = Path(os.path.abspath(directory))
+        self.keep = keep
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=False, enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "progress"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "progress": ocp.JsonCheckpointHandler()},
         )
-        self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "progress"))
+        self._pending: int | None = None  # a save started but not yet sealed
+        self._sealed: set[int] = set()  # sealed by this process: known good without re-reading
+
+    def _step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps()) if self.directory.exists() else []
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # ---- saving ----
 
     def save(self, step: int, state: nnx.State, progress: dict[str, Any]) -> None:
+        """Starts an asynchronous save of ``state`` as checkpoint ``step``; it
+        is finished and sealed by the next ``save``, ``wait`` or ``close``
+        (call ``close`` when done with the Checkpointer).
+
+        Raises NonFiniteError (saving nothing) if any value is NaN or infinite.
+        """
+        arrays = {name: to_logical(v) for name, v in flat_variables(state, "/").items()}
+        bad = first_non_finite(arrays)
+        if bad is not None:
+            raise NonFiniteError(f"refusing to save checkpoint {step}: {display_name(bad)!r} holds a NaN or infinity.")
+        self.wait()
+        if step in self.all_steps():  # a damaged checkpoint that resuming skipped
+            self._set_aside(step)
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.manager.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave({name: to_logical(v) for name, v in flat_variables(state, "/").items()}),
-                progress=ocp.args.JsonSave(progress),
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(arrays), progress=ocp.args.JsonSave(progress)),
             force=True,
         )
+        self._pending = step
+
+    def wait(self) -> None:
+        """Finishes the save in flight, seals it and rotates old checkpoints."""
+        if self._pending is None:
+            return
         self.manager.wait_until_finished()
+        step, self._pending = self._pending, None
+        if jax.process_index() == 0:
+            write_manifest(self._step_dir(step))
+            self._sealed.add(step)
+            self.rotate()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    def _set_aside(self, step: int) -> None:
+        target = self.directory / f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        _warn(f"moving checkpoint {self._step_dir(step)} aside to {target.name} before saving step {step} again")
+        os.replace(self._step_dir(step), target)
+        self.manager.reload()
+
+    def _intact(self, step: int) -> bool:
+        return step in self._sealed or ((self._step_dir(step) / MANIFEST).exists() and damage(self._step_dir(step)) is None)
+
+    def rotate(self) -> None:
+        """Deletes all but the newest ``keep`` checkpoints, never the newest intact one."""
+        steps = sorted(self.all_steps(), reverse=True)
+        kept = set(steps[: self.keep])
+        if not any(self._intact(s) for s in kept):
+            newest_intact = next((s for s in steps[self.keep:] if self._intact(s)), None)
+            kept |= {newest_intact} - {None}
+        for step in steps:
+            if step not in kept:
+                self.manager.delete(step)
+                self._sealed.discard(step)
+
+    # ---- restoring ----
 
     def restore(self, state: nnx.State, mesh: Mesh, step: int | None = None) -> tuple[nnx.State, dict[str, Any]]:
-        """Reads checkpoint ``step`` (default: latest) into a state shaped and
-        sharded like ``state``; returns it with the progress record."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """Reads a checkpoint into a state shaped and sharded like ``state``;
+        returns it with the progress record.
+
+        ``step=None``: the newest intact checkpoint. Damaged or non-finite ones
+        are skipped with a one-line warning each. A checkpoint of another model
+        raises CheckpointError naming the first mismatching parameter.
+        """
+        self.wait()
+        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise CheckpointError(f"No checkpoint found in {self.directory}.")
         variables = flat_variables(state, "/")
+        skipped = []
+        for candidate in steps:
+            problem = damage(self._step_dir(candidate))
+            restored = None
+            if problem is None:
+                try:
+                    self._check_matches(candidate, variables)
+                    restored = self._read(candidate, variables, mesh)
+                except CheckpointError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - any failure to read means damaged
+                    problem = f"orbax cannot read it: {type(error).__name__}: {_first_line(error)}"
+            if restored is not None:
+                bad = first_non_finite(restored.state)
+                if bad is not None:
+                    problem, restored = f"{display_name(bad)!r} holds a NaN or infinity", None
+            if restored is None:
+                skipped.append(candidate)
+                if step is not None:
+                    raise CheckpointError(f"Checkpoint {self._step_dir(candidate)} is unusable: {problem}.")
+                _warn(f"checkpoint {self._step_dir(candidate)} is damaged ({problem}); trying an older one")
+                continue
+            for name, variable in variables.items():
+                variable.set_value(to_physical(variable, restored.state[name], mesh))  # also fills an abstract (eval_shape) state
+            return state, dict(restored.progress)
+        raise CheckpointError(
+            f"No intact checkpoint in {self.directory}: steps {', '.join(map(str, skipped))} are all damaged; "
+            f"move the directory away to start afresh."
+        )
+
+    def _check_matches(self, step: int, variables: dict[str, nnx.Variable]) -> None:
+        """CheckpointError naming the first parameter whose name or shape differs."""
+        saved = {name: tuple(meta.shape) for name, meta in self.manager.item_metadata(step).state.items()}
+        for name, variable in sorted(variables.items()):
+            here, shown = logical_shape(variable), display_name(name)
+            if name not in saved:
+                problem = f"{shown!r} {list(here)} is in this model but not in the checkpoint"
+            elif saved[name] != tuple(here):
+                problem = f"{shown!r} is {list(saved[name])} in the checkpoint but {list(here)} in this model"
+            else:
+                continue
+            raise CheckpointError(
+                f"Checkpoint {self._step_dir(step)} does not match this model: {problem} "
+                f"(a different model config? use another --run-dir to start afresh)."
+            )
+        extra = sorted(set(saved) - set(variables))
+        if extra:
+            raise CheckpointError(
+                f"Checkpoint {self._step_dir(step)} does not match this model: {display_name(extra[0])!r} "
+                f"{list(saved[extra[0]])} is in the checkpoint but not in this model "
+                f"(a different model config? use another --run-dir to start afresh)."
+            )
+
+    def _read(self, step: int, variables: dict[str, nnx.Variable], mesh: Mesh):
         target = {
             name: jax.ShapeDtypeStruct(logical_shape(v), v.dtype, sharding=logical_sharding(v, mesh))
             for name, v in variables.items()
         }
-        try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()
-                ),
-            )
-        except (ValueError, KeyError, TypeError) as error:
-            raise CheckpointError(
-                f"Checkpoint {step} in {self.directory} does not match this model "
-                f"(different model config?): {str(error).splitlines()[0]}"
-            ) from error
-        for name, variable in variables.items():
-            variable.set_value(to_physical(variable, restored.state[name], mesh))  # also fills an abstract (eval_shape) state
-        return state, dict(restored.progress)
+        return self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()),
+        )

@@ -80,6 +80,9 @@ class MeshConfig:
     spares: int = 0
 
 
+NonFinitePolicy = Literal["stop", "skip"]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation: AdamW with linear warmup then cosine decay to lr * min_lr_ratio."""
@@ -103,6 +106,8 @@ class TrainConfig:
     # ZeRO-1 over "data": parameters and AdamW moments stored split over the
     # data-parallel ranks (gathered on use, gradients reduce-scattered).
     shard_optimizer: bool = False
+    deterministic: bool = False  # reductions in fixed rank order: same bits on any process layout
+    on_nonfinite: NonFinitePolicy = "stop"  # a NaN/inf loss or gradient norm: stop (exit 1) or skip the update
 
 
 DataSource = Literal["stdlib", "text", "tokens"]

@@ -24,6 +24,8 @@ sources, chosen by the ``data`` section of the config:
 ``seq_len + 1`` tokens and visits them in a fresh random order every epoch.
 ``Batches.batch(step)`` is a pure function of (seed, step), so a checkpoint
 only needs the step number to resume the data stream exactly.
+:func:`device_batch` puts a batch on the mesh; in a run of several processes
+each one reads only the rows its own devices hold.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ __all__ = [
     "BYTE_VOCAB_SIZE",
     "Batches",
     "DataError",
+    "device_batch",
+    "process_rows",
     "TEXT_SUFFIXES",
     "decode",
     "encode",
@@ -277,9 +281,10 @@ class Batches:
             out[mask] = self.permutation(int(epoch))[offsets[mask]]
         return out
 
-    def batch(self, position: int) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets): int32 ``[global_batch, seq_len]``, targets one token ahead."""
-        starts = self.window_indices(position) * self.window
+    def batch(self, position: int, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets): int32 ``[global_batch, seq_len]``, targets one token
+        ahead; only the batch rows ``rows`` if given."""
+        starts = self.window_indices(position)[rows] * self.window
         rows = np.asarray(self.tokens[starts[:, None] + np.arange(self.window)], dtype=np.int32)
         return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
 
@@ -288,3 +293,25 @@ class Batches:
             f"Batches(tokens={self.tokens.size}, global_batch={self.global_batch}, "
             f"seq_len={self.seq_len}, seed={self.seed}, windows={self.num_windows})"
         )
+
+
+def process_rows(sharding, global_shape: tuple[int, ...]) -> slice:
+    """The batch rows that this process's devices hold under ``sharding``: one block."""
+    index = sharding.addressable_devices_indices_map(global_shape).values()
+    blocks = sorted({rows.indices(global_shape[0])[:2] for rows, *_ in index})
+    if any(stop != start for (_, stop), (start, _) in zip(blocks, blocks[1:])):
+        raise DataError(f"this process's devices hold batch rows {blocks}, which are not one block")
+    return slice(blocks[0][0], blocks[-1][1])
+
+
+def device_batch(batches: Batches, position: int, sharding) -> tuple:
+    """``batches.batch(position)`` as two global arrays sharded by ``sharding``;
+    this process reads and transfers only the rows its devices hold."""
+    import jax
+
+    shape = (batches.global_batch, batches.seq_len)
+    rows = process_rows(sharding, shape)
+    return tuple(
+        jax.make_array_from_process_local_data(sharding, local, shape)
+        for local in batches.batch(position, rows)
+    )

@@ -10,6 +10,10 @@ are summed over "data" (and "expert") by the backward of their use on per-rank
 rows.
 The global gradient norm for clipping is computed over the sharded gradients
 with one all-reduce (``parallel/grads.py``; padding is zero, so it adds nothing).
+A step whose loss, gradient norm or updated parameters (their global norm: one
+more scalar all-reduce) are not finite leaves parameters and optimizer state
+as they were and reports ``skipped = 1``; the loop decides whether to stop or
+go on (``train.on_nonfinite``).
 
 Gradient accumulation (``train.grad_accum = k``): each rank's rows are split
 into k micro-steps (rows i, i+k, i+2k, ...: a local reshape), run one after
@@ -33,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.mesh import DATA, EXPERT, PIPELINE
+from lite_tp_jax.collectives import deterministic_collectives
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer, partition_rules
 from lite_tp_jax.parallel.grads import clip_by_norm, global_norm
@@ -114,12 +119,21 @@ def check_grad_accum(train: TrainConfig, mesh: Mesh) -> None:
             global_batch=train.global_batch, grad_accum=k, microbatches=train.microbatches,
         )
 
+def keep_if_not(finite: jax.Array, updated: Any, previous: list[jax.Array]) -> Any:
+    """``updated`` where ``finite`` (a scalar bool) holds, else ``previous``: an
+    update with a non-finite loss, gradient norm or resulting parameter is
+    dropped inside the compiled step (a select per array, no recompile)."""
+    leaves, structure = jax.tree.flatten(updated)
+    return jax.tree.unflatten(structure, [jnp.where(finite, new, old) for new, old in zip(leaves, previous, strict=True)])
+
 
 class TrainStep:
     """``step(tokens, targets) -> metrics``: updates ``model`` and ``optimizer`` in place.
 
     The step is compiled once; state buffers are donated so parameters and
     optimizer moments are updated without a second copy in device memory.
+    With ``train.deterministic`` it is traced (and cached) in deterministic
+    mode: every reduction in fixed rank order (``collectives.py``).
     """
 
     def __init__(self, model: Transformer, optimizer: nnx.Optimizer, train: TrainConfig):
@@ -127,6 +141,7 @@ class TrainStep:
         self.schedule = learning_rate_schedule(train)
         self.grad_clip = train.grad_clip
         self.microbatches, self.grad_accum = train.microbatches, train.grad_accum
+        self.deterministic = train.deterministic
         mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
         shardings = param_shardings(state, mesh)
@@ -138,13 +153,18 @@ class TrainStep:
         )
 
     def _pure_step(self, state, tokens, targets):
+        previous = jax.tree.leaves(state)  # the arrays; merge's Variables are updated in place
         model, optimizer = nnx.merge(self.graphdef, state)
         (loss, metrics), grads = self._loss_and_grads(model, tokens, targets)
         grad_norm = global_norm(grads, model.mesh)  # one all-reduce
         lr = self.schedule(optimizer.step[...])
         optimizer.update(model, clip_by_norm(grads, grad_norm, self.grad_clip))
-        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "lr": lr}
-        return nnx.state((model, optimizer)), metrics
+        param_norm = global_norm(nnx.state(model, nnx.Param), model.mesh)  # one all-reduce
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        new_state = keep_if_not(finite, nnx.state((model, optimizer)), previous)
+        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "param_norm": param_norm, "lr": lr,
+                   "skipped": (~finite).astype(jnp.float32)}
+        return new_state, metrics
 
     def _loss_and_grads(self, model: Transformer, tokens: jax.Array, targets: jax.Array):
         """``((loss, metrics), grads)`` of the whole batch, as the mean over
@@ -176,10 +196,12 @@ class TrainStep:
 
     def lower(self, tokens: jax.Array, targets: jax.Array):
         """The lowered step (for HLO inspection) without running it."""
-        return self._step.lower(nnx.state((self.model, self.optimizer)), tokens, targets)
+        with deterministic_collectives(self.deterministic):
+            return self._step.lower(nnx.state((self.model, self.optimizer)), tokens, targets)
 
     def __call__(self, tokens: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
         state = nnx.state((self.model, self.optimizer))
-        new_state, metrics = self._step(state, tokens, targets)
+        with deterministic_collectives(self.deterministic):
+            new_state, metrics = self._step(state, tokens, targets)
         nnx.update((self.model, self.optimizer), new_state)
         return metrics

@@ -1,0 +1,385 @@
+"""``lite-tp bench``: one training step three ways, in one process, on the same
+devices and the same weights.
+
+    lite_tp_jax  ``TrainStep``: one shard_map region, explicit Megatron collectives
+    gspmd        the same math in plain ``jax.numpy`` under ``jax.jit``, parameters
+                 placed with the same PartitionSpecs as ``NamedSharding`` (their
+                 logical form, ``state.logical_sharding``), batch rows over
+                 ("data", "expert"); XLA's partitioner (GSPMD) picks the collectives
+    one_device   the plain version, unsharded, on the first device
+
+Each is compiled once (timed) and warmed up; a few steps check that lite_tp_jax
+and gspmd do the same work (losses and gradient norms). Then the three run
+interleaved for ``steps`` rounds; ratios are medians of the per-round ratios,
+with their interquartile range. Collective bytes per device per step come from
+the compiled HLO (``hlo.bytes_by_axis``), memory per device from
+``compiled.memory_analysis()`` (arguments + outputs + temporaries - donated
+aliases). Also: compile time against depth, for models that differ only in
+``num_layers``.
+
+The baseline implements dense models without pipelining: a config with
+experts or a pipeline axis is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+from lite_tp_jax import hlo
+from lite_tp_jax.layers.rotary import apply_rotary
+from lite_tp_jax.mesh import AXES, make_mesh_for
+from lite_tp_jax.models.config import ModelConfig
+from lite_tp_jax.models.transformer import remat_policy
+from lite_tp_jax.state import export_state, flat_variables, logical_shape, logical_sharding
+from lite_tp_jax.train.config import Config, TrainConfig
+from lite_tp_jax.train.step import (
+    TrainStep,
+    batch_sharding,
+    create_model_and_optimizer,
+    learning_rate_schedule,
+    make_optimizer,
+)
+
+VARIANTS = ("lite_tp_jax", "gspmd", "one_device")
+
+
+# --- the plain jax.numpy model (gspmd and one_device) --------------------------------
+
+
+def _rms_norm(x, scale, eps):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def _attention(x, w, cfg: ModelConfig):
+    q, k, v = (jnp.einsum("bsf,fhd->bshd", x, w[name]["kernel"]) for name in ("query", "key", "value"))
+    positions = jnp.arange(x.shape[1])
+    q, k = apply_rotary(q, positions, cfg.rope_theta), apply_rotary(k, positions, cfg.rope_theta)
+    group = cfg.num_heads // cfg.num_kv_heads
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(cfg.resolved_head_dim))
+    causal = jnp.tril(jnp.ones((x.shape[1],) * 2, dtype=bool))
+    weights = jax.nn.softmax(jnp.where(causal, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bqhd,hdf->bqf", jnp.einsum("bhqk,bkhd->bqhd", weights, v), w["out"]["kernel"])
+
+
+def _swiglu(x, w):
+    return (jax.nn.silu(x @ w["gate"]["kernel"]) * (x @ w["up"]["kernel"])) @ w["down"]["kernel"]
+
+
+def plain_loss(params, tokens, targets, cfg: ModelConfig):
+    """Mean next-token cross-entropy of the Llama-style model in plain jax.numpy."""
+
+    def block(x, b):
+        x = x + _attention(_rms_norm(x, b["attention_norm"]["scale"], cfg.norm_eps), b["attention"], cfg)
+        return x + _swiglu(_rms_norm(x, b["mlp_norm"]["scale"], cfg.norm_eps), b["mlp"]), None
+
+    policy = remat_policy(cfg.remat)
+    if policy is not None:
+        block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+    x, _ = jax.lax.scan(block, params["embed"]["embedding"][tokens], params["layers"]["blocks"]["0"])
+    head = params["embed" if cfg.tie_embeddings else "head"]["embedding"]
+    logits = _rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps) @ head.T
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target_logits)
+
+
+def _nested(flat: dict) -> dict:
+    """``{"a.b": v}`` -> ``{"a": {"b": v}}`` (optax's decay mask looks for "kernel")."""
+    out: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def plain_train_step(cfg: ModelConfig, train: TrainConfig, params, param_shardings, replicated, rows):
+    """AdamW step of the plain model: ``step((params, opt_state, count), tokens,
+    targets) -> (state, metrics)``, jitted to keep its placement (optimizer
+    moments like their parameter, counters ``replicated``, batch ``rows``) and
+    to donate its state, as ``TrainStep`` does. ``params``: arrays or
+    ShapeDtypeStructs. Returns ``(optimizer, step, state placement)``."""
+    # TrainStep clips by the global norm itself (parallel/grads.py); here optax does it.
+    tx = optax.chain(optax.clip_by_global_norm(train.grad_clip), make_optimizer(train))
+    schedule = learning_rate_schedule(train)
+
+    def step(state, tokens, targets):
+        params, opt_state, count = state
+        loss, grads = jax.value_and_grad(plain_loss)(params, tokens, targets, cfg)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(count)}
+        return (optax.apply_updates(params, updates), opt_state, count + 1), metrics
+
+    opt_state = jax.eval_shape(tx.init, params)
+    placement = (param_shardings,
+                 optax.tree_map_params(tx, lambda _, s: s, opt_state, param_shardings,
+                                       transform_non_params=lambda _: replicated),
+                 replicated)
+    jitted = jax.jit(step, in_shardings=(placement, rows, rows), out_shardings=(placement, None), donate_argnums=0)
+    return tx, jitted, placement
+
+
+# --- measuring -------------------------------------------------------------------------
+
+
+def memory_bytes(compiled) -> int | None:
+    """Arguments + outputs + temporaries - donated aliases, per device."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def quartiles(values: list[float]) -> dict[str, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3}
+
+
+def max_rel_err(a, b) -> float:
+    def one(x, y):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        return float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30))
+
+    return max(jax.tree.leaves(jax.tree.map(one, a, b)))
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _sizes(config: Config) -> dict[str, int]:
+    sizes = {a: getattr(config.mesh, a) for a in AXES}
+    if -1 in sizes.values():
+        known = math.prod(s for s in sizes.values() if s != -1)
+        sizes = {a: len(jax.devices()) // known if s == -1 else s for a, s in sizes.items()}
+    return sizes
+
+
+def check_supported(config: Config) -> None:
+    if config.model.moe_every:
+        raise ValueError("lite-tp bench compares dense models only (its GSPMD baseline has no experts); "
+                         "set model.moe_every=0")
+    if config.mesh.pipeline not in (1,) or config.mesh.expert not in (1,):
+        raise ValueError("lite-tp bench needs mesh.pipeline=1 and mesh.expert=1 (its GSPMD baseline "
+                         "shards the batch and the layers' weights only)")
+
+
+class _Variants:
+    """The three steps built on one mesh from one set of weights."""
+
+    def __init__(self, config: Config, mesh):
+        model_cfg, train = config.model, config.train
+        self.model, self.optimizer = create_model_and_optimizer(model_cfg, train, mesh)
+        self.ours = TrainStep(self.model, self.optimizer, train)
+        rng = np.random.default_rng(1)
+        tokens = rng.integers(0, model_cfg.vocab_size, (train.global_batch, train.seq_len + 1), dtype=np.int32)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        one = SingleDeviceSharding(mesh.devices.flat[0])
+        logical = _nested({n: logical_sharding(v, mesh) for n, v in flat_variables(self.model).items()})
+        weights = _nested(export_state(self.model))
+        self.batches, self.states, self.steps = {}, {}, {}
+        for name, shardings, replicated, rows in (
+            ("gspmd", logical, NamedSharding(mesh, P()), batch_sharding(mesh)),
+            ("one_device", jax.tree.map(lambda _: one, logical), one, one),
+        ):
+            params = jax.device_put(weights, shardings)
+            tx, step, placement = plain_train_step(model_cfg, train, params, shardings, replicated, rows)
+            self.states[name] = jax.device_put((params, tx.init(params), np.int32(0)), placement)
+            self.steps[name] = step
+            self.batches[name] = jax.device_put((inputs, targets), rows)
+        self.batches["lite_tp_jax"] = jax.device_put((inputs, targets), batch_sharding(mesh))
+        self.compiled, self.compile_s = {}, {}
+        for name in VARIANTS:
+            lower = (lambda: self.ours.lower(*self.batches[name])) if name == "lite_tp_jax" else (
+                lambda name=name: self.steps[name].lower(self.states[name], *self.batches[name]))
+            self.compiled[name], self.compile_s[name] = _timed(lambda: lower().compile())
+
+    def run(self, name: str):
+        if name == "lite_tp_jax":
+            return self.ours(*self.batches[name])
+        self.states[name], metrics = self.compiled[name](self.states[name], *self.batches[name])
+        return metrics
+
+
+def compile_seconds_vs_depth(config: Config, mesh, depths: list[int]) -> list[dict]:
+    """Compile time of the lite_tp_jax and gspmd steps for models of each depth
+    (abstract state: nothing is materialised)."""
+    from lite_tp_jax.plan.planner import abstract_model
+
+    rows = []
+    tokens = jax.ShapeDtypeStruct((config.train.global_batch, config.train.seq_len), jnp.int32,
+                                  sharding=batch_sharding(mesh))
+    for layers in depths:
+        cfg = dataclasses.replace(config.model, num_layers=layers)
+        model, optimizer = abstract_model(cfg, config.train, mesh)
+        _, ours = _timed(lambda: TrainStep(model, optimizer, config.train).lower(tokens, tokens).compile())
+        variables = flat_variables(model)
+        shardings = _nested({n: logical_sharding(v, mesh) for n, v in variables.items()})
+        params = _nested({n: jax.ShapeDtypeStruct(logical_shape(v), v.dtype, sharding=logical_sharding(v, mesh))
+                          for n, v in variables.items()})
+        replicated = NamedSharding(mesh, P())
+        tx, step, placement = plain_train_step(cfg, config.train, params, shardings, replicated, batch_sharding(mesh))
+        state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                             (params, jax.eval_shape(tx.init, params), jax.ShapeDtypeStruct((), jnp.int32)),
+                             placement)
+        _, gspmd = _timed(lambda: step.lower(state, tokens, tokens).compile())
+        rows.append({"num_layers": layers, "lite_tp_jax_compile_s": ours, "gspmd_compile_s": gspmd})
+    return rows
+
+
+def run(config: Config, *, steps: int = 20, depths: list[int] = (2, 8, 32), warmup: int = 2,
+        check_steps: int = 3, config_name: str | None = None) -> dict:
+    """Benchmarks ``config``'s training step; returns the result as a JSON-ready dict."""
+    check_supported(config)
+    if steps < 2:
+        raise ValueError(f"lite-tp bench needs at least 2 timed steps for quartiles, got {steps}")
+    sizes = _sizes(config)
+    mesh = make_mesh_for(sizes)
+    variants = _Variants(config, mesh)
+
+    history = {name: [jax.device_get({k: m[k] for k in ("loss", "grad_norm")}) for m in
+                      (variants.run(name) for _ in range(check_steps))] for name in ("lite_tp_jax", "gspmd")}
+    for _ in range(warmup):
+        for name in VARIANTS:
+            jax.block_until_ready(variants.run(name))
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for _ in range(steps):
+        for name in VARIANTS:
+            _, seconds = _timed(lambda: jax.block_until_ready(variants.run(name)))
+            times[name].append(seconds)
+
+    per_variant = {}
+    for name in VARIANTS:
+        compiled = variants.compiled[name]
+        by_axis = hlo.bytes_by_axis(compiled.as_text(), mesh)
+        per_variant[name] = {
+            "median_step_s": statistics.median(times[name]),
+            "step_s": times[name],
+            "compile_s": variants.compile_s[name],
+            "collective_bytes_per_step_per_device": sum(by_axis.values()),
+            "collective_bytes_by_axis": by_axis,
+            "memory_bytes_per_device": memory_bytes(compiled),
+        }
+    ratio = lambda a, b: quartiles([x / y for x, y in zip(times[a], times[b])])  # noqa: E731
+    return {
+        "config": config_name,
+        "mesh": sizes,
+        "model": dataclasses.asdict(config.model),
+        "batch": {"global_batch": config.train.global_batch, "seq_len": config.train.seq_len},
+        "machine": machine(),
+        "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "versions": {"jax": jax.__version__, "python": platform.python_version()},
+        "timed_rounds": steps,
+        "warmup_rounds": warmup,
+        "same_work_max_rel_err": max_rel_err(history["lite_tp_jax"], history["gspmd"]),
+        "variants": per_variant,
+        "ratios": {"lite_tp_jax/gspmd": ratio("lite_tp_jax", "gspmd"),
+                   "lite_tp_jax/one_device": ratio("lite_tp_jax", "one_device")},
+        "compile_vs_depth": compile_seconds_vs_depth(config, mesh, list(depths)),
+    }
+
+
+# --- reporting ---------------------------------------------------------------------------
+
+
+def machine() -> str:
+    """CPU model and cores, and the jax devices (fake when the backend is cpu)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    kind = jax.default_backend()
+    fake = " fake" if kind == "cpu" else ""
+    device_kind = jax.devices()[0].device_kind
+    named = "" if device_kind == kind else f" ({device_kind})"
+    return f"{cpu}, {os.cpu_count()} cores; {len(jax.devices())}{fake} {kind} devices{named}"
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(result, indent=1)
+
+
+def _mib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def format_result(result: dict) -> str:
+    mesh = " x ".join(f"{a} {s}" for a, s in result["mesh"].items() if s > 1) or "one device"
+    r = result["ratios"]
+    lines = [f"{result['config']} on {mesh} ({result['machine']}); {result['timed_rounds']} interleaved rounds",
+             f"same work: max relative error of losses and grad norms vs gspmd {result['same_work_max_rel_err']:.1e}",
+             "",
+             f"{'variant':12s} {'median step ms':>15s} {'compile s':>10s} {'collectives/device':>19s} "
+             f"{'memory/device':>14s}"]
+    for name, v in result["variants"].items():
+        lines.append(f"{name:12s} {v['median_step_s'] * 1e3:15.2f} {v['compile_s']:10.2f} "
+                     f"{_mib(v['collective_bytes_per_step_per_device']):>19s} {_mib(v['memory_bytes_per_device']):>14s}")
+    lines.append("")
+    for key, q in r.items():
+        lines.append(f"{key}: {q['median']:.3f} (IQR {q['q1']:.3f}-{q['q3']:.3f})")
+    if result["compile_vs_depth"]:
+        lines += ["", "compile time vs depth (s): " + ", ".join(
+            f"{row['num_layers']} layers: {row['lite_tp_jax_compile_s']:.2f} (gspmd {row['gspmd_compile_s']:.2f})"
+            for row in result["compile_vs_depth"])]
+    return "\n".join(lines)
+
+
+def write(result: dict, path: str | os.PathLike) -> None:
+    """The JSON at ``path`` and a PNG plot beside it (same name, .png), each
+    written to a temporary file first and renamed, so nothing is half-written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(to_json(result) + "\n")
+    os.replace(tmp, path)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(result["variants"])
+    left.boxplot([np.array(result["variants"][n]["step_s"]) * 1e3 for n in names])
+    left.set_xticks(range(1, len(names) + 1), names)
+    left.set_ylabel("step time (ms)")
+    left.set_title("training step, interleaved rounds")
+    depth = result["compile_vs_depth"]
+    if depth:
+        layers = [row["num_layers"] for row in depth]
+        right.plot(layers, [row["lite_tp_jax_compile_s"] for row in depth], "o-", label="lite_tp_jax")
+        right.plot(layers, [row["gspmd_compile_s"] for row in depth], "s--", label="gspmd")
+        right.set_xscale("log", base=2)
+        right.set_xlabel("layers")
+        right.set_ylabel("compile time (s)")
+        right.set_title("compile time vs depth")
+        right.legend()
+    mesh = " x ".join(f"{a} {s}" for a, s in result["mesh"].items() if s > 1) or "one device"
+    fig.suptitle(f"{result['config']}: {mesh}")
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    tmp_png = png.with_name(f".{png.stem}.tmp.png")
+    fig.savefig(tmp_png, dpi=100)
+    plt.close(fig)
+    os.replace(tmp_png, png)

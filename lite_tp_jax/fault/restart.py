@@ -1,0 +1,145 @@
+"""Abort and restart: the spec's first answer to a failed tensor-parallel rank.
+
+    lite-tp launch --processes N --max-restarts K [--hang-timeout S] -- train CONFIG --run-dir DIR ...
+
+Tensor parallelism is tightly coupled: when one process dies, the others block
+in their next collective. ``supervise`` runs the launch; when a process dies, or
+no training step completes for S seconds (a hang), every process is stopped
+(SIGKILL) and the whole job started again. ``lite-tp train`` on a run directory
+resumes from its last good checkpoint by itself, so the run continues exactly;
+the steps redone after a restart replace their earlier lines in
+``metrics.jsonl``, so each step is recorded once.
+
+At most K restarts, then the last failure's exit code. Bad input (exit 2) is
+never retried, nor a preempted run (exit 143: it saved a checkpoint; rerun the
+same command when the machines are back). When the first step after a restart completes, one event line
+goes to ``metrics.jsonl``::
+
+    {"event": "restart", "cause": "...", "rank": 1, "step": 7, "restart": 1, "seconds_to_first_step": 12.3}
+
+``step`` is the last step completed before the failure; ``seconds_to_first_step``
+runs from the moment the failure was seen to the first step of the new
+attempt (stopping, start-up, restore and compilation included).
+
+Hangs are measured from the attempt's first completed step: start-up and the
+first compilation are never a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from lite_tp_jax.launch import BAD_INPUT, free_port, run_attempt, worker_environment
+from lite_tp_jax.train.preemption import PREEMPTED_EXIT_CODE
+
+
+class StepWatch:
+    """Watches ``metrics.jsonl`` for newly completed steps (a line not seen before:
+    a resume rewrites the file, but rewritten lines were seen already)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seen = set(self._lines())
+
+    def _lines(self) -> list[str]:
+        try:
+            return self.path.read_text(errors="replace").split("\n")[:-1]
+        except FileNotFoundError:
+            return []
+
+    def new_steps(self) -> list[int]:
+        """Steps whose lines appeared since the last call."""
+        steps = []
+        for line in self._lines():
+            if line in self.seen:
+                continue
+            self.seen.add(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "event" not in record and isinstance(record.get("step"), int):
+                steps.append(record["step"])
+        return steps
+
+    def last_step(self) -> int | None:
+        """The last step recorded in the file (None before the first)."""
+        for line in reversed(self._lines()):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "event" not in record and isinstance(record.get("step"), int):
+                return record["step"]
+        return None
+
+
+def append_event(path: Path, event: dict) -> None:
+    """One JSON line appended with a single write (the trainer appends to the same file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+class _Attempt:
+    """The watchdog of one attempt: reports a hang, and writes the pending
+    restart event when the attempt's first step completes."""
+
+    def __init__(self, watch: StepWatch, hang_timeout: float | None, pending: dict | None, failed_at: float | None):
+        self.watch, self.hang_timeout = watch, hang_timeout
+        self.pending, self.failed_at = pending, failed_at
+        self.last_progress: float | None = None  # None until the first step of this attempt
+
+    def __call__(self) -> str | None:
+        now = time.monotonic()
+        if self.watch.new_steps():
+            self.last_progress = now
+            if self.pending is not None:
+                append_event(self.watch.path, {**self.pending, "seconds_to_first_step": round(now - self.failed_at, 3)})
+                self.pending = None
+        elif self.hang_timeout and self.last_progress is not None and now - self.last_progress > self.hang_timeout:
+            return f"no training step completed in {self.hang_timeout:g} s (hang)"
+        return None
+
+
+def supervise(
+    command: Sequence[str],
+    processes: int,
+    devices_per_process: int,
+    run_dir: str | os.PathLike,
+    *,
+    max_restarts: int,
+    hang_timeout: float | None = None,
+    argv_prefix: Sequence[str] | None = None,
+) -> int:
+    """Runs ``lite-tp COMMAND`` in ``processes`` processes, restarting the whole
+    job up to ``max_restarts`` times after a failure or a hang (module docstring)."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    argv = [*(argv_prefix or (sys.executable, "-m", "lite_tp_jax.cli")), *command]
+    pending, failed_at, restarts = None, None, 0
+    while True:
+        port = free_port()
+        environments = [worker_environment(rank, processes, devices_per_process, port) for rank in range(processes)]
+        attempt = _Attempt(StepWatch(metrics), hang_timeout, pending, failed_at)
+        outcome = run_attempt(argv, environments, run_dir / "logs", watchdog=attempt, poll_s=0.2)
+        if outcome.code in (0, BAD_INPUT, PREEMPTED_EXIT_CODE, 130):  # done, bad input, preempted, interrupted
+            return outcome.code
+        if restarts == max_restarts:
+            if max_restarts:
+                print(f"lite-tp launch: giving up after {max_restarts} restart(s)", file=sys.stderr)
+            return outcome.code
+        if attempt.pending is not None:  # the previous restart never reached a step
+            append_event(metrics, {**attempt.pending, "seconds_to_first_step": None})
+        restarts += 1
+        failed_at = time.monotonic()
+        pending = {
+            "event": "restart", "cause": outcome.cause, "rank": outcome.rank,
+            "step": StepWatch(metrics).last_step() or 0, "restart": restarts,
+        }
+        print(f"lite-tp launch: restart {restarts}/{max_restarts} from the last checkpoint", file=sys.stderr, flush=True)

@@ -1,0 +1,227 @@
+"""``lite-tp launch``: several local processes that form one mesh.
+
+    lite-tp launch --processes N [--devices-per-process D] [--max-restarts K] [--hang-timeout S] -- train|generate ARGS...
+
+Starts N copies of ``lite-tp ARGS...`` on this machine. Each gets D fake CPU
+devices (default: the mesh's device count / N) and joins the others through
+``jax.distributed.initialize`` with a coordinator on 127.0.0.1 at a free port
+(``mesh.start_cluster`` reads the ``LITE_TP_*`` variables set here). Together
+they hold one global mesh, exactly as one process per host would on a cluster.
+
+Output: process 0's standard output is shown here; everything every process
+writes (standard output and error) goes to ``RUN_DIR/logs/rank-K.log``, without
+Gloo's "Rank N is connected" chatter. If a process fails to start or exits
+with an error, the others are stopped (SIGKILL: JAX's preemption handler
+swallows SIGTERM) and the launcher exits non-zero (2 if that process reported
+bad input) after printing the failed process's last error line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+BAD_INPUT = 2
+RUNTIME_FAILURE = 1
+_GLOO_CHATTER = re.compile(r"\[Gloo\]|is connected to \d+ peer ranks")
+_NOT_THE_ERROR = re.compile(r"^(@ |\*\*\* |RPC: )")  # a native abort's stack trace and status detail
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_environment(rank: int, processes: int, devices_per_process: int, port: int) -> dict[str, str]:
+    """The environment of process ``rank``: how to reach the coordinator, and its devices."""
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.update(
+        LITE_TP_COORDINATOR=f"127.0.0.1:{port}",
+        LITE_TP_NUM_PROCESSES=str(processes),
+        LITE_TP_PROCESS_ID=str(rank),
+        JAX_NUM_CPU_DEVICES=str(devices_per_process),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@dataclass
+class _Worker:
+    rank: int
+    process: subprocess.Popen
+    log: TextIO
+    last_error: str = ""
+    last_output: str = ""
+    exited_at: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    readers: list[threading.Thread] = field(default_factory=list)
+
+    def read(self, stream: TextIO, echo: TextIO | None, is_stderr: bool) -> None:
+        for line in stream:
+            if _GLOO_CHATTER.search(line):
+                continue
+            with self.lock:
+                self.log.write(line)
+                self.log.flush()
+            if line.strip() and not _NOT_THE_ERROR.match(line.strip()):
+                if is_stderr:
+                    self.last_error = line.strip()
+                else:
+                    self.last_output = line.strip()
+            if echo is not None:
+                echo.write(line)
+                echo.flush()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a launch ended: the exit code, and for a failure the rank that failed
+    first (None for a hang) and why, in one line."""
+
+    code: int
+    rank: int | None = None
+    cause: str = ""
+
+
+Watchdog = Callable[[], "str | None"]
+"""Polled while the processes run; a returned string stops them all as a failure (a hang)."""
+
+
+def run_processes(
+    argv: Sequence[str],
+    environments: Sequence[dict[str, str]],
+    log_dir: str | os.PathLike,
+    *,
+    echo: TextIO | None = None,
+    errors: TextIO | None = None,
+    poll_s: float = 0.05,
+) -> int:
+    """Runs ``argv`` once per environment and supervises the processes.
+
+    Process 0's standard output is copied to ``echo`` (default: stdout); every
+    process's output goes to ``log_dir/rank-K.log``. Returns 0 when all exit
+    with 0. When one fails to start or exits non-zero, the others are killed,
+    one line naming it and its last error line goes to ``errors`` (default:
+    stderr), and 2 is returned if it exited with 2 (bad input), else 1.
+    """
+    return run_attempt(argv, environments, log_dir, echo=echo, errors=errors, poll_s=poll_s).code
+
+
+def run_attempt(
+    argv: Sequence[str],
+    environments: Sequence[dict[str, str]],
+    log_dir: str | os.PathLike,
+    *,
+    echo: TextIO | None = None,
+    errors: TextIO | None = None,
+    poll_s: float = 0.05,
+    watchdog: Watchdog | None = None,
+) -> Outcome:
+    """``run_processes``, returning the ``Outcome``; ``watchdog`` may declare a hang.
+    SIGTERM to this process is passed on to every worker (preemption: they save
+    at the next step boundary and exit), and the launch then ends with their codes."""
+    echo = sys.stdout if echo is None else echo
+    errors = sys.stderr if errors is None else errors
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    workers: list[_Worker] = []
+    forward = _forward_sigterm(workers)
+    try:
+        for rank, env in enumerate(environments):
+            log = open(log_dir / f"rank-{rank}.log", "w")
+            try:
+                process = subprocess.Popen(
+                    list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    errors="replace", start_new_session=True,
+                )
+            except OSError as error:
+                log.close()
+                _stop(workers)
+                print(f"lite-tp launch: process {rank} failed to start: {error}", file=errors)
+                return Outcome(RUNTIME_FAILURE, rank, f"failed to start: {error}")
+            worker = _Worker(rank, process, log)
+            for stream, out, is_stderr in ((process.stdout, echo if rank == 0 else None, False), (process.stderr, None, True)):
+                reader = threading.Thread(target=worker.read, args=(stream, out, is_stderr), daemon=True)
+                reader.start()
+                worker.readers.append(reader)
+            workers.append(worker)
+        failed, hang = _wait(workers, poll_s, watchdog)
+    except KeyboardInterrupt:
+        _stop(workers)
+        return Outcome(130, None, "interrupted")
+    finally:
+        forward.restore()
+    _stop(workers)
+    if hang is not None:
+        print(f"lite-tp launch: {hang}; stopped every process", file=errors)
+        return Outcome(RUNTIME_FAILURE, None, hang)
+    if failed is None:
+        return Outcome(0)
+    code = failed.process.returncode
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    last = failed.last_error or failed.last_output or "(no output)"
+    print(f"lite-tp launch: process {failed.rank} {how}: {last}  [log: {log_dir / f'rank-{failed.rank}.log'}]", file=errors)
+    return Outcome(BAD_INPUT if code == BAD_INPUT else RUNTIME_FAILURE, failed.rank, f"process {failed.rank} {how}: {last}")
+
+
+class _forward_sigterm:
+    """While installed (main thread only), SIGTERM is sent on to every worker."""
+
+    def __init__(self, workers: list[_Worker]):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: self._forward(workers))
+
+    @staticmethod
+    def _forward(workers: list[_Worker]) -> None:
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _wait(workers: list[_Worker], poll_s: float, watchdog: Watchdog | None = None) -> tuple[_Worker | None, str | None]:
+    """Waits until all exit (None, None), one exits non-zero (it, None), or the
+    watchdog reports a hang (None, its message)."""
+    while True:
+        now = time.monotonic()
+        for worker in workers:
+            if worker.exited_at is None and worker.process.poll() is not None:
+                worker.exited_at = now
+        failures = [w for w in workers if w.exited_at is not None and w.process.returncode != 0]
+        if failures:
+            return min(failures, key=lambda w: (w.exited_at, w.rank)), None
+        if all(w.exited_at is not None for w in workers):
+            return None, None
+        hang = watchdog() if watchdog is not None else None
+        if hang is not None:
+            return None, hang
+        time.sleep(poll_s)
+
+
+def _stop(workers: list[_Worker]) -> None:
+    """Kills the processes still running (SIGKILL), then drains their output."""
+    for worker in workers:
+        if worker.process.poll() is None:
+            os.killpg(worker.process.pid, signal.SIGKILL)  # its own session: the worker and its children
+    for worker in workers:
+        worker.process.wait()
+        for reader in worker.readers:
+            reader.join(timeout=5)
+        worker.log.close()

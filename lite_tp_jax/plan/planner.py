@@ -1,0 +1,508 @@
+"""What a mesh costs before it runs: memory per device and communication per step.
+
+``plan(config)`` reads the parameters of the real model, built abstractly
+(``nnx.eval_shape``: no array is allocated), and each parameter's stored shape
+and ``out_sharding``: parameter and optimizer bytes per device are exact. The
+collectives of one training step are written out as Megatron's formulas, one
+``Transfer`` each, in the measure ``lite_tp_jax.hlo.collectives_per_step``
+counts on the compiled step: result bytes per device, as often as the step runs
+them (tests hold the two within 1%). Activations are an estimate.
+
+Symbols: d, p, e, t the mesh sizes; B = global_batch / (d e) rows per rank,
+m microbatches (pipeline only) of b = B / m rows, S sequence, H hidden,
+F ffn, V vocabulary, E experts, C expert capacity, L layers in G scanned
+groups, v virtual stages, T = v m + p - 1 pipeline ticks; f32 = 4 bytes.
+
+    where                    forward                          backward
+    each block, t > 1        2 all-reduce b S H  over t       2 all-reduce b S H
+      with SP                2 all-gather b S H + 2 reduce-scatter b S/t H, both ways
+    MoE block, e > 1         2 all-to-all b E C H over e      2 all-to-all
+    pipeline, each tick      1 collective-permute b S' H      1 collective-permute  (S' = S/t with SP)
+    pipeline in/out          all-reduce B S' H over p         all-reduce B S' H over p
+    embedding lookup         all-reduce B S H over vocab axes (SP: reduce-scatter over t,
+                             all-reduce over p)               (SP: all-gather over t)
+    head (attend)            (SP: all-gather B S H over t)    all-reduce B S H over vocab axes
+                                                              not yet per-rank (SP: + reduce-scatter)
+    cross-entropy            3 all-reduce B S over vocab axes
+    gradients, in the layers a weight replicated over "tensor" but used per tensor rank
+                             (k/v kernels when kv heads < t, the router, norm scales with
+                             SP): all-reduce of its gradient over t, per use (in a pipeline,
+                             this tick's chunk at every tick)
+    gradients, at entry      per parameter, once: its shard, all-reduced over the batch axes
+                             (d, e) it is replicated on
+
+Scalars (loss statistics, the gradient norm) are left out: a few hundred bytes.
+Neither are collectives over groups of one device, which ``hlo.bytes_by_axis``
+labels "none": compiled, but they move nothing (an MoE model keeps "expert" in
+its region even at size 1, and its gradient sums over it remain in the HLO).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lite_tp_jax.mesh import AXES, DATA, EXPERT, PIPELINE, TENSOR
+from lite_tp_jax.models.config import ModelConfig
+from lite_tp_jax.plan.profiles import PROFILES, DeviceProfile
+from lite_tp_jax.train.config import Config, ConfigError, TrainConfig
+
+F32 = 4
+BATCH_AXES = (DATA, EXPERT)
+
+
+# --- parameters, from the model built abstractly -------------------------------
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter as stored: ``shape`` padded (and stacked), ``spec`` its PartitionSpec."""
+
+    name: str
+    shape: tuple[int, ...]
+    spec: tuple
+    strategy: str
+    role: str
+    bytes_per_device: int
+
+    @property
+    def sharded_axes(self) -> tuple[str, ...]:
+        return tuple(a for entry in self.spec for a in _entry_axes(entry))
+
+
+def _entry_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _strategy(name: str, spec: tuple, metadata: dict) -> str:
+    """The rule table's word for how a parameter is split (``strategy`` metadata),
+    or one derived from its name and spec until every parameter carries it."""
+    if metadata.get("strategy"):
+        return str(metadata["strategy"])
+    axes = [a for entry in spec for a in _entry_axes(entry)]
+    if name.startswith(("embed.", "head.")):
+        return "vocab"
+    if EXPERT in axes:
+        return "expert-row" if name.endswith("down.kernel") else "expert-column"
+    if TENSOR not in axes:
+        return "replicated"
+    split = next(i for i, entry in enumerate(spec) if TENSOR in _entry_axes(entry))
+    projection = name.split(".")[-2] in ("query", "key", "value")
+    return "column" if split == len(spec) - 1 or projection else "row"
+
+
+def abstract_model(model: ModelConfig, train: TrainConfig, mesh):
+    """The model and optimizer as ``nnx.eval_shape`` builds them: shapes,
+    dtypes and metadata, no arrays."""
+    from lite_tp_jax.train.step import create_model_and_optimizer
+
+    return nnx.eval_shape(lambda: create_model_and_optimizer(model, train, mesh))
+
+
+def _variables(tree) -> list[tuple[str, object]]:
+    return [(".".join(map(str, path)), v) for path, v in nnx.to_flat_state(nnx.state(tree))]
+
+
+def shard_bytes(variable, mesh) -> int:
+    """Bytes of one device's shard of a variable, from its shape and ``out_sharding``."""
+    spec = tuple(variable.get_metadata().get("out_sharding") or ())
+    shape = list(variable.shape)
+    for i, entry in enumerate(spec):
+        for axis in _entry_axes(entry):
+            shape[i] = -(-shape[i] // mesh.shape[axis])
+    return math.prod(shape) * np.dtype(variable.dtype).itemsize
+
+
+def parameters(model_obj, mesh) -> list[Parameter]:
+    """Every parameter of ``model_obj`` with its bytes per device."""
+    out = []
+    for name, v in _variables(nnx.state(model_obj, nnx.Param)):
+        metadata = v.get_metadata()
+        spec = tuple(metadata.get("out_sharding") or ())
+        role = str(metadata.get("role") or name.rsplit(".", 2)[-2])
+        out.append(Parameter(name, tuple(v.shape), spec, _strategy(name, spec, metadata), role, shard_bytes(v, mesh)))
+    return out
+
+
+def optimizer_bytes(optimizer, mesh) -> int:
+    """Bytes per device of the optimizer state (AdamW moments sharded like their parameter, counters)."""
+    state = nnx.state(optimizer, nnx.optimizer.OptState)
+    return sum(shard_bytes(v, mesh) for _, v in _variables(state))
+
+
+# --- collectives: Megatron's formulas ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One collective's result bytes per device per step (all its runs together)."""
+
+    what: str
+    kind: str
+    axes: tuple[str, ...]
+    phase: str  # forward | backward
+    bytes: int
+
+
+def _ordered(axes: Iterable[str], sizes: dict[str, int]) -> tuple[str, ...]:
+    axes = set(axes)
+    return tuple(a for a in AXES if a in axes and sizes[a] > 1)
+
+
+def capacity(model: ModelConfig, seq: int) -> int:
+    from lite_tp_jax.layers.moe import capacity as moe_capacity
+
+    return moe_capacity(seq, model.num_experts, model.top_k, model.capacity_factor)
+
+
+def transfers(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], params: list[Parameter]) -> list[Transfer]:
+    """Every collective of one training step on one device, by Megatron's formulas (module docstring)."""
+    d, p, e, t = (sizes[a] for a in AXES)
+    S, H, sp = train.seq_len, model.hidden_size, model.sequence_parallel
+    B = train.global_batch // (d * e)
+    pipelined = p > 1
+    m = train.microbatches if pipelined else 1
+    b = B // m
+    v = model.virtual_stages
+    groups = model.num_layers // model.layers_per_group
+    ticks = v * m + p - 1 if pipelined else 1
+    group_runs = ticks * groups // (v * p) if pipelined else groups  # layer groups one device runs
+    moe_per_group = 1 if model.moe_every else 0
+    blocks = group_runs * model.layers_per_group
+    s_local = S // t if sp else S
+    vocab_axes = (PIPELINE, TENSOR) if pipelined else (TENSOR,)
+    out: list[Transfer] = []
+
+    def add(what, kind, axes, phase, elements, runs=1):
+        axes = _ordered(axes, sizes)
+        if axes and elements and runs:
+            out.append(Transfer(what, kind, axes, phase, int(elements) * F32 * runs))
+
+    # Blocks: attention and MLP (or MoE) each enter and leave the tensor region once.
+    for phase in ("forward", "backward"):
+        if sp:
+            add("blocks: sequence all-gathers", "all-gather", [TENSOR], phase, b * S * H, 2 * blocks)
+            add("blocks: sequence reduce-scatters", "reduce-scatter", [TENSOR], phase, b * s_local * H, 2 * blocks)
+        else:
+            add("blocks: all-reduces", "all-reduce", [TENSOR], phase, b * S * H, 2 * blocks)
+        if moe_per_group:
+            slots = capacity(model, S)
+            add("MoE: dispatch and return", "all-to-all", [EXPERT], phase, b * model.num_experts * slots * H,
+                2 * group_runs)
+    if moe_per_group:
+        add("MoE: statistics", "all-reduce", [TENSOR], "forward", 3, group_runs)
+
+    # Pipeline: one hand-over per tick each way; the inputs in and the outputs out.
+    if pipelined:
+        for phase in ("forward", "backward"):
+            add("pipeline: hand-over per tick", "collective-permute", [PIPELINE], phase, b * s_local * H, ticks)
+            add("pipeline: inputs and outputs", "all-reduce", [PIPELINE], phase, B * s_local * H)
+
+    # Embedding lookup, output head and vocabulary-parallel cross-entropy.
+    if sp:
+        add("embedding: reduce-scatter", "reduce-scatter", [TENSOR], "forward", B * s_local * H)
+        add("embedding: all-reduce over stages", "all-reduce", [PIPELINE], "forward", B * s_local * H)
+        add("embedding: all-gather", "all-gather", [TENSOR], "backward", B * S * H)
+        add("head: sequence all-gather", "all-gather", [TENSOR], "forward", B * S * H)
+        add("head: reduce-scatter", "reduce-scatter", [TENSOR], "backward", B * s_local * H)
+        add("head: input gradient", "all-reduce", [PIPELINE], "backward", B * S * H)
+    else:
+        add("embedding: all-reduce", "all-reduce", vocab_axes, "forward", B * S * H)
+        add("head: input gradient", "all-reduce", vocab_axes, "backward", B * S * H)
+    add("cross-entropy: max, sum, target", "all-reduce", vocab_axes, "forward", B * S, 3)
+
+    # Gradients. Inside the layers, per use: the "tensor" sum of a weight replicated over
+    # "tensor" but used per tensor rank. At region entry, once: each parameter's shard
+    # summed over the batch axes it is replicated on (parallel/region.py).
+    for param in params:
+        # replicated over "tensor", fed a per-rank input: the router, k/v kernels with fewer
+        # kv heads than ranks; norms only with SP (without it their input is the same on every rank)
+        per_tensor_rank = param.strategy == "replicated" and (sp or not param.role.endswith("norm"))
+        grad = param.bytes_per_device // F32
+        if per_tensor_rank:
+            stacked_in_pipeline = param.name.startswith("layers.") and pipelined
+            inside, runs = (grad // v, ticks) if stacked_in_pipeline else (grad, 1)  # this tick's chunk, every tick
+            add(f"gradient of {param.name} over tensor", "all-reduce", [TENSOR], "backward", inside, runs)
+        batch = [a for a in BATCH_AXES if a not in param.sharded_axes]
+        add(f"gradient of {param.name}", "all-reduce", batch, "backward", grad)
+    return out
+
+
+def bytes_by_axis(items: Iterable[Transfer]) -> dict[str, int]:
+    """``{"data+tensor": bytes, ...}``, labelled as ``lite_tp_jax.hlo.axes_label`` does."""
+    from lite_tp_jax.hlo import axes_label
+
+    out: dict[str, int] = {}
+    for item in items:
+        out[axes_label(item.axes)] = out.get(axes_label(item.axes), 0) + item.bytes
+    return dict(sorted(out.items()))
+
+
+# --- activations: an estimate ------------------------------------------------------
+
+
+def activation_bytes(model: ModelConfig, train: TrainConfig, sizes: dict[str, int]) -> int:
+    """Bytes per device kept for the backward pass: an estimate.
+
+    Per layer and microbatch, Korthikanti et al. 2022 ("Reducing Activation
+    Recomputation in Large Transformer Models", eqs. 2-6), scaled from 2- to
+    4-byte activations (its dropout masks kept as slack): ``S b H (10 + 24/t + 5 a S / (H t))``
+    (no SP), ``S b H (34/t + 5 a S / (H t))`` (SP); ``selective`` drops the
+    attention term, ``full`` keeps the block input (``2 S b H``, /t with SP).
+    A pipeline stage keeps every tick's activations of its chunk. Plus the
+    logits slice and its softmax: ``2 B S V / (t p)``.
+    """
+    d, p, e, t = (sizes[a] for a in AXES)
+    S, H, a = train.seq_len, model.hidden_size, model.num_heads
+    B = train.global_batch // (d * e)
+    m = train.microbatches if p > 1 else 1
+    b = B // m
+    sp = model.sequence_parallel
+    attention = 5 * a * S / (H * t)
+    if model.remat == "full":
+        per_layer = 2 * S * b * H / (t if sp else 1)
+    else:
+        dense = 34 / t if sp else 10 + 24 / t
+        per_layer = S * b * H * (dense + (0 if model.remat == "selective" else attention))
+    per_layer *= F32 / 2  # the paper's 2-byte values -> 4-byte
+    groups = model.num_layers // model.layers_per_group
+    v = model.virtual_stages
+    layer_runs = ((v * m + p - 1) * groups // (v * p) if p > 1 else groups) * model.layers_per_group
+    logits = 2 * B * S * (-(-model.vocab_size // (t * p))) * F32
+    return int(per_layer * layer_runs + logits)
+
+
+# --- the plan ----------------------------------------------------------------------
+
+
+def mesh_sizes(config: Config, devices: int | None = None) -> dict[str, int]:
+    """The four axis sizes of ``config.mesh``, a -1 inferred from ``devices``."""
+    sizes = {a: getattr(config.mesh, a) for a in AXES}
+    if -1 in sizes.values():
+        known = math.prod(s for s in sizes.values() if s != -1)
+        if devices is None or devices % known:
+            raise ConfigError(
+                f"the mesh has an inferred axis (-1) and the other axes multiply to {known}; "
+                f"give --devices N with N a multiple of {known}"
+            )
+        sizes = {a: devices // known if s == -1 else s for a, s in sizes.items()}
+    return sizes
+
+
+def check_mesh(config: Config, sizes: dict[str, int]) -> str | None:
+    """Why ``sizes`` cannot run ``config`` (one sentence), or None."""
+    model, train = config.model, config.train
+    d, p, e, t = (sizes[a] for a in AXES)
+    groups = model.num_layers // model.layers_per_group
+    if train.global_batch % (d * e):
+        return f"global_batch {train.global_batch} is not divisible by data x expert = {d * e}"
+    if e > 1 and not model.moe_every:
+        return "an expert axis > 1 needs a mixture-of-experts model (model.moe_every > 0)"
+    if model.moe_every and model.num_experts % e:
+        return f"num_experts {model.num_experts} is not divisible by expert = {e}"
+    if groups % (model.virtual_stages * p):
+        return f"{groups} layer groups do not split into virtual_stages x pipeline = {model.virtual_stages * p} chunks"
+    if p > 1 and (train.global_batch // (d * e)) % train.microbatches:
+        return f"the {train.global_batch // (d * e)} rows per rank do not split into {train.microbatches} microbatches"
+    if p > 1 and model.virtual_stages > 1 and train.microbatches < p:
+        return f"the circular schedule needs microbatches >= pipeline ({p})"
+    if model.sequence_parallel and train.seq_len % t:
+        return f"seq_len {train.seq_len} is not divisible by tensor = {t} (sequence_parallel)"
+    return None
+
+
+def _mesh_for(sizes: dict[str, int]):
+    from lite_tp_jax.mesh import make_mesh_for
+
+    return make_mesh_for(sizes)
+
+
+def plan(config: Config, sizes: dict[str, int]) -> dict:
+    """The plan of one mesh as a JSON-ready dict (see the module docstring)."""
+    problem = check_mesh(config, sizes)
+    if problem:
+        raise ConfigError(f"mesh {_describe(sizes)} cannot run this config: {problem}")
+    params, opt = _layout(config.model, config.train, sizes[PIPELINE], sizes[EXPERT], sizes[TENSOR])
+    items = transfers(config.model, config.train, sizes, params)
+    groups: dict[str, dict] = {}
+    for param in params:
+        group = groups.setdefault(_group_name(param.name), {"strategy": set(), "parameters": 0, "param_bytes_per_device": 0})
+        group["strategy"].add(param.strategy)
+        group["parameters"] += 1
+        group["param_bytes_per_device"] += param.bytes_per_device
+    param_total = sum(p.bytes_per_device for p in params)
+    for group in groups.values():
+        group["strategy"] = "/".join(sorted(group["strategy"]))
+        group["optimizer_bytes_per_device"] = round(opt * group["param_bytes_per_device"] / max(param_total, 1))
+    from lite_tp_jax.models.transformer import partition_rules
+
+    return {
+        "mesh": sizes,
+        "partition_rules": [{"roles": pattern, "strategy": strategy, "split": {dim: list(axes) if isinstance(axes, tuple)
+                                                                              else axes for dim, axes in split.items()}}
+                             for pattern, strategy, split in partition_rules(config.model).describe()],
+        "param_bytes_per_device": param_total,
+        "optimizer_bytes_per_device": opt,
+        "activation_bytes_per_device": activation_bytes(config.model, config.train, sizes),
+        "collective_bytes_per_step_per_device": sum(i.bytes for i in items),
+        "collective_bytes_by_axis": bytes_by_axis(items),
+        "collective_bytes_by_phase": {
+            phase: bytes_by_axis(i for i in items if i.phase == phase) for phase in ("forward", "backward")
+        },
+        "parameter_groups": groups,
+        "parameters": [asdict(p) | {"spec": [list(e) if isinstance(e, tuple) else e for e in p.spec]} for p in params],
+        "collectives": [asdict(i) for i in items],
+        "flops_per_step_per_device": flops_per_step(config.model, config.train) / math.prod(sizes.values()),
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(model: ModelConfig, train: TrainConfig, pipeline: int, expert: int, tensor: int):
+    """Parameters and optimizer bytes per device; they do not depend on "data"
+    (no parameter is split over it), so one abstract model serves every data size."""
+    mesh = _mesh_for({DATA: 1, PIPELINE: pipeline, EXPERT: expert, TENSOR: tensor})
+    model_obj, optimizer = abstract_model(model, train, mesh)
+    return parameters(model_obj, mesh), optimizer_bytes(optimizer, mesh)
+
+
+def _group_name(name: str) -> str:
+    """``layers.blocks.0.attention.query.kernel`` -> ``layers.blocks.0.attention.query``
+    (block 0 of every stacked layer group)."""
+    return name.rsplit(".", 1)[0]
+
+
+def _describe(sizes: dict[str, int]) -> str:
+    return " x ".join(f"{a} {s}" for a, s in sizes.items() if s > 1) or "of one device"
+
+
+# --- ranking meshes by a roofline estimate -----------------------------------------
+
+
+def flops_per_step(model: ModelConfig, train: TrainConfig) -> float:
+    """Matmul FLOPs of one training step (forward + backward = 3x forward), all devices together."""
+    H, F, S = model.hidden_size, model.ffn_hidden_size, train.seq_len
+    hd, a, kv = model.resolved_head_dim, model.num_heads, model.num_kv_heads
+    tokens = train.global_batch * S
+    attention = 2 * H * hd * (2 * a + 2 * kv) + 4 * S * a * hd  # projections + scores and values
+    moe = model.moe_every and model.top_k * 6 * H * F + 2 * H * model.num_experts
+    moe_layers = model.num_layers // model.moe_every if model.moe_every else 0
+    mlp = 6 * H * F * (model.num_layers - moe_layers) + (moe or 0) * moe_layers
+    head = 2 * H * model.vocab_size
+    return 3.0 * tokens * (attention * model.num_layers + mlp + head)
+
+
+def _wire_factor(kind: str, n: int) -> float:
+    """Bytes each device sends per result byte, for ring algorithms over n ranks."""
+    return {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "reduce-scatter": n - 1,
+            "all-to-all": (n - 1) / n, "collective-permute": 1.0}[kind]
+
+
+def estimate_step_seconds(config: Config, sizes: dict[str, int], planned: dict, profile: DeviceProfile) -> dict:
+    """Roofline: matmul FLOPs over peak (stretched by the pipeline bubble), plus
+    each collective's wire bytes over the link of its slowest axis ("tensor"
+    within a node while it fits in one, the others across nodes)."""
+    compute = planned["flops_per_step_per_device"] / profile.peak_flops
+    p, m, v = sizes[PIPELINE], config.train.microbatches, config.model.virtual_stages
+    bubble = (p - 1) / (v * m + p - 1) if p > 1 else 0.0
+    compute /= 1 - bubble
+    comm = 0.0
+    intra = sizes[TENSOR] <= profile.devices_per_node
+    for item in planned["collectives"]:
+        n = math.prod(sizes[a] for a in item["axes"])
+        bandwidth = min(profile.intra_node_bytes_per_s if a == TENSOR and intra else profile.inter_node_bytes_per_s
+                        for a in item["axes"])
+        comm += item["bytes"] * _wire_factor(item["kind"], n) / bandwidth
+    return {"compute_s": compute, "communication_s": comm, "bubble_fraction": bubble, "step_s": compute + comm}
+
+
+def factorisations(devices: int) -> list[dict[str, int]]:
+    """Every (data, pipeline, expert, tensor) whose product is ``devices``."""
+    divisors = [k for k in range(1, devices + 1) if devices % k == 0]
+    out = []
+    for d, p, e in itertools.product(divisors, repeat=3):
+        if devices % (d * p * e) == 0:
+            out.append(dict(zip(AXES, (d, p, e, devices // (d * p * e)))))
+    return out
+
+
+def rank_meshes(config: Config, devices: int, memory_gb: float, profile: DeviceProfile) -> list[dict]:
+    """Every valid mesh of ``devices``, fastest estimate first; ``fits``: params +
+    optimizer + activations within ``memory_gb`` (10^9 bytes)."""
+    rows = []
+    for sizes in factorisations(devices):
+        if check_mesh(config, sizes):
+            continue
+        planned = plan(config, sizes)
+        memory = sum(planned[k] for k in ("param_bytes_per_device", "optimizer_bytes_per_device",
+                                          "activation_bytes_per_device"))
+        rows.append({"mesh": sizes, "memory_bytes_per_device": memory, "fits": memory <= memory_gb * 1e9,
+                     "collective_bytes_per_step_per_device": planned["collective_bytes_per_step_per_device"],
+                     **estimate_step_seconds(config, sizes, planned, profile)})
+    return sorted(rows, key=lambda r: (not r["fits"], r["step_s"]))
+
+
+# --- checking against the compiled step, and text for the terminal -------------------
+
+
+def compiled_bytes_by_axis(config: Config, sizes: dict[str, int]) -> dict[str, int]:
+    """``hlo.bytes_by_axis`` of the real training step, lowered for abstract
+    state (nothing is materialised) and compiled."""
+    import jax.numpy as jnp
+
+    from lite_tp_jax import hlo
+    from lite_tp_jax.train.step import TrainStep, batch_sharding
+
+    mesh = _mesh_for(sizes)
+    model_obj, optimizer = abstract_model(config.model, config.train, mesh)
+    tokens = jax.ShapeDtypeStruct((config.train.global_batch, config.train.seq_len), jnp.int32,
+                                  sharding=batch_sharding(mesh))
+    text = TrainStep(model_obj, optimizer, config.train).lower(tokens, tokens).compile().as_text()
+    return hlo.bytes_by_axis(text, mesh)
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.2f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def format_plan(planned: dict) -> str:
+    lines = ["partition rules as applied (first match wins):"]
+    for rule in planned["partition_rules"]:
+        split = ", ".join(f"{dim} over {'+'.join(axes) if isinstance(axes, list) else axes}"
+                          for dim, axes in rule["split"].items()) or "-"
+        lines.append(f"  {rule['roles']:20s} {rule['strategy']:14s} {split}")
+    lines += ["", f"mesh {_describe(planned['mesh'])}: per device", "",
+             f"{'parameter group':40s} {'strategy':22s} {'parameters':>14s} {'optimizer':>14s}"]
+    for name, group in planned["parameter_groups"].items():
+        lines.append(f"{name:40s} {group['strategy']:22s} {mib(group['param_bytes_per_device']):>14s} "
+                     f"{mib(group['optimizer_bytes_per_device']):>14s}")
+    lines += [f"{'total':63s} {mib(planned['param_bytes_per_device']):>14s} "
+              f"{mib(planned['optimizer_bytes_per_device']):>14s}",
+              f"activations (estimate): {mib(planned['activation_bytes_per_device'])}", "",
+              "collectives per step (result bytes per device):",
+              f"{'mesh axes':24s} {'forward':>14s} {'backward':>14s} {'total':>14s}"]
+    phases = planned["collective_bytes_by_phase"]
+    for axes, total in planned["collective_bytes_by_axis"].items():
+        lines.append(f"{axes:24s} {mib(phases['forward'].get(axes, 0)):>14s} "
+                     f"{mib(phases['backward'].get(axes, 0)):>14s} {mib(total):>14s}")
+    lines.append(f"{'total':56s} {mib(planned['collective_bytes_per_step_per_device']):>14s}")
+    return "\n".join(lines)
+
+
+def format_ranking(rows: list[dict], profile: DeviceProfile, memory_gb: float) -> str:
+    lines = [f"meshes ranked by a roofline estimate on {profile.name} ({memory_gb:g} GB per device):",
+             f"{'data':>5s} {'pipe':>5s} {'exp':>5s} {'tens':>5s} {'step ms':>10s} {'compute':>9s} "
+             f"{'comm':>9s} {'bubble':>7s} {'memory':>12s}  fits"]
+    for r in rows:
+        s = r["mesh"]
+        lines.append(f"{s[DATA]:5d} {s[PIPELINE]:5d} {s[EXPERT]:5d} {s[TENSOR]:5d} {r['step_s'] * 1e3:10.3f} "
+                     f"{r['compute_s'] * 1e3:9.3f} {r['communication_s'] * 1e3:9.3f} {r['bubble_fraction']:7.2f} "
+                     f"{mib(r['memory_bytes_per_device']):>12s}  {'yes' if r['fits'] else 'NO'}")
+    return "\n".join(lines)

@@ -1,0 +1,430 @@
+"""Never lose a run: bad input and faults, one table of CLI cases, plus the
+unit behaviours under them (skipped updates, rotation, import_state, layers).
+
+Each table row: the command's inputs (overrides, a prepared run directory, a
+fault applied to it), the exit code, a fragment of the one stderr line, and
+the files that must be byte-for-byte unchanged afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import tp_mesh
+from lite_tp_jax import (
+    ColumnParallelLinear, MoEMLP, ParallelAttention, ParallelMLP, RMSNorm, RowParallelLinear,
+    VocabParallelEmbedding, export_state, import_state,
+)
+from lite_tp_jax.cli import main
+from lite_tp_jax.mesh import make_mesh, make_mesh_for
+from lite_tp_jax.train.checkpoint import MANIFEST, Checkpointer, NonFiniteError
+from lite_tp_jax.train.config import load_config
+from lite_tp_jax.train.data import Batches, load_tokens
+from lite_tp_jax.train.run_lock import RunLock
+from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+# Two steps between checkpoints; the prepared run holds checkpoints 2 and 4.
+BASE = ["train.steps=4", "checkpoint.every=2", "train.warmup_steps=1"]
+
+
+def snapshot(root: Path, paths: list[str]) -> dict[str, str | None]:
+    """sha256 of every file under each path (None: absent)."""
+    digests = {}
+    for rel in paths:
+        path = root / rel
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
+        if not path.exists():
+            digests[rel] = None
+        for f in files:
+            digests[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return digests
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished 4-step run (checkpoints 2 and 4), copied by each case that needs one."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", str(TINY), "--no-progress", "--run-dir", str(run), "--set", *BASE]) == 0
+    return run
+
+
+# ---- faults applied to a copy of the trained run ----------------------------
+
+
+def _largest_data_file(step_dir: Path) -> Path:
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def truncate_latest(run: Path) -> None:
+    f = _largest_data_file(run / "checkpoints" / "4")
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def flip_a_byte_in_latest(run: Path) -> None:
+    f = _largest_data_file(run / "checkpoints" / "4")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def delete_half_of_latest(run: Path) -> None:
+    shutil.rmtree(run / "checkpoints" / "4" / "state")
+
+
+def unreadable_manifest_in_latest(run: Path) -> None:
+    (run / "checkpoints" / "4" / MANIFEST).write_text("{not json")
+
+
+def nan_in_latest(run: Path) -> None:
+    """A checkpoint 4 whose parameters are NaN, sealed as intact (as an older
+    version without the finiteness guard could have written)."""
+    config = load_config(TINY, BASE)
+    mesh = make_mesh_for(asdict(config.mesh))
+    model, optimizer = create_model_and_optimizer(config.model, config.train, mesh)
+    model.final_norm.scale[...] = model.final_norm.scale[...] * np.nan
+    shutil.rmtree(run / "checkpoints" / "4")
+    checkpointer = Checkpointer(run / "checkpoints", keep=5)
+    from lite_tp_jax.train import checkpoint as module
+
+    guard, module.first_non_finite = module.first_non_finite, lambda arrays: None
+    try:
+        checkpointer.save(4, nnx.state((model, optimizer)), {"step": 4, "data_position": 4})
+        checkpointer.close()
+    finally:
+        module.first_non_finite = guard
+
+
+def damage_both(run: Path) -> None:
+    truncate_latest(run)
+    shutil.rmtree(run / "checkpoints" / "2" / "state")
+
+
+def damage_metrics_line(run: Path) -> None:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = '{"step": 2, "loss": 1.2'  # a broken line in the middle
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def stale_lock(run: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".lock").write_text(f"{dead.pid}\n")
+
+
+def make_run_dir_a_file(run: Path) -> None:
+    run.parent.mkdir(parents=True, exist_ok=True)
+    run.write_text("not a directory")
+
+
+def make_checkpoints_a_file(run: Path) -> None:
+    run.mkdir(parents=True)
+    (run / "checkpoints").write_text("not a directory")
+
+
+def write_bad_yaml(run: Path) -> None:
+    run.parent.mkdir(parents=True, exist_ok=True)
+    (run.parent / "bad.yaml").write_text("model: [unclosed\n")
+
+
+# ---- the table --------------------------------------------------------------
+
+TRAINED = "trained"  # the case starts from a copy of the trained run
+ALL = ["checkpoints", "metrics.jsonl", "config.yaml"]
+CASES = [
+    # (id, run dir: None | TRAINED, fault, overrides (or argv), exit code, stderr fragment, unchanged on disk)
+    ("unknown-key", None, None, ["model.hiden_size=8"], 2, "unknown key 'model.hiden_size'", ["."]),
+    ("nonfinite-policy-typo", None, None, ["train.on_nonfinite=ignore"], 2, "'train.on_nonfinite' must be one of stop, skip", ["."]),
+    ("huge-fake-mesh", None, None, ["mesh.tensor=100000"], 2, "set LITE_TP_MAX_FAKE_DEVICES=100000 to override", ["."]),
+    ("huge-fake-mesh-product", None, None, ["mesh.data=1000", "mesh.tensor=1000"], 2, "the mesh needs 1000000 devices", ["."]),
+    ("zero-mesh-axis", None, None, ["mesh.tensor=0"], 2, "'mesh.tensor' must be an integer >= 1", ["."]),
+    ("fractional-mesh-axis", None, None, ["mesh.tensor=1.5"], 2, "'mesh.tensor' must be an integer", ["."]),
+    ("nan-learning-rate", None, None, ["train.lr=.nan"], 2, "'train.lr' must be a number >= 0", ["."]),
+    ("zero-keep", None, None, ["checkpoint.keep=0"], 2, "'checkpoint.keep' must be an integer >= 1", ["."]),
+    ("negative-every", None, None, ["checkpoint.every=-1"], 2, "'checkpoint.every' must be an integer >= 1", ["."]),
+    ("batch-not-divisible", None, None, ["train.global_batch=3", "mesh.data=2"], 2, "must be divisible by 'mesh.data'", ["."]),
+    ("text-without-path", None, None, ["data.source=text"], 2, "'data.path' is required", ["."]),
+    ("missing-data-file", None, None, ["data.source=tokens", "data.path=/no/such/tokens.npy"], 2, "/no/such/tokens.npy", ["."]),
+    ("missing-config", None, None, {"config": "no/such.yaml"}, 2, "no/such.yaml", ["."]),
+    ("config-not-yaml", None, write_bad_yaml, {"config": "bad.yaml"}, 2, "is not valid YAML", ["."]),
+    ("run-dir-is-a-file", None, make_run_dir_a_file, [], 2, "is not a writable directory", ["."]),
+    ("run-dir-under-a-file", None, make_run_dir_a_file, {"run_dir": "run/sub"}, 2, "is not a writable directory", ["."]),
+    ("checkpoints-is-a-file", None, make_checkpoints_a_file, [], 2, "checkpoint directory", ["."]),
+    ("run-dir-read-only-fs", None, None, {"run_dir": "/proc/lite_tp_run"}, 2, "is not a writable directory", ["."]),
+    ("run-dir-in-use", TRAINED, "hold_lock", [], 2, "is in use by process {pid}", ALL),
+    ("resume-other-hidden-size", TRAINED, None, ["model.hidden_size=32"], 2,
+     "'model.embed.embedding' is [256, 64] in the checkpoint but [256, 32] in this model", ALL),
+    ("resume-more-layers", TRAINED, None, ["model.num_layers=3"], 2, "in the checkpoint but [3, 64, 2, 16] in this model", ALL),
+    ("resume-untied-vs-tied", TRAINED, None, ["model.tie_embeddings=true"], 2,
+     "'model.head.embedding' [256, 64] is in the checkpoint but not in this model", ALL),
+    ("all-checkpoints-damaged", TRAINED, damage_both, [], 2, "No intact checkpoint", ALL),
+    ("truncated-latest", TRAINED, truncate_latest, [], 0, "checkpoints/4 is damaged", ["checkpoints/2"]),
+    ("corrupted-latest", TRAINED, flip_a_byte_in_latest, [], 0, "does not match its checksum", ["checkpoints/2"]),
+    ("half-deleted-latest", TRAINED, delete_half_of_latest, [], 0, "is missing", ["checkpoints/2"]),
+    ("manifest-unreadable", TRAINED, unreadable_manifest_in_latest, [], 0, "lite_tp_manifest.json is unreadable", ["checkpoints/2"]),
+    ("nan-checkpoint", TRAINED, nan_in_latest, [], 0, "'model.final_norm.scale' holds a NaN or infinity", ["checkpoints/2"]),
+    ("damaged-metrics-line", TRAINED, damage_metrics_line, [], 0, "metrics.jsonl:2 is damaged", ["checkpoints", "config.yaml"]),
+    ("stale-lock", TRAINED, stale_lock, [], 0, "left by process", ALL),
+    ("already-done", TRAINED, None, [], 0, "", ALL),
+    ("diverges-stop", None, None, ["train.lr=1e30", "checkpoint.every=1"], 1,
+     "step 2: the update made parameters non-finite (loss ", ["checkpoints"]),
+    ("diverges-skip", None, None, ["train.lr=1e30", "train.on_nonfinite=skip"], 0, "3 updates were skipped", []),
+]
+
+
+@pytest.mark.parametrize(
+    "run_from, fault, overrides, code, fragment, unchanged", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchanged, request, tmp_path, capsys):
+    run = tmp_path / "run"
+    if run_from == TRAINED:
+        shutil.copytree(request.getfixturevalue("trained_run"), run)
+    options = overrides if isinstance(overrides, dict) else {}
+    overrides = [] if isinstance(overrides, dict) else overrides
+    config = str(tmp_path / options["config"]) if "config" in options and options["config"] == "bad.yaml" else options.get("config", str(TINY))
+    run_dir = options.get("run_dir", "run")
+    run_dir = run_dir if os.path.isabs(run_dir) else str(tmp_path / run_dir)
+    lock = None
+    if fault == "hold_lock":
+        lock = RunLock(run)
+        lock.acquire()
+    elif fault is not None:
+        fault(run)
+    before = snapshot(run, unchanged) if run.is_dir() else None
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    try:
+        got = main(["train", config, "--no-progress", "--run-dir", run_dir, "--set", *BASE, *overrides])
+    finally:
+        if lock is not None:
+            lock.release()
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert "Traceback" not in err
+    assert fragment.format(pid=os.getpid()) in err
+    if fault is damage_metrics_line:  # the damaged line is dropped, the rest kept
+        assert [step for step, _ in losses(run)] == [1, 3, 4]
+    if "skip" in " ".join(overrides):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["skipped"] for r in records] == [0, 1, 1, 1] and records[-1]["skipped_steps"] == 3
+    if code:  # one error line (after any warnings about what was tried), nothing else
+        assert [line for line in err.splitlines() if not line.startswith("lite-tp: warning:")] == [
+            line for line in err.splitlines() if line.startswith("lite-tp: error:")
+        ] and err.count("lite-tp: error:") == 1, err
+    if before is not None:
+        assert snapshot(run, unchanged) == before
+    elif code == 2:  # bad input on a fresh run directory writes nothing at all
+        assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    if code == 1:  # stopped at step 2: checkpoint 1 is the last, nothing non-finite saved or logged
+        assert "(train.on_nonfinite=stop); checkpoint 1 is intact" in err
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1"]
+        assert [step for step, _ in losses(run)] == [1]
+    assert not (run / ".lock").exists() or fault == "hold_lock"
+    if fault in (truncate_latest, flip_a_byte_in_latest, delete_half_of_latest, unreadable_manifest_in_latest, nan_in_latest):
+        finished = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert finished == list(range(1, len(finished) + 1))  # each step once
+        assert any(re.fullmatch(r"4\.damaged-\d+-\d+", p.name) for p in (run / "checkpoints").iterdir())
+
+
+def test_table_has_at_least_30_cases():
+    assert len(CASES) >= 30
+
+
+# ---- the behaviours under the table ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_step():
+    config = load_config(TINY, ["mesh.tensor=2", "train.on_nonfinite=skip"])
+    mesh = make_mesh_for(asdict(config.mesh))
+    model, optimizer = create_model_and_optimizer(config.model, config.train, mesh)
+    step = TrainStep(model, optimizer, config.train)
+    batches = Batches(load_tokens(config.data, 256), 8, config.train.seq_len, 0)
+    batch = [jax.device_put(a, batch_sharding(mesh)) for a in batches.batch(0)]
+    return model, optimizer, step, batch
+
+
+def test_a_non_finite_update_is_dropped_inside_the_compiled_step(tiny_step):
+    model, optimizer, step, batch = tiny_step
+    for _ in range(2):  # the first call's inputs come from initialisation, later ones from a step
+        assert float(step(*batch)["skipped"]) == 0.0
+    compiled = step._step._cache_size()
+    scale = model.final_norm.scale[...]
+    model.final_norm.scale[...] = jax.device_put(np.full(scale.shape, np.nan, np.float32), scale.sharding)
+    before = export_state(nnx.state((model, optimizer)))
+    metrics = step(*batch)
+    assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    after = export_state(nnx.state((model, optimizer)))
+    for name in before:  # parameters, moments and the step counter as they were
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    model.final_norm.scale[...] = scale
+    assert float(step(*batch)["skipped"]) == 0.0
+    assert step._step._cache_size() == compiled  # no recompile: one step for both outcomes
+
+
+def test_save_refuses_non_finite_state(tmp_path):
+    mesh = tp_mesh(2)
+    layer = ParallelMLP(8, 12, mesh=mesh, rngs=nnx.Rngs(0))
+    layer.up.kernel[...] = layer.up.kernel[...].at[0, 0].set(np.inf)
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=2)
+    with pytest.raises(NonFiniteError, match="refusing to save checkpoint 3: 'up.kernel' holds a NaN or infinity"):
+        checkpointer.save(3, nnx.state(layer), {"step": 3})
+    checkpointer.close()
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_rotation_keeps_the_newest_intact_checkpoint(tmp_path):
+    layer = ParallelMLP(8, 12, mesh=tp_mesh(2), rngs=nnx.Rngs(0))
+    writer = Checkpointer(tmp_path, keep=3)
+    for step in (1, 2, 3):
+        writer.save(step, nnx.state(layer), {"step": step})
+    writer.close()
+    truncate = _largest_data_file(tmp_path / "3")
+    truncate.write_bytes(b"")
+    shutil.rmtree(tmp_path / "2" / "state")
+    resumed = Checkpointer(tmp_path, keep=1)  # newest kept: 3, damaged; 2 damaged; 1 intact
+    resumed.rotate()
+    resumed.close()
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [1, 3]
+
+
+def test_a_kill_between_commit_and_seal_leaves_a_usable_checkpoint(tmp_path):
+    """No manifest (killed after orbax's rename, before the seal): restored if it reads and is finite."""
+    mesh = tp_mesh(2)
+    layer = ParallelMLP(8, 12, mesh=mesh, rngs=nnx.Rngs(0))
+    writer = Checkpointer(tmp_path, keep=2)
+    writer.save(5, nnx.state(layer), {"step": 5})
+    writer.close()
+    (tmp_path / "5" / MANIFEST).unlink()
+    other = ParallelMLP(8, 12, mesh=mesh, rngs=nnx.Rngs(1))
+    reader = Checkpointer(tmp_path, keep=2)
+    _, progress = reader.restore(nnx.state(other), mesh)
+    reader.close()
+    assert progress == {"step": 5}
+    for name, value in export_state(other).items():
+        np.testing.assert_array_equal(value, export_state(layer)[name])
+
+
+def test_import_state_validates_every_entry_before_writing_any():
+    mlp = ParallelMLP(8, 30, mesh=tp_mesh(3), rngs=nnx.Rngs(0))
+    before = export_state(mlp)
+    state = {name: np.full(v.shape, 7.0, np.float32) for name, v in before.items()}
+    state["up.kernel"] = np.zeros((8, 29), np.float32)  # gate.kernel comes first and is fine
+    with pytest.raises(ValueError, match=r"'up.kernel' has shape \(8, 29\), expected \(8, 30\)"):
+        import_state(mlp, state)
+    state["up.kernel"] = np.array([["x"] * 30] * 8)
+    with pytest.raises(ValueError, match=r"'up.kernel' has dtype <U1, expected float32"):
+        import_state(mlp, state)
+    for name, value in export_state(mlp).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def test_run_lock_is_exclusive_and_released(tmp_path):
+    first = RunLock(tmp_path)
+    first.acquire()
+    with pytest.raises(RuntimeError, match=f"in use by process {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+    first.release()
+    with RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda m: ColumnParallelLinear(0, 8, mesh=m, rngs=nnx.Rngs(0)), "ColumnParallelLinear in_features must be a positive integer, got 0"),
+        (lambda m: RowParallelLinear(8, 4.0, mesh=m, rngs=nnx.Rngs(0)), "RowParallelLinear out_features must be a positive integer, got 4.0"),
+        (lambda m: ParallelMLP(8, -4, mesh=m, rngs=nnx.Rngs(0)), "ParallelMLP hidden_features must be a positive integer, got -4"),
+        (lambda m: VocabParallelEmbedding(True, 8, mesh=m, rngs=nnx.Rngs(0)), "VocabParallelEmbedding num_embeddings must be a positive integer, got True"),
+        (lambda m: RMSNorm("8", mesh=m, rngs=nnx.Rngs(0)), "RMSNorm features must be a positive integer, got '8'"),
+        (lambda m: MoEMLP(8, 16, num_experts=0, mesh=m, rngs=nnx.Rngs(0)), "MoEMLP num_experts must be a positive integer, got 0"),
+        (lambda m: ParallelAttention(64, 0, mesh=m, rngs=nnx.Rngs(0)), "ParallelAttention num_heads must be a positive integer, got 0"),
+    ],
+    ids=["column", "row", "mlp", "embedding", "norm", "moe", "attention"],
+)
+def test_layer_constructors_reject_bad_sizes(build, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build(make_mesh(tensor=2, devices=jax.devices()[:2]))
+
+
+# ---- preemption and kill -9 during an asynchronous save ------------------------
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_continues_exactly(trained_run, tmp_path, monkeypatch, capsys):
+    from lite_tp_jax.train import loop
+
+    run = tmp_path / "run"
+    calls = []
+
+    class SignalledAfterFirstStep(TrainStep):
+        def __call__(self, *batch):
+            metrics = super().__call__(*batch)
+            calls.append(1)
+            if len(calls) == 1:  # a real SIGTERM to this process, during training
+                os.kill(os.getpid(), __import__("signal").SIGTERM)
+            return metrics
+
+    monkeypatch.setattr(loop, "TrainStep", SignalledAfterFirstStep)
+    argv = ["train", str(TINY), "--no-progress", "--run-dir", str(run), "--set", *BASE]
+    assert main(argv) == 143
+    assert "preempted (SIGTERM): checkpoint 1 saved" in capsys.readouterr().err
+    assert Checkpointer(run / "checkpoints", keep=2).latest_step() == 1  # not a multiple of checkpoint.every
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert losses(run) == losses(trained_run)  # bitwise, each step once
+
+
+def test_kill_during_an_async_save_resumes_exactly(trained_run, tmp_path):
+    """kill -9 while checkpoint 4 is being written (its orbax temporary directory
+    exists): the rerun resumes from checkpoint 2 and reproduces the run."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "lite_tp_jax.cli", "train", str(TINY), "--no-progress",
+               "--run-dir", str(run), "--set", *BASE]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    in_flight = run / "checkpoints" / "4.orbax-checkpoint-tmp"
+    while not in_flight.exists() and process.poll() is None:
+        pass  # poll as fast as we can: the save takes tens of milliseconds
+    process.kill()
+    process.wait()
+    assert in_flight.exists(), "the kill should land during the save of checkpoint 4"
+    assert Checkpointer(run / "checkpoints", keep=2).latest_step() == 2
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    assert losses(run) == losses(trained_run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_model_mismatch_in_a_fresh_process_is_one_line(trained_run, tmp_path):
+    """No orbax advice, no "Event loop is closed" traceback at exit."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "lite_tp_jax.cli", "train", str(TINY), "--no-progress", "--run-dir", str(run),
+         "--set", *BASE, "model.num_kv_heads=4"], env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"lite-tp: error: Checkpoint {run}/checkpoints/4 does not match this model: "
+        f"'model.layers.blocks.0.attention.key.kernel' is [2, 64, 2, 16] in the checkpoint but [2, 64, 4, 16] "
+        f"in this model (a different model config? use another --run-dir to start afresh)."
+    ]

@@ -1,0 +1,302 @@
+"""Several processes, one mesh: the hybrid mesh layout, the launcher's
+supervision, and whole training runs across processes against one process.
+
+Multi-process runs are slow (every process compiles the step), so there are
+three launches in all, each covering several checks.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lite_tp_jax import cli
+from lite_tp_jax.launch import free_port, run_processes, worker_environment
+from lite_tp_jax.mesh import device_grid, split_over_processes
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+# --- the mesh over hosts ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FakeDevice:
+    id: int
+    process_index: int
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+
+
+def hosts(processes: int, per_process: int) -> list[FakeDevice]:
+    """Devices as JAX numbers them on a cluster: process k's ids start at k * 2048."""
+    return [FakeDevice(k * 2048 + i, k) for k in range(processes) for i in range(per_process)]
+
+
+def test_two_hosts_of_four_keep_tensor_inside_a_host():
+    grid = device_grid((2, 1, 1, 4), hosts(2, 4))  # data 2 x tensor 4
+    assert [[d.process_index for d in row] for row in grid.reshape(2, 4)] == [[0, 0, 0, 0], [1, 1, 1, 1]]
+    assert [[d.id for d in row] for row in grid.reshape(2, 4)] == [[0, 1, 2, 3], [2048, 2049, 2050, 2051]]
+    grid = device_grid((1, 2, 1, 4), hosts(2, 4))  # pipeline 2 x tensor 4: stages across hosts
+    assert [[d.process_index for d in row] for row in grid.reshape(2, 4)] == [[0, 0, 0, 0], [1, 1, 1, 1]]
+    grid = device_grid((4, 1, 1, 2), hosts(2, 4))  # data 4 x tensor 2: two data ranks per host
+    assert [[d.id for d in row] for row in grid.reshape(4, 2)] == [[0, 1], [2, 3], [2048, 2049], [2050, 2051]]
+
+
+def test_tensor_wider_than_a_host_spans_neighbouring_hosts():
+    grid = device_grid((2, 1, 1, 4), hosts(4, 2))
+    assert [[d.process_index for d in row] for row in grid.reshape(2, 4)] == [[0, 0, 1, 1], [2, 2, 3, 3]]
+    assert split_over_processes((2, 1, 1, 4), 2) == ((1, 1, 1, 2), (2, 1, 1, 2))
+
+
+def test_mesh_that_cannot_fill_hosts_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"data=2 x pipeline=1 x expert=1 x tensor=3 cannot be laid over processes of 4"):
+        split_over_processes((2, 1, 1, 3), 4)
+    with pytest.raises(ValueError, match="different numbers"):
+        device_grid((1, 1, 1, 6), hosts(2, 4)[:6])
+
+
+# --- start-up and data ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, False),
+        ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, False),  # one task: a one-process run
+        ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}, True),
+        ({"OMPI_COMM_WORLD_SIZE": "4"}, True),
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+        ({"LITE_TP_COORDINATOR": "127.0.0.1:1", "LITE_TP_NUM_PROCESSES": "2", "LITE_TP_PROCESS_ID": "0"}, True),
+    ],
+)
+def test_cluster_is_read_from_the_environment(monkeypatch, env, expected):
+    from lite_tp_jax.mesh import cluster_in_environment
+
+    for name in ("SLURM_NTASKS", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS",
+                 "LITE_TP_COORDINATOR", "LITE_TP_NUM_PROCESSES", "LITE_TP_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cluster_in_environment() is expected
+
+
+def test_deterministic_mode_sets_the_gpu_flag_once(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    cli._use_deterministic_gpu_ops()
+    cli._use_deterministic_gpu_ops()
+    import os
+
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_gpu_deterministic_ops=true"
+
+
+def test_device_batch_holds_the_batch():
+    from lite_tp_jax.mesh import make_mesh
+    from lite_tp_jax.train.data import Batches, device_batch, process_rows
+    from lite_tp_jax.train.step import batch_sharding
+
+    sharding = batch_sharding(make_mesh(data=2, tensor=4))
+    batches = Batches(np.arange(5000) % 256, 8, 16, seed=0)
+    assert process_rows(sharding, (8, 16)) == slice(0, 8)  # one process holds every row
+    for array, expected in zip(device_batch(batches, 3, sharding), batches.batch(3)):
+        assert array.sharding == sharding
+        np.testing.assert_array_equal(array, expected)
+    np.testing.assert_array_equal(batches.batch(3, slice(2, 5))[1], batches.batch(3)[1][2:5])
+
+
+# --- the launcher ------------------------------------------------------------------
+
+def environments(processes: int, devices: int) -> list[dict]:
+    port = free_port()  # one coordinator for all
+    return [worker_environment(rank, processes, devices, port) for rank in range(processes)]
+
+
+SCRIPT = """
+import os, sys, time
+rank = int(os.environ["LITE_TP_PROCESS_ID"])
+print(f"hello from {rank}", flush=True)
+if rank == 1:
+    time.sleep(0.5)
+    def inner(): raise RuntimeError(f"boom on rank {rank}")
+    inner()
+time.sleep(120)  # rank 0 would wait for its peer for ever
+"""
+
+
+def test_a_failing_process_stops_the_others(tmp_path, capsys):
+    envs = environments(2, 1)
+    code = run_processes([sys.executable, "-c", SCRIPT], envs, tmp_path / "logs")
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out == "hello from 0\n"  # only rank 0's output is shown
+    assert err.startswith("lite-tp launch: process 1 exited with code 1: RuntimeError: boom on rank 1")
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert "Traceback" in (tmp_path / "logs" / "rank-1.log").read_text()
+    assert "hello from 1" in (tmp_path / "logs" / "rank-1.log").read_text()
+
+
+ABORT = r"""
+import os, sys
+sys.stderr.write("F1125 client.h:80] Terminating process because the JAX distributed service detected fatal errors.\n"
+                 "\nRPC: /xla.coordination.CoordinationService/RegisterTask\n*** Check failure stack trace: ***\n"
+                 "    @     0x7fee99b58ba3  PyObject_Vectorcall\n")
+sys.stderr.flush()
+os.abort()
+"""
+
+
+def test_an_aborted_process_reports_its_fatal_line_not_its_stack(tmp_path, capsys):
+    assert run_processes([sys.executable, "-c", ABORT], environments(1, 1), tmp_path / "logs") == 1
+    err = capsys.readouterr().err
+    assert "process 0 was killed by signal 6: F1125 client.h:80] Terminating process because" in err, err
+
+
+def test_bad_input_in_the_workers_exits_2(tmp_path, capsys):
+    envs = environments(2, 1)
+    argv = [sys.executable, "-m", "lite_tp_jax.cli", "train", str(tmp_path / "missing.yaml")]
+    assert run_processes(argv, envs, tmp_path / "logs") == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "missing.yaml" in err, err
+
+
+def test_a_process_that_cannot_start(tmp_path, capsys):
+    envs = environments(2, 1)
+    assert run_processes([str(tmp_path / "no-such-program")], envs, tmp_path / "logs") == 1
+    assert "process 0 failed to start" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["launch", "--processes", "3", "--", "train", str(TINY), "--set", "mesh.tensor=4"],
+         "4 devices do not split evenly over --processes 3"),
+        (["launch", "--processes", "2", "--", "train", str(TINY), "--set", "train.stepz=4"], "train.stepz"),
+        (["launch", "--processes", "2", "--", "plan"], "launch runs 'train' or 'generate'"),
+        (["launch", "--processes", "2", "--", "train", str(TINY), "--set", "mesh.spares=1"], "set mesh.spares=0"),
+    ],
+)
+def test_bad_launch_arguments_exit_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+# --- training across processes ------------------------------------------------------
+
+DATA2_TENSOR4 = ["mesh.data=2", "mesh.tensor=4", "checkpoint.every=2", "checkpoint.keep=3"]
+STEPS = 6
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_here(run_dir, overrides):
+    """The same run in this process (8 fake devices), for reference."""
+    from lite_tp_jax.train.config import load_config
+    from lite_tp_jax.train.loop import Trainer
+
+    return [r["loss"] for r in Trainer(load_config(TINY, overrides), run_dir).run(show_progress=False)]
+
+
+def launch_cli(*argv, timeout=900):
+    result = subprocess.run(
+        [sys.executable, "-m", "lite_tp_jax.cli", "launch", *argv], capture_output=True, text=True, timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """data 2 x tensor 4 for 6 steps in this process; checkpoints at 2, 4, 6."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    return run_dir, train_here(run_dir, [*DATA2_TENSOR4, f"train.steps={STEPS}"])
+
+
+def test_two_processes_train_as_one_and_restore_in_one(one_process_run, tmp_path):
+    """`lite-tp launch --processes 2 -- train tiny data 2 x tensor 4`: the same
+    losses as one process; its checkpoint (written by 2 processes) resumes here."""
+    reference_dir, reference = one_process_run
+    run_dir = tmp_path / "two"
+    result = launch_cli("--processes", "2", "--", "train", str(TINY), "--run-dir", str(run_dir), "--no-progress",
+                        "--set", *DATA2_TENSOR4, "train.steps=4")
+    np.testing.assert_allclose(losses(run_dir), reference[:4], rtol=1e-5)
+    assert "trained steps 1..4" in result.stdout and "Gloo" not in result.stdout + result.stderr
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank-0.log", "rank-1.log"]
+    assert "trained steps" not in (run_dir / "logs" / "rank-1.log").read_text()  # only process 0 reports
+    assert (run_dir / "config.yaml").exists()
+
+    resumed = train_here(run_dir, [*DATA2_TENSOR4, f"train.steps={STEPS}"])  # 2 processes -> 1
+    np.testing.assert_allclose(resumed, reference[4:], rtol=1e-5)
+
+
+def test_four_processes_resume_a_one_process_checkpoint(one_process_run, tmp_path):
+    """4 processes x 2 devices (tensor spans two hosts) resume step 4 of the
+    one-process run and continue it: 1 process -> 4."""
+    reference_dir, reference = one_process_run
+    run_dir = tmp_path / "four"
+    shutil.copytree(reference_dir / "checkpoints" / "4", run_dir / "checkpoints" / "4")
+    launch_cli("--processes", "4", "--", "train", str(TINY), "--run-dir", str(run_dir), "--no-progress",
+               "--set", *DATA2_TENSOR4, f"train.steps={STEPS}")
+    np.testing.assert_allclose(losses(run_dir), reference[4:], rtol=1e-5)
+
+
+DETERMINISTIC_MESH = ["mesh.tensor=8", "train.steps=3"]
+PIPELINE_MESH = ["mesh.pipeline=2", "mesh.tensor=4", "train.microbatches=2", "train.steps=2"]
+
+
+def final_parameters(run_dir, overrides) -> dict[str, np.ndarray]:
+    from dataclasses import asdict
+
+    from flax import nnx
+
+    from lite_tp_jax import export_state
+    from lite_tp_jax.mesh import make_mesh_for
+    from lite_tp_jax.train.checkpoint import Checkpointer
+    from lite_tp_jax.train.config import load_config
+    from lite_tp_jax.train.step import create_model_and_optimizer
+
+    config = load_config(TINY, overrides)
+    mesh = make_mesh_for(asdict(config.mesh))
+    model, optimizer = create_model_and_optimizer(config.model, config.train, mesh)
+    state, _ = Checkpointer(Path(run_dir) / "checkpoints", keep=2).restore(nnx.state((model, optimizer)), mesh)
+    nnx.update((model, optimizer), state)
+    return export_state(model)
+
+
+def test_deterministic_mode_gives_the_same_bits_on_two_processes(tmp_path):
+    """tensor 8 over 1 process x 8 devices and over 2 processes x 4: with
+    train.deterministic the per-step losses and final parameters are bitwise
+    equal. Default mode is not: its all-reduce of the same rows gives other
+    bits across processes (the deterministic one the same). The tensor axis
+    spans both processes, and the 2 kv heads are replicated over it. The same
+    launch also trains pipeline 2 x tensor 4 across 2 processes."""
+    from launch_worker import all_reduce_sums
+
+    deterministic = [*DETERMINISTIC_MESH, "train.deterministic=true"]
+    plan = [{"run_dir": str(tmp_path / "two" / "deterministic"), "overrides": deterministic},
+            {"run_dir": str(tmp_path / "two" / "pipeline"), "overrides": PIPELINE_MESH},
+            {"all_reduce_to": str(tmp_path / "two" / "sums.npz")}]
+    (tmp_path / "two").mkdir()
+    worker = [sys.executable, str(ROOT / "tests" / "launch_worker.py"), json.dumps(plan)]
+    assert run_processes(worker, environments(2, 4), tmp_path / "logs") == 0
+
+    assert losses(tmp_path / "two" / "deterministic") == train_here(tmp_path / "one", deterministic)
+    one, two = (final_parameters(path, deterministic) for path in (tmp_path / "one", tmp_path / "two" / "deterministic"))
+    for name in one:
+        np.testing.assert_array_equal(two[name], one[name], err_msg=name)
+
+    here, there = all_reduce_sums(), np.load(tmp_path / "two" / "sums.npz")
+    np.testing.assert_array_equal(there["deterministic"], here["deterministic"])
+    np.testing.assert_allclose(there["default"], here["default"], rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(there["default"], here["default"])
+
+    np.testing.assert_allclose(losses(tmp_path / "two" / "pipeline"), train_here(tmp_path / "pipeline", PIPELINE_MESH),
+                               rtol=1e-5)
