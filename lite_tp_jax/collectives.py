@@ -193,6 +193,20 @@ def to_varying(x: jax.Array, axis: Axis = TENSOR) -> jax.Array:
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
+def cast_for(w: jax.Array, x: jax.Array, dtype=None) -> jax.Array:
+    """Parameter ``w`` cast to ``dtype`` (default: activation ``x``'s) for use
+    with ``x`` (mixed precision: float32 master weights, bfloat16 compute). ``w``
+    is first made per-rank over the axes ``x`` varies along (what using it with
+    ``x`` would do implicitly), so the backward's gradient sum over those ranks
+    runs in ``w``'s float32."""
+    dtype = x.dtype if dtype is None else dtype
+    if w.dtype == dtype:
+        return w
+    varying = jax.typeof(w).mat.varying
+    missing = tuple(sorted(axis for axis in jax.typeof(x).mat.varying if axis not in varying))
+    return (jax.lax.pcast(w, missing, to="varying") if missing else w).astype(dtype)
+
+
 # --- Megatron conjugate pairs ---------------------------------------------------
 
 

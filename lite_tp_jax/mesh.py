@@ -130,6 +130,21 @@ def make_mesh_for(sizes: dict[str, int]) -> Mesh:
     return make_mesh(**sizes, devices=devices)
 
 
+BF16_CPU_FLAG = "--xla_disable_hlo_passes=all-reduce-promotion"
+"""XLA's CPU pass that widens bfloat16 all-reduces to float32 aborts the process
+(``Invalid binary instruction opcode copy``) on one inside a shard_map that
+leaves some mesh axes automatic, as the model's region does with axes of size
+1. Without the pass the CPU runtime sums bfloat16 directly, correctly
+(tests/test_mixed_precision.py). Read when jax initialises its backends."""
+
+
+def allow_bf16_cpu_all_reduce() -> None:
+    """Adds ``BF16_CPU_FLAG`` to ``XLA_FLAGS`` (before jax initialises; CPU runs only)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if BF16_CPU_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {BF16_CPU_FLAG}".strip()
+
+
 def provide_cpu_devices(count: int) -> None:
     """Makes jax expose ``count`` CPU devices (fake ones on a single host).
 
@@ -147,6 +162,7 @@ def provide_cpu_devices(count: int) -> None:
                 f"JAX_NUM_CPU_DEVICES={count}) before the first jax operation."
             )
         return
+    allow_bf16_cpu_all_reduce()
     jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
 
 

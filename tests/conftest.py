@@ -13,6 +13,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
+from lite_tp_jax.mesh import allow_bf16_cpu_all_reduce  # noqa: E402
+
+allow_bf16_cpu_all_reduce()  # bf16 compute on CPU (mesh.BF16_CPU_FLAG)
 jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402

@@ -2,7 +2,7 @@
 
     x (replicated) -> q_i, k_i, v_i = x @ W_q[:, heads_i], x @ W_k[:, kv_i], x @ W_v[:, kv_i]   no communication
                    -> (RoPE on q_i, k_i)                                                    local
-                   -> o_i = softmax(causal(q_i k_i^T / sqrt(head_dim))) v_i                 local, per head
+                   -> o_i = softmax(causal(q_i k_i^T / sqrt(head_dim))) v_i                 local, per head (attention_core)
                    -> y = all-reduce(o_i @ W_out[heads_i]) + b                              one all-reduce
 
 Backward mirrors it: one all-reduce of the input gradient (the three
@@ -11,6 +11,12 @@ projections enter the region together, ``copy_to_tensor_region``). With
 all-gather on entry and a reduce-scatter on exit replace the all-reduce
 (backward: a reduce-scatter of dx and an all-gather of dy). The positions of
 RoPE are those of the full, gathered sequence.
+
+``attention_core`` is the one place scores and softmax are computed; ``kernel``
+picks ``jax.nn.dot_product_attention``'s implementation (``auto``, ``xla``,
+``cudnn``: the flash kernel on GPU) or the plain ``reference``. Projections run
+in the input's dtype (kernels are cast to it: bfloat16 compute, float32 master
+weights); scores and softmax in float32.
 
 Parameters, as ``export_state`` names them (Flax layout, ``x @ W``)::
 
@@ -47,15 +53,16 @@ num_kv_heads`` query heads that attend with it (query head ``j`` uses kv head
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.collectives import copy_to_tensor_region, enter_tensor_parallel, exit_tensor_parallel
+from lite_tp_jax.collectives import cast_for, copy_to_tensor_region, enter_tensor_parallel, exit_tensor_parallel
 from lite_tp_jax.layers.rotary import RopeScaling, apply_rotary
 from lite_tp_jax.mesh import TENSOR
 from lite_tp_jax.padding import mask_padding
@@ -69,6 +76,36 @@ zeros_init = nnx.initializers.zeros_init()
 _projection_kernel_init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
 _out_kernel_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
 
+
+AttentionKernel = Literal["auto", "xla", "cudnn", "reference"]
+ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
+
+
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, kernel: AttentionKernel = "auto") -> jax.Array:
+    """``softmax(causal(q k^T / sqrt(D))) v`` per head, one rank's heads, no communication.
+
+    ``q``: ``[B, S, N, D]``; ``k``, ``v``: ``[B, S, K, D]`` with ``K`` dividing
+    ``N`` (query head ``n`` attends with kv head ``n // (N / K)``). Scores and
+    softmax are float32; the result has ``v``'s dtype.
+
+    ``kernel``: ``reference`` is the plain einsum / softmax below, whose softmax
+    output is named ``attention_weights`` for the remat policies; the others
+    are ``jax.nn.dot_product_attention`` with ``implementation`` ``xla``,
+    ``cudnn`` (the fused flash kernel: GPU, 16-bit dtypes; ``[S, S]`` is never
+    materialised) or ``auto`` (None: cudnn where it applies, else xla).
+    """
+    if kernel != "reference":
+        implementation = None if kernel == "auto" else kernel
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    seq, head_dim = q.shape[1], q.shape[-1]
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(head_dim))
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    weights = checkpoint_name(jax.nn.softmax(logits, axis=-1).astype(v.dtype), "attention_weights")
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 class KVCache(NamedTuple):
     """Keys and values of cached positions, ``[..., batch, slots, kv heads, head_dim]``
@@ -132,11 +169,15 @@ class ParallelAttention(ParallelLayer):
         sequence_parallel: bool = False,
         rope_theta: float | None = None,
         rope_scaling: RopeScaling | None = None,
+        kernel: AttentionKernel = "auto",
         param_dtype: Any = jnp.float32,
         role: str = "attention",
         rules: PartitionRules = MEGATRON,
         rngs: nnx.Rngs,
     ):
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"ParallelAttention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}.")
+        self.attention_kernel = kernel
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta)
         features, num_heads, num_kv_heads = int(features), int(num_heads), int(num_kv_heads)
@@ -216,20 +257,16 @@ class ParallelAttention(ParallelLayer):
             positions = jnp.arange(seq)
             q = apply_rotary(q, positions, self.rope_theta, self.rope_scaling)
             k = apply_rotary(k, positions, self.rope_theta, self.rope_scaling)
-        k, v = self._kv_per_query_head(k, q.shape[2]), self._kv_per_query_head(v, q.shape[2])
+        if not self.kv_sharded:  # each local query head picks its kv head: a group of 1
+            k, v = self._kv_per_query_head(k, q.shape[2]), self._kv_per_query_head(v, q.shape[2])
+        q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query", "key", "value")))
+        o = checkpoint_name(attention_core(q, k, v, self.attention_kernel), "attention_output")  # [B, S, local heads, D]
 
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
-        causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-        logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        o = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # [B, S, local heads, D]
-
-        out_kernel = mask_padding(self.out.kernel[...], 0, self.num_heads)
+        out_kernel = cast_for(mask_padding(self.out.kernel[...], 0, self.num_heads), o)
         partial_sums = jnp.einsum("bqhd,hdf->bqf", o, out_kernel)
         y = exit_tensor_parallel(partial_sums, self.sequence_parallel)
         if self.out.bias is not None:  # per-rank on sequence shards: its gradient is all-reduced
-            bias = self.out.bias[...]
+            bias = cast_for(self.out.bias[...], y)
             y = y + (copy_to_tensor_region(bias) if self.sequence_parallel else bias)
         return y
 
@@ -323,8 +360,8 @@ class ParallelAttention(ParallelLayer):
     def _project(projection: _Projection, x: jax.Array, logical_heads: int | None) -> jax.Array:
         """``x @ kernel (+ bias)`` per head; ``logical_heads`` set when the head dim
         is split over "tensor", so its padded heads are zeroed first."""
-        kernel = projection.kernel[...]
-        bias = None if projection.bias is None else projection.bias[...]
+        kernel = cast_for(projection.kernel[...], x)
+        bias = None if projection.bias is None else cast_for(projection.bias[...], x)
         if logical_heads is not None:
             kernel = mask_padding(kernel, 1, logical_heads)
             bias = None if bias is None else mask_padding(bias, 0, logical_heads)
@@ -335,9 +372,8 @@ class ParallelAttention(ParallelLayer):
         return y if bias is None else y + bias
 
     def _kv_per_query_head(self, kv: jax.Array, local_heads: int) -> jax.Array:
-        """The k (or v) heads of this rank's ``local_heads`` query heads, ``[B, S, local_heads, D]``."""
-        if self.kv_sharded:  # this rank holds whole groups: local q head i uses local kv head i // group
-            return jnp.repeat(kv, self.group, axis=2)
+        """With kv replicated over "tensor": the k (or v) heads of this rank's
+        ``local_heads`` query heads, ``[B, S, local_heads, D]``."""
         # kv replicated: global q head j uses kv head j // group (clamped for padded q heads).
         first = jax.lax.axis_index(TENSOR) * local_heads
         kv_index = jnp.minimum((first + jnp.arange(local_heads)) // self.group, self.num_kv_heads - 1)

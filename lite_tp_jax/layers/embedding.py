@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lite_tp_jax.collectives import (
+    cast_for,
     copy_to_tensor_region,
     gather_from_sequence_region,
     reduce_from_tensor_region,
@@ -76,10 +77,12 @@ class VocabParallelEmbedding(ParallelLayer):
         param_dtype: Any = jnp.float32,
         role: str = "embedding",
         rules: PartitionRules = MEGATRON,
+        dtype: Any = None,
         rngs: nnx.Rngs,
     ):
         check_positive_int("VocabParallelEmbedding", num_embeddings=num_embeddings, features=features)
         self.mesh = mesh
+        self.dtype = dtype  # of the looked-up vectors (the compute dtype); None: param_dtype
         self.num_embeddings, self.features = num_embeddings, features
         self.sequence_parallel = sequence_parallel
         self.embedding = rules.param(
@@ -105,6 +108,7 @@ class VocabParallelEmbedding(ParallelLayer):
     def local(self, ids: jax.Array) -> jax.Array:
         """One rank's math: ``ids`` full (replicated over "tensor")."""
         table = self._table()
+        table = table if self.dtype is None else cast_for(table, ids, self.dtype)
         rows = table.shape[0]
         local_ids = ids - jax.lax.axis_index(self.vocab_axes) * rows
         mine = (local_ids >= 0) & (local_ids < rows)
@@ -136,4 +140,4 @@ class VocabParallelEmbedding(ParallelLayer):
         if self.sequence_parallel:
             x = gather_from_sequence_region(x, TENSOR, -2)
         x = copy_to_tensor_region(x, self.vocab_axes)  # no-op for axes already per-rank
-        return x @ self._table().T
+        return jnp.matmul(x, cast_for(self._table(), x).T, preferred_element_type=jnp.float32)

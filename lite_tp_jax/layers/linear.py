@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lite_tp_jax.collectives import (
+    cast_for,
     copy_to_tensor_region,
     enter_tensor_parallel,
     exit_tensor_parallel,
@@ -93,9 +94,9 @@ class ColumnParallelLinear(ParallelLayer):
         shard with ``sequence_parallel``. Returns this rank's ``[..., out_i]`` slice
         of the padded output (or the full output with ``gather_output``)."""
         x = enter_tensor_parallel(x, self.sequence_parallel)
-        y = x @ mask_padding(self.kernel[...], 1, self.out_features)
+        y = x @ cast_for(mask_padding(self.kernel[...], 1, self.out_features), x)  # computes in x's dtype
         if self.bias is not None:
-            y = y + mask_padding(self.bias[...], 0, self.out_features)
+            y = y + cast_for(mask_padding(self.bias[...], 0, self.out_features), x)
         if self.gather_output:
             y = gather_from_tensor_region(y, TENSOR, -1)[..., : self.out_features]
         return y
@@ -154,10 +155,10 @@ class RowParallelLinear(ParallelLayer):
         if not self.input_is_parallel:
             x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.in_padded - self.in_features)])
             x = scatter_to_tensor_region(x, TENSOR, -1)
-        partial_sums = x @ mask_padding(self.kernel[...], 0, self.in_features)
+        partial_sums = x @ cast_for(mask_padding(self.kernel[...], 0, self.in_features), x)  # in x's dtype
         y = exit_tensor_parallel(partial_sums, self.sequence_parallel)
         if self.bias is not None:
-            y = y + self._replicated_bias()
+            y = y + cast_for(self._replicated_bias(), y)
         return y
 
     def _replicated_bias(self) -> jax.Array:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from lite_tp_jax.collectives import enter_tensor_parallel
@@ -75,8 +76,10 @@ class ParallelMLP(ParallelLayer):
     def local(self, x: jax.Array) -> jax.Array:
         # Enter the region once for gate and up, so backward has one collective for dx.
         x = enter_tensor_parallel(x, self.sequence_parallel)
+        # Named for the remat policies (models/transformer.py): what the backward keeps.
+        up = checkpoint_name(self.up(x), "mlp_up")
         if self.gate is not None:
-            h = jax.nn.silu(self.gate(x)) * self.up(x)
+            h = jax.nn.silu(checkpoint_name(self.gate(x), "mlp_gate")) * up
         else:
-            h = jax.nn.gelu(self.up(x))
-        return self.down(h)
+            h = jax.nn.gelu(up)
+        return self.down(checkpoint_name(h, "mlp_hidden"))

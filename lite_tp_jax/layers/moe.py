@@ -85,6 +85,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from lite_tp_jax.collectives import (
+    cast_for,
     COLLECTIVE_OUTPUT,
     all_reduce,
     check_axis,
@@ -263,22 +264,22 @@ class MoEMLP(ParallelLayer):
 
         # Dispatch, and send each expert's buffers to the expert rank that owns it.
         expert_in = jnp.einsum("bsec,bsh->bech", dispatch, x)  # [B_l, E, C, H]
-        expert_in = _all_to_all(expert_in, 1, 0)  # [ep*B_l, E_l, C, H]
+        expert_in = checkpoint_name(_all_to_all(expert_in, 1, 0), "moe_dispatched")  # [ep*B_l, E_l, C, H]
         local_experts = expert_in.shape[1]
         expert_in = jnp.swapaxes(expert_in, 0, 1).reshape(local_experts, -1, x.shape[-1])
 
         # The local experts on this rank's hidden shard: partial sums over "tensor".
         hidden = self.hidden_features
-        w_gate = mask_padding(self.gate.kernel[...], 2, hidden)
-        w_up = mask_padding(self.up.kernel[...], 2, hidden)
-        w_down = mask_padding(self.down.kernel[...], 1, hidden)
+        w_gate = cast_for(mask_padding(self.gate.kernel[...], 2, hidden), expert_in)
+        w_up = cast_for(mask_padding(self.up.kernel[...], 2, hidden), expert_in)
+        w_down = cast_for(mask_padding(self.down.kernel[...], 1, hidden), expert_in)
         h = jax.nn.silu(jnp.einsum("eth,ehf->etf", expert_in, w_gate))
         h = h * jnp.einsum("eth,ehf->etf", expert_in, w_up)
         expert_out = jnp.einsum("etf,efh->eth", h, w_down)  # [E_l, ep*B_l*C, H]
 
         # Back to the rows' expert ranks, combine; then the one tensor reduction.
         expert_out = expert_out.reshape(local_experts, -1, slots, expert_out.shape[-1])
-        expert_out = _all_to_all(jnp.swapaxes(expert_out, 0, 1), 0, 1)  # [B_l, E, C, H]
+        expert_out = checkpoint_name(_all_to_all(jnp.swapaxes(expert_out, 0, 1), 0, 1), "moe_combined")  # [B_l, E, C, H]
         y = jnp.einsum("bsec,bech->bsh", combine, expert_out.astype(combine.dtype))
         y = exit_tensor_parallel(y, self.sequence_parallel)
         return y, self._row_sums(probs, assigned, dropped)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 Remat = Literal["none", "full", "selective"]
+ComputeDtype = Literal["float32", "bfloat16"]
+AttentionKernel = Literal["auto", "xla", "cudnn", "reference"]  # layers.attention.attention_core
 Norm = Literal["rms", "layer"]
 Activation = Literal["swiglu", "gelu"]
 Position = Literal["rope", "learned"]
@@ -26,6 +28,13 @@ class ModelConfig:
     tie_embeddings: bool = False
     sequence_parallel: bool = False
     remat: Remat = "none"
+    # Efficiency. compute_dtype: matmuls and activation collectives (parameters,
+    # optimizer state, softmax, norms and the loss stay float32). attention: the
+    # kernel of the attention core: jax.nn.dot_product_attention's "xla" or
+    # "cudnn" (flash; GPU, bfloat16), "auto" (cudnn where it applies), or the plain
+    # einsum "reference" (the only one whose softmax remat "none" keeps).
+    compute_dtype: ComputeDtype = "float32"
+    attention: AttentionKernel = "auto"
     # Mixture of experts: every moe_every-th layer (0: none) has num_experts
     # SwiGLU experts of ffn_hidden_size, top_k routing, and a capacity of
     # capacity_factor * tokens * top_k / num_experts per expert (null: dropless).

@@ -26,9 +26,25 @@ collective is one the code asks for:
 Layers are grouped (``moe_every`` layers, the last one MoE; or single dense
 layers), stacked ``[virtual_stages, groups / virtual_stages, ...]`` and run
 with ``jax.lax.scan``, so compile time does not grow with depth. ``remat``
-picks what the backward recomputes: ``full`` saves only the collectives'
-outputs, ``selective`` also the matmul outputs; no policy runs a collective
-twice.
+picks what a layer keeps for its backward (``REMAT_SAVES``, tensors named with
+``checkpoint_name`` in the layers' math); everything else is recomputed:
+
+* ``none``: every matmul's input (norm outputs, q/k/v, attention output, MLP
+  gate/up/hidden) and the softmax output (Megatron without recomputation);
+* ``selective``: the same without the softmax: scores and softmax are
+  recomputed (Korthikanti et al.'s selective recomputation);
+* ``full``: only the residual stream (layer input, and after attention).
+
+With ``sequence_parallel`` the saved norm outputs are the sequence shards, as
+in Megatron-LM: the backward all-gathers them again (one all-gather of
+``B·S·H`` per attention and MLP per layer, the forward's, run twice), so every
+saved activation is 1/t of the sequence. No policy reruns an all-reduce or a
+reduce-scatter.
+
+``compute_dtype`` (bfloat16) applies to the embedding lookup and from there to
+every activation: each layer computes in its input's dtype, casting its
+float32 parameters as it reads them; norms, softmax, logits and the loss stay
+float32.
 """
 
 from __future__ import annotations
@@ -39,10 +55,11 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.collectives import COLLECTIVE_OUTPUT, reduce_from_tensor_region
+from lite_tp_jax.collectives import reduce_from_tensor_region
 from lite_tp_jax.layers.attention import KVCache, ParallelAttention
 from lite_tp_jax.layers.cross_entropy import vocab_parallel_cross_entropy
 from lite_tp_jax.layers.embedding import VocabParallelEmbedding
@@ -148,6 +165,7 @@ class Block(ParallelLayer):
             sequence_parallel=config.sequence_parallel,
             rope_theta=config.rope_theta if config.position == "rope" else None,
             rope_scaling=rope_scaling(config),
+            kernel=config.attention,
             rules=rules,
             rngs=rngs,
         )
@@ -171,11 +189,14 @@ class Block(ParallelLayer):
         return self.run(lambda self, x: self.local(x)[0], Layout((activation,), activation.of(x.ndim)), x)
 
     def local(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        x = x + self.attention(self.attention_norm(x))
+        # checkpoint_name: what the remat policies may keep (REMAT_SAVES)
+        x = x + self.attention(checkpoint_name(self.attention_norm(x), "attention_input"))
+        x = checkpoint_name(x, "attention_residual")
+        h = checkpoint_name(self.mlp_norm(x), "mlp_input")
         if isinstance(self.mlp, MoEMLP):
-            y, stats = self.mlp(self.mlp_norm(x))
+            y, stats = self.mlp(h)
             return x + y, stats
-        return x + self.mlp(self.mlp_norm(x)), zero_stats()
+        return x + self.mlp(h), zero_stats()
 
     def decode(self, x, cache: KVCache, layer: tuple, cursor, start) -> tuple[jax.Array, KVCache]:
         """``local`` with the attention extending and reading the KV cache (its buffers ``cache.key[layer]``)."""
@@ -214,18 +235,25 @@ class LayerGroup(nnx.Module):
 
 
 
+_RESIDUAL_STREAM = ("attention_residual",)  # and the layer input, which scan keeps anyway
+_MATMUL_INPUTS = (
+    "attention_input", "query", "key", "value", "attention_output",  # layers/attention.py
+    "mlp_input", "mlp_gate", "mlp_up", "mlp_hidden",  # layers/mlp.py
+    "moe_dispatched", "moe_combined",  # layers/moe.py: all-to-all outputs, never rerun
+)
+REMAT_SAVES: dict[str, tuple[str, ...]] = {
+    "none": _RESIDUAL_STREAM + _MATMUL_INPUTS + ("attention_weights",),
+    "selective": _RESIDUAL_STREAM + _MATMUL_INPUTS,
+    "full": _RESIDUAL_STREAM,
+}
+"""The named tensors each remat setting keeps per layer for the backward."""
+
+
 def remat_policy(remat: Remat):
-    """The ``jax.checkpoint`` policy for a layer group, or None for no rematerialisation."""
-    never_recompute_collectives = jax.checkpoint_policies.save_only_these_names(COLLECTIVE_OUTPUT)
-    if remat == "none":
-        return None
-    if remat == "full":
-        return never_recompute_collectives
-    if remat == "selective":
-        return jax.checkpoint_policies.save_from_both_policies(
-            jax.checkpoint_policies.dots_with_no_batch_dims_saveable, never_recompute_collectives
-        )
-    raise ValueError(f"remat must be one of none, full, selective, got {remat!r}.")
+    """The ``jax.checkpoint`` policy for a layer group: keep ``REMAT_SAVES[remat]``, recompute the rest."""
+    if remat not in REMAT_SAVES:
+        raise ValueError(f"remat must be one of {', '.join(REMAT_SAVES)}, got {remat!r}.")
+    return jax.checkpoint_policies.save_only_these_names(*REMAT_SAVES[remat])
 
 
 def partition_rules(config: ModelConfig, *, shard_over_data: bool = False) -> PartitionRules:
@@ -272,8 +300,9 @@ class Transformer(nnx.Module):
         self.batch_axes = tuple(axis for axis in BATCH_AXES if axis in self.axes)
         self.vocab_axes = vocab_axes(mesh)
         sp = config.sequence_parallel
+        dtype = jnp.dtype(config.compute_dtype)  # of every activation, from the embedding lookup on
         table = dict(mesh=mesh, sequence_parallel=sp, rules=rules, rngs=rngs)
-        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, role="embedding", **table)
+        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, role="embedding", dtype=dtype, **table)
         self.positions = (
             LearnedPositions(config.max_positions, config.hidden_size, mesh=mesh, sequence_parallel=sp, rules=rules, rngs=rngs)
             if config.position == "learned"
@@ -427,9 +456,7 @@ class Transformer(nnx.Module):
         def one_group(x, group_state):
             return nnx.merge(graphdef, group_state)(x)
 
-        policy = remat_policy(self.config.remat)
-        if policy is not None:
-            one_group = jax.checkpoint(one_group, policy=policy, prevent_cse=False)
+        one_group = jax.checkpoint(one_group, policy=remat_policy(self.config.remat), prevent_cse=False)
 
         def run_chunk(chunk, x):
             x, stats = jax.lax.scan(one_group, x, chunk)

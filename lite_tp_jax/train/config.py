@@ -99,6 +99,13 @@ class TrainConfig:
     b2: float = 0.95
     grad_clip: float = 1.0
     microbatches: int = 1  # pipeline microbatches per step (per data-parallel replica)
+    # Gradient accumulation: each rank's rows run as grad_accum micro-steps (a
+    # scan), their gradients averaged into one update; each micro-step is split
+    # into `microbatches` again under pipeline parallelism.
+    grad_accum: int = 1
+    # ZeRO-1 over "data": parameters and AdamW moments stored split over the
+    # data-parallel ranks (gathered on use, gradients reduce-scattered).
+    shard_optimizer: bool = False
     deterministic: bool = False  # reductions in fixed rank order: same bits on any process layout
     on_nonfinite: NonFinitePolicy = "stop"  # a NaN/inf loss or gradient norm: stop (exit 1) or skip the update
 
@@ -228,6 +235,7 @@ _RANGES: dict[str, _Range] = {
     "train.b2": _Range(0, 1, hi_open=True),
     "train.grad_clip": _ABOVE_ZERO,
     "train.microbatches": _POSITIVE,
+    "train.grad_accum": _POSITIVE,
     "checkpoint.every": _POSITIVE,
     "checkpoint.keep": _POSITIVE,
     "fault.fail_device": _NON_NEGATIVE,

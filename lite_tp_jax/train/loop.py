@@ -50,14 +50,16 @@ from lite_tp_jax.train.data import Batches, device_batch, load_tokens
 from lite_tp_jax.train.preemption import PreemptionWatch
 from lite_tp_jax.train.preflight import check_writable
 from lite_tp_jax.train.run_lock import RunLock
-from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+from lite_tp_jax.train.step import TrainStep, batch_sharding, check_grad_accum, create_model_and_optimizer
 
 
 def check_fits_mesh(config: Config, mesh) -> None:
     """The model and the batch fit the mesh (rules owned by the model); errors name config keys."""
     try:
         model_fits_mesh(config.model, mesh)
-        check_batch(config.model, mesh, config.train.global_batch, config.train.seq_len, config.train.microbatches)
+        train = config.train
+        check_batch(config.model, mesh, train.global_batch, train.seq_len, train.microbatches if train.grad_accum == 1 else 1)
+        check_grad_accum(train, mesh)
         if config.model.moe_every:
             MoEMLP.check_experts(config.model.num_experts, mesh)
     except FitError as error:

@@ -14,10 +14,18 @@ A step whose loss, gradient norm or updated parameters (their global norm: one
 more scalar all-reduce) are not finite leaves parameters and optimizer state
 as they were and reports ``skipped = 1``; the loop decides whether to stop or
 go on (``train.on_nonfinite``).
+
+Gradient accumulation (``train.grad_accum = k``): each rank's rows are split
+into k micro-steps (rows i, i+k, i+2k, ...: a local reshape), run one after
+the other by ``jax.lax.scan``; their gradients are summed in float32 and
+divided by k, then one optimizer update. The loss and update equal those of
+the whole batch, with the activation memory of 1/k of it. Pipeline
+microbatches split each micro-step again.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -26,13 +34,16 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from lite_tp_jax.mesh import DATA, EXPERT, PIPELINE
 from lite_tp_jax.collectives import deterministic_collectives
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.models.transformer import Transformer
+from lite_tp_jax.models.transformer import Transformer, partition_rules
 from lite_tp_jax.parallel.grads import clip_by_norm, global_norm
 from lite_tp_jax.plan.rules import batch_spec, param_shardings
 from lite_tp_jax.train.config import TrainConfig
+from lite_tp_jax.validate import FitError
 
 
 def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
@@ -73,8 +84,13 @@ def create_model_and_optimizer(
     model_config: ModelConfig, train: TrainConfig, mesh: Mesh
 ) -> tuple[Transformer, nnx.Optimizer]:
     """A sharded model (initialised from ``train.seed``, identically for any mesh)
-    and its optimizer, whose state is sharded like the parameters."""
-    model = Transformer(model_config, mesh=mesh, rngs=nnx.Rngs(train.seed))
+    and its optimizer, whose state is sharded like the parameters. With
+    ``train.shard_optimizer`` (ZeRO-1, Megatron's distributed optimizer) the
+    parameters, and so the AdamW moments, are stored split over "data": the
+    region all-gathers them and reduce-scatters their gradients
+    (``PartitionRules.shard_over_data``), and each rank updates its slice."""
+    rules = partition_rules(model_config, shard_over_data=train.shard_optimizer)
+    model = Transformer(model_config, mesh=mesh, rules=rules, rngs=nnx.Rngs(train.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
     state = nnx.state(optimizer)  # step counts start on one device: put them on the mesh, replicated
     nnx.update(optimizer, jax.device_put(state, param_shardings(state, mesh)))
@@ -85,6 +101,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Token batches ``[global_batch, seq]``: rows split over "data" x "expert"."""
     return NamedSharding(mesh, batch_spec())
 
+
+def check_grad_accum(train: TrainConfig, mesh: Mesh) -> None:
+    """Each rank's rows split into ``grad_accum`` micro-steps, each into the
+    pipeline's ``microbatches``; a ``FitError`` naming the fields otherwise."""
+    ranks = mesh.shape[DATA] * mesh.shape[EXPERT]
+    rows, k = train.global_batch // ranks, train.grad_accum
+    if rows % k:
+        raise FitError(
+            f"{{global_batch}} / (data x expert = {ranks}) rows per rank must be divisible by {{grad_accum}}",
+            global_batch=train.global_batch, grad_accum=k,
+        )
+    if k > 1 and mesh.shape[PIPELINE] > 1 and (rows // k) % train.microbatches:
+        raise FitError(
+            f"{{global_batch}} / (data x expert = {ranks}) / {{grad_accum}} rows per micro-step "
+            f"must be divisible by {{microbatches}}",
+            global_batch=train.global_batch, grad_accum=k, microbatches=train.microbatches,
+        )
 
 def keep_if_not(finite: jax.Array, updated: Any, previous: list[jax.Array]) -> Any:
     """``updated`` where ``finite`` (a scalar bool) holds, else ``previous``: an
@@ -107,7 +140,7 @@ class TrainStep:
         self.model, self.optimizer = model, optimizer
         self.schedule = learning_rate_schedule(train)
         self.grad_clip = train.grad_clip
-        self.microbatches = train.microbatches
+        self.microbatches, self.grad_accum = train.microbatches, train.grad_accum
         self.deterministic = train.deterministic
         mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
@@ -122,10 +155,7 @@ class TrainStep:
     def _pure_step(self, state, tokens, targets):
         previous = jax.tree.leaves(state)  # the arrays; merge's Variables are updated in place
         model, optimizer = nnx.merge(self.graphdef, state)
-        def loss_fn(model):
-            return model.loss(tokens, targets, self.microbatches)
-
-        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        (loss, metrics), grads = self._loss_and_grads(model, tokens, targets)
         grad_norm = global_norm(grads, model.mesh)  # one all-reduce
         lr = self.schedule(optimizer.step[...])
         optimizer.update(model, clip_by_norm(grads, grad_norm, self.grad_clip))
@@ -135,6 +165,34 @@ class TrainStep:
         metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "param_norm": param_norm, "lr": lr,
                    "skipped": (~finite).astype(jnp.float32)}
         return new_state, metrics
+
+    def _loss_and_grads(self, model: Transformer, tokens: jax.Array, targets: jax.Array):
+        """``((loss, metrics), grads)`` of the whole batch, as the mean over
+        ``grad_accum`` scanned micro-steps."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss_fn(params, tokens, targets):
+            return nnx.merge(graphdef, params, rest).loss(tokens, targets, self.microbatches)
+
+        value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+        k = self.grad_accum
+        if k == 1:
+            return value_and_grad(params, tokens, targets)
+
+        micro_rows = NamedSharding(model.mesh, P(None, *batch_spec()))
+
+        def micro_steps(rows):  # [B, S] -> [k, B/k, S]; step i: rows i, i+k, ... (local on every rank)
+            rows = rows.reshape(rows.shape[0] // k, k, rows.shape[1]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(rows, micro_rows)
+
+        def accumulate(total, batch):
+            (loss, metrics), grads = value_and_grad(params, *batch)
+            return jax.tree.map(jnp.add, total, grads), (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        total, (losses, metrics) = jax.lax.scan(accumulate, zeros, (micro_steps(tokens), micro_steps(targets)))
+        mean = functools.partial(jnp.mean, axis=0)
+        return (mean(losses), jax.tree.map(mean, metrics)), jax.tree.map(lambda g: g / k, total)
 
     def lower(self, tokens: jax.Array, targets: jax.Array):
         """The lowered step (for HLO inspection) without running it."""

@@ -1,0 +1,54 @@
+"""Gradient accumulation: k scanned micro-steps and one update equal the whole batch."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import max_relative_error
+from lite_tp_jax import export_state, make_mesh
+from lite_tp_jax.models.config import ModelConfig
+from lite_tp_jax.train.config import ConfigError, TrainConfig, parse_config
+from lite_tp_jax.train.loop import check_fits_mesh
+from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+
+MODEL = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=40)
+TRAIN = TrainConfig(global_batch=8, seq_len=8, warmup_steps=1, lr=1e-2)
+STEPS = 2
+
+
+def train(mesh_axes: dict, **train_fields):
+    """Losses of STEPS steps and the final weights."""
+    train = dataclasses.replace(TRAIN, **train_fields)
+    mesh = make_mesh(**mesh_axes, devices=jax.devices()[: int(np.prod(list(mesh_axes.values())))])
+    model, optimizer = create_model_and_optimizer(MODEL, train, mesh)
+    step = TrainStep(model, optimizer, train)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(STEPS):
+        batch = rng.integers(0, MODEL.vocab_size, (train.global_batch, train.seq_len + 1)).astype(np.int32)
+        inputs, targets = (jax.device_put(a, batch_sharding(mesh)) for a in (batch[:, :-1], batch[:, 1:]))
+        losses.append(float(step(inputs, targets)["loss"]))
+    return np.array(losses), export_state(model)
+
+
+@pytest.mark.parametrize(
+    "mesh_axes, fields",
+    [(dict(data=2, pipeline=2, tensor=2), dict(grad_accum=2, microbatches=2))],
+    ids=["data2-pipeline2-tensor2-microbatches2-k2"],
+)
+def test_accumulated_step_equals_the_whole_batch(mesh_axes, fields):
+    """4 rows per data rank: 2 micro-steps of 2 rows, each 2 pipeline microbatches of 1 row."""
+    unsplit = {name: value for name, value in fields.items() if name != "grad_accum"}
+    losses, weights = train(mesh_axes, **unsplit)
+    losses_k, weights_k = train(mesh_axes, **fields)
+    np.testing.assert_allclose(losses_k, losses, rtol=1e-5)
+    for name in weights:
+        assert max_relative_error(weights_k[name], weights[name]) <= 1e-5, name
+
+
+def test_grad_accum_must_divide_the_rows_per_rank():
+    config = parse_config({"mesh": {"data": 2}, "train": {"global_batch": 8, "grad_accum": 3}})
+    with pytest.raises(ConfigError, match=r"rows per rank must be divisible by 'train.grad_accum' \(3\)"):
+        check_fits_mesh(config, make_mesh(data=2, devices=jax.devices()[:2]))
