@@ -22,7 +22,6 @@ so. Nothing else depends on it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time

@@ -42,15 +42,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax._src import config as _jax_config
-from jax.ad_checkpoint import checkpoint_name
 
 from lite_tp_jax.mesh import TENSOR
-
-COLLECTIVE_OUTPUT = "collective_output"
-"""Name (``jax.ad_checkpoint.checkpoint_name``) on the forward result of every
-region function that communicates, so remat policies can save it instead of
-running the collective again."""
-
 
 Axis = str | tuple[str, ...]
 """One mesh axis, or several acting as one (rank = row-major index over them)."""
@@ -238,7 +231,7 @@ _copy_to_tensor_region.defvjp(_copy_fwd, _copy_bwd)
 
 def reduce_from_tensor_region(x: jax.Array, axis: Axis = TENSOR) -> jax.Array:
     """Forward: all-reduce of partial sums. Backward: identity."""
-    return checkpoint_name(_reduce_from_tensor_region(x, axis), COLLECTIVE_OUTPUT)
+    return _reduce_from_tensor_region(x, axis)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -276,7 +269,7 @@ scatter_to_tensor_region.defvjp(_scatter_fwd, _scatter_bwd)
 
 def gather_from_tensor_region(x: jax.Array, axis: Axis = TENSOR, dim: int = -1) -> jax.Array:
     """Forward: all-gather along ``dim`` (result replicated). Backward: split."""
-    return checkpoint_name(_gather_from_tensor_region(x, axis, dim), COLLECTIVE_OUTPUT)
+    return _gather_from_tensor_region(x, axis, dim)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -297,7 +290,7 @@ _gather_from_tensor_region.defvjp(_gather_fwd, _gather_bwd)
 
 def gather_from_sequence_region(x: jax.Array, axis: Axis = TENSOR, dim: int = 1) -> jax.Array:
     """Forward: all-gather the sequence shards. Backward: reduce-scatter."""
-    return checkpoint_name(_gather_from_sequence_region(x, axis, dim), COLLECTIVE_OUTPUT)
+    return _gather_from_sequence_region(x, axis, dim)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -318,7 +311,7 @@ _gather_from_sequence_region.defvjp(_gather_seq_fwd, _gather_seq_bwd)
 
 def reduce_scatter_to_sequence_region(x: jax.Array, axis: Axis = TENSOR, dim: int = 1) -> jax.Array:
     """Forward: reduce-scatter partial sums into sequence shards. Backward: all-gather."""
-    return checkpoint_name(_reduce_scatter_to_sequence_region(x, axis, dim), COLLECTIVE_OUTPUT)
+    return _reduce_scatter_to_sequence_region(x, axis, dim)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))

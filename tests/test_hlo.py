@@ -1,7 +1,6 @@
 """Collective accounting from compiled HLO: the mesh axes each collective spans."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P

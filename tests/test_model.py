@@ -53,7 +53,7 @@ def loss_and_grads(config, mesh, tokens, weights=None):
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])
-def test_remat_changes_no_gradient_and_recomputes_no_collective(tokens, sequence_parallel):
+def test_remat_changes_no_gradient_and_no_collective(tokens, sequence_parallel):
     config = dataclasses.replace(SMALL, sequence_parallel=sequence_parallel)
     mesh = tp_mesh(4)
     loss, grads, collectives = loss_and_grads(config, mesh, tokens)

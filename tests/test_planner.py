@@ -15,7 +15,6 @@ import math
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
 from flax import nnx
 

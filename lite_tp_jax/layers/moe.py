@@ -86,7 +86,6 @@ from jax.sharding import Mesh
 
 from lite_tp_jax.collectives import (
     cast_for,
-    COLLECTIVE_OUTPUT,
     all_reduce,
     check_axis,
     copy_to_tensor_region,
@@ -121,8 +120,7 @@ def _all_to_all(x: jax.Array, split_axis: int, concat_axis: int) -> jax.Array:
     size 1 to the partitioner)."""
     if EXPERT not in jax.sharding.get_abstract_mesh().manual_axes:
         return x
-    y = jax.lax.all_to_all(x, check_axis(EXPERT), split_axis, concat_axis, tiled=True)
-    return checkpoint_name(y, COLLECTIVE_OUTPUT)
+    return jax.lax.all_to_all(x, check_axis(EXPERT), split_axis, concat_axis, tiled=True)
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None) -> int:

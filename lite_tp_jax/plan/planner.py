@@ -51,7 +51,7 @@ from flax import nnx
 
 from lite_tp_jax.mesh import AXES, DATA, EXPERT, PIPELINE, TENSOR
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.plan.profiles import PROFILES, DeviceProfile
+from lite_tp_jax.plan.profiles import DeviceProfile
 from lite_tp_jax.train.config import Config, ConfigError, TrainConfig
 
 F32 = 4
