@@ -57,9 +57,13 @@ def snapshot(root: Path, paths: list[str]) -> dict[str, str | None]:
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    """A finished 4-step run (checkpoints 2 and 4), copied by each case that needs one."""
+    """A finished 4-step run (checkpoints 2 and 4), copied by each case that needs one.
+    In a subprocess like the reruns it is compared with: XLA's CPU kernels may sum
+    in another order in a process holding 8 fake devices than in one holding 1."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    assert main(["train", str(TINY), "--no-progress", "--run-dir", str(run), "--set", *BASE]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-m", "lite_tp_jax.cli", "train", str(TINY), "--no-progress", "--run-dir", str(run),
+                    "--set", *BASE], env=env, check=True, capture_output=True)
     return run
 
 

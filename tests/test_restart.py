@@ -68,7 +68,7 @@ def test_a_dead_process_restarts_the_job_and_each_step_is_recorded_once(tmp_path
     (event,) = [r for r in lines if "event" in r]
     assert event["event"] == "restart" and event["rank"] == 1 and event["restart"] == 1
     assert "process 1 exited with code 1: worker 1 lost its device" in event["cause"]
-    assert event["step"] in (3, 4) and event["seconds_to_first_step"] > 0
+    assert event["step"] >= 3 and event["seconds_to_first_step"] > 0  # rank 0 does not wait for rank 1
     assert "restart 1/2 from the last checkpoint" in capsys.readouterr().err
 
 

@@ -15,7 +15,8 @@ groups, v virtual stages, T = v m + p - 1 pipeline ticks; f32 = 4 bytes.
 
     where                    forward                          backward
     each block, t > 1        2 all-reduce b S H  over t       2 all-reduce b S H
-      with SP                2 all-gather b S H + 2 reduce-scatter b S/t H, both ways
+      with SP                2 all-gather b S H + 2 reduce-scatter b S/t H, both ways;
+                             backward, 2 more all-gathers b S H (inputs kept as sequence shards, re-gathered)
     MoE block, e > 1         2 all-to-all b E C H over e      2 all-to-all
     pipeline, each tick      1 collective-permute b S' H      1 collective-permute  (S' = S/t with SP)
     pipeline in/out          all-reduce B S' H over p         all-reduce B S' H over p
@@ -191,6 +192,8 @@ def transfers(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], par
         if sp:
             add("blocks: sequence all-gathers", "all-gather", [TENSOR], phase, b * S * H, 2 * blocks)
             add("blocks: sequence reduce-scatters", "reduce-scatter", [TENSOR], phase, b * s_local * H, 2 * blocks)
+            if phase == "backward":  # the blocks keep their inputs' sequence shards and gather them again
+                add("blocks: re-gathered inputs", "all-gather", [TENSOR], phase, b * S * H, 2 * blocks)
         else:
             add("blocks: all-reduces", "all-reduce", [TENSOR], phase, b * S * H, 2 * blocks)
         if moe_per_group:
