@@ -17,8 +17,8 @@ SMALL = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, nu
 
 
 @pytest.mark.parametrize(
-    "sizes", [dict(data=2, tensor=3), dict(pipeline=2, tensor=2), dict(data=2, expert=2, tensor=2)],
-    ids=["data2-tensor3", "pipeline2-tensor2", "data2-expert2-tensor2"],
+    "sizes", [dict(data=2, tensor=3), dict(data=2, expert=2, tensor=2)],
+    ids=["data2-tensor3", "data2-expert2-tensor2"],
 )
 def test_global_norm_counts_every_element_once(sizes):
     devices = jax.devices()[: int(np.prod(list(sizes.values())))]

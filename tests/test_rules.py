@@ -1,6 +1,6 @@
 """The partitioning rule table: every spec comes from it, overrides change the
-layout (not the math), bad overrides are one-sentence errors, and parameters
-stored split over "data" (ZeRO) gather at region entry and reduce-scatter."""
+layout (not the math), bad overrides are one-sentence errors. (Parameters
+stored split over "data": tests/test_shard_optimizer.py.)"""
 
 import dataclasses
 
@@ -13,7 +13,7 @@ from flax import nnx
 from conftest import max_relative_error, model_loss_and_grads, tp_mesh
 from lite_tp_jax import export_state, make_mesh
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.models.transformer import Transformer, partition_rules
+from lite_tp_jax.models.transformer import Transformer
 from lite_tp_jax.plan.rules import MEGATRON, STRATEGIES, PartitionRules
 from lite_tp_jax.state import flat_variables
 from lite_tp_jax.train.config import ConfigError, parse_config
@@ -81,22 +81,6 @@ def test_override_replicates_kv_heads_and_keeps_the_math(tokens, reference):
     for size in default["all-reduce"]:
         extra.remove(size)
     assert extra == [kv_kernel] * 2  # k and v, in the layer scan's body (once per layer)
-
-
-def test_shard_over_data_gathers_parameters_and_reduce_scatters_gradients(tokens, reference):
-    mesh = make_mesh(data=2, tensor=2, devices=jax.devices()[:4])
-    rules = partition_rules(SMALL, shard_over_data=True)
-    model, loss, grads, collectives = loss_and_grads(SMALL, mesh, tokens, reference[0], rules)
-    stored = {name: v.get_metadata() for name, v in flat_variables(model).items()}
-    assert all(meta["data_dim"] is not None for meta in stored.values())  # every size here divides
-    assert_equal_to_reference(reference, loss, grads)
-    _, _, _, replicated = loss_and_grads(SMALL, mesh, tokens, reference[0])
-    # Each data-parallel gradient all-reduce became an all-gather (forward) and a
-    # reduce-scatter (backward) of the same parameter; only the loss sums stay all-reduces.
-    gathered = sum(collectives["all-gather"])
-    assert gathered == 2 * sum(collectives["reduce-scatter"])
-    assert sum(replicated["all-reduce"]) - sum(collectives["all-reduce"]) == gathered
-    assert "all-gather" not in replicated and "reduce-scatter" not in replicated
 
 
 @pytest.mark.parametrize(
