@@ -22,14 +22,13 @@ import argparse
 import dataclasses
 import datetime
 import os
-import re
 import statistics
 import time
 
 import jax
 import numpy as np
 
-from lite_tp_jax.hlo import KINDS, collectives
+from lite_tp_jax.hlo import KINDS, collectives_per_step
 from lite_tp_jax.mesh import make_mesh_for, provide_cpu_devices
 from lite_tp_jax.train.config import load_config
 from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
@@ -42,43 +41,20 @@ MODELS = {
                            "model.num_kv_heads=8", "model.ffn_hidden_size=1376"),
 }
 
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", re.MULTILINE)
-_WHILE = re.compile(r"body=%([\w.\-]+).*\"known_trip_count\":\{\"n\":\"(\d+)\"")
-_GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
-_GROUPS_IOTA = re.compile(r"replica_groups=\[\d+,(\d+)\]")
-_PAIRS = re.compile(r"source_target_pairs=")
 _WIRE = {"all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,
          "all-to-all": lambda n: (n - 1) / n, "reduce-scatter": lambda n: n - 1, "collective-permute": lambda n: 1}
 
 
-def group_size(line: str) -> int:
-    if m := _GROUPS_LIST.search(line):
-        return len(m.group(1).split(","))
-    if m := _GROUPS_IOTA.search(line):
-        return int(m.group(1))
-    return 2 if _PAIRS.search(line) else 1
-
-
-def per_step(hlo_text: str) -> dict[str, tuple[int, float, float]]:
-    """``{kind: (count, array bytes, ring bytes sent per device)}`` per step."""
-    starts = list(_COMPUTATION.finditer(hlo_text))
-    ends = [m.start() for m in starts[1:]] + [len(hlo_text)]
-    bodies = {m.group(1): hlo_text[m.start():end] for m, end in zip(starts, ends)}
-    loops = {body: (name, int(n)) for name, text in bodies.items() for body, n in _WHILE.findall(text)}
-
-    def runs(name: str) -> int:
-        parent, n = loops.get(name, (None, 1))
-        return n * (runs(parent) if parent else 1)
-
+def per_step(hlo_text: str, devices: int) -> dict[str, tuple[int, float, float]]:
+    """``{kind: (count, array bytes, ring bytes sent per device)}`` per step
+    (``hlo.collectives_per_step``; a collective without groups spans all ``devices``)."""
     out = {kind: [0, 0.0, 0.0] for kind in KINDS}
-    for name, text in bodies.items():
-        for line in text.splitlines():
-            for c in collectives(line):
-                n, times = group_size(line), runs(name)
-                entry = out[c.kind]
-                entry[0] += times
-                entry[1] += times * c.bytes
-                entry[2] += times * c.bytes * _WIRE[c.kind](n)
+    for c, times in collectives_per_step(hlo_text):
+        n = len(c.groups[0]) if c.groups else devices
+        entry = out[c.kind]
+        entry[0] += times
+        entry[1] += times * c.bytes
+        entry[2] += times * c.bytes * _WIRE[c.kind](n)
     return {kind: tuple(v) for kind, v in out.items() if v[0]}
 
 
@@ -111,7 +87,7 @@ def main(argv=None) -> None:
                  for det in (False, True)}
         tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (8, 65), dtype=np.int32)
         batch = jax.device_put((tokens[:, :-1], tokens[:, 1:]), batch_sharding(mesh))
-        traffic = {det: per_step(step.lower(*batch).compile().as_text()) for det, step in steps.items()}
+        traffic = {det: per_step(step.lower(*batch).compile().as_text(), args.data * args.tensor) for det, step in steps.items()}
         for step in steps.values():
             for _ in range(3):
                 jax.block_until_ready(step(*batch))
