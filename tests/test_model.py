@@ -52,11 +52,20 @@ def loss_and_grads(config, mesh, tokens, weights=None):
     return model_loss_and_grads(config, mesh, tokens, weights)[1:]
 
 
-@pytest.mark.parametrize("sequence_parallel", [False, True])
-def test_remat_changes_no_gradient_and_no_collective(tokens, sequence_parallel):
-    config = dataclasses.replace(SMALL, sequence_parallel=sequence_parallel)
+MOE_GROUP = dataclasses.replace(SMALL, num_layers=4, moe_every=2, num_experts=4, sequence_parallel=True)  # 2 x (dense, MoE)
+
+
+@pytest.mark.parametrize("config", [SMALL, MOE_GROUP], ids=["dense", "moe-group-sp"])
+def test_remat_changes_no_gradient_and_no_collective(tokens, config):
+    """Every policy gives the same gradients with the same collectives, and
+    none reruns a reduction: with SP, 2 reduce-scatters of [b, s/t, h] per
+    block each way in the scanned layer group, plus the embedding's and the
+    head's (a block that did not keep its input would rerun its predecessor's)."""
     mesh = tp_mesh(4)
     loss, grads, collectives = loss_and_grads(config, mesh, tokens)
+    if config.sequence_parallel:
+        blocks_per_group = config.moe_every
+        assert collectives["reduce-scatter"] == [B * S * config.hidden_size // 4] * (4 * blocks_per_group + 2)
     for remat in ("full", "selective"):
         loss_r, grads_r, collectives_r = loss_and_grads(dataclasses.replace(config, remat=remat), mesh, tokens)
         assert abs(loss_r - loss) <= 1e-6 * abs(loss)

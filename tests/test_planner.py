@@ -6,8 +6,8 @@ The full matrix (tiny, tiny-moe, 2-layer llama-1b at TP 2/4/8, with and
 without SP, pipeline 2) is run with ``lite-tp plan ... --check`` (see
 benchmarks/README.md); compiling it takes minutes, so CI runs a subset that
 exercises every formula: a tied embedding over data x tensor with replicated
-k/v heads, no SP; MoE over pipeline x expert x tensor with sequence
-parallelism and an untied head.
+k/v heads, with SP; MoE layer groups (a dense and an MoE block) over
+pipeline x expert x tensor without SP, with an untied head.
 """
 
 import json
@@ -36,9 +36,9 @@ def config(name, *overrides):
     "name, overrides",
     [
         ("tiny.yaml", ["mesh.data=2", "mesh.tensor=4", "model.tie_embeddings=true", "model.sequence_parallel=true"]),
-        ("tiny.yaml", ["mesh.pipeline=2", "mesh.tensor=4", "train.microbatches=2"]),
+        ("tiny-moe.yaml", ["mesh.pipeline=2", "mesh.expert=2", "mesh.tensor=2"]),
     ],
-    ids=["tiny-tied-d2-t4-sp", "tiny-p2-t4"],
+    ids=["tiny-tied-d2-t4-sp", "moe-p2-e2-t2"],
 )
 def test_collective_bytes_match_the_compiled_step(name, overrides):
     cfg = config(name, *overrides)

@@ -33,7 +33,7 @@ picks what a layer keeps for its backward (``REMAT_SAVES``, tensors named with
   gate/up/hidden) and the softmax output (Megatron without recomputation);
 * ``selective``: the same without the softmax: scores and softmax are
   recomputed (Korthikanti et al.'s selective recomputation);
-* ``full``: only the residual stream (layer input, and after attention).
+* ``full``: only the residual stream (each block's input, and after attention).
 
 With ``sequence_parallel`` the saved norm outputs are the sequence shards, as
 in Megatron-LM: the backward all-gathers them again (one all-gather of
@@ -221,7 +221,9 @@ class LayerGroup(nnx.Module):
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         stats = zero_stats()
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if i:  # kept, or the backward would rerun the previous block's reduction to get it back
+                x = checkpoint_name(x, "block_input")
             x, block_stats = block.local(x)
             stats = jax.tree.map(jnp.add, stats, block_stats)
         return x, stats
@@ -235,7 +237,8 @@ class LayerGroup(nnx.Module):
 
 
 
-_RESIDUAL_STREAM = ("attention_residual",)  # and the layer input, which scan keeps anyway
+# The group's input (scan keeps it anyway), each later block's input, and each block after attention.
+_RESIDUAL_STREAM = ("block_input", "attention_residual")
 _MATMUL_INPUTS = (
     "attention_input", "query", "key", "value", "attention_output",  # layers/attention.py
     "mlp_input", "mlp_gate", "mlp_up", "mlp_hidden",  # layers/mlp.py
