@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
@@ -65,32 +66,40 @@ def _rms_norm(x, scale, eps):
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
+# checkpoint_name: the tensors lite_tp_jax's layers name, so that ``remat`` keeps the same ones.
+
+
 def _attention(x, w, cfg: ModelConfig):
     q, k, v = (jnp.einsum("bsf,fhd->bshd", x, w[name]["kernel"]) for name in ("query", "key", "value"))
     positions = jnp.arange(x.shape[1])
     q, k = apply_rotary(q, positions, cfg.rope_theta), apply_rotary(k, positions, cfg.rope_theta)
+    q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query", "key", "value")))
     group = cfg.num_heads // cfg.num_kv_heads
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(cfg.resolved_head_dim))
     causal = jnp.tril(jnp.ones((x.shape[1],) * 2, dtype=bool))
     weights = jax.nn.softmax(jnp.where(causal, logits, jnp.finfo(jnp.float32).min), axis=-1)
-    return jnp.einsum("bqhd,hdf->bqf", jnp.einsum("bhqk,bkhd->bqhd", weights, v), w["out"]["kernel"])
+    out = checkpoint_name(jnp.einsum("bhqk,bkhd->bqhd", checkpoint_name(weights, "attention_weights"), v),
+                          "attention_output")
+    return jnp.einsum("bqhd,hdf->bqf", out, w["out"]["kernel"])
 
 
 def _swiglu(x, w):
-    return (jax.nn.silu(x @ w["gate"]["kernel"]) * (x @ w["up"]["kernel"])) @ w["down"]["kernel"]
+    up = checkpoint_name(x @ w["up"]["kernel"], "mlp_up")
+    hidden = jax.nn.silu(checkpoint_name(x @ w["gate"]["kernel"], "mlp_gate")) * up
+    return checkpoint_name(hidden, "mlp_hidden") @ w["down"]["kernel"]
 
 
 def plain_loss(params, tokens, targets, cfg: ModelConfig):
     """Mean next-token cross-entropy of the Llama-style model in plain jax.numpy."""
 
     def block(x, b):
-        x = x + _attention(_rms_norm(x, b["attention_norm"]["scale"], cfg.norm_eps), b["attention"], cfg)
-        return x + _swiglu(_rms_norm(x, b["mlp_norm"]["scale"], cfg.norm_eps), b["mlp"]), None
+        norm = checkpoint_name(_rms_norm(x, b["attention_norm"]["scale"], cfg.norm_eps), "attention_input")
+        x = checkpoint_name(x + _attention(norm, b["attention"], cfg), "attention_residual")
+        norm = checkpoint_name(_rms_norm(x, b["mlp_norm"]["scale"], cfg.norm_eps), "mlp_input")
+        return x + _swiglu(norm, b["mlp"]), None
 
-    policy = remat_policy(cfg.remat)
-    if policy is not None:
-        block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+    block = jax.checkpoint(block, policy=remat_policy(cfg.remat), prevent_cse=False)
     x, _ = jax.lax.scan(block, params["embed"]["embedding"][tokens], params["layers"]["blocks"]["0"])
     head = params["embed" if cfg.tie_embeddings else "head"]["embedding"]
     logits = _rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps) @ head.T

@@ -41,9 +41,9 @@ num_kv_heads`` query heads that attend with it (query head ``j`` uses kv head
   holds whole groups. Padded groups are zeroed (``mask_padding``) on the head
   dim of the q/k/v kernels and biases and of ``out.kernel``.
 * ``num_kv_heads < tp``: k/v kernels are replicated over "tensor"; the query
-  heads are padded to a multiple of tp and split. Each rank computes all kv
-  heads and picks, for each of its query heads, kv head ``global_q // group``
-  (clamped for padded query heads). Padded query heads are zeroed on
+  heads are padded to a multiple of tp and split. Each rank projects, for
+  each of its query heads, kv head ``global_q // group`` (clamped for padded
+  query heads): only those kernel columns, when that is fewer than all. Padded query heads are zeroed on
   ``query`` and ``out.kernel``, so they add nothing to y or to any gradient.
   The replicated kernels enter the region explicitly per rank
   (``copy_to_tensor_region``), so their gradients are all-reduced over
@@ -250,15 +250,14 @@ class ParallelAttention(ParallelLayer):
         seq = x.shape[-2]  # the full sequence, also with sequence_parallel
 
         q = self._project(self.query, x, self.num_heads)  # [B, S, local heads, D]
-        kv_heads = self.num_kv_heads if self.kv_sharded else None
-        k = self._project(self.key, x, kv_heads)  # [B, S, local kv heads (or all), D]
-        v = self._project(self.value, x, kv_heads)
+        if self.kv_sharded:  # [B, S, local kv heads, D]
+            k, v = (self._project(p, x, self.num_kv_heads) for p in (self.key, self.value))
+        else:  # [B, S, local heads, D]: each local query head's kv head (a group of 1)
+            k, v = (self._project_per_query_head(p, x, q.shape[2]) for p in (self.key, self.value))
         if self.rope_theta is not None:
             positions = jnp.arange(seq)
             q = apply_rotary(q, positions, self.rope_theta, self.rope_scaling)
             k = apply_rotary(k, positions, self.rope_theta, self.rope_scaling)
-        if not self.kv_sharded:  # each local query head picks its kv head: a group of 1
-            k, v = self._kv_per_query_head(k, q.shape[2]), self._kv_per_query_head(v, q.shape[2])
         q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query", "key", "value")))
         o = checkpoint_name(attention_core(q, k, v, self.attention_kernel), "attention_output")  # [B, S, local heads, D]
 
@@ -357,24 +356,37 @@ class ParallelAttention(ParallelLayer):
         return jnp.einsum("bhst,bthd->bshd", weights, self._kv_per_query_head(values, h))
 
     @staticmethod
-    def _project(projection: _Projection, x: jax.Array, logical_heads: int | None) -> jax.Array:
-        """``x @ kernel (+ bias)`` per head; ``logical_heads`` set when the head dim
-        is split over "tensor", so its padded heads are zeroed first."""
-        kernel = cast_for(projection.kernel[...], x)
-        bias = None if projection.bias is None else cast_for(projection.bias[...], x)
-        if logical_heads is not None:
-            kernel = mask_padding(kernel, 1, logical_heads)
-            bias = None if bias is None else mask_padding(bias, 0, logical_heads)
-        else:  # replicated k/v used by every rank: their gradients are all-reduced
-            kernel = copy_to_tensor_region(kernel)
-            bias = None if bias is None else copy_to_tensor_region(bias)
+    def _project(projection: _Projection, x: jax.Array, logical_heads: int) -> jax.Array:
+        """``x @ kernel (+ bias)`` per head, the head dim split over "tensor": its
+        padded heads (beyond ``logical_heads``) are zeroed first."""
+        kernel = mask_padding(cast_for(projection.kernel[...], x), 1, logical_heads)
+        bias = None if projection.bias is None else mask_padding(cast_for(projection.bias[...], x), 0, logical_heads)
         y = jnp.einsum("bsf,fhd->bshd", x, kernel)
         return y if bias is None else y + bias
 
-    def _kv_per_query_head(self, kv: jax.Array, local_heads: int) -> jax.Array:
-        """With kv replicated over "tensor": the k (or v) heads of this rank's
-        ``local_heads`` query heads, ``[B, S, local_heads, D]``."""
-        # kv replicated: global q head j uses kv head j // group (clamped for padded q heads).
+    def _project_per_query_head(self, projection: _Projection, x: jax.Array, local_heads: int) -> jax.Array:
+        """A k (or v) projection replicated over "tensor": ``[B, S, local_heads, D]``,
+        the kv head of each of this rank's query heads. Used by every rank, so its
+        gradient is all-reduced. Where this rank has fewer query heads than there
+        are kv heads, only the kernel columns they use are multiplied (at TP 8
+        with 4 kv heads, a quarter of the work of projecting them all)."""
+        kernel = copy_to_tensor_region(cast_for(projection.kernel[...], x))
+        bias = None if projection.bias is None else copy_to_tensor_region(cast_for(projection.bias[...], x))
+        if local_heads >= self.num_kv_heads:  # project every kv head once, then pick
+            y = jnp.einsum("bsf,fhd->bshd", x, kernel)
+            return self._kv_per_query_head(y if bias is None else y + bias, local_heads)
+        index = self._kv_index(local_heads)
+        y = jnp.einsum("bsf,fhd->bshd", x, jnp.take(kernel, index, axis=1))
+        return y if bias is None else y + jnp.take(bias, index, axis=0)
+
+    def _kv_index(self, local_heads: int) -> jax.Array:
+        """With kv replicated over "tensor": the kv head of each of this rank's
+        ``local_heads`` query heads (global q head j uses kv head j // group,
+        clamped for padded q heads)."""
         first = jax.lax.axis_index(TENSOR) * local_heads
-        kv_index = jnp.minimum((first + jnp.arange(local_heads)) // self.group, self.num_kv_heads - 1)
-        return jnp.take(kv, kv_index, axis=2)
+        return jnp.minimum((first + jnp.arange(local_heads)) // self.group, self.num_kv_heads - 1)
+
+    def _kv_per_query_head(self, kv: jax.Array, local_heads: int) -> jax.Array:
+        """With kv replicated over "tensor": ``kv [B, S, kv heads, D]`` picked for this
+        rank's ``local_heads`` query heads, ``[B, S, local_heads, D]``."""
+        return jnp.take(kv, self._kv_index(local_heads), axis=2)
