@@ -14,6 +14,11 @@ Gloo's "Rank N is connected" chatter. If a process fails to start or exits
 with an error, the others are stopped (SIGKILL: JAX's preemption handler
 swallows SIGTERM) and the launcher exits non-zero (2 if that process reported
 bad input) after printing the failed process's last error line.
+
+Preemption: SIGTERM to the launcher is sent on to every process. A process
+that saved its preemption checkpoint exits 143 (``lite-tp train``); that is not
+a failure, so the others are left to finish their part of the same save, and
+the launcher then exits 143 too: rerun the same command to continue.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+from lite_tp_jax.train.preemption import PREEMPTED_EXIT_CODE
 
 BAD_INPUT = 2
 RUNTIME_FAILURE = 1
@@ -118,7 +125,8 @@ def run_processes(
 
     Process 0's standard output is copied to ``echo`` (default: stdout); every
     process's output goes to ``log_dir/rank-K.log``. Returns 0 when all exit
-    with 0. When one fails to start or exits non-zero, the others are killed,
+    with 0, 143 when they were preempted (each exited 0 or 143, at least one
+    143). When one fails to start or exits non-zero otherwise, the others are killed,
     one line naming it and its last error line goes to ``errors`` (default:
     stderr), and 2 is returned if it exited with 2 (bad input), else 1.
     """
@@ -174,6 +182,10 @@ def run_attempt(
         print(f"lite-tp launch: {hang}; stopped every process", file=errors)
         return Outcome(RUNTIME_FAILURE, None, hang)
     if failed is None:
+        if any(w.process.returncode == PREEMPTED_EXIT_CODE for w in workers):
+            print("lite-tp launch: preempted (SIGTERM): the processes saved a checkpoint and stopped; "
+                  "rerun the same command to continue", file=errors)
+            return Outcome(PREEMPTED_EXIT_CODE, None, "preempted")
         return Outcome(0)
     code = failed.process.returncode
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
@@ -202,14 +214,14 @@ class _forward_sigterm:
 
 
 def _wait(workers: list[_Worker], poll_s: float, watchdog: Watchdog | None = None) -> tuple[_Worker | None, str | None]:
-    """Waits until all exit (None, None), one exits non-zero (it, None), or the
-    watchdog reports a hang (None, its message)."""
+    """Waits until all exit (None, None), one fails: exits non-zero other than
+    preempted (it, None), or the watchdog reports a hang (None, its message)."""
     while True:
         now = time.monotonic()
         for worker in workers:
             if worker.exited_at is None and worker.process.poll() is not None:
                 worker.exited_at = now
-        failures = [w for w in workers if w.exited_at is not None and w.process.returncode != 0]
+        failures = [w for w in workers if w.exited_at is not None and w.process.returncode not in (0, PREEMPTED_EXIT_CODE)]
         if failures:
             return min(failures, key=lambda w: (w.exited_at, w.rank)), None
         if all(w.exited_at is not None for w in workers):

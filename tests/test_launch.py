@@ -7,8 +7,10 @@ three launches in all, each covering several checks.
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,21 +238,36 @@ def one_process_run(tmp_path_factory):
     return run_dir, train_here(run_dir, [*DATA2_TENSOR4, f"train.steps={STEPS}"])
 
 
-def test_two_processes_train_as_one_and_restore_in_one(one_process_run, tmp_path):
+def test_two_processes_train_as_one_are_preempted_together_and_restore_in_one(one_process_run, tmp_path):
     """`lite-tp launch --processes 2 -- train tiny data 2 x tensor 4`: the same
-    losses as one process; its checkpoint (written by 2 processes) resumes here."""
+    losses as one process. SIGTERM to the launcher once the first step is
+    recorded: both processes save the same step at a step boundary and stop,
+    and the launch exits 143; that checkpoint (written by 2 processes) resumes
+    here and the run continues exactly: 2 processes -> 1."""
     reference_dir, reference = one_process_run
     run_dir = tmp_path / "two"
-    result = launch_cli("--processes", "2", "--", "train", str(TINY), "--run-dir", str(run_dir), "--no-progress",
-                        "--set", *DATA2_TENSOR4, "train.steps=4")
-    np.testing.assert_allclose(losses(run_dir), reference[:4], rtol=1e-5)
-    assert "trained steps 1..4" in result.stdout and "Gloo" not in result.stdout + result.stderr
-    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank-0.log", "rank-1.log"]
-    assert "trained steps" not in (run_dir / "logs" / "rank-1.log").read_text()  # only process 0 reports
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "lite_tp_jax.cli", "launch", "--processes", "2", "--", "train", str(TINY),
+         "--run-dir", str(run_dir), "--no-progress", "--set", *DATA2_TENSOR4, f"train.steps={STEPS}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    while launcher.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.01)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=900)
+    assert launcher.returncode == 143, stderr[-3000:]
+    assert "preempted (SIGTERM)" in stderr and "Gloo" not in stderr
+    preempted_at = len(losses(run_dir))
+    assert 1 <= preempted_at < STEPS  # stopped early, at a step boundary, every step recorded once
+    np.testing.assert_allclose(losses(run_dir), reference[:preempted_at], rtol=1e-5)
+    assert str(preempted_at) in {p.name for p in (run_dir / "checkpoints").iterdir()}
+    for rank in (0, 1):
+        assert f"checkpoint {preempted_at} saved" in (run_dir / "logs" / f"rank-{rank}.log").read_text()
     assert (run_dir / "config.yaml").exists()
 
     resumed = train_here(run_dir, [*DATA2_TENSOR4, f"train.steps={STEPS}"])  # 2 processes -> 1
-    np.testing.assert_allclose(resumed, reference[4:], rtol=1e-5)
+    np.testing.assert_allclose(resumed, reference[preempted_at:], rtol=1e-5)
 
 
 def test_four_processes_resume_a_one_process_checkpoint(one_process_run, tmp_path):

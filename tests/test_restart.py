@@ -41,6 +41,10 @@ WORKER = textwrap.dedent(
             os._exit(1)
         if mode == "hang" and attempt == 1 and step == 4:
             time.sleep(1000)
+        if mode == "preempt" and step == 3:  # both save step 3 and exit 143; rank 0 takes longer
+            time.sleep(0.5 if rank == 0 else 0)
+            open(os.path.join(run, f"saved-{rank}"), "w").close()
+            sys.exit(143)
         if rank == 0:
             with open(metrics, "a") as f:
                 f.write(json.dumps({"step": step, "loss": 1.0 / step, "time": time.time()}) + "\\n")
@@ -95,6 +99,16 @@ def test_bad_input_is_not_retried(tmp_path, worker):
     run.mkdir()
     assert supervise([str(run), "bad"], 2, 1, run, max_restarts=3, argv_prefix=worker) == 2
     assert (run / "attempt-0").read_text() == "1"
+
+
+def test_a_preempted_job_is_not_retried_and_every_process_finishes_its_save(tmp_path, worker, capsys):
+    """Exit 143 is a preemption checkpoint, not a failure: the process still
+    saving is not killed, and the launch exits 143 for the scheduler to rerun it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    assert supervise([str(run), "preempt"], 2, 1, run, max_restarts=3, argv_prefix=worker) == 143
+    assert (run / "attempt-0").read_text() == "1" and (run / "saved-0").exists() and (run / "saved-1").exists()
+    assert "preempted (SIGTERM)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
