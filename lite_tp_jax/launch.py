@@ -42,7 +42,7 @@ BAD_INPUT = 2
 RUNTIME_FAILURE = 1
 _GLOO_CHATTER = re.compile(  # "[Gloo] Rank N is connected to M peer ranks. ...", also cut in pieces by other writes
     r"\[Gloo\] Rank (\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+\n?)?"
-    r"|\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+\n?"
+    r"|(?:(?:\d+ )?is connected to )?(?:\d+ )?peer ranks\. Expected number of connected peer ranks is : \d+\n?"
 )
 _NOT_THE_ERROR = re.compile(r"^(@ |\*\*\* |RPC: )")  # a native abort's stack trace and status detail
 

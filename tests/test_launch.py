@@ -165,6 +165,7 @@ sys.stdout.write("def ")  # Gloo writes its chatter into the middle of a line
 sys.stdout.write("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n")
 sys.stdout.write("[Gloo] Rank [Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n")
 sys.stdout.write("0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n")
+sys.stdout.write("7 peer ranks. Expected number of connected peer ranks is : 7\n")  # another cut
 sys.stdout.write("foo\n")
 """
 
@@ -272,13 +273,15 @@ def test_two_processes_train_as_one_are_preempted_together_and_restore_in_one(on
 
 def test_four_processes_resume_a_one_process_checkpoint(one_process_run, tmp_path):
     """4 processes x 2 devices (tensor spans two hosts) resume step 4 of the
-    one-process run and continue it: 1 process -> 4."""
+    one-process run and continue it: 1 process -> 4. Keeping one checkpoint,
+    all four rotate step 4 away together (orbax's delete is collective)."""
     reference_dir, reference = one_process_run
     run_dir = tmp_path / "four"
     shutil.copytree(reference_dir / "checkpoints" / "4", run_dir / "checkpoints" / "4")
     launch_cli("--processes", "4", "--", "train", str(TINY), "--run-dir", str(run_dir), "--no-progress",
-               "--set", *DATA2_TENSOR4, f"train.steps={STEPS}")
+               "--set", *DATA2_TENSOR4, f"train.steps={STEPS}", "checkpoint.keep=1")
     np.testing.assert_allclose(losses(run_dir), reference[4:], rtol=1e-5)
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [str(STEPS)]
 
 
 DETERMINISTIC_MESH = ["mesh.tensor=8", "train.steps=3"]

@@ -188,15 +188,20 @@ class Checkpointer:
         self._pending = step
 
     def wait(self) -> None:
-        """Finishes the save in flight, seals it and rotates old checkpoints."""
+        """Finishes the save in flight, seals it and rotates old checkpoints.
+
+        Every process rotates (orbax's delete is collective: each process must
+        call it, for the same steps); the step just finished on all of them is
+        known good everywhere, so they all keep the same ones. Process 0 writes
+        the manifest."""
         if self._pending is None:
             return
         self.manager.wait_until_finished()
         step, self._pending = self._pending, None
         if jax.process_index() == 0:
             write_manifest(self._step_dir(step))
-            self._sealed.add(step)
-            self.rotate()
+        self._sealed.add(step)
+        self.rotate()
 
     def close(self) -> None:
         try:
