@@ -12,9 +12,9 @@ D at mesh coordinates (d, p, e, t) fails, ``take_over``:
    to device from (d', p, e, t), the same (pipeline, expert, tensor) rank of
    another data-parallel replica, whose shards equal D's. D's shards are
    never read;
-3. re-creates the model and optimizer on the new mesh without initialising
-   them (``nnx.eval_shape``), gives them those arrays, and re-jits and
-   compiles the train step for the new mesh. The interrupted step then runs
+3. points the model and optimizer at the new mesh (``rebind_mesh``: the
+   layers' ``mesh`` attributes and the parameters' metadata), gives them those
+   arrays, and re-jits and compiles the train step for the new mesh. The interrupted step then runs
    again, and training goes on in the same process, bit for bit as without
    the failure: the compiled program is the same, only its devices changed.
    An event line ``{"event": "spare_takeover", ...}`` in ``metrics.jsonl``
@@ -54,7 +54,7 @@ from jax.sharding import Mesh, NamedSharding
 from lite_tp_jax.mesh import DATA, make_mesh
 from lite_tp_jax.train.config import Config, ConfigError
 from lite_tp_jax.plan.rules import param_shardings
-from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+from lite_tp_jax.train.step import TrainStep, batch_sharding
 
 if TYPE_CHECKING:
     from lite_tp_jax.train.loop import Trainer
@@ -132,6 +132,21 @@ def move_array(
     return jax.make_array_from_single_device_arrays(array.shape, target, pieces), copied
 
 
+def rebind_mesh(graph, old: Mesh, new: Mesh) -> None:
+    """Points every module attribute and parameter metadata that holds ``old``
+    at ``new``: the same model, now run (and its arrays described) over the
+    new mesh. Layers keep nothing else of their mesh but its axis sizes, which
+    a takeover does not change."""
+    for _, node in nnx.iter_graph(graph):
+        if isinstance(node, nnx.Variable):
+            if node.get_metadata().get("mesh") is old:
+                node.set_metadata(mesh=new)
+        elif isinstance(node, nnx.Pytree):
+            for name, value in list(vars(node).items()):
+                if value is old:
+                    setattr(node, name, new)
+
+
 def _poisoned(array: jax.Array, failed: jax.Device) -> jax.Array:
     """``array`` with its shard on ``failed`` overwritten by garbage (NaN, or
     the dtype's largest integer): what a takeover must never read."""
@@ -206,21 +221,17 @@ class Spares:
             )
         spare = self.devices.pop(0)
         mesh = replace_device(trainer.mesh, failed, spare)
-        config = self.config
-        model, optimizer = nnx.eval_shape(lambda: create_model_and_optimizer(config.model, config.train, mesh))
-        old = dict(nnx.to_flat_state(nnx.state((trainer.model, trainer.optimizer))))
-        new = nnx.state((model, optimizer))
-        shardings = dict(nnx.to_flat_state(param_shardings(new, mesh)))
+        state = nnx.state((trainer.model, trainer.optimizer))
+        shardings = dict(nnx.to_flat_state(param_shardings(state, mesh)))
         copied = 0
-        for path, variable in nnx.to_flat_state(new):
+        for path, variable in nnx.to_flat_state(state):  # the live Variables: no old array is left
             name = ".".join(str(part) for part in path)
-            array, nbytes = move_array(old[path].get_value(), shardings[path], failed, replica, name)
+            array, nbytes = move_array(variable.get_value(), shardings[path], failed, replica, name)
             variable.set_value(array)
             copied += nbytes
-        nnx.update((model, optimizer), new)
-        trainer.mesh, trainer.model, trainer.optimizer = mesh, model, optimizer
-        del old  # no reference to the old mesh's arrays (and the failed device's shards) is left
-        trainer.step = TrainStep(model, optimizer, config.train)
+        rebind_mesh((trainer.model, trainer.optimizer), trainer.mesh, mesh)
+        trainer.mesh = mesh
+        trainer.step = TrainStep(trainer.model, trainer.optimizer, self.config.train)
         compile_started = time.perf_counter()
         tokens, targets = (
             jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(mesh))
