@@ -30,7 +30,10 @@ picks what a layer keeps for its backward (``REMAT_SAVES``, tensors named with
 ``checkpoint_name`` in the layers' math); everything else is recomputed:
 
 * ``none``: every matmul's input (norm outputs, q/k/v, attention output, MLP
-  gate/up/hidden) and the softmax output (Megatron without recomputation);
+  gate/up/hidden) and the softmax output (Megatron without recomputation;
+  the softmax is a named tensor of ``attention: reference`` only: the
+  ``jax.nn.dot_product_attention`` kernels keep no ``[S, S]`` tensor, so with
+  them ``none`` recomputes scores and softmax like ``selective``);
 * ``selective``: the same without the softmax: scores and softmax are
   recomputed (Korthikanti et al.'s selective recomputation);
 * ``full``: only the residual stream (each block's input, and after attention).
