@@ -10,7 +10,8 @@ devices and the same weights.
 
 Each is compiled once (timed) and warmed up; a few steps check that lite_tp_jax
 and gspmd do the same work (losses and gradient norms). Then the three run
-interleaved for ``steps`` rounds; ratios are medians of the per-round ratios,
+interleaved for ``steps`` rounds, each round in a random (seeded) order, so
+that no variant always runs right after the same one; ratios are medians of the per-round ratios,
 with their interquartile range. Collective bytes per device per step come from
 the compiled HLO (``hlo.bytes_by_axis``), memory per device from
 ``compiled.memory_analysis()`` (arguments + outputs + temporaries - donated
@@ -29,6 +30,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -271,8 +273,9 @@ def run(config: Config, *, steps: int = 20, depths: list[int] = (2, 8, 32), warm
         for name in VARIANTS:
             jax.block_until_ready(variants.run(name))
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for _ in range(steps):
-        for name in VARIANTS:
+    order = random.Random(0)
+    for _ in range(steps):  # each round in a random order: no variant always follows the same one
+        for name in order.sample(VARIANTS, len(VARIANTS)):
             _, seconds = _timed(lambda: jax.block_until_ready(variants.run(name)))
             times[name].append(seconds)
 
