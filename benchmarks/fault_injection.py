@@ -179,7 +179,7 @@ def main() -> int:
         "(every step's loss; every device's copy of every parameter and optimizer-state array)",
         "- takeover: from the injected failure to the re-jitted step compiled for the new mesh (`seconds` of "
         "the `spare_takeover` event in metrics.jsonl); compile includes tracing the step; rest = takeover - "
-        "compile: new mesh, model and optimizer re-created abstractly (`nnx.eval_shape`), shards moved (only "
+        "compile: new mesh, model and optimizer pointed at it (`rebind_mesh`), shards moved (only "
         "the spare's are copied, from the replica), the step re-jitted",
         "- replayed step: the interrupted step's own time on the new mesh (its `step_time_s`), after the takeover",
         "",
