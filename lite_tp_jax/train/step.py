@@ -11,9 +11,12 @@ rows.
 The global gradient norm for clipping is computed over the sharded gradients
 with one all-reduce (``parallel/grads.py``; padding is zero, so it adds nothing).
 A step whose loss, gradient norm or updated parameters (their global norm: one
-more scalar all-reduce) are not finite leaves parameters and optimizer state
-as they were and reports ``skipped = 1``; the loop decides whether to stop or
-go on (``train.on_nonfinite``).
+more scalar all-reduce) are not finite reports ``skipped = 1``. Under
+``train.on_nonfinite: skip`` it also leaves parameters and optimizer state as
+they were (a select per array, inside the compiled step); under ``stop`` the
+loop ends the run at that step, so the step does not pay for that select (12%
+of its memory traffic on a 256-wide model) and the state it leaves in memory
+is never saved or used again.
 
 Gradient accumulation (``train.grad_accum = k``): each rank's rows are split
 into k micro-steps (rows i, i+k, i+2k, ...: a local reshape), run one after
@@ -120,9 +123,10 @@ def check_grad_accum(train: TrainConfig, mesh: Mesh) -> None:
         )
 
 def keep_if_not(finite: jax.Array, updated: Any, previous: list[jax.Array]) -> Any:
-    """``updated`` where ``finite`` (a scalar bool) holds, else ``previous``: an
-    update with a non-finite loss, gradient norm or resulting parameter is
-    dropped inside the compiled step (a select per array, no recompile)."""
+    """``updated`` where ``finite`` (a scalar bool) holds, else ``previous``: under
+    ``on_nonfinite: skip`` an update with a non-finite loss, gradient norm or
+    resulting parameter is dropped inside the compiled step (a select per
+    array, no recompile)."""
     leaves, structure = jax.tree.flatten(updated)
     return jax.tree.unflatten(structure, [jnp.where(finite, new, old) for new, old in zip(leaves, previous, strict=True)])
 
@@ -142,6 +146,7 @@ class TrainStep:
         self.grad_clip = train.grad_clip
         self.microbatches, self.grad_accum = train.microbatches, train.grad_accum
         self.deterministic = train.deterministic
+        self.drop_nonfinite = train.on_nonfinite == "skip"
         mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
         # The step reads and writes the Variables' arrays as a flat list: walking the
@@ -169,7 +174,9 @@ class TrainStep:
         optimizer.update(model, clip_by_norm(grads, grad_norm, self.grad_clip))
         param_norm = global_norm(nnx.state(model, nnx.Param), model.mesh)  # one all-reduce
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-        new_state = keep_if_not(finite, nnx.state((model, optimizer)), previous)
+        new_state = nnx.state((model, optimizer))
+        if self.drop_nonfinite:
+            new_state = keep_if_not(finite, new_state, previous)
         metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "param_norm": param_norm, "lr": lr,
                    "skipped": (~finite).astype(jnp.float32)}
         return new_state, metrics
