@@ -44,6 +44,7 @@ from pathlib import Path
 from lite_tp_jax.mesh import provide_cpu_devices
 
 DEVICES = 8
+EVERY = 5  # checkpoint interval of the process-kill runs
 MESH = ["mesh.data=2", "mesh.tensor=3", "mesh.spares=2"]
 WORKLOADS = {
     "tiny": [],
@@ -205,7 +206,7 @@ def process_kills(args, config_path: Path, tmp: Path) -> tuple[tuple[int, int, i
     from lite_tp_jax.state import export_state
 
     steps = max(args.steps, 20)
-    overrides = ["mesh.data=2", "mesh.tensor=4", f"train.steps={steps}", "checkpoint.every=5", "checkpoint.keep=2"]
+    overrides = ["mesh.data=2", "mesh.tensor=4", f"train.steps={steps}", f"checkpoint.every={EVERY}", "checkpoint.keep=2"]
 
     def command(run_dir: Path) -> list[str]:
         return [sys.executable, "-m", "lite_tp_jax.cli", "launch", "--processes", "2", "--max-restarts", "2",
@@ -260,7 +261,12 @@ def process_kills(args, config_path: Path, tmp: Path) -> tuple[tuple[int, int, i
             state = final_state(run_dir)
             equal = all(np.array_equal(state[k], reference_state[k]) for k in reference_state)
         events = [r for r in lines if r.get("event") == "restart"]
-        first = next((r for r in lines if "event" not in r and events and r["step"] == events[0]["step"] + 1), None)
+        # The first step after the restart compiles: it is the slowest line logged before the event (which
+        # the supervisor appends once that step is logged), step 1 only when no checkpoint existed yet.
+        before_event = [r for r in lines[: lines.index(events[0])] if "event" not in r] if events else []
+        no_checkpoint_yet = events and events[0]["step"] < EVERY
+        candidates = [r for r in before_event if no_checkpoint_yet or r["step"] > 1]
+        first = max(candidates, key=lambda r: r["step_time_s"]) if candidates else None
         finished_count, equal_count = finished_count + finished, equal_count + equal
         rows.append(
             f"| {i + 1} | {victim} | {at} | {len(events)} | {events[0]['step'] if events else '–'} | "
