@@ -11,8 +11,8 @@ devices and the same weights.
 Each is compiled once (timed) and warmed up; a few steps check that lite_tp_jax
 and gspmd do the same work (losses and gradient norms). Then the three run
 interleaved for ``steps`` rounds, each round in a random (seeded) order, so
-that no variant always runs right after the same one; ratios are medians of the per-round ratios,
-with their interquartile range. Collective bytes per device per step come from
+that no variant always runs right after the same one; ratios are medians of
+the per-round ratios, with their interquartile range. Collective bytes per device per step come from
 the compiled HLO (``hlo.bytes_by_axis``), memory per device from
 ``compiled.memory_analysis()`` (arguments + outputs + temporaries - donated
 aliases). Also: compile time against depth, for models that differ only in

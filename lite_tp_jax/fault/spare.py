@@ -14,9 +14,10 @@ D at mesh coordinates (d, p, e, t) fails, ``take_over``:
    never read;
 3. points the model and optimizer at the new mesh (``rebind_mesh``: the
    layers' ``mesh`` attributes and the parameters' metadata), gives them those
-   arrays, and re-jits and compiles the train step for the new mesh. The interrupted step then runs
-   again, and training goes on in the same process, bit for bit as without
-   the failure: the compiled program is the same, only its devices changed.
+   arrays, and re-jits and compiles the train step for the new mesh. The
+   interrupted step then runs again, and training goes on in the same
+   process, bit for bit as without the failure: the compiled program is the
+   same, only its devices changed.
    An event line ``{"event": "spare_takeover", ...}`` in ``metrics.jsonl``
    records the failed device, the spare, the step, and the seconds taken
    (``compile_seconds`` of them compiling).

@@ -43,8 +43,9 @@ num_kv_heads`` query heads that attend with it (query head ``j`` uses kv head
 * ``num_kv_heads < tp``: k/v kernels are replicated over "tensor"; the query
   heads are padded to a multiple of tp and split. Each rank projects, for
   each of its query heads, kv head ``global_q // group`` (clamped for padded
-  query heads): only those kernel columns, when that is fewer than all. Padded query heads are zeroed on
-  ``query`` and ``out.kernel``, so they add nothing to y or to any gradient.
+  query heads): only those kernel columns, when that is fewer than all.
+  Padded query heads are zeroed on ``query`` and ``out.kernel``, so they add
+  nothing to y or to any gradient.
   The replicated kernels enter the region explicitly per rank
   (``copy_to_tensor_region``), so their gradients are all-reduced over
   "tensor" (``features * num_kv_heads * head_dim`` each).
