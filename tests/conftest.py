@@ -110,3 +110,18 @@ def model_loss_and_grads(config, mesh, tokens, weights=None, rules=None):
     fn = jax.jit(jax.value_and_grad(loss))
     value, grads = fn(state)
     return model, float(value), export_state(grads), summary(fn.lower(state).compile().as_text())
+
+
+def train_steps(model_config, train, mesh, steps: int):
+    """``steps`` steps of a fresh ``TrainStep`` of ``model_config`` on ``mesh``, on
+    seeded random batches: ``(losses, step, (inputs, targets) of the last step)``."""
+    from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+
+    step = TrainStep(*create_model_and_optimizer(model_config, train, mesh), train)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(steps):
+        batch = rng.integers(0, model_config.vocab_size, (train.global_batch, train.seq_len + 1)).astype(np.int32)
+        inputs, targets = (jax.device_put(a, batch_sharding(mesh)) for a in (batch[:, :-1], batch[:, 1:]))
+        losses.append(float(step(inputs, targets)["loss"]))
+    return np.array(losses), step, (inputs, targets)

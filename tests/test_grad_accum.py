@@ -6,12 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import max_relative_error
+from conftest import max_relative_error, train_steps
 from lite_tp_jax import export_state, make_mesh
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.train.config import ConfigError, TrainConfig, parse_config
 from lite_tp_jax.train.loop import check_fits_mesh
-from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
 
 MODEL = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=40)
 TRAIN = TrainConfig(global_batch=8, seq_len=8, warmup_steps=1, lr=1e-2)
@@ -22,15 +21,8 @@ def train(mesh_axes: dict, **train_fields):
     """Losses of STEPS steps and the final weights."""
     train = dataclasses.replace(TRAIN, **train_fields)
     mesh = make_mesh(**mesh_axes, devices=jax.devices()[: int(np.prod(list(mesh_axes.values())))])
-    model, optimizer = create_model_and_optimizer(MODEL, train, mesh)
-    step = TrainStep(model, optimizer, train)
-    rng = np.random.default_rng(0)
-    losses = []
-    for _ in range(STEPS):
-        batch = rng.integers(0, MODEL.vocab_size, (train.global_batch, train.seq_len + 1)).astype(np.int32)
-        inputs, targets = (jax.device_put(a, batch_sharding(mesh)) for a in (batch[:, :-1], batch[:, 1:]))
-        losses.append(float(step(inputs, targets)["loss"]))
-    return np.array(losses), export_state(model)
+    losses, step, _ = train_steps(MODEL, train, mesh, STEPS)
+    return losses, export_state(step.model)
 
 
 @pytest.mark.parametrize(

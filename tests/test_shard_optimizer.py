@@ -10,13 +10,13 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import max_relative_error
+from conftest import max_relative_error, train_steps
 from lite_tp_jax import export_state, make_mesh
 from lite_tp_jax.hlo import collectives_per_step
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.train.checkpoint import Checkpointer
 from lite_tp_jax.train.config import TrainConfig
-from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+from lite_tp_jax.train.step import create_model_and_optimizer
 
 # Sizes divisible by data x tensor, so that every parameter can be split over "data".
 MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4, ffn_hidden_size=64)
@@ -31,16 +31,9 @@ def mesh_of(**axes):
 def train(mesh, shard_optimizer: bool, **fields):
     """Losses of STEPS steps, the final weights, and the step's collectives."""
     train = dataclasses.replace(TRAIN, shard_optimizer=shard_optimizer, **fields)
-    model, optimizer = create_model_and_optimizer(MODEL, train, mesh)
-    step = TrainStep(model, optimizer, train)
-    rng = np.random.default_rng(0)
-    losses = []
-    for _ in range(STEPS):
-        batch = rng.integers(0, MODEL.vocab_size, (train.global_batch, train.seq_len + 1)).astype(np.int32)
-        inputs, targets = (jax.device_put(a, batch_sharding(mesh)) for a in (batch[:, :-1], batch[:, 1:]))
-        losses.append(float(step(inputs, targets)["loss"]))
-    hlo = step.lower(inputs, targets).compile().as_text()
-    return np.array(losses), export_state(model), collectives_per_step(hlo), (model, optimizer)
+    losses, step, last_batch = train_steps(MODEL, train, mesh, STEPS)
+    hlo = step.lower(*last_batch).compile().as_text()
+    return losses, export_state(step.model), collectives_per_step(hlo), (step.model, step.optimizer)
 
 
 def bytes_by_kind(found):
