@@ -56,7 +56,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lite_tp_jax.mesh import make_mesh  # noqa: E402
+from lite_tp_jax.core.mesh import make_mesh  # noqa: E402
 from report import machine, write_report  # noqa: E402  benchmarks/report.py
 from lite_tp_jax.models.config import ModelConfig  # noqa: E402
 from lite_tp_jax.models.transformer import Transformer  # noqa: E402

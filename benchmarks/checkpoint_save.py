@@ -42,11 +42,14 @@ import numpy as np
 from flax import nnx
 from report import machine, write_report  # benchmarks/report.py
 
-from lite_tp_jax.mesh import make_mesh_for, provide_cpu_devices
-from lite_tp_jax.train.checkpoint import Checkpointer
-from lite_tp_jax.train.config import load_config
+from lite_tp_jax.core.mesh import make_mesh_for
+from lite_tp_jax.runtime.devices import provide_cpu_devices
+from lite_tp_jax.run.checkpoint import Checkpointer
+from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.train.data import Batches, load_tokens
-from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
+from lite_tp_jax.sharding.rules import batch_sharding
+from lite_tp_jax.train.step import TrainStep
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = [

@@ -28,10 +28,13 @@ import time
 import jax
 import numpy as np
 
-from lite_tp_jax.hlo import KINDS, collectives_per_step
-from lite_tp_jax.mesh import make_mesh_for, provide_cpu_devices
-from lite_tp_jax.train.config import load_config
-from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+from lite_tp_jax.core.hlo import KINDS, collectives_per_step
+from lite_tp_jax.core.mesh import make_mesh_for
+from lite_tp_jax.runtime.devices import provide_cpu_devices
+from lite_tp_jax.run.config_file import load_config
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
+from lite_tp_jax.sharding.rules import batch_sharding
+from lite_tp_jax.train.step import TrainStep
 from report import machine, write_report  # benchmarks/report.py
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny.yaml")

@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lite_tp_jax.mesh import provide_cpu_devices
+from lite_tp_jax.runtime.devices import provide_cpu_devices
 
 DEVICES = 8
 EVERY = 5  # checkpoint interval of the process-kill runs
@@ -78,7 +78,7 @@ def main() -> int:
     import numpy as np
     from flax import nnx
 
-    from lite_tp_jax.train.config import load_config
+    from lite_tp_jax.run.config_file import load_config
     from lite_tp_jax.train.loop import Trainer
     from report import machine, write_report  # benchmarks/report.py
 
@@ -199,11 +199,11 @@ def process_kills(args, config_path: Path, tmp: Path) -> tuple[tuple[int, int, i
     import numpy as np
     from flax import nnx
 
-    from lite_tp_jax.mesh import make_mesh_for
-    from lite_tp_jax.train.checkpoint import Checkpointer
-    from lite_tp_jax.train.config import load_config
-    from lite_tp_jax.train.step import create_model_and_optimizer
-    from lite_tp_jax.state import export_state
+    from lite_tp_jax.core.mesh import make_mesh_for
+    from lite_tp_jax.run.checkpoint import Checkpointer
+    from lite_tp_jax.run.config_file import load_config
+    from lite_tp_jax.run.optimizer import create_model_and_optimizer
+    from lite_tp_jax.sharding.state import export_state
 
     steps = max(args.steps, 20)
     overrides = ["mesh.data=2", "mesh.tensor=4", f"train.steps={steps}", f"checkpoint.every={EVERY}", "checkpoint.keep=2"]

@@ -4,9 +4,9 @@ TP degrees, in one process.
     python benchmarks/generate.py [--tensor 1,2,4] [--batch 4] [--prompt-len 32]
                                   [--new-tokens 64] [--repeats 3] [--out FILE.md]
 
-    cache     lite_tp_jax.generate.Generator: prefill once, then one decode step
+    cache     lite_tp_jax.inference.generator.Generator: prefill once, then one decode step
               per token over fixed-size cache buffers (kv heads split over "tensor")
-    no cache  lite_tp_jax.generate.greedy_without_cache: the whole window
+    no cache  lite_tp_jax.inference.generator.greedy_without_cache: the whole window
               [batch, prompt + new tokens] through the model for every token
 
 Same weights at every degree. Both paths are compiled and warmed up first and
@@ -38,8 +38,8 @@ import flax
 import numpy as np
 from flax import nnx
 
-from lite_tp_jax.generate import Generator, greedy_without_cache
-from lite_tp_jax.mesh import make_mesh
+from lite_tp_jax.inference.generator import Generator, greedy_without_cache
+from lite_tp_jax.core.mesh import make_mesh
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer
 from report import machine, write_report  # benchmarks/report.py

@@ -64,10 +64,12 @@ def main(argv=None) -> int:
     import numpy as np
     from flax import nnx
 
-    from lite_tp_jax.mesh import make_mesh
+    from lite_tp_jax.core.mesh import make_mesh
     from lite_tp_jax.models.config import ModelConfig
-    from lite_tp_jax.train.config import TrainConfig
-    from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+    from lite_tp_jax.run.config import TrainConfig
+    from lite_tp_jax.run.optimizer import create_model_and_optimizer
+    from lite_tp_jax.sharding.rules import batch_sharding
+    from lite_tp_jax.train.step import TrainStep
 
     config = ModelConfig(
         vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,

@@ -85,8 +85,8 @@ def measure(directory: Path, tensor: int, dtype: str) -> dict:
     import jax.numpy as jnp
 
     from lite_tp_jax.interop.hf import Checkpoint, from_pretrained
-    from lite_tp_jax.mesh import make_mesh
-    from lite_tp_jax.state import flat_variables
+    from lite_tp_jax.core.mesh import make_mesh
+    from lite_tp_jax.sharding.state import flat_variables
 
     devices = jax.devices() if jax.default_backend() != "cpu" else jax.devices("cpu")
     mesh = make_mesh(tensor=tensor, devices=devices[:tensor])

@@ -49,12 +49,15 @@ import jax
 import numpy as np
 import optax
 
-from lite_tp_jax.hlo import collectives_per_step
+from lite_tp_jax.core.hlo import collectives_per_step
 from report import machine, write_report  # benchmarks/report.py
-from lite_tp_jax.mesh import make_mesh_for, provide_cpu_devices
+from lite_tp_jax.core.mesh import make_mesh_for
+from lite_tp_jax.runtime.devices import provide_cpu_devices
 from lite_tp_jax.parallel.pipeline import bubble_fraction
-from lite_tp_jax.train.config import load_config
-from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+from lite_tp_jax.run.config_file import load_config
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
+from lite_tp_jax.sharding.rules import batch_sharding
+from lite_tp_jax.train.step import TrainStep
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny.yaml")
 MICROBATCH_ROWS = 2

@@ -6,7 +6,7 @@ For tiny.yaml, tiny-moe.yaml and a 2-layer llama-1b.yaml (seq 32, batch 8,
 2 microbatches; never materialised), at TP 2, 4 and 8, with and without
 sequence parallelism, with and without pipeline 2 (and expert 2 for the
 MoE model): the planner's collective result bytes per device per step
-(Megatron's formulas, ``lite_tp_jax.plan.planner``) against those of the real
+(Megatron's formulas, ``lite_tp_jax.analysis.planner``) against those of the real
 training step, lowered for abstract state and compiled
 (``planner.compiled_bytes_by_axis``: ``hlo.bytes_by_axis``, loop bodies times
 their trip counts). Per mesh: the totals, the worst mesh axis, and the
@@ -22,12 +22,12 @@ import argparse
 import os
 import sys
 
-from lite_tp_jax.mesh import provide_cpu_devices
+from lite_tp_jax.runtime.devices import provide_cpu_devices
 
 provide_cpu_devices(8)
 
-from lite_tp_jax.plan import planner  # noqa: E402
-from lite_tp_jax.train.config import load_config  # noqa: E402
+from lite_tp_jax.analysis import planner  # noqa: E402
+from lite_tp_jax.run.config_file import load_config  # noqa: E402
 from report import machine, write_report  # noqa: E402  benchmarks/report.py
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")

@@ -2,7 +2,7 @@
 
 import os
 
-from lite_tp_jax.bench import machine
+from lite_tp_jax.analysis.bench import machine
 
 __all__ = ["machine", "write_report"]
 

@@ -19,7 +19,7 @@ if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
 
 import jax  # noqa: E402
 
-from lite_tp_jax.mesh import allow_bf16_cpu_all_reduce  # noqa: E402
+from lite_tp_jax.runtime.devices import allow_bf16_cpu_all_reduce  # noqa: E402
 
 allow_bf16_cpu_all_reduce()  # bf16 compute on CPU (mesh.BF16_CPU_FLAG)
 jax.config.update("jax_num_cpu_devices", 8)
@@ -27,7 +27,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from lite_tp_jax.mesh import make_mesh  # noqa: E402
+from lite_tp_jax.core.mesh import make_mesh  # noqa: E402
 
 TP_DEGREES = (1, 2, 3, 4, 8)
 
@@ -96,7 +96,7 @@ def model_loss_and_grads(config, mesh, tokens, weights=None, rules=None):
     from flax import nnx
 
     from lite_tp_jax import export_state, import_state
-    from lite_tp_jax.hlo import summary
+    from lite_tp_jax.core.hlo import summary
     from lite_tp_jax.models.transformer import Transformer
 
     model = Transformer(config, mesh=mesh, rules=rules, rngs=nnx.Rngs(0))
@@ -115,7 +115,9 @@ def model_loss_and_grads(config, mesh, tokens, weights=None, rules=None):
 def train_steps(model_config, train, mesh, steps: int):
     """``steps`` steps of a fresh ``TrainStep`` of ``model_config`` on ``mesh``, on
     seeded random batches: ``(losses, step, (inputs, targets) of the last step)``."""
-    from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+    from lite_tp_jax.run.optimizer import create_model_and_optimizer
+    from lite_tp_jax.sharding.rules import batch_sharding
+    from lite_tp_jax.train.step import TrainStep
 
     step = TrainStep(*create_model_and_optimizer(model_config, train, mesh), train)
     rng = np.random.default_rng(0)

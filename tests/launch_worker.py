@@ -3,7 +3,7 @@ process launch covers them all).
 
     python tests/launch_worker.py '[{"run_dir": ..., "overrides": [...]}, {"all_reduce_to": FILE.npz}, ...]'
 
-Run by ``lite_tp_jax.launch.run_processes`` with the ``LITE_TP_*`` environment.
+Run by ``lite_tp_jax.runtime.launch.run_processes`` with the ``LITE_TP_*`` environment.
 A ``run_dir`` entry trains configs/tiny.yaml with its overrides; an
 ``all_reduce_to`` entry saves (from process 0) ``all_reduce_sums()`` in both modes.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lite_tp_jax.mesh import start_cluster
+from lite_tp_jax.runtime.devices import start_cluster
 
 
 def all_reduce_sums() -> dict[str, np.ndarray]:
@@ -24,8 +24,8 @@ def all_reduce_sums() -> dict[str, np.ndarray]:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from lite_tp_jax import collectives
-    from lite_tp_jax.mesh import make_mesh
+    from lite_tp_jax.core import collectives
+    from lite_tp_jax.core.mesh import make_mesh
     from lite_tp_jax.train.data import process_rows
 
     mesh = make_mesh(tensor=-1)
@@ -41,10 +41,10 @@ def all_reduce_sums() -> dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
-    assert start_cluster(), "run me through lite_tp_jax.launch (LITE_TP_* environment)"
+    assert start_cluster(), "run me through lite_tp_jax.runtime.launch (LITE_TP_* environment)"
     import jax
 
-    from lite_tp_jax.train.config import load_config
+    from lite_tp_jax.run.config_file import load_config
     from lite_tp_jax.train.loop import Trainer
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

@@ -11,7 +11,7 @@ from flax import nnx
 
 from conftest import assert_matches_reference, max_relative_error, tp_mesh
 from lite_tp_jax import ParallelAttention, export_state, import_state
-from lite_tp_jax.hlo import summary
+from lite_tp_jax.core.hlo import summary
 from lite_tp_jax.layers.rotary import apply_rotary
 
 B, S, F, D = 2, 8, 16, 4  # batch, sequence, features, head_dim

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import tp_mesh
-from lite_tp_jax import collectives as C
+from lite_tp_jax.core import collectives as C
 
 T = 4
 
@@ -96,7 +96,7 @@ def test_sequence_gather_and_reduce_scatter(mesh, rng):
 def test_conjugates_lower_to_the_named_collectives(mesh):
     """copy_to/reduce_from: one all-reduce each way; the sequence pair: one
     all-gather and one reduce-scatter each way; nothing else."""
-    from lite_tp_jax.hlo import summary
+    from lite_tp_jax.core.hlo import summary
 
     x = jnp.ones((2, T * 2, 3))
 
@@ -124,7 +124,7 @@ def test_conjugates_lower_to_the_named_collectives(mesh):
 
 def test_hlo_reads_combined_collectives_of_many_arrays():
     """XLA writes /*index=5*/ comments into tuple types of six or more arrays."""
-    from lite_tp_jax.hlo import collectives
+    from lite_tp_jax.core.hlo import collectives
 
     shapes = ", ".join(f"f32[{i + 1},2]{{1,0}}" for i in range(5))
     line = f"%ar = ({shapes}, /*index=5*/f32[7,2]{{1,0}}) all-reduce(%a, %b), channel_id=1, to_apply=%sum"

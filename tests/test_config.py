@@ -9,19 +9,8 @@ import pytest
 import yaml
 
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.train.config import (
-    SECTIONS,
-    CheckpointConfig,
-    Config,
-    ConfigError,
-    DataConfig,
-    MeshConfig,
-    TrainConfig,
-    config_to_dict,
-    dump_config,
-    load_config,
-    parse_config,
-)
+from lite_tp_jax.run.config import SECTIONS, CheckpointConfig, Config, ConfigError, DataConfig, MeshConfig, TrainConfig
+from lite_tp_jax.run.config_file import config_to_dict, dump_config, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(glob.glob(str(REPO / "configs" / "*.yaml")))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lite_tp_jax.train.config import DataConfig
+from lite_tp_jax.run.config import DataConfig
 from lite_tp_jax.train.data import (
     Batches,
     DataError,

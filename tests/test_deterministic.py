@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax import collectives as C
-from lite_tp_jax.hlo import collectives
-from lite_tp_jax.mesh import make_mesh
+from lite_tp_jax.core import collectives as C
+from lite_tp_jax.core.hlo import collectives
+from lite_tp_jax.core.mesh import make_mesh
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +117,11 @@ def test_every_sum_of_the_training_step_is_switched():
     import re
     from dataclasses import asdict
 
-    from lite_tp_jax.mesh import make_mesh_for
-    from lite_tp_jax.train.config import load_config
-    from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+    from lite_tp_jax.core.mesh import make_mesh_for
+    from lite_tp_jax.run.config_file import load_config
+    from lite_tp_jax.run.optimizer import create_model_and_optimizer
+    from lite_tp_jax.sharding.rules import batch_sharding
+    from lite_tp_jax.train.step import TrainStep
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     config = load_config(tiny, ["mesh.data=2", "mesh.tensor=4", "model.sequence_parallel=true",

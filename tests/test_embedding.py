@@ -17,7 +17,7 @@ from lite_tp_jax import (
     import_state,
     vocab_parallel_cross_entropy,
 )
-from lite_tp_jax.hlo import collectives, summary
+from lite_tp_jax.core.hlo import collectives, summary
 from lite_tp_jax.parallel.region import run_in_region
 
 TOL = 1e-5

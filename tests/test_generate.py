@@ -20,10 +20,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import max_relative_error, tp_mesh
-from lite_tp_jax import hlo
+from lite_tp_jax.core import hlo
 from lite_tp_jax.cli import main
-from lite_tp_jax.generate import Generator, Sampling, TextStream, ByteTokenizer, greedy_without_cache, left_pad, pick
-from lite_tp_jax.mesh import TENSOR, make_mesh
+from lite_tp_jax.inference.generator import Generator, Sampling, TextStream, ByteTokenizer, greedy_without_cache, left_pad, pick
+from lite_tp_jax.core.axes import TENSOR
+from lite_tp_jax.core.mesh import make_mesh
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer
 
@@ -233,9 +234,9 @@ def _snapshot(directory):
 def test_cli_generate_streams_and_writes_nothing(tmp_path, monkeypatch, capsys):
     """A run directory holding a checkpoint: stdout gets the prompt, then each
     piece of text as it is produced (flushed); the run directory is unchanged."""
-    from lite_tp_jax.train.checkpoint import Checkpointer
-    from lite_tp_jax.train.config import load_config, dump_config
-    from lite_tp_jax.train.step import create_model_and_optimizer
+    from lite_tp_jax.run.checkpoint import Checkpointer
+    from lite_tp_jax.run.config_file import load_config, dump_config
+    from lite_tp_jax.run.optimizer import create_model_and_optimizer
     from pathlib import Path
 
     run = tmp_path / "run"
@@ -271,7 +272,7 @@ def test_cli_generate_streams_and_writes_nothing(tmp_path, monkeypatch, capsys):
     # Only a checkpoint whose parameters are NaN (Checkpointer.save refuses to
     # write one, so its guard is bypassed here): restore skips it with a
     # warning and finds no intact one; exit 2 with one error line, not NUL bytes.
-    from lite_tp_jax.train import checkpoint as checkpoint_module
+    from lite_tp_jax.run import checkpoint as checkpoint_module
 
     state = nnx.state((model, optimizer))
     state = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)

@@ -9,7 +9,8 @@ import pytest
 from conftest import max_relative_error, train_steps
 from lite_tp_jax import export_state, make_mesh
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.train.config import ConfigError, TrainConfig, parse_config
+from lite_tp_jax.run.config import ConfigError, TrainConfig
+from lite_tp_jax.run.config_file import parse_config
 from lite_tp_jax.train.loop import check_fits_mesh
 
 MODEL = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=40)

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from lite_tp_jax import export_state, make_mesh
-from lite_tp_jax.hlo import summary
+from lite_tp_jax.core.hlo import summary
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer
 from lite_tp_jax.parallel.grads import clip_by_norm, global_norm

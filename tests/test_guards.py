@@ -29,12 +29,14 @@ from lite_tp_jax import (
     VocabParallelEmbedding, export_state, import_state,
 )
 from lite_tp_jax.cli import main
-from lite_tp_jax.mesh import make_mesh, make_mesh_for
-from lite_tp_jax.train.checkpoint import MANIFEST, Checkpointer, NonFiniteError
-from lite_tp_jax.train.config import load_config
+from lite_tp_jax.core.mesh import make_mesh, make_mesh_for
+from lite_tp_jax.run.checkpoint import MANIFEST, Checkpointer, NonFiniteError
+from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.train.data import Batches, load_tokens
-from lite_tp_jax.train.run_lock import RunLock
-from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+from lite_tp_jax.runtime.run_dir import RunLock
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
+from lite_tp_jax.sharding.rules import batch_sharding
+from lite_tp_jax.train.step import TrainStep
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -103,7 +105,7 @@ def nan_in_latest(run: Path) -> None:
     model.final_norm.scale[...] = model.final_norm.scale[...] * np.nan
     shutil.rmtree(run / "checkpoints" / "4")
     checkpointer = Checkpointer(run / "checkpoints", keep=5)
-    from lite_tp_jax.train import checkpoint as module
+    from lite_tp_jax.run import checkpoint as module
 
     guard, module.first_non_finite = module.first_non_finite, lambda arrays: None
     try:

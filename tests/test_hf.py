@@ -23,11 +23,11 @@ from conftest import max_relative_error
 from lite_tp_jax import cli
 from lite_tp_jax.interop import hf
 from lite_tp_jax.interop.hf import Checkpoint, HFError, from_pretrained, save_pretrained
-from lite_tp_jax.mesh import make_mesh, make_mesh_for
-from lite_tp_jax.state import export_state, flat_variables, logical_shape
-from lite_tp_jax.train.config import load_config
-from lite_tp_jax.train.checkpoint import Checkpointer
-from lite_tp_jax.train.step import create_model_and_optimizer
+from lite_tp_jax.core.mesh import make_mesh, make_mesh_for
+from lite_tp_jax.sharding.state import export_state, flat_variables, logical_shape
+from lite_tp_jax.run.config_file import load_config
+from lite_tp_jax.run.checkpoint import Checkpointer
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
 
 DATA = Path(__file__).resolve().parent / "data" / "hf"
 FAMILIES = ("llama3", "llama2", "mistral", "qwen2", "mixtral", "gpt2")

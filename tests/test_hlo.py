@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.hlo import axes_label, bytes_by_axis, collectives, collectives_per_step, device_groups, mesh_axes
-from lite_tp_jax.mesh import make_mesh
+from lite_tp_jax.core.hlo import axes_label, bytes_by_axis, collectives, collectives_per_step, device_groups, mesh_axes
+from lite_tp_jax.core.mesh import make_mesh
 
 
 def test_device_groups_of_each_printed_form():

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from lite_tp_jax import cli
-from lite_tp_jax.launch import free_port, run_processes, worker_environment
-from lite_tp_jax.mesh import device_grid, split_over_processes
+from lite_tp_jax.runtime.launch import free_port, run_processes, worker_environment
+from lite_tp_jax.core.mesh import device_grid, split_over_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -79,7 +79,7 @@ def test_mesh_that_cannot_fill_hosts_is_a_clear_error():
     ],
 )
 def test_cluster_is_read_from_the_environment(monkeypatch, env, expected):
-    from lite_tp_jax.mesh import cluster_in_environment
+    from lite_tp_jax.runtime.devices import cluster_in_environment
 
     for name in ("SLURM_NTASKS", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS",
                  "LITE_TP_COORDINATOR", "LITE_TP_NUM_PROCESSES", "LITE_TP_PROCESS_ID"):
@@ -99,9 +99,9 @@ def test_deterministic_mode_sets_the_gpu_flag_once(monkeypatch):
 
 
 def test_device_batch_holds_the_batch():
-    from lite_tp_jax.mesh import make_mesh
+    from lite_tp_jax.core.mesh import make_mesh
     from lite_tp_jax.train.data import Batches, device_batch, process_rows
-    from lite_tp_jax.train.step import batch_sharding
+    from lite_tp_jax.sharding.rules import batch_sharding
 
     sharding = batch_sharding(make_mesh(data=2, tensor=4))
     batches = Batches(np.arange(5000) % 256, 8, 16, seed=0)
@@ -218,7 +218,7 @@ def losses(run_dir) -> list[float]:
 
 def train_here(run_dir, overrides):
     """The same run in this process (8 fake devices), for reference."""
-    from lite_tp_jax.train.config import load_config
+    from lite_tp_jax.run.config_file import load_config
     from lite_tp_jax.train.loop import Trainer
 
     return [r["loss"] for r in Trainer(load_config(TINY, overrides), run_dir).run(show_progress=False)]
@@ -295,10 +295,10 @@ def final_parameters(run_dir, overrides) -> dict[str, np.ndarray]:
     from flax import nnx
 
     from lite_tp_jax import export_state
-    from lite_tp_jax.mesh import make_mesh_for
-    from lite_tp_jax.train.checkpoint import Checkpointer
-    from lite_tp_jax.train.config import load_config
-    from lite_tp_jax.train.step import create_model_and_optimizer
+    from lite_tp_jax.core.mesh import make_mesh_for
+    from lite_tp_jax.run.checkpoint import Checkpointer
+    from lite_tp_jax.run.config_file import load_config
+    from lite_tp_jax.run.optimizer import create_model_and_optimizer
 
     config = load_config(TINY, overrides)
     mesh = make_mesh_for(asdict(config.mesh))

@@ -13,12 +13,14 @@ from flax import nnx
 
 from conftest import max_relative_error
 from lite_tp_jax import make_mesh
-from lite_tp_jax.hlo import collectives
+from lite_tp_jax.core.hlo import collectives
 from lite_tp_jax.layers.mlp import ParallelMLP
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.train.config import DataConfig, TrainConfig
+from lite_tp_jax.run.config import DataConfig, TrainConfig
 from lite_tp_jax.train.data import Batches, load_tokens
-from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
+from lite_tp_jax.sharding.rules import batch_sharding
+from lite_tp_jax.train.step import TrainStep
 
 MODEL = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=40)
 TRAIN = TrainConfig(steps=50, global_batch=8, seq_len=16, warmup_steps=5)

@@ -8,7 +8,7 @@ from flax import nnx
 
 from conftest import TP_DEGREES, assert_matches_reference, tp_mesh
 from lite_tp_jax import ParallelMLP, export_state, import_state
-from lite_tp_jax.hlo import summary
+from lite_tp_jax.core.hlo import summary
 
 B, S, H, F = 2, 8, 16, 30  # F = 30: uneven at TP 4 and 8
 

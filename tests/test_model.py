@@ -12,11 +12,11 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import max_relative_error, model_loss_and_grads, tp_mesh
 from lite_tp_jax import export_state, make_mesh
-from lite_tp_jax.hlo import summary
+from lite_tp_jax.core.hlo import summary
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Block, Transformer
-from lite_tp_jax.train.config import load_config
-from lite_tp_jax.train.step import create_model_and_optimizer
+from lite_tp_jax.run.config_file import load_config
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
 
 SMALL = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=40)
 B, S = 2, 8

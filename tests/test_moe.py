@@ -11,8 +11,8 @@ from flax import nnx
 
 from conftest import max_relative_error
 from lite_tp_jax import export_state, import_state, make_mesh
-from lite_tp_jax.hlo import collectives
-from lite_tp_jax.layers import MoEMLP
+from lite_tp_jax.core.hlo import collectives
+from lite_tp_jax.layers.moe import MoEMLP
 
 B, S, H, F, E = 4, 8, 12, 18, 4  # F = 18: uneven over tensor 4; hidden 6 per rank at tensor 3
 AUX_WEIGHT = 0.1

@@ -9,7 +9,7 @@ from flax import nnx
 
 from conftest import assert_matches_reference, tp_mesh
 from lite_tp_jax import RMSNorm, import_state
-from lite_tp_jax.hlo import summary
+from lite_tp_jax.core.hlo import summary
 
 
 def rms_norm_reference(weights, x):

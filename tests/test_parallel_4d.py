@@ -10,11 +10,13 @@ from flax import nnx
 
 from conftest import max_relative_error
 from lite_tp_jax import export_state, import_state
-from lite_tp_jax.mesh import make_mesh_for
-from lite_tp_jax.train.checkpoint import Checkpointer
-from lite_tp_jax.train.config import load_config
+from lite_tp_jax.core.mesh import make_mesh_for
+from lite_tp_jax.run.checkpoint import Checkpointer
+from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.train.data import Batches, load_tokens
-from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
+from lite_tp_jax.sharding.rules import batch_sharding
+from lite_tp_jax.train.step import TrainStep
 
 TINY_MOE = Path(__file__).resolve().parents[1] / "configs" / "tiny-moe.yaml"
 STEPS = 3

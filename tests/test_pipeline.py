@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import max_relative_error
 from lite_tp_jax import export_state, import_state, make_mesh
-from lite_tp_jax.hlo import collectives, collectives_per_step
+from lite_tp_jax.core.hlo import collectives, collectives_per_step
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer
 from lite_tp_jax.parallel.pipeline import bubble_fraction, run_pipeline

@@ -1,6 +1,6 @@
 """The planner against the real thing: parameter bytes against the model's
 shards, collective bytes against the compiled training step (counted by
-``lite_tp_jax.hlo``), and the ``lite-tp plan`` command.
+``lite_tp_jax.core.hlo``), and the ``lite-tp plan`` command.
 
 The full matrix (tiny, tiny-moe, 2-layer llama-1b at TP 2/4/8, with and
 without SP, pipeline 2) is run with ``lite-tp plan ... --check`` (see
@@ -19,10 +19,10 @@ import pytest
 from flax import nnx
 
 from lite_tp_jax import cli
-from lite_tp_jax.plan import planner
-from lite_tp_jax.plan.profiles import PROFILES
-from lite_tp_jax.train.config import load_config
-from lite_tp_jax.train.step import create_model_and_optimizer
+from lite_tp_jax.analysis import planner
+from lite_tp_jax.analysis.profiles import PROFILES
+from lite_tp_jax.run.config_file import load_config
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LLAMA_2_LAYERS = ["model.num_layers=2", "train.seq_len=32", "train.global_batch=8", "train.microbatches=2"]

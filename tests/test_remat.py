@@ -54,7 +54,7 @@ def test_sequence_parallel_regathers_in_the_backward():
     from flax import nnx
 
     from conftest import tp_mesh
-    from lite_tp_jax.hlo import collectives_per_step
+    from lite_tp_jax.core.hlo import collectives_per_step
     from lite_tp_jax.models.transformer import Transformer
 
     layers = 2

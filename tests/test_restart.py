@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from lite_tp_jax.cli import main
-from lite_tp_jax.fault.restart import supervise
+from lite_tp_jax.runtime.restart import supervise
 
 WORKER = textwrap.dedent(
     """

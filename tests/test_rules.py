@@ -14,9 +14,11 @@ from conftest import max_relative_error, model_loss_and_grads, tp_mesh
 from lite_tp_jax import export_state, make_mesh
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer
-from lite_tp_jax.plan.rules import MEGATRON, STRATEGIES, PartitionRules
-from lite_tp_jax.state import flat_variables
-from lite_tp_jax.train.config import ConfigError, parse_config
+from lite_tp_jax.sharding.rules import MEGATRON, PartitionRules
+from lite_tp_jax.sharding.table import STRATEGIES
+from lite_tp_jax.sharding.state import flat_variables
+from lite_tp_jax.run.config import ConfigError
+from lite_tp_jax.run.config_file import parse_config
 
 SMALL = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=40)
 MOE = dataclasses.replace(SMALL, moe_every=2, num_experts=4)

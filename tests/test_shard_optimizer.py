@@ -12,11 +12,11 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import max_relative_error, train_steps
 from lite_tp_jax import export_state, make_mesh
-from lite_tp_jax.hlo import collectives_per_step
+from lite_tp_jax.core.hlo import collectives_per_step
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.train.checkpoint import Checkpointer
-from lite_tp_jax.train.config import TrainConfig
-from lite_tp_jax.train.step import create_model_and_optimizer
+from lite_tp_jax.run.checkpoint import Checkpointer
+from lite_tp_jax.run.config import TrainConfig
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
 
 # Sizes divisible by data x tensor, so that every parameter can be split over "data".
 MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4, ffn_hidden_size=64)
@@ -133,8 +133,8 @@ def test_llama_8b_at_data8_tensor8_stores_one_eighth_per_device():
     replicated over "data", exactly 1/8 of each with shard_optimizer."""
     from jax.sharding import AbstractMesh, AxisType
 
-    from lite_tp_jax.mesh import AXES
-    from lite_tp_jax.train.config import load_config
+    from lite_tp_jax.core.axes import AXES
+    from lite_tp_jax.run.config_file import load_config
 
     config = load_config("configs/llama-8b.yaml", ["mesh.data=8", "mesh.tensor=8"])
     mesh = AbstractMesh((8, 1, 1, 8), AXES, axis_types=(AxisType.Auto,) * 4)

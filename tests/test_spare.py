@@ -16,14 +16,15 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.cli import _devices_needed, main
-from lite_tp_jax.fault.spare import (
+from lite_tp_jax.runtime.spares import (
     DEVICE_LOST_EXIT, DeviceLost, _poisoned, move_array, replace_device, replica_of, spare_devices,
 )
-from lite_tp_jax.mesh import make_mesh, make_mesh_for
-from lite_tp_jax.plan.rules import param_shardings
-from lite_tp_jax.train.config import ConfigError, MeshConfig, load_config
+from lite_tp_jax.core.mesh import make_mesh, make_mesh_for
+from lite_tp_jax.sharding.rules import param_shardings
+from lite_tp_jax.run.config import ConfigError, MeshConfig
+from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.train.loop import Trainer
-from lite_tp_jax.train.step import create_model_and_optimizer
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

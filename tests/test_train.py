@@ -16,14 +16,16 @@ import pytest
 from flax import nnx
 
 from lite_tp_jax import export_state
-from lite_tp_jax.mesh import make_mesh_for
+from lite_tp_jax.core.mesh import make_mesh_for
 from lite_tp_jax.cli import main
-from lite_tp_jax.train.checkpoint import Checkpointer
-from lite_tp_jax.train.config import load_config
+from lite_tp_jax.run.checkpoint import Checkpointer
+from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.train.data import Batches, load_tokens
-from lite_tp_jax.generate import generate, load_trained_model
-from lite_tp_jax.train.loop import MetricsLog
-from lite_tp_jax.train.step import TrainStep, batch_sharding, create_model_and_optimizer
+from lite_tp_jax.inference.generator import generate, load_trained_model
+from lite_tp_jax.runtime.metrics import MetricsLog
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
+from lite_tp_jax.sharding.rules import batch_sharding
+from lite_tp_jax.train.step import TrainStep
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

@@ -13,16 +13,18 @@ checkpoint.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from flax import nnx
 
+from lite_tp_jax.core.mesh import make_mesh_for
 from lite_tp_jax.interop.hf import HFError, config_from_hf, from_pretrained, read_hf_config, save_pretrained
-from lite_tp_jax.mesh import make_mesh_for
-from lite_tp_jax.train.checkpoint import Checkpointer
-from lite_tp_jax.train.config import Config, MeshConfig, TrainConfig, dump_config, load_config
-from lite_tp_jax.train.step import create_model_and_optimizer, make_optimizer
+from lite_tp_jax.models.factory import abstract_model
+from lite_tp_jax.run.checkpoint import Checkpointer
+from lite_tp_jax.run.config import Config, MeshConfig, TrainConfig
+from lite_tp_jax.run.config_file import dump_config, load_config
+from lite_tp_jax.run.optimizer import create_optimizer
 
 
 def hf_to_run_dir(hf_path: str | os.PathLike, run_dir: str | os.PathLike, *, tensor: int = 1) -> Config:
@@ -35,11 +37,11 @@ def hf_to_run_dir(hf_path: str | os.PathLike, run_dir: str | os.PathLike, *, ten
     if model_config.position == "learned":
         train = replace(train, seq_len=min(train.seq_len, model_config.max_positions))
     config = Config(model=model_config, mesh=MeshConfig(tensor=tensor), train=train)
-    mesh = make_mesh_for({"data": 1, "pipeline": 1, "expert": 1, "tensor": tensor})
+    mesh = make_mesh_for({"tensor": tensor})
     model = from_pretrained(hf_path, mesh=mesh)
-    optimizer = nnx.Optimizer(model, make_optimizer(config.train), wrt=nnx.Param)
+    optimizer = create_optimizer(model, config.train, mesh)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep)
-    checkpointer.save(0, nnx.state((model, optimizer)), {"step": 0, "data_position": 0})
+    checkpointer.save(0, {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, {"step": 0, "data_position": 0})
     checkpointer.close()  # saves are asynchronous: finish and seal it
     dump_config(config, run_dir / "config.yaml")
     return config
@@ -47,16 +49,19 @@ def hf_to_run_dir(hf_path: str | os.PathLike, run_dir: str | os.PathLike, *, ten
 
 def run_dir_to_hf(run_dir: str | os.PathLike, hf_path: str | os.PathLike) -> None:
     """Writes the latest checkpoint of ``run_dir`` as a Hugging Face model directory.
-    The model is built abstractly and restored, with no random initialisation."""
+    The model is built abstractly and its checkpoint item restored: no random
+    initialisation, no optimizer."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise HFError(f"No config.yaml in {run_dir}; convert or train into it first.")
     config = load_config(run_dir / "config.yaml")
-    mesh = make_mesh_for(asdict(config.mesh))
+    mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep)
-    if checkpointer.latest_step() is None:
-        raise HFError(f"No checkpoint in {run_dir / 'checkpoints'}; convert or train into it first.")
-    model, optimizer = nnx.eval_shape(lambda: create_model_and_optimizer(config.model, config.train, mesh))
-    state, _ = checkpointer.restore(nnx.state((model, optimizer)), mesh)
-    nnx.update((model, optimizer), state)
+    try:
+        if checkpointer.latest_step() is None:
+            raise HFError(f"No checkpoint in {run_dir / 'checkpoints'}; convert or train into it first.")
+        model = abstract_model(config.model, mesh)
+        checkpointer.restore({"model": nnx.state(model)}, mesh)
+    finally:
+        checkpointer.close()
     save_pretrained(model, hf_path)

@@ -60,9 +60,10 @@ from safetensors.numpy import save_file
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from lite_tp_jax.core.errors import BadInput
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer
-from lite_tp_jax.state import flat_variables, logical_shape, spec_of, to_logical
+from lite_tp_jax.sharding.state import flat_variables, logical_shape, spec_of, to_logical
 
 FAMILIES = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
 MAX_SHARD_BYTES = 2 * 1024**3  # save_pretrained's file size before it splits into shards + index
@@ -75,7 +76,7 @@ _DTYPES = {
 }
 
 
-class HFError(ValueError):
+class HFError(BadInput):
     """A Hugging Face checkpoint or config this module cannot use, in one sentence."""
 
 

@@ -63,13 +63,13 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.collectives import cast_for, copy_to_tensor_region, enter_tensor_parallel, exit_tensor_parallel
+from lite_tp_jax.core.collectives import cast_for, copy_to_tensor_region, enter_tensor_parallel, exit_tensor_parallel
 from lite_tp_jax.layers.rotary import RopeScaling, apply_rotary
-from lite_tp_jax.mesh import TENSOR
-from lite_tp_jax.padding import mask_padding
-from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_parallel
-from lite_tp_jax.plan.rules import MEGATRON, PartitionRules, padded_size
-from lite_tp_jax.validate import check_last_dim, check_positive_int, check_rank
+from lite_tp_jax.core.axes import TENSOR
+from lite_tp_jax.sharding.padding import mask_padding
+from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_or_replicated
+from lite_tp_jax.sharding.rules import MEGATRON, PartitionRules, padded_size
+from lite_tp_jax.core.checks import check_heads, check_last_dim, check_positive_int, check_rank
 
 zeros_init = nnx.initializers.zeros_init()
 
@@ -133,25 +133,9 @@ def _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta) -> Non
     if head_dim is not None:
         sizes["head_dim"] = head_dim
     check_positive_int(name, **sizes)
-    if num_heads % num_kv_heads:
-        divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
-        raise ValueError(
-            f"{name} num_kv_heads={num_kv_heads} must divide num_heads={num_heads} "
-            f"(each kv head serves a whole group of query heads); choose one of {divisors}."
-        )
-    if head_dim is None and features % num_heads:
-        raise ValueError(
-            f"{name} cannot derive head_dim: features={features} is not divisible by "
-            f"num_heads={num_heads}; pass head_dim explicitly."
-        )
-    if rope_theta is not None:
-        if not rope_theta > 0:
-            raise ValueError(f"{name} rope_theta must be positive (e.g. 10000.0), got {rope_theta!r}.")
-        resolved = features // num_heads if head_dim is None else head_dim
-        if resolved % 2:
-            raise ValueError(
-                f"{name} with rope_theta needs an even head_dim (RoPE rotates pairs), got head_dim={resolved}."
-            )
+    if rope_theta is not None and not rope_theta > 0:
+        raise ValueError(f"{name} rope_theta must be positive (e.g. 10000.0), got {rope_theta!r}.")
+    check_heads(num_heads, num_kv_heads, features, head_dim, rope=rope_theta is not None)
 
 
 class ParallelAttention(ParallelLayer):
@@ -235,8 +219,8 @@ class ParallelAttention(ParallelLayer):
     def layout(self, x: jax.Array) -> Layout:
         """``x`` and the result: ``[B, S, features]``, replicated over "tensor" (or
         sharded along ``S`` with ``sequence_parallel``)."""
-        activation = sequence_parallel(self.sequence_parallel)
-        return Layout((activation,), activation.of(x.ndim))
+        placement = sequence_or_replicated(self.sequence_parallel)
+        return Layout((placement,), placement.of(x.ndim))
 
     def check(self, x: jax.Array) -> None:
         name = type(self).__name__

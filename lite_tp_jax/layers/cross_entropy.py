@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from lite_tp_jax.collectives import reduce_from_tensor_region
+from lite_tp_jax.core.collectives import reduce_from_tensor_region
 from lite_tp_jax.parallel.region import REPLICATED, Layout, features, in_region, run_standalone
-from lite_tp_jax.plan.rules import padded_size, vocab_axes as mesh_vocab_axes
-from lite_tp_jax.validate import check_last_dim
+from lite_tp_jax.sharding.rules import padded_size, vocab_axes as mesh_vocab_axes
+from lite_tp_jax.core.checks import check_last_dim
 
 _NAME = "vocab_parallel_cross_entropy"
 

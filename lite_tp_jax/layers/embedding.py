@@ -27,23 +27,25 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from lite_tp_jax.collectives import (
+from lite_tp_jax.core.collectives import (
     cast_for,
     copy_to_tensor_region,
     gather_from_sequence_region,
     reduce_from_tensor_region,
     reduce_scatter_to_sequence_region,
+    sum_over,
 )
-from lite_tp_jax.mesh import TENSOR
-from lite_tp_jax.padding import mask_padding
+from lite_tp_jax.core.axes import TENSOR
+from lite_tp_jax.sharding.padding import mask_padding
 from lite_tp_jax.parallel.region import (
+    REPLICATED,
     Layout,
     ParallelLayer,
     features,
-    sequence_parallel,
+    sequence_or_replicated,
 )
-from lite_tp_jax.plan.rules import MEGATRON, Initializer, PartitionRules
-from lite_tp_jax.validate import check_last_dim, check_positive_int
+from lite_tp_jax.sharding.rules import MEGATRON, Initializer, PartitionRules
+from lite_tp_jax.core.checks import check_last_dim, check_positive_int
 
 default_embedding_init: Initializer = nnx.initializers.normal(stddev=0.02)
 
@@ -100,7 +102,7 @@ class VocabParallelEmbedding(ParallelLayer):
     def layout(self, ids: jax.Array) -> Layout:
         """``ids`` ``[..., seq]`` replicated over "tensor"; the vectors
         ``[..., seq, features]`` replicated (or sharded along ``seq`` with ``sequence_parallel``)."""
-        return Layout((sequence_parallel(False),), sequence_parallel(self.sequence_parallel).of(ids.ndim + 1))
+        return Layout((REPLICATED,), sequence_or_replicated(self.sequence_parallel).of(ids.ndim + 1))
 
     def check(self, ids: jax.Array) -> None:
         check_integer_ids(ids, type(self).__name__)
@@ -116,7 +118,7 @@ class VocabParallelEmbedding(ParallelLayer):
         partial_sums = jnp.where(mine[..., None], vectors, jnp.zeros((), vectors.dtype))
         if self.sequence_parallel:
             partial_sums = reduce_scatter_to_sequence_region(partial_sums, TENSOR, -2)
-            return reduce_from_tensor_region(partial_sums, self.other_vocab_axes) if self.other_vocab_axes else partial_sums
+            return sum_over(partial_sums, self.other_vocab_axes) if self.other_vocab_axes else partial_sums
         return reduce_from_tensor_region(partial_sums, self.vocab_axes)
 
     # --- tied output head -----------------------------------------------------
@@ -131,7 +133,7 @@ class VocabParallelEmbedding(ParallelLayer):
         sharded over the vocabulary axes on the last dimension."""
         check_last_dim(x, self.features, f"{type(self).__name__}.attend")
         layout = Layout(
-            (sequence_parallel(self.sequence_parallel),), features(self.num_embeddings, self.vocab_axes).of(x.ndim)
+            (sequence_or_replicated(self.sequence_parallel),), features(self.num_embeddings, self.vocab_axes).of(x.ndim)
         )
         return self.run(type(self).local_attend, layout, x)
 

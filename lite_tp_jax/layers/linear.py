@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from lite_tp_jax.collectives import (
+from lite_tp_jax.core.collectives import (
     cast_for,
     copy_to_tensor_region,
     enter_tensor_parallel,
@@ -26,18 +26,18 @@ from lite_tp_jax.collectives import (
     gather_from_tensor_region,
     scatter_to_tensor_region,
 )
-from lite_tp_jax.mesh import TENSOR
-from lite_tp_jax.padding import mask_padding
+from lite_tp_jax.core.axes import TENSOR
+from lite_tp_jax.sharding.padding import mask_padding
 from lite_tp_jax.parallel.region import (
     REPLICATED,
     Layout,
     ParallelLayer,
     features,
     in_region,
-    sequence_parallel,
+    sequence_or_replicated,
 )
-from lite_tp_jax.plan.rules import MEGATRON, Initializer, PartitionRules
-from lite_tp_jax.validate import check_last_dim, check_positive_int
+from lite_tp_jax.sharding.rules import MEGATRON, Initializer, PartitionRules
+from lite_tp_jax.core.checks import check_last_dim, check_positive_int
 
 default_kernel_init: Initializer = nnx.initializers.lecun_normal()
 zeros_init: Initializer = nnx.initializers.zeros_init()
@@ -84,7 +84,7 @@ class ColumnParallelLinear(ParallelLayer):
     def layout(self, x: jax.Array) -> Layout:
         """Input replicated (or sequence-sharded); output split over "tensor" (or gathered)."""
         output = REPLICATED if self.gather_output else features(self.out_features)
-        return Layout((sequence_parallel(self.sequence_parallel),), output.of(x.ndim))
+        return Layout((sequence_or_replicated(self.sequence_parallel),), output.of(x.ndim))
 
     def check(self, x: jax.Array) -> None:
         check_last_dim(x, self.in_features, type(self).__name__)
@@ -144,7 +144,7 @@ class RowParallelLinear(ParallelLayer):
     def layout(self, x: jax.Array) -> Layout:
         """Input split over "tensor" on its features (or whole); output replicated (or sequence-sharded)."""
         inputs = features(self.in_features) if self.input_is_parallel else REPLICATED
-        return Layout((inputs,), sequence_parallel(self.sequence_parallel).of(x.ndim))
+        return Layout((inputs,), sequence_or_replicated(self.sequence_parallel).of(x.ndim))
 
     def check(self, x: jax.Array) -> None:
         if not self.input_is_parallel or not in_region():

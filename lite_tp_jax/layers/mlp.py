@@ -21,13 +21,13 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from lite_tp_jax.collectives import enter_tensor_parallel
+from lite_tp_jax.core.collectives import enter_tensor_parallel
 from lite_tp_jax.layers.linear import ColumnParallelLinear, RowParallelLinear
-from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_parallel
-from lite_tp_jax.plan.rules import MEGATRON, PartitionRules
-from lite_tp_jax.validate import check_last_dim, check_positive_int
+from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_or_replicated
+from lite_tp_jax.sharding.rules import MEGATRON, PartitionRules
+from lite_tp_jax.core.checks import check_last_dim, check_positive_int
 
-Activation = Literal["swiglu", "gelu"]
+MLPActivation = Literal["swiglu", "gelu"]
 
 
 class ParallelMLP(ParallelLayer):
@@ -39,7 +39,7 @@ class ParallelMLP(ParallelLayer):
         hidden_features: int,
         *,
         mesh: Mesh,
-        activation: Activation = "swiglu",
+        activation: MLPActivation = "swiglu",
         use_bias: bool = False,
         sequence_parallel: bool = False,
         param_dtype: Any = jnp.float32,
@@ -67,8 +67,8 @@ class ParallelMLP(ParallelLayer):
     def layout(self, x: jax.Array) -> Layout:
         """``x`` and the result: ``[..., seq, features]``, replicated over "tensor" (or
         sharded along ``seq`` with ``sequence_parallel``)."""
-        activation = sequence_parallel(self.sequence_parallel)
-        return Layout((activation,), activation.of(x.ndim))
+        placement = sequence_or_replicated(self.sequence_parallel)
+        return Layout((placement,), placement.of(x.ndim))
 
     def check(self, x: jax.Array) -> None:
         check_last_dim(x, self.features, type(self).__name__)

@@ -75,6 +75,7 @@ expert buffers.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -84,7 +85,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from lite_tp_jax.collectives import (
+from lite_tp_jax.core.collectives import (
     cast_for,
     all_reduce,
     check_axis,
@@ -92,11 +93,12 @@ from lite_tp_jax.collectives import (
     enter_tensor_parallel,
     exit_tensor_parallel,
 )
-from lite_tp_jax.mesh import EXPERT, TENSOR
-from lite_tp_jax.padding import mask_padding
-from lite_tp_jax.parallel.region import STATISTIC, Layout, ParallelLayer, sequence_parallel
-from lite_tp_jax.plan.rules import BATCH_AXES, MEGATRON, PartitionRules
-from lite_tp_jax.validate import FitError, check_last_dim, check_positive_int, check_rank
+from lite_tp_jax.core.axes import BATCH_AXES, EXPERT, TENSOR
+from lite_tp_jax.core.checks import check_last_dim, check_positive_int, check_rank
+from lite_tp_jax.core.errors import FitError
+from lite_tp_jax.parallel.region import STATISTIC, Layout, ParallelLayer, sequence_or_replicated
+from lite_tp_jax.sharding.padding import mask_padding
+from lite_tp_jax.sharding.rules import MEGATRON, PartitionRules
 
 default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -121,6 +123,16 @@ def _all_to_all(x: jax.Array, split_axis: int, concat_axis: int) -> jax.Array:
     if EXPERT not in jax.sharding.get_abstract_mesh().manual_axes:
         return x
     return jax.lax.all_to_all(x, check_axis(EXPERT), split_axis, concat_axis, tiled=True)
+
+
+def check_experts(num_experts: int, sizes: Mapping[str, int]) -> None:
+    """Every expert rank holds whole experts (``sizes``: the mesh's axis sizes)."""
+    if num_experts < 1 or num_experts % sizes[EXPERT]:
+        raise FitError(
+            "MoEMLP {num_experts} must be a positive multiple of {expert}, the expert axis "
+            "size, so every expert rank holds whole experts",
+            num_experts=num_experts, expert=sizes[EXPERT],
+        )
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None) -> int:
@@ -189,7 +201,7 @@ class MoEMLP(ParallelLayer):
         rngs: nnx.Rngs,
     ):
         check_positive_int("MoEMLP", features=features, hidden_features=hidden_features, num_experts=num_experts)
-        self.check_experts(num_experts, mesh)
+        check_experts(num_experts, mesh.shape)
         if top_k not in (1, 2):
             raise ValueError(f"MoEMLP top_k must be 1 or 2, got {top_k}.")
         if top_k > num_experts:
@@ -210,17 +222,6 @@ class MoEMLP(ParallelLayer):
         self.up = _Weights(param(f"{role}.up", _expert_kernel_init, rngs.params(), (e, h, f), ("experts", "in", "out")))
         self.down = _Weights(param(f"{role}.down", _expert_kernel_init, rngs.params(), (e, f, h), ("experts", "in", "out")))
 
-    @staticmethod
-    def check_experts(num_experts: int, mesh: Mesh) -> None:
-        """Every expert rank holds whole experts."""
-        expert_size = mesh.shape[EXPERT]
-        if num_experts < 1 or num_experts % expert_size:
-            raise FitError(
-                "MoEMLP {num_experts} must be a positive multiple of {expert}, the expert axis "
-                "size, so every expert rank holds whole experts",
-                num_experts=num_experts, expert=expert_size,
-            )
-
     def capacity(self, seq_len: int) -> int:
         """Slots per expert per row (routing group) of ``seq_len`` tokens."""
         return capacity(seq_len, self.num_experts, self.top_k, self.capacity_factor)
@@ -234,9 +235,9 @@ class MoEMLP(ParallelLayer):
         return super().__call__(x)
 
     def layout(self, x: jax.Array) -> Layout:
-        activation = sequence_parallel(self.sequence_parallel)
+        placement = sequence_or_replicated(self.sequence_parallel)
         stats = {name: STATISTIC for name in ("aux_loss", "dropped", "dropped_fraction")}
-        return Layout((activation,), (activation.of(x.ndim), stats), required=(EXPERT,))
+        return Layout((placement,), (placement.of(x.ndim), stats), required=(EXPERT,))
 
     def check(self, x: jax.Array) -> None:
         name = type(self).__name__

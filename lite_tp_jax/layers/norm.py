@@ -17,10 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from lite_tp_jax.collectives import copy_to_tensor_region
-from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_parallel
-from lite_tp_jax.plan.rules import MEGATRON, PartitionRules
-from lite_tp_jax.validate import check_last_dim, check_positive_int
+from lite_tp_jax.core.collectives import copy_to_tensor_region
+from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_or_replicated
+from lite_tp_jax.sharding.rules import MEGATRON, PartitionRules
+from lite_tp_jax.core.checks import check_last_dim, check_positive_int
 
 ones_init = nnx.initializers.ones_init()
 zeros_init = nnx.initializers.zeros_init()
@@ -47,8 +47,8 @@ class RMSNorm(ParallelLayer):
         self.scale = rules.param(role, ones_init, rngs.params(), (features,), (None,), mesh, dtype=param_dtype)
 
     def layout(self, x: jax.Array) -> Layout:
-        activation = sequence_parallel(self.sequence_parallel)
-        return Layout((activation,), activation.of(x.ndim))
+        placement = sequence_or_replicated(self.sequence_parallel)
+        return Layout((placement,), placement.of(x.ndim))
 
     def check(self, x: jax.Array) -> None:
         check_last_dim(x, self.features, type(self).__name__)

@@ -1,30 +1,36 @@
-"""The shape of a decoder LM (Llama-style by default; GPT-2, Qwen2, Mixtral variants) and how it runs."""
+"""The shape of a decoder LM (Llama-style by default; GPT-2, Qwen2, Mixtral
+variants) and how it runs: the ``model`` section of a config, with each
+field's range and the rules between fields (``check``). No jax here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
+from lite_tp_jax.core.checks import ABOVE_ZERO, NON_NEGATIVE, POSITIVE, Range, check_heads, ranged
+from lite_tp_jax.core.errors import FitError
+from lite_tp_jax.sharding.table import RuleError, check_overrides
+
 Remat = Literal["none", "full", "selective"]
 ComputeDtype = Literal["float32", "bfloat16"]
 AttentionKernel = Literal["auto", "xla", "cudnn", "reference"]  # layers.attention.attention_core
 Norm = Literal["rms", "layer"]
-Activation = Literal["swiglu", "gelu"]
+MLPActivation = Literal["swiglu", "gelu"]
 Position = Literal["rope", "learned"]
 RopeScalingKind = Literal["none", "linear", "llama3"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 256
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int | None = None  # default: hidden_size // num_heads
-    ffn_hidden_size: int = 172
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = ranged(256, POSITIVE)
+    hidden_size: int = ranged(64, POSITIVE)
+    num_layers: int = ranged(2, POSITIVE)
+    num_heads: int = ranged(4, POSITIVE)
+    num_kv_heads: int = ranged(2, POSITIVE)
+    head_dim: int | None = ranged(None, POSITIVE)  # default: hidden_size // num_heads
+    ffn_hidden_size: int = ranged(172, POSITIVE)
+    rope_theta: float = ranged(10000.0, ABOVE_ZERO)
+    norm_eps: float = ranged(1e-5, ABOVE_ZERO)
     tie_embeddings: bool = False
     sequence_parallel: bool = False
     remat: Remat = "none"
@@ -38,14 +44,14 @@ class ModelConfig:
     # Mixture of experts: every moe_every-th layer (0: none) has num_experts
     # SwiGLU experts of ffn_hidden_size, top_k routing, and a capacity of
     # capacity_factor * tokens * top_k / num_experts per expert (null: dropless).
-    moe_every: int = 0
-    num_experts: int = 8
-    top_k: int = 2
-    capacity_factor: float | None = 1.25
-    aux_loss_weight: float = 0.01
+    moe_every: int = ranged(0, NON_NEGATIVE)
+    num_experts: int = ranged(8, POSITIVE)
+    top_k: int = ranged(2, Range(1, 2))
+    capacity_factor: float | None = ranged(1.25, ABOVE_ZERO)
+    aux_loss_weight: float = ranged(0.01, NON_NEGATIVE)
     # Pipeline: chunks of layers per pipeline stage (1: GPipe, > 1: circular schedule).
-    virtual_stages: int = 1
-    # Overrides of the partitioning rule table (lite_tp_jax/plan/rules.py), written in
+    virtual_stages: int = ranged(1, POSITIVE)
+    # Overrides of the partitioning rule table (lite_tp_jax/sharding/table.py), written in
     # YAML as a mapping {role pattern: strategy}, e.g. {attention.key: replicated,
     # attention.value: replicated}; kept as (pattern, strategy) pairs, in order.
     partition_rules: tuple[tuple[str, str], ...] = ()
@@ -59,17 +65,38 @@ class ModelConfig:
     # rope_low_freq_factor), keeps the high ones (< ... / rope_high_freq_factor)
     # and interpolates in between.
     norm: Norm = "rms"
-    activation: Activation = "swiglu"
+    activation: MLPActivation = "swiglu"
     qkv_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
     position: Position = "rope"
-    max_positions: int = 2048
+    max_positions: int = ranged(2048, POSITIVE)
     rope_scaling: RopeScalingKind = "none"
-    rope_scaling_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_positions: int = 8192
+    rope_scaling_factor: float = ranged(1.0, ABOVE_ZERO)
+    rope_low_freq_factor: float = ranged(1.0, ABOVE_ZERO)
+    rope_high_freq_factor: float = ranged(4.0, ABOVE_ZERO)
+    rope_original_max_positions: int = ranged(8192, POSITIVE)
+
+    def check(self) -> None:
+        """The rules between fields; ``FitError`` naming the fields (the config
+        layer shows them as ``'model.num_heads' (6)``)."""
+        check_heads(self.num_heads, self.num_kv_heads, self.hidden_size, self.head_dim, rope=self.position == "rope")
+        if self.moe_every and self.num_layers % self.moe_every:
+            raise FitError(
+                "{num_layers} must be a multiple of {moe_every}: every moe_every-th layer is an MoE layer",
+                num_layers=self.num_layers, moe_every=self.moe_every,
+            )
+        if self.moe_every and self.activation != "swiglu":
+            raise FitError(
+                "{activation.name} must be 'swiglu' with experts ({moe_every.name} > 0): experts are "
+                "SwiGLU MLPs, got {activation.value!r}",
+                activation=self.activation, moe_every=self.moe_every,
+            )
+        try:
+            check_overrides(dict(self.partition_rules))
+        except RuleError as error:
+            raise FitError("{partition_rules.name}: " + str(error).replace("{", "{{").replace("}", "}}"),
+                           partition_rules=self.partition_rules) from None
 
     @property
     def resolved_head_dim(self) -> int:

@@ -62,7 +62,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.collectives import reduce_from_tensor_region
+from lite_tp_jax.core.axes import AXES, BATCH_AXES, PIPELINE, TENSOR
+from lite_tp_jax.core.collectives import sum_over
+from lite_tp_jax.core.errors import BadInput
 from lite_tp_jax.layers.attention import KVCache, ParallelAttention
 from lite_tp_jax.layers.cross_entropy import vocab_parallel_cross_entropy
 from lite_tp_jax.layers.embedding import VocabParallelEmbedding
@@ -71,51 +73,17 @@ from lite_tp_jax.layers.moe import MoEMLP
 from lite_tp_jax.layers.norm import LayerNorm, RMSNorm
 from lite_tp_jax.layers.positions import LearnedPositions
 from lite_tp_jax.layers.rotary import RopeScaling
-from lite_tp_jax.mesh import AXES, DATA, EXPERT, PIPELINE, TENSOR
 from lite_tp_jax.models.config import ModelConfig, Remat
-from lite_tp_jax.parallel.pipeline import check_schedule, run_pipeline
-from lite_tp_jax.parallel.region import Layout, ParallelLayer, run_in_region, sequence_parallel
-from lite_tp_jax.plan.rules import BATCH_AXES, PartitionRules, vocab_axes
-from lite_tp_jax.validate import FitError
+from lite_tp_jax.models.fit import batch_ranks, check_batch, check_layers_fit
+from lite_tp_jax.parallel.pipeline import run_pipeline
+from lite_tp_jax.parallel.region import Layout, ParallelLayer, run_in_region, sequence_or_replicated
+from lite_tp_jax.sharding.rules import PartitionRules, vocab_axes
 
 
 @functools.cache
 def _head_init(hidden_size: int):
     """N(0, 1/hidden) for the output head; cached, so the sharded initialiser compiles once."""
     return nnx.initializers.normal(hidden_size**-0.5)
-
-
-def check_fits_mesh(config: ModelConfig, mesh: Mesh) -> None:
-    """The layer groups split evenly into pipeline chunks (the MoE layer checks its experts)."""
-    groups, laps, stages = config.num_layers // config.layers_per_group, config.virtual_stages, mesh.shape[PIPELINE]
-    if groups % (laps * stages):
-        raise FitError(
-            f"the {groups} layer groups ({{num_layers}} / max({{moe_every}}, 1)) must split evenly into "
-            f"{{virtual_stages}} x {{pipeline}} chunks",
-            num_layers=config.num_layers, moe_every=config.moe_every,
-            virtual_stages=laps, pipeline=stages,
-        )
-
-
-def check_batch(config: ModelConfig, mesh: Mesh, rows: int, seq_len: int, microbatches: int = 1) -> None:
-    """A ``[rows, seq_len]`` token batch fits the mesh: rows split over data x expert
-    (then into pipeline microbatches), the sequence over "tensor" with sequence parallelism."""
-    data, expert, tensor, stages = (mesh.shape[a] for a in (DATA, EXPERT, TENSOR, PIPELINE))
-    if rows % (data * expert):
-        raise FitError("{global_batch} must be divisible by {data} x {expert}", global_batch=rows, data=data, expert=expert)
-    if config.sequence_parallel and seq_len % tensor:
-        raise FitError(
-            "{seq_len} must be divisible by {tensor} with {sequence_parallel}",
-            seq_len=seq_len, tensor=tensor, sequence_parallel=True,
-        )
-    if stages > 1:
-        local_rows = rows // (data * expert)
-        if local_rows % microbatches:
-            raise FitError(
-                f"{{global_batch}} / (data x expert = {data * expert}) rows per rank must be divisible by {{microbatches}}",
-                global_batch=rows, microbatches=microbatches,
-            )
-        check_schedule(stages, microbatches, config.virtual_stages)
 
 
 def region_axes(config: ModelConfig, mesh: Mesh) -> frozenset[str]:
@@ -188,8 +156,8 @@ class Block(ParallelLayer):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x``: ``[B, S, H]`` (sharded along S with sequence parallelism). Returns the block output."""
-        activation = sequence_parallel(self.sequence_parallel)
-        return self.run(lambda self, x: self.local(x)[0], Layout((activation,), activation.of(x.ndim)), x)
+        placement = sequence_or_replicated(self.sequence_parallel)
+        return self.run(lambda self, x: self.local(x)[0], Layout((placement,), placement.of(x.ndim)), x)
 
     def local(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         # checkpoint_name: what the remat policies may keep (REMAT_SAVES)
@@ -299,7 +267,7 @@ class Transformer(nnx.Module):
     ``__call__(tokens)`` for logits."""
 
     def __init__(self, config: ModelConfig, *, mesh: Mesh, rules: PartitionRules | None = None, rngs: nnx.Rngs):
-        check_fits_mesh(config, mesh)
+        check_layers_fit(config, mesh.shape)
         rules = rules or partition_rules(config)
         self.config, self.mesh = config, mesh
         self.axes = region_axes(config, mesh)
@@ -420,13 +388,13 @@ class Transformer(nnx.Module):
 
     def _check_cached(self, batch: int) -> None:
         if self.mesh.shape[PIPELINE] > 1 or self.config.sequence_parallel:
-            raise ValueError(
+            raise BadInput(
                 "Generation with a KV cache needs a model built with mesh.pipeline=1 and "
                 "sequence_parallel=false (the parameters are the same; restore them onto such a mesh)."
             )
-        rows = math.prod(self.mesh.shape[a] for a in BATCH_AXES)
+        rows = batch_ranks(self.mesh.shape)
         if batch % rows:
-            raise ValueError(f"batch {batch} must be divisible by mesh data x expert = {rows}.")
+            raise BadInput(f"batch {batch} must be divisible by mesh data x expert = {rows}.")
 
     # --- one rank's math --------------------------------------------------------
 
@@ -435,7 +403,7 @@ class Transformer(nnx.Module):
         token_losses = vocab_parallel_cross_entropy(logits, targets, self.config.vocab_size, vocab_axes=self.vocab_axes)
         sums = {"cross_entropy": token_losses.sum(), **stats}  # over this rank's rows
         if self.batch_axes:
-            sums = {name: reduce_from_tensor_region(value, self.batch_axes) for name, value in sums.items()}
+            sums = {name: sum_over(value, self.batch_axes) for name, value in sums.items()}
         rows = tokens.shape[0] * math.prod(self.mesh.shape[axis] for axis in self.batch_axes)
         cross_entropy = sums["cross_entropy"] / (rows * tokens.shape[1])
         aux_loss = sums["aux_loss"] / (rows * max(self.moe_layers, 1))
@@ -481,9 +449,4 @@ class Transformer(nnx.Module):
             raise ValueError(f"tokens must be an integer array [batch, seq], got {tokens.dtype}{list(tokens.shape)}.")
         if tokens.shape != targets.shape:
             raise ValueError(f"targets shape {targets.shape} must equal tokens shape {tokens.shape}.")
-        check_batch(self.config, self.mesh, tokens.shape[0], tokens.shape[1], microbatches)
-        if self.config.position == "learned" and tokens.shape[1] > self.config.max_positions:
-            raise ValueError(
-                f"sequence length {tokens.shape[1]} exceeds max_positions ({self.config.max_positions}), "
-                f"the size of the learned position table."
-            )
+        check_batch(self.config, self.mesh.shape, tokens.shape[0], tokens.shape[1], microbatches)

@@ -1,1 +1,2 @@
-"""Parallelism across layers: pipeline schedules."""
+"""Running one rank's math: regions (shard_map entry), the pipeline schedule,
+and gradient norms."""

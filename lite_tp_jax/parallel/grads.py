@@ -19,8 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.collectives import all_reduce, to_varying
-from lite_tp_jax.mesh import AXES
+from lite_tp_jax.core.collectives import all_reduce, to_varying
+from lite_tp_jax.core.axes import AXES
 
 
 def _split_axes(spec: tuple) -> set[str]:

@@ -28,9 +28,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lite_tp_jax.collectives import check_axis, copy_to_tensor_region, reduce_from_tensor_region
-from lite_tp_jax.mesh import PIPELINE
-from lite_tp_jax.validate import FitError
+from lite_tp_jax.core.collectives import broadcast_over, check_axis, sum_over
+from lite_tp_jax.core.axes import PIPELINE
+from lite_tp_jax.core.errors import FitError
 
 StageFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
 
@@ -50,7 +50,7 @@ def run_pipeline(stage_fn: StageFn, chunks: Any, inputs: jax.Array, *, axis: str
     microbatches = inputs.shape[0]
     check_schedule(stages, microbatches, laps)
     iterations = laps * microbatches
-    inputs = copy_to_tensor_region(inputs, axis)  # only stage 0 reads them; backward sums over stages
+    inputs = broadcast_over(inputs, axis)  # only stage 0 reads them; backward sums over stages
     ring = [(s, (s + 1) % stages) for s in range(stages)] if laps > 1 else [(s, s + 1) for s in range(stages - 1)]
 
     def tick(carry, t):
@@ -76,8 +76,8 @@ def run_pipeline(stage_fn: StageFn, chunks: Any, inputs: jax.Array, *, axis: str
     empty = jnp.zeros_like(inputs)
     carry = (empty[0], empty, empty)
     (_, outputs, _), aux = jax.lax.scan(tick, carry, jnp.arange(iterations + stages - 1))
-    outputs = reduce_from_tensor_region(jnp.where(stage == stages - 1, outputs, jnp.zeros_like(outputs)), axis)
-    aux = jax.tree.map(lambda a: reduce_from_tensor_region(a.sum(0), axis), aux)
+    outputs = sum_over(jnp.where(stage == stages - 1, outputs, jnp.zeros_like(outputs)), axis)
+    aux = jax.tree.map(lambda a: sum_over(a.sum(0), axis), aux)
     return outputs, aux
 
 

@@ -6,23 +6,23 @@ method), with its collectives spelled out. That math runs inside a *region*: a
 every collective is one the code asks for. The model enters one region for all
 its layers (``models/transformer.py``). A layer called from ordinary jit code
 enters one for itself: ``ParallelLayer.__call__`` hands the call to
-``run_standalone`` with the ``Layout`` the layer declares (how its inputs and
-outputs lie over the mesh); no layer writes shard_map specs.
+``run_standalone`` with the ``Layout`` the layer declares (a ``Placement`` of
+each input and output over the mesh); no layer writes shard_map specs.
 
 Entering a region (``run_in_region``), each parameter arrives as its shard (the
-spec it carries, from the rule table in ``plan/rules.py``), and:
+spec it carries, from the rule table, ``sharding/rules.py``), and:
 
 * a parameter replicated over axes that split the token rows ("data", and
-  "expert" for non-expert weights) passes through ``copy_to_tensor_region``
-  over those axes. Its gradient is summed over them in that function's
-  backward: one explicit all-reduce per (stacked) parameter, after the
-  layers' backward, where the tensor-parallel sums have already happened
-  inside the layers (gradients reduce over "tensor" first, then "data").
+  "expert" for non-expert weights) passes through ``broadcast_over`` those
+  axes. Its gradient is summed over them in that function's backward: one
+  explicit all-reduce per (stacked) parameter, after the layers' backward,
+  where the tensor-parallel sums have already happened inside the layers
+  (gradients reduce over "tensor" first, then "data").
 * a parameter stored split over "data" (``PartitionRules.shard_over_data``) is
-  all-gathered on that dim (``gather_from_sequence_region``; backward: a
-  reduce-scatter, which is also its sum over the data-parallel ranks).
+  all-gathered on that dim (``gather_over``; backward: a reduce-scatter, which
+  is also its sum over the data-parallel ranks).
 
-So every reduction of a training step goes through ``collectives.py``.
+So every reduction of a training step goes through ``core/collectives.py``.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.collectives import copy_to_tensor_region, gather_from_sequence_region, gather_from_tensor_region
-from lite_tp_jax.mesh import AXES, DATA, TENSOR
-from lite_tp_jax.plan.rules import BATCH_AXES, padded_size
+from lite_tp_jax.core.axes import AXES, BATCH_AXES, DATA, TENSOR, entry_axes
+from lite_tp_jax.core.collectives import broadcast_over, gather_over, gather_replicated_over
+from lite_tp_jax.core.errors import FitError
+from lite_tp_jax.sharding.rules import padded_size
 
 
 def in_region() -> bool:
@@ -51,15 +52,11 @@ def in_region() -> bool:
 # --- entering a region --------------------------------------------------------
 
 
-def _names(entry: Any) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _spec(variable: nnx.Variable, manual: frozenset[str]) -> P:
     """The variable's spec restricted to the manual axes (others are automatic)."""
 
     def keep(entry):
-        kept = tuple(name for name in _names(entry) if name in manual)
+        kept = tuple(name for name in entry_axes(entry) if name in manual)
         return kept[0] if len(kept) == 1 else (kept or None)
 
     return P(*(keep(entry) for entry in variable.get_metadata().get("out_sharding") or ()))
@@ -69,12 +66,12 @@ def _enter_param(value: jax.Array, spec: P, data_dim: int | None, row_axes: tupl
     """One parameter's entry: all-gathered if stored split over "data" (backward:
     reduce-scatter, its sum over "data"); then made per-rank over the row axes it
     is replicated on (backward: all-reduce, its sum over them)."""
-    split = {name for entry in spec for name in _names(entry)}
-    if data_dim is not None:
-        gather = gather_from_sequence_region if DATA in row_axes else gather_from_tensor_region
+    split = {name for entry in spec for name in entry_axes(entry)}
+    if data_dim is not None:  # used per rank where "data" splits the rows; else the same everywhere
+        gather = gather_over if DATA in row_axes else gather_replicated_over
         value = gather(value, DATA, data_dim)
     replicated_over = tuple(axis for axis in row_axes if axis not in split)
-    return copy_to_tensor_region(value, replicated_over) if replicated_over else value
+    return broadcast_over(value, replicated_over) if replicated_over else value
 
 
 def run_in_region(
@@ -114,7 +111,7 @@ def run_in_region(
 
 
 @dataclass(frozen=True)
-class Activation:
+class Placement:
     """How an activation of a standalone layer lies over the mesh.
 
     ``split``: "replicated" (every tensor rank holds it whole), "sequence"
@@ -130,33 +127,34 @@ class Activation:
     rows: bool = True
     ndim: int = 0
 
-    def of(self, ndim: int) -> Activation:
+    def of(self, ndim: int) -> Placement:
         """This layout for a result of rank ``ndim``."""
         return replace(self, ndim=ndim)
 
 
-REPLICATED = Activation()
-SEQUENCE = Activation("sequence")
-STATISTIC = Activation(rows=False)
+REPLICATED = Placement()
+SEQUENCE = Placement("sequence")
+STATISTIC = Placement(rows=False)
 """A value reduced over every rank (a scalar statistic)."""
 
 
-def features(logical: int, axes: tuple[str, ...] = (TENSOR,)) -> Activation:
+def features(logical: int, axes: tuple[str, ...] = (TENSOR,)) -> Placement:
     """The last dim, ``logical`` long, split over ``axes``."""
-    return Activation("last", logical, tuple(axes))
+    return Placement("last", logical, tuple(axes))
 
 
-def sequence_parallel(enabled: bool) -> Activation:
-    return SEQUENCE if enabled else REPLICATED
+def sequence_or_replicated(sequence_parallel: bool) -> Placement:
+    """Between blocks: split along the sequence with sequence parallelism, else replicated over "tensor"."""
+    return SEQUENCE if sequence_parallel else REPLICATED
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A layer method's activations: one ``Activation`` per argument, and a
+    """A layer method's activations: one ``Placement`` per argument, and a
     pytree of them for the result. ``required``: batch axes the rows must be
     split over (the experts' all-to-all needs rows split over "expert")."""
 
-    inputs: tuple[Activation, ...]
+    inputs: tuple[Placement, ...]
     output: Any
     required: tuple[str, ...] = ()
 
@@ -176,25 +174,32 @@ def _row_axes(mesh: Mesh, rows: int | None, required: tuple[str, ...], name: str
     return tuple(chosen)
 
 
-def _activation_spec(activation: Activation, ndim: int, row_axes: tuple[str, ...]) -> P:
+def _placement_spec(placement: Placement, ndim: int, row_axes: tuple[str, ...]) -> P:
     entries: list[Any] = [None] * ndim
-    if activation.rows and ndim >= 2 and row_axes:
+    if placement.rows and ndim >= 2 and row_axes:
         entries[0] = row_axes
-    if activation.split == "sequence":
+    if placement.split == "sequence":
         entries[-2] = TENSOR
-    elif activation.split == "last":
-        entries[-1] = activation.axes if len(activation.axes) > 1 else activation.axes[0]
+    elif placement.split == "last":
+        entries[-1] = placement.axes if len(placement.axes) > 1 else placement.axes[0]
     return P(*entries)
 
 
-def check_sequence_divisible(x: jax.Array, mesh: Mesh, name: str, dim: int = -2) -> None:
-    """The sequence (``dim``, by default -2) of ``x`` must split evenly over "tensor"."""
-    tp = mesh.shape[TENSOR]
-    if x.ndim < 2 or x.shape[dim] % tp:
-        raise ValueError(
-            f"{name} with sequence_parallel needs a sequence length (dim -2) divisible by "
-            f"the tensor-parallel degree {tp}, got shape {tuple(x.shape)}."
+def check_sequence_split(seq_len: int, tensor: int, owner: str = "") -> None:
+    """With sequence parallelism the sequence splits evenly over "tensor" (a
+    ``FitError`` naming ``seq_len`` and ``tensor``; ``owner`` prefixes it)."""
+    if seq_len % tensor:
+        raise FitError(
+            f"{owner}{{seq_len}} must be divisible by {{tensor}} with {{sequence_parallel}}",
+            seq_len=seq_len, tensor=tensor, sequence_parallel=True,
         )
+
+
+def _check_sequence(x: jax.Array, mesh: Mesh, name: str, dim: int = -2) -> None:
+    """The sequence (``dim``, by default -2) of a standalone layer's ``x`` splits evenly over "tensor"."""
+    if x.ndim < 2:
+        raise ValueError(f"{name} with sequence_parallel needs a sequence dim (-2), got shape {tuple(x.shape)}.")
+    check_sequence_split(x.shape[dim], mesh.shape[TENSOR], owner=f"{name}: the sequence length ")
 
 
 def run_standalone(module: nnx.Module | None, fn: Callable[..., Any], layout: Layout, *args: Any, mesh: Mesh, name: str) -> Any:
@@ -204,29 +209,29 @@ def run_standalone(module: nnx.Module | None, fn: Callable[..., Any], layout: La
     first = next((x for x, a in zip(args, layout.inputs) if a.rows and jnp.ndim(x) >= 2), None)
     row_axes = _row_axes(mesh, None if first is None else first.shape[0], layout.required, name)
     arg_specs, laid_out = [], []
-    for x, activation in zip(args, layout.inputs):
-        if activation.split == "sequence":
-            check_sequence_divisible(x, mesh, name)
-        elif activation.split == "last":
-            padding = padded_size(activation.logical, math.prod(mesh.shape[a] for a in activation.axes)) - x.shape[-1]
+    for x, placement in zip(args, layout.inputs):
+        if placement.split == "sequence":
+            _check_sequence(x, mesh, name)
+        elif placement.split == "last":
+            padding = padded_size(placement.logical, math.prod(mesh.shape[a] for a in placement.axes)) - x.shape[-1]
             x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padding)]) if padding else x
-        arg_specs.append(_activation_spec(activation, jnp.ndim(x), row_axes))
+        arg_specs.append(_placement_spec(placement, jnp.ndim(x), row_axes))
         laid_out.append(x)
 
-    is_activation = lambda a: isinstance(a, Activation)  # noqa: E731
-    for activation in jax.tree.leaves(layout.output, is_leaf=is_activation):
-        if activation.split == "sequence" and first is not None:  # its sequence is the input's
-            check_sequence_divisible(first, mesh, name, dim=activation.ndim - 2)
-    out_specs = jax.tree.map(lambda a: _activation_spec(a, a.ndim, row_axes), layout.output, is_leaf=is_activation)
+    is_placement = lambda a: isinstance(a, Placement)  # noqa: E731
+    for placement in jax.tree.leaves(layout.output, is_leaf=is_placement):
+        if placement.split == "sequence" and first is not None:  # its sequence is the input's
+            _check_sequence(first, mesh, name, dim=placement.ndim - 2)
+    out_specs = jax.tree.map(lambda a: _placement_spec(a, a.ndim, row_axes), layout.output, is_leaf=is_placement)
     result = run_in_region(
         module, fn, *laid_out,
         mesh=mesh, arg_specs=arg_specs, out_specs=out_specs, row_axes=row_axes,
     )
 
-    def trim(activation, y):
-        return y[..., : activation.logical] if activation.split == "last" else y
+    def trim(placement, y):
+        return y[..., : placement.logical] if placement.split == "last" else y
 
-    return jax.tree.map(trim, layout.output, result, is_leaf=is_activation)
+    return jax.tree.map(trim, layout.output, result, is_leaf=is_placement)
 
 
 class ParallelLayer(nnx.Module):

@@ -1,1 +1,2 @@
-"""Training: YAML configs, byte-level data, and the ``lite-tp train`` loop."""
+"""Training: the compiled step, the loop behind ``lite-tp train``, batches and
+failure injection."""

@@ -1,7 +1,7 @@
-"""Byte-level tokens and deterministic, resumable batches.
+"""Corpora as byte-level tokens (``run/tokens.py``), and deterministic,
+resumable batches.
 
-Tokens are UTF-8 bytes (vocab 256), so nothing needs a tokenizer download. Three
-sources, chosen by the ``data`` section of the config:
+Three sources, chosen by the ``data`` section of the config:
 
 * ``stdlib`` (default): the Python standard library's own ``.py`` sources,
   concatenated in sorted path order and cut at 4 MB. Present on every machine;
@@ -34,55 +34,16 @@ import glob as globlib
 import os
 import sysconfig
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import jax
 import numpy as np
 
-if TYPE_CHECKING:
-    from lite_tp_jax.train.config import DataConfig
+from lite_tp_jax.run.config import DataConfig
+from lite_tp_jax.run.tokens import BYTE_VOCAB_SIZE, DataError
 
-__all__ = [
-    "BYTE_VOCAB_SIZE",
-    "Batches",
-    "DataError",
-    "device_batch",
-    "process_rows",
-    "TEXT_SUFFIXES",
-    "decode",
-    "encode",
-    "load_tokens",
-    "npy_tokens",
-    "stdlib_files",
-    "stdlib_tokens",
-    "text_tokens",
-]
 
-BYTE_VOCAB_SIZE = 256
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 _STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib"})
-
-
-class DataError(ValueError):
-    """A data problem, described in one sentence that names the file or sizes."""
-
-
-# --------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------
-
-
-def encode(text: str) -> np.ndarray:
-    """UTF-8 bytes of ``text`` as int32 ids in [0, 256)."""
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
-
-
-def decode(ids) -> str:
-    """Text from byte ids; invalid UTF-8 (e.g. a cut multi-byte char) becomes U+FFFD."""
-    ids = np.asarray(ids).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() >= BYTE_VOCAB_SIZE):
-        bad = ids[(ids < 0) | (ids >= BYTE_VOCAB_SIZE)][0]
-        raise DataError(f"cannot decode id {int(bad)}: byte ids must be in [0, {BYTE_VOCAB_SIZE})")
-    return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
 def _bytes_to_tokens(data: bytes) -> np.ndarray:
@@ -254,10 +215,6 @@ class Batches:
             )
         self._permutations: dict[int, np.ndarray] = {}
 
-    @property
-    def batches_per_epoch(self) -> float:
-        return self.num_windows / self.global_batch
-
     def permutation(self, epoch: int) -> np.ndarray:
         """The order in which ``epoch`` visits the windows (cached for two epochs)."""
         perm = self._permutations.get(epoch)
@@ -307,8 +264,6 @@ def process_rows(sharding, global_shape: tuple[int, ...]) -> slice:
 def device_batch(batches: Batches, position: int, sharding) -> tuple:
     """``batches.batch(position)`` as two global arrays sharded by ``sharding``;
     this process reads and transfers only the rows its devices hold."""
-    import jax
-
     shape = (batches.global_batch, batches.seq_len)
     rows = process_rows(sharding, shape)
     return tuple(

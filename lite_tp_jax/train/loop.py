@@ -15,98 +15,48 @@ shards; only process 0 prints progress and writes ``config.yaml`` and
 ``logs/rank-K.log``).
 
 Before the first step the run directory is claimed: both directories must
-take a file (``preflight.check_writable``) and no other process may train in
-it (``run_lock.RunLock``; a second ``lite-tp train`` exits 2). During the
-run, a step whose update was dropped as non-finite stops the run
-(``train.on_nonfinite=stop``, NonFiniteError) or is counted (``skip``:
-``skipped`` and ``skipped_steps`` in the metrics); a SIGTERM checkpoints the
-step just finished and stops (``preempted_at``).
+take a file and no other process may train in it (``runtime/run_dir.py``; a
+second ``lite-tp train`` exits 2). During the run, a step whose update was
+dropped as non-finite stops the run (``train.on_nonfinite=stop``,
+NonFiniteError) or is counted (``skip``: ``skipped`` and ``skipped_steps`` in
+the metrics); a SIGTERM checkpoints the step just finished and stops
+(``preempted_at``); a failed device (injected: ``train/faults.py``) is
+replaced by a spare (``_take_over``) or ends the run with DeviceLost.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import jax
 from flax import nnx
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from lite_tp_jax.fault.spare import Spares
-from lite_tp_jax.mesh import make_mesh_for
-from lite_tp_jax.train.checkpoint import Checkpointer, NonFiniteError
-from lite_tp_jax.layers.moe import MoEMLP
-from lite_tp_jax.models.transformer import check_batch
-from lite_tp_jax.models.transformer import check_fits_mesh as model_fits_mesh
-from lite_tp_jax.train.config import Config, ConfigError, dump_config, key_path
-from lite_tp_jax.validate import FitError
+from lite_tp_jax.core.errors import FitError
+from lite_tp_jax.core.mesh import make_mesh_for
+from lite_tp_jax.run.checkpoint import Checkpointer, NonFiniteError
+from lite_tp_jax.run.config import Config, explain
+from lite_tp_jax.run.config_file import dump_config
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
+from lite_tp_jax.runtime.metrics import METRICS_FILE, MetricsLog
+from lite_tp_jax.runtime.preemption import PreemptionWatch
+from lite_tp_jax.runtime.run_dir import RunLock, check_writable
+from lite_tp_jax.runtime.spares import DeviceLost, take_over
+from lite_tp_jax.sharding.rules import batch_sharding
+from lite_tp_jax.sharding.state import rebind_mesh
 from lite_tp_jax.train.data import Batches, device_batch, load_tokens
-from lite_tp_jax.train.preemption import PreemptionWatch
-from lite_tp_jax.train.preflight import check_writable
-from lite_tp_jax.train.run_lock import RunLock
-from lite_tp_jax.train.step import TrainStep, batch_sharding, check_grad_accum, create_model_and_optimizer
-
-
-def check_fits_mesh(config: Config, mesh) -> None:
-    """The model and the batch fit the mesh (rules owned by the model); errors name config keys."""
-    try:
-        model_fits_mesh(config.model, mesh)
-        train = config.train
-        check_batch(config.model, mesh, train.global_batch, train.seq_len, train.microbatches if train.grad_accum == 1 else 1)
-        check_grad_accum(train, mesh)
-        if config.model.moe_every:
-            MoEMLP.check_experts(config.model.num_experts, mesh)
-    except FitError as error:
-        raise ConfigError(error.format(key_path)) from None
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one line per step. On resume, lines past the
-    checkpoint's step (steps that will run again) are dropped first, and so is
-    a last line torn by a crash in the middle of writing it. A damaged line
-    elsewhere is dropped with a warning naming the file and the line."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        kept = []
-        if path.exists():
-            whole = path.read_text(errors="replace").split("\n")[:-1]  # text after the last newline is torn
-            for number, line in enumerate(whole, start=1):
-                record = _parse_record(line)
-                if record is None:
-                    if line:
-                        print(f"lite-tp: warning: {path}:{number} is damaged (not a JSON record with a step); "
-                              f"skipping it", file=sys.stderr, flush=True)
-                    continue
-                if record["step"] <= resume_step or "event" in record:  # events (restarts, takeovers) stay
-                    kept.append(line)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-
-    def append(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+from lite_tp_jax.train.faults import Spares, poisoned
+from lite_tp_jax.train.fit import check_run_fits
+from lite_tp_jax.train.step import TrainStep
 
 
 def is_primary() -> bool:
     """True in the process that writes the run's files and prints (process 0)."""
     return jax.process_index() == 0
-
-
-def _parse_record(line: str) -> dict | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    ok = isinstance(record, dict) and isinstance(record.get("step"), int)
-    return record if ok else None
 
 
 def check_finite_step(record: dict, policy: str, last_checkpoint: int | None) -> None:
@@ -129,8 +79,11 @@ class Trainer:
     def __init__(self, config: Config, run_dir: str | os.PathLike):
         self.config = config
         self.run_dir = Path(run_dir)
-        self.mesh = make_mesh_for(asdict(config.mesh))
-        check_fits_mesh(config, self.mesh)
+        self.mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
+        try:
+            check_run_fits(config, self.mesh.shape)
+        except FitError as error:
+            raise explain(error) from None
         self.spares = Spares(config, self.mesh, self.run_dir)
         train = config.train
         self.batches = Batches(load_tokens(config.data, config.model.vocab_size), train.global_batch, train.seq_len, train.seed)
@@ -142,8 +95,7 @@ class Trainer:
             self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=config.checkpoint.keep)
             self.start_step, self.skipped_steps = 0, 0
             if self.checkpointer.latest_step() is not None:
-                state, progress = self.checkpointer.restore(nnx.state((self.model, self.optimizer)), self.mesh)
-                nnx.update((self.model, self.optimizer), state)
+                progress = self.checkpointer.restore(self._items(), self.mesh)
                 self.start_step = int(progress["step"])
                 self.skipped_steps = int(progress.get("skipped_steps", 0))
         except BaseException:
@@ -155,7 +107,7 @@ class Trainer:
         self.metrics = None
         if is_primary():
             dump_config(config, self.run_dir / "config.yaml")
-            self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.start_step)
+            self.metrics = MetricsLog(self.run_dir / METRICS_FILE, self.start_step)
         self.step = TrainStep(self.model, self.optimizer, train)
         self.preempted_at: int | None = None
 
@@ -177,12 +129,53 @@ class Trainer:
             if self.lock is not None:
                 self.lock.release()
 
+    def _items(self) -> dict[str, nnx.State]:
+        """What a checkpoint holds, as live states (restoring fills them in place)."""
+        return {"model": nnx.state(self.model), "optimizer": nnx.state(self.optimizer)}
+
     def _save(self, step: int) -> None:
         self.checkpointer.save(
-            step, nnx.state((self.model, self.optimizer)),
-            {"step": step, "data_position": step, "skipped_steps": self.skipped_steps},
+            step, self._items(), {"step": step, "data_position": step, "skipped_steps": self.skipped_steps},
         )
         self.last_checkpoint = step
+
+    def _take_over(self, failed: jax.Device, step: int) -> None:
+        """Device ``failed`` fails as ``step`` starts (injected: its shards become
+        garbage); a spare takes its slot (``runtime/spares.py``), the model is
+        pointed at the new mesh and the step compiled for it. Logs the
+        ``spare_takeover`` event; DeviceLost (exit 3) when no spare can."""
+        started = time.perf_counter()
+        flat = nnx.to_flat_state(nnx.state((self.model, self.optimizer)))  # the live Variables
+        variables = [variable for _, variable in flat]
+        for variable in variables:
+            variable.set_value(poisoned(variable.get_value(), failed))
+        try:
+            takeover = take_over(
+                [v.get_value() for v in variables], [".".join(map(str, path)) for path, _ in flat],
+                self.mesh, failed, self.spares.devices, pool_size=self.spares.pool_size,
+            )
+        except DeviceLost as lost:
+            latest = self.checkpointer.latest_step()
+            raise DeviceLost(
+                f"device {failed.id} failed at step {step} and {lost}; restart from the last "
+                f"checkpoint ({f'step {latest}' if latest is not None else 'none yet: from step 0'})."
+            ) from None
+        for variable, array in zip(variables, takeover.arrays, strict=True):  # no old array is left
+            variable.set_value(array)
+        rebind_mesh((self.model, self.optimizer), self.mesh, takeover.mesh)
+        self.mesh = takeover.mesh
+        self.step = TrainStep(self.model, self.optimizer, self.config.train)
+        compile_started = time.perf_counter()
+        tokens, targets = (
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(self.mesh))
+            for a in self.batches.batch(step - 1)
+        )
+        self.step.lower(tokens, targets).compile()  # jit reuses it for the replayed step
+        finished = time.perf_counter()
+        event = {"event": "spare_takeover", "step": step, **takeover.event}
+        event.update(seconds=finished - started, compile_seconds=finished - compile_started)
+        if self.metrics is not None:
+            self.metrics.append(event)
 
     def run(self, *, show_progress: bool = True) -> list[dict]:
         """Trains from the resumed step to ``train.steps``; returns this run's
@@ -204,7 +197,9 @@ class Trainer:
         with progress:
             task = progress.add_task("train", total=train.steps, completed=self.start_step, loss=float("nan"), tokens_per_s=0.0)
             for position in range(self.start_step, train.steps):
-                self.spares.before_step(self, position)  # an injected device failure: a spare takes over
+                failed = self.spares.failing_before(position + 1)
+                if failed is not None:  # an injected device failure: a spare takes over
+                    self._take_over(failed, position + 1)
                 inputs, targets = device_batch(self.batches, position, batch_sharding(self.mesh))
                 started = time.perf_counter()
                 metrics = jax.device_get(self.step(inputs, targets))

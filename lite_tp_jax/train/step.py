@@ -34,95 +34,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.mesh import DATA, EXPERT, PIPELINE
-from lite_tp_jax.collectives import deterministic_collectives
-from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.models.transformer import Transformer, partition_rules
+from lite_tp_jax.core.collectives import deterministic_collectives
+from lite_tp_jax.models.transformer import Transformer
 from lite_tp_jax.parallel.grads import clip_by_norm, global_norm
-from lite_tp_jax.plan.rules import batch_spec, param_shardings
-from lite_tp_jax.train.config import TrainConfig
-from lite_tp_jax.validate import FitError
+from lite_tp_jax.run.config import TrainConfig
+from lite_tp_jax.run.optimizer import learning_rate_schedule
+from lite_tp_jax.sharding.rules import batch_sharding, batch_spec, param_shardings
 
 
-def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
-    """Linear warmup to ``train.lr``, then cosine decay to ``lr * min_lr_ratio``."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=train.lr,
-        warmup_steps=train.warmup_steps,
-        decay_steps=max(train.steps, train.warmup_steps + 1),
-        end_value=train.lr * train.min_lr_ratio,
-    )
-
-
-def _decay_mask(params: nnx.State) -> Any:
-    """Weight decay for matrices (kernels, embeddings), not for norms or biases."""
-
-    def decays(path, _):
-        name = getattr(path[-1], "key", getattr(path[-1], "name", ""))
-        if name == "value" and len(path) > 1:
-            name = getattr(path[-2], "key", "")
-        return name in ("kernel", "embedding")
-
-    return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-    """AdamW; gradients arrive clipped by their global norm (``TrainStep``)."""
-    return optax.adamw(
-        learning_rate_schedule(train),
-        b1=train.b1,
-        b2=train.b2,
-        weight_decay=train.weight_decay,
-        mask=_decay_mask,
-    )
-
-
-def create_model_and_optimizer(
-    model_config: ModelConfig, train: TrainConfig, mesh: Mesh
-) -> tuple[Transformer, nnx.Optimizer]:
-    """A sharded model (initialised from ``train.seed``, identically for any mesh)
-    and its optimizer, whose state is sharded like the parameters. With
-    ``train.shard_optimizer`` (ZeRO-1, Megatron's distributed optimizer) the
-    parameters, and so the AdamW moments, are stored split over "data": the
-    region all-gathers them and reduce-scatters their gradients
-    (``PartitionRules.shard_over_data``), and each rank updates its slice."""
-    rules = partition_rules(model_config, shard_over_data=train.shard_optimizer)
-    model = Transformer(model_config, mesh=mesh, rules=rules, rngs=nnx.Rngs(train.seed))
-    optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
-    state = nnx.state(optimizer)  # step counts start on one device: put them on the mesh, replicated
-    nnx.update(optimizer, jax.device_put(state, param_shardings(state, mesh)))
-    return model, optimizer
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Token batches ``[global_batch, seq]``: rows split over "data" x "expert"."""
-    return NamedSharding(mesh, batch_spec())
-
-
-def check_grad_accum(train: TrainConfig, mesh: Mesh) -> None:
-    """Each rank's rows split into ``grad_accum`` micro-steps, each into the
-    pipeline's ``microbatches``; a ``FitError`` naming the fields otherwise."""
-    ranks = mesh.shape[DATA] * mesh.shape[EXPERT]
-    rows, k = train.global_batch // ranks, train.grad_accum
-    if rows % k:
-        raise FitError(
-            f"{{global_batch}} / (data x expert = {ranks}) rows per rank must be divisible by {{grad_accum}}",
-            global_batch=train.global_batch, grad_accum=k,
-        )
-    if k > 1 and mesh.shape[PIPELINE] > 1 and (rows // k) % train.microbatches:
-        raise FitError(
-            f"{{global_batch}} / (data x expert = {ranks}) / {{grad_accum}} rows per micro-step "
-            f"must be divisible by {{microbatches}}",
-            global_batch=train.global_batch, grad_accum=k, microbatches=train.microbatches,
-        )
-
-def keep_if_not(finite: jax.Array, updated: Any, previous: list[jax.Array]) -> Any:
+def keep_where_finite(finite: jax.Array, updated: Any, previous: list[jax.Array]) -> Any:
     """``updated`` where ``finite`` (a scalar bool) holds, else ``previous``: under
     ``on_nonfinite: skip`` an update with a non-finite loss, gradient norm or
     resulting parameter is dropped inside the compiled step (a select per
@@ -176,7 +100,7 @@ class TrainStep:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
         new_state = nnx.state((model, optimizer))
         if self.drop_nonfinite:
-            new_state = keep_if_not(finite, new_state, previous)
+            new_state = keep_where_finite(finite, new_state, previous)
         metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "param_norm": param_norm, "lr": lr,
                    "skipped": (~finite).astype(jnp.float32)}
         return new_state, metrics

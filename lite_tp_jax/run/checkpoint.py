@@ -1,8 +1,12 @@
 """Checkpoints with orbax-checkpoint, restorable onto any mesh, never lost.
 
-What is saved is the logical state: every variable of (model, optimizer) with
-the padding of uneven shards sliced away, under its dotted path, plus a small
-JSON ``progress`` record (step and data position). On restore each array is
+What is saved is the logical state, as separate items: ``model`` (every
+parameter) and ``optimizer`` (moments and step counts), each variable with the
+padding of uneven shards sliced away, under its path, plus a small JSON
+``progress`` record (step and data position). So inference and conversion
+restore the ``model`` item alone and build no optimizer. A checkpoint of the
+first format (one ``state`` item holding the (model, optimizer) pair as
+``0/...`` and ``1/...``) still restores, item by item. On restore each array is
 read straight into the current mesh's sharding (orbax reads only the slices a
 device needs) and padded for the current TP degree. So a run saved at TP 4
 resumes at TP 2, TP 8, TP 3 or data 2 x tensor 4.
@@ -15,8 +19,8 @@ Guarantees:
 * Asynchronous: ``save`` returns once the arrays are copied to host memory;
   the files are written while the next steps run. The save finishes (and is
   sealed) at the next ``save``, ``wait`` or ``close``.
-* Sealed: a finished save gets ``lite_tp_manifest.json`` (size and CRC-32 of
-  every file). A checkpoint whose files are missing, truncated or changed is
+* Sealed: a finished save gets ``lite_tp_manifest.json`` (the format version,
+  and size and CRC-32 of every file). A checkpoint whose files are missing, truncated or changed is
   *damaged*; ``restore`` warns in one line naming it and falls back to the
   newest intact one. So does a checkpoint holding a NaN or infinity.
 * Finite: ``save`` refuses a state with a non-finite value.
@@ -41,12 +45,18 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from lite_tp_jax.state import flat_variables, logical_sharding, logical_shape, to_logical, to_physical
+from lite_tp_jax.core.errors import BadInput
+from lite_tp_jax.runtime.run_dir import atomic_write
+from lite_tp_jax.sharding.state import flat_variables, logical_sharding, logical_shape, to_logical, to_physical
 
 MANIFEST = "lite_tp_manifest.json"
+FORMAT = 2
+"""Checkpoint format: 1, one ``state`` item of the (model, optimizer) pair; 2, ``model`` and ``optimizer`` items."""
+ITEMS = ("model", "optimizer")
+_FIRST_FORMAT_PREFIX = {"model": "0/", "optimizer": "1/"}  # format 1's names within its ``state`` item
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """A checkpoint that does not fit the model being restored, or none usable."""
 
 
@@ -54,12 +64,10 @@ class NonFiniteError(FloatingPointError):
     """A NaN or infinity where training state must be finite."""
 
 
-def display_name(name: str) -> str:
-    """A checkpoint entry as users name it: ``0/embed/embedding`` of the saved
-    (model, optimizer) pair reads ``model.embed.embedding``."""
-    first, _, rest = name.partition("/")
-    owner = {"0": "model", "1": "optimizer"}.get(first)
-    return f"{owner}.{rest.replace('/', '.')}" if owner and rest else name.replace("/", ".")
+def display_name(item: str, name: str) -> str:
+    """A checkpoint entry as users name it: ``embed/embedding`` of the model item
+    reads ``model.embed.embedding``."""
+    return f"{item}.{name.replace('/', '.')}"
 
 
 def _first_line(error: BaseException) -> str:
@@ -105,11 +113,14 @@ def _files(step_dir: Path) -> list[Path]:
 
 
 def write_manifest(step_dir: Path) -> None:
-    """Seals a finished checkpoint: size and CRC-32 of each of its files."""
-    entries = {str(p.relative_to(step_dir)): [p.stat().st_size, _crc32(p)] for p in _files(step_dir)}
-    tmp = step_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(entries, indent=0, sort_keys=True))
-    os.replace(tmp, step_dir / MANIFEST)
+    """Seals a finished checkpoint: the format, and size and CRC-32 of each of its files."""
+    files = {str(p.relative_to(step_dir)): [p.stat().st_size, _crc32(p)] for p in _files(step_dir)}
+    atomic_write(step_dir / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=0, sort_keys=True))
+
+
+def _manifest_files(manifest: dict) -> dict:
+    """The ``{file: [size, crc]}`` of a manifest (format 1's were the top level)."""
+    return manifest["files"] if isinstance(manifest.get("files"), dict) else manifest
 
 
 def damage(step_dir: Path) -> str | None:
@@ -120,8 +131,9 @@ def damage(step_dir: Path) -> str | None:
     if not manifest.exists():
         return None
     try:
-        entries = json.loads(manifest.read_text())
-    except (OSError, ValueError):
+        entries = _manifest_files(json.loads(manifest.read_text()))
+        entries = {name: (int(size), int(crc)) for name, (size, crc) in entries.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
         return f"its {MANIFEST} is unreadable"
     for name, (size, crc) in entries.items():
         path = step_dir / name
@@ -140,15 +152,16 @@ def damage(step_dir: Path) -> str | None:
 
 
 class Checkpointer:
-    """Saves and restores (model, optimizer) state under ``directory``."""
+    """Saves and restores a run's items (``model``, ``optimizer``) under ``directory``."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int):
         self.directory = Path(os.path.abspath(directory))
         self.keep = keep
         options = ocp.CheckpointManagerOptions(max_to_keep=None, create=False, enable_async_checkpointing=True)
+        handlers = {item: ocp.StandardCheckpointHandler() for item in (*ITEMS, "state")}  # "state": format 1
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "progress"),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "progress": ocp.JsonCheckpointHandler()},
+            self.directory, options=options, item_names=(*handlers, "progress"),
+            item_handlers={**handlers, "progress": ocp.JsonCheckpointHandler()},
         )
         self._pending: int | None = None  # a save started but not yet sealed
         self._sealed: set[int] = set()  # sealed by this process: known good without re-reading
@@ -165,26 +178,28 @@ class Checkpointer:
 
     # ---- saving ----
 
-    def save(self, step: int, state: nnx.State, progress: dict[str, Any]) -> None:
-        """Starts an asynchronous save of ``state`` as checkpoint ``step``; it
-        is finished and sealed by the next ``save``, ``wait`` or ``close``
-        (call ``close`` when done with the Checkpointer).
+    def save(self, step: int, items: dict[str, nnx.State], progress: dict[str, Any]) -> None:
+        """Starts an asynchronous save of ``items`` (``{"model": state,
+        "optimizer": state}``) as checkpoint ``step``; it is finished and sealed
+        by the next ``save``, ``wait`` or ``close`` (call ``close`` when done
+        with the Checkpointer).
 
         Raises NonFiniteError (saving nothing) if any value is NaN or infinite.
         """
-        arrays = {name: to_logical(v) for name, v in flat_variables(state, "/").items()}
-        bad = first_non_finite(arrays)
-        if bad is not None:
-            raise NonFiniteError(f"refusing to save checkpoint {step}: {display_name(bad)!r} holds a NaN or infinity.")
+        arrays = {item: {name: to_logical(v) for name, v in flat_variables(state, "/").items()}
+                  for item, state in items.items()}
+        for item, item_arrays in arrays.items():
+            bad = first_non_finite(item_arrays)
+            if bad is not None:
+                raise NonFiniteError(
+                    f"refusing to save checkpoint {step}: {display_name(item, bad)!r} holds a NaN or infinity."
+                )
         self.wait()
         if step in self.all_steps():  # a damaged checkpoint that resuming skipped
             self._set_aside(step)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(arrays), progress=ocp.args.JsonSave(progress)),
-            force=True,
-        )
+        saves = {item: ocp.args.StandardSave(item_arrays) for item, item_arrays in arrays.items()}
+        self.manager.save(step, args=ocp.args.Composite(**saves, progress=ocp.args.JsonSave(progress)), force=True)
         self._pending = step
 
     def wait(self) -> None:
@@ -232,9 +247,11 @@ class Checkpointer:
 
     # ---- restoring ----
 
-    def restore(self, state: nnx.State, mesh: Mesh, step: int | None = None) -> tuple[nnx.State, dict[str, Any]]:
-        """Reads a checkpoint into a state shaped and sharded like ``state``;
-        returns it with the progress record.
+    def restore(self, items: dict[str, nnx.State], mesh: Mesh, step: int | None = None) -> dict[str, Any]:
+        """Reads a checkpoint into ``items`` (``{"model": state}``, optionally
+        with ``"optimizer"``), in place: each variable gets its value, shaped
+        and sharded for ``mesh`` (an abstract ``eval_shape`` state is filled
+        too). Returns the progress record.
 
         ``step=None``: the newest intact checkpoint. Damaged or non-finite ones
         are skipped with a one-line warning each. A checkpoint of another model
@@ -244,42 +261,60 @@ class Checkpointer:
         steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
         if not steps:
             raise CheckpointError(f"No checkpoint found in {self.directory}.")
-        variables = flat_variables(state, "/")
+        variables = {item: flat_variables(state, "/") for item, state in items.items()}
         skipped = []
         for candidate in steps:
             problem = damage(self._step_dir(candidate))
             restored = None
             if problem is None:
                 try:
-                    self._check_matches(candidate, variables)
+                    saved = self._saved_shapes(candidate)
+                    for item, item_variables in variables.items():
+                        self._check_matches(candidate, item, item_variables, saved[item])
                     restored = self._read(candidate, variables, mesh)
                 except CheckpointError:
                     raise
                 except Exception as error:  # noqa: BLE001 - any failure to read means damaged
                     problem = f"orbax cannot read it: {type(error).__name__}: {_first_line(error)}"
             if restored is not None:
-                bad = first_non_finite(restored.state)
-                if bad is not None:
-                    problem, restored = f"{display_name(bad)!r} holds a NaN or infinity", None
+                arrays, progress = restored
+                for item, item_arrays in arrays.items():
+                    bad = first_non_finite(item_arrays)
+                    if bad is not None:
+                        problem, restored = f"{display_name(item, bad)!r} holds a NaN or infinity", None
+                        break
             if restored is None:
                 skipped.append(candidate)
                 if step is not None:
                     raise CheckpointError(f"Checkpoint {self._step_dir(candidate)} is unusable: {problem}.")
                 _warn(f"checkpoint {self._step_dir(candidate)} is damaged ({problem}); trying an older one")
                 continue
-            for name, variable in variables.items():
-                variable.set_value(to_physical(variable, restored.state[name], mesh))  # also fills an abstract (eval_shape) state
-            return state, dict(restored.progress)
+            for item, item_variables in variables.items():
+                for name, variable in item_variables.items():
+                    variable.set_value(to_physical(variable, arrays[item][name], mesh))
+            return dict(progress)
         raise CheckpointError(
             f"No intact checkpoint in {self.directory}: steps {', '.join(map(str, skipped))} are all damaged; "
             f"move the directory away to start afresh."
         )
 
-    def _check_matches(self, step: int, variables: dict[str, nnx.Variable]) -> None:
+    def _is_first_format(self, step: int) -> bool:
+        return (self._step_dir(step) / "state").is_dir()
+
+    def _saved_shapes(self, step: int) -> dict[str, dict[str, tuple[int, ...]]]:
+        """``{item: {name: logical shape}}`` as saved (format 1's pair split into its items)."""
+        metadata = self.manager.item_metadata(step)
+        if not self._is_first_format(step):
+            return {item: {name: tuple(m.shape) for name, m in (metadata[item] or {}).items()} for item in ITEMS}
+        return {
+            item: {name.removeprefix(prefix): tuple(m.shape) for name, m in metadata.state.items() if name.startswith(prefix)}
+            for item, prefix in _FIRST_FORMAT_PREFIX.items()
+        }
+
+    def _check_matches(self, step: int, item: str, variables: dict[str, nnx.Variable], saved: dict) -> None:
         """CheckpointError naming the first parameter whose name or shape differs."""
-        saved = {name: tuple(meta.shape) for name, meta in self.manager.item_metadata(step).state.items()}
         for name, variable in sorted(variables.items()):
-            here, shown = logical_shape(variable), display_name(name)
+            here, shown = logical_shape(variable), display_name(item, name)
             if name not in saved:
                 problem = f"{shown!r} {list(here)} is in this model but not in the checkpoint"
             elif saved[name] != tuple(here):
@@ -293,17 +328,30 @@ class Checkpointer:
         extra = sorted(set(saved) - set(variables))
         if extra:
             raise CheckpointError(
-                f"Checkpoint {self._step_dir(step)} does not match this model: {display_name(extra[0])!r} "
+                f"Checkpoint {self._step_dir(step)} does not match this model: {display_name(item, extra[0])!r} "
                 f"{list(saved[extra[0]])} is in the checkpoint but not in this model "
                 f"(a different model config? use another --run-dir to start afresh)."
             )
 
-    def _read(self, step: int, variables: dict[str, nnx.Variable], mesh: Mesh):
-        target = {
-            name: jax.ShapeDtypeStruct(logical_shape(v), v.dtype, sharding=logical_sharding(v, mesh))
-            for name, v in variables.items()
+    def _read(self, step: int, variables: dict[str, dict[str, nnx.Variable]], mesh: Mesh):
+        """``({item: {name: logical array}}, progress)`` of the items asked for, read
+        straight into the mesh's (logical) shardings."""
+        targets = {
+            item: {
+                name: jax.ShapeDtypeStruct(logical_shape(v), v.dtype, sharding=logical_sharding(v, mesh))
+                for name, v in item_variables.items()
+            }
+            for item, item_variables in variables.items()
         }
-        return self.manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()),
-        )
+        if not self._is_first_format(step):
+            restores = {item: ocp.args.StandardRestore(target) for item, target in targets.items()}
+            restored = self.manager.restore(step, args=ocp.args.Composite(**restores, progress=ocp.args.JsonRestore()))
+            return {item: restored[item] for item in targets}, restored.progress
+        pair = {_FIRST_FORMAT_PREFIX[item] + name: t for item, target in targets.items() for name, t in target.items()}
+        with ocp.PyTreeCheckpointer() as reader:  # format 1: the items asked for, out of the pair
+            state = reader.restore(self._step_dir(step) / "state", args=ocp.args.PyTreeRestore(
+                pair, restore_args=ocp.checkpoint_utils.construct_restore_args(pair), partial_restore=True))
+        progress = self.manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())).progress
+        arrays = {item: {name: state[_FIRST_FORMAT_PREFIX[item] + name] for name in target}
+                  for item, target in targets.items()}
+        return arrays, progress

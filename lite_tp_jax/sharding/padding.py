@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lite_tp_jax.collectives import Axis
-from lite_tp_jax.mesh import TENSOR
+from lite_tp_jax.core.collectives import Axis
+from lite_tp_jax.core.axes import TENSOR
 
 
 def mask_padding(x: jax.Array, dim: int, logical: int, axis: Axis = TENSOR) -> jax.Array:

@@ -4,7 +4,8 @@ Multi-process (``jax.distributed`` initialised): JAX's preemption service owns
 SIGTERM (it swallows the signal) and ``reached_preemption_sync_point(step)``
 turns True on every process at the same step, so all of them save that step.
 One process: a SIGTERM handler sets a flag that the loop reads after each
-step. Either way the rerun of the same command resumes from that checkpoint.
+step. Either way ``lite-tp train`` then exits ``ExitCode.PREEMPTED`` (143) and
+the rerun of the same command resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -14,10 +15,6 @@ import threading
 
 import jax
 from jax.experimental import multihost_utils
-
-#: ``lite-tp train``'s exit code after a preemption checkpoint: 128 + SIGTERM,
-#: what a shell reports for a process ended by SIGTERM (not finished, rerun it).
-PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 
 class PreemptionWatch:

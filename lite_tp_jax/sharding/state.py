@@ -137,3 +137,18 @@ def import_state(module: nnx.Module, state: Mapping[str, np.ndarray]) -> None:
         values[name] = value.astype(variable.dtype)
     for name, variable in params.items():
         variable[...] = to_physical(variable, values[name], variable.get_metadata()["mesh"])
+
+
+def rebind_mesh(graph, old: Mesh, new: Mesh) -> None:
+    """Points every module attribute and parameter metadata of ``graph`` that
+    holds ``old`` at ``new``: the same model, now run (and its arrays
+    described) over the new mesh (a spare's takeover). Layers keep nothing
+    else of their mesh but its axis sizes, which a takeover does not change."""
+    for _, node in nnx.iter_graph(graph):
+        if isinstance(node, nnx.Variable):
+            if node.get_metadata().get("mesh") is old:
+                node.set_metadata(mesh=new)
+        elif isinstance(node, nnx.Pytree):
+            for name, value in list(vars(node).items()):
+                if value is old:
+                    setattr(node, name, new)

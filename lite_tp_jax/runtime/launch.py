@@ -5,7 +5,7 @@
 Starts N copies of ``lite-tp ARGS...`` on this machine. Each gets D fake CPU
 devices (default: the mesh's device count / N) and joins the others through
 ``jax.distributed.initialize`` with a coordinator on 127.0.0.1 at a free port
-(``mesh.start_cluster`` reads the ``LITE_TP_*`` variables set here). Together
+(``runtime.devices.start_cluster`` reads the ``LITE_TP_*`` variables set here). Together
 they hold one global mesh, exactly as one process per host would on a cluster.
 
 Output: process 0's standard output is shown here; everything every process
@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from lite_tp_jax.train.preemption import PREEMPTED_EXIT_CODE
+from lite_tp_jax.runtime.exit_codes import ExitCode
 
-BAD_INPUT = 2
-RUNTIME_FAILURE = 1
+LAUNCH_ENV = ("LITE_TP_COORDINATOR", "LITE_TP_NUM_PROCESSES", "LITE_TP_PROCESS_ID")
+"""Set for each process started here; ``runtime.devices.start_cluster`` reads them."""
 _GLOO_CHATTER = re.compile(  # "[Gloo] Rank N is connected to M peer ranks. ...", also cut in pieces by other writes
     r"\[Gloo\] Rank (\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+\n?)?"
     r"|(?:(?:\d+ )?is connected to )?(?:\d+ )?peer ranks\. Expected number of connected peer ranks is : \d+\n?"
@@ -58,13 +58,8 @@ def worker_environment(rank: int, processes: int, devices_per_process: int, port
     """The environment of process ``rank``: how to reach the coordinator, and its devices."""
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
-    env.update(
-        LITE_TP_COORDINATOR=f"127.0.0.1:{port}",
-        LITE_TP_NUM_PROCESSES=str(processes),
-        LITE_TP_PROCESS_ID=str(rank),
-        JAX_NUM_CPU_DEVICES=str(devices_per_process),
-        PYTHONUNBUFFERED="1",
-    )
+    env.update(zip(LAUNCH_ENV, (f"127.0.0.1:{port}", str(processes), str(rank))))
+    env.update(JAX_NUM_CPU_DEVICES=str(devices_per_process), PYTHONUNBUFFERED="1")
     return env
 
 
@@ -164,7 +159,7 @@ def run_attempt(
                 log.close()
                 _stop(workers)
                 print(f"lite-tp launch: process {rank} failed to start: {error}", file=errors)
-                return Outcome(RUNTIME_FAILURE, rank, f"failed to start: {error}")
+                return Outcome(ExitCode.FAILURE, rank, f"failed to start: {error}")
             worker = _Worker(rank, process, log)
             for stream, out, is_stderr in ((process.stdout, echo if rank == 0 else None, False), (process.stderr, None, True)):
                 reader = threading.Thread(target=worker.read, args=(stream, out, is_stderr), daemon=True)
@@ -174,24 +169,24 @@ def run_attempt(
         failed, hang = _wait(workers, poll_s, watchdog)
     except KeyboardInterrupt:
         _stop(workers)
-        return Outcome(130, None, "interrupted")
+        return Outcome(ExitCode.INTERRUPTED, None, "interrupted")
     finally:
         forward.restore()
     _stop(workers)
     if hang is not None:
         print(f"lite-tp launch: {hang}; stopped every process", file=errors)
-        return Outcome(RUNTIME_FAILURE, None, hang)
+        return Outcome(ExitCode.FAILURE, None, hang)
     if failed is None:
-        if any(w.process.returncode == PREEMPTED_EXIT_CODE for w in workers):
+        if any(w.process.returncode == ExitCode.PREEMPTED for w in workers):
             print("lite-tp launch: preempted (SIGTERM): the processes saved a checkpoint and stopped; "
                   "rerun the same command to continue", file=errors)
-            return Outcome(PREEMPTED_EXIT_CODE, None, "preempted")
-        return Outcome(0)
+            return Outcome(ExitCode.PREEMPTED, None, "preempted")
+        return Outcome(ExitCode.OK)
     code = failed.process.returncode
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     last = failed.last_error or failed.last_output or "(no output)"
     print(f"lite-tp launch: process {failed.rank} {how}: {last}  [log: {log_dir / f'rank-{failed.rank}.log'}]", file=errors)
-    return Outcome(BAD_INPUT if code == BAD_INPUT else RUNTIME_FAILURE, failed.rank, f"process {failed.rank} {how}: {last}")
+    return Outcome(ExitCode.BAD_INPUT if code == ExitCode.BAD_INPUT else ExitCode.FAILURE, failed.rank, f"process {failed.rank} {how}: {last}")
 
 
 class _forward_sigterm:
@@ -221,7 +216,7 @@ def _wait(workers: list[_Worker], poll_s: float, watchdog: Watchdog | None = Non
         for worker in workers:
             if worker.exited_at is None and worker.process.poll() is not None:
                 worker.exited_at = now
-        failures = [w for w in workers if w.exited_at is not None and w.process.returncode not in (0, PREEMPTED_EXIT_CODE)]
+        failures = [w for w in workers if w.exited_at is not None and w.process.returncode not in (0, ExitCode.PREEMPTED)]
         if failures:
             return min(failures, key=lambda w: (w.exited_at, w.rank)), None
         if all(w.exited_at is not None for w in workers):

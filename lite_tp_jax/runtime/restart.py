@@ -27,15 +27,15 @@ first compilation are never a hang.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lite_tp_jax.launch import BAD_INPUT, free_port, run_attempt, worker_environment
-from lite_tp_jax.train.preemption import PREEMPTED_EXIT_CODE
+from lite_tp_jax.runtime.exit_codes import ExitCode
+from lite_tp_jax.runtime.launch import free_port, run_attempt, worker_environment
+from lite_tp_jax.runtime.metrics import METRICS_FILE, append_record, is_step, parse_record, whole_lines
 
 
 class StepWatch:
@@ -44,46 +44,27 @@ class StepWatch:
 
     def __init__(self, path: Path):
         self.path = path
-        self.seen = set(self._lines())
-
-    def _lines(self) -> list[str]:
-        try:
-            return self.path.read_text(errors="replace").split("\n")[:-1]
-        except FileNotFoundError:
-            return []
+        self.seen = set(whole_lines(path))
 
     def new_steps(self) -> list[int]:
         """Steps whose lines appeared since the last call."""
         steps = []
-        for line in self._lines():
+        for line in whole_lines(self.path):
             if line in self.seen:
                 continue
             self.seen.add(line)
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and "event" not in record and isinstance(record.get("step"), int):
+            record = parse_record(line)
+            if is_step(record):
                 steps.append(record["step"])
         return steps
 
     def last_step(self) -> int | None:
         """The last step recorded in the file (None before the first)."""
-        for line in reversed(self._lines()):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and "event" not in record and isinstance(record.get("step"), int):
+        for line in reversed(whole_lines(self.path)):
+            record = parse_record(line)
+            if is_step(record):
                 return record["step"]
         return None
-
-
-def append_event(path: Path, event: dict) -> None:
-    """One JSON line appended with a single write (the trainer appends to the same file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(event) + "\n")
 
 
 class _Attempt:
@@ -100,7 +81,7 @@ class _Attempt:
         if self.watch.new_steps():
             self.last_progress = now
             if self.pending is not None:
-                append_event(self.watch.path, {**self.pending, "seconds_to_first_step": round(now - self.failed_at, 3)})
+                append_record(self.watch.path, {**self.pending, "seconds_to_first_step": round(now - self.failed_at, 3)})
                 self.pending = None
         elif self.hang_timeout and self.last_progress is not None and now - self.last_progress > self.hang_timeout:
             return f"no training step completed in {self.hang_timeout:g} s (hang)"
@@ -120,7 +101,7 @@ def supervise(
     """Runs ``lite-tp COMMAND`` in ``processes`` processes, restarting the whole
     job up to ``max_restarts`` times after a failure or a hang (module docstring)."""
     run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     argv = [*(argv_prefix or (sys.executable, "-m", "lite_tp_jax.cli")), *command]
     pending, failed_at, restarts = None, None, 0
     while True:
@@ -128,14 +109,14 @@ def supervise(
         environments = [worker_environment(rank, processes, devices_per_process, port) for rank in range(processes)]
         attempt = _Attempt(StepWatch(metrics), hang_timeout, pending, failed_at)
         outcome = run_attempt(argv, environments, run_dir / "logs", watchdog=attempt, poll_s=0.2)
-        if outcome.code in (0, BAD_INPUT, PREEMPTED_EXIT_CODE, 130):  # done, bad input, preempted, interrupted
+        if outcome.code in (ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.PREEMPTED, ExitCode.INTERRUPTED):
             return outcome.code
         if restarts == max_restarts:
             if max_restarts:
                 print(f"lite-tp launch: giving up after {max_restarts} restart(s)", file=sys.stderr)
             return outcome.code
         if attempt.pending is not None:  # the previous restart never reached a step
-            append_event(metrics, {**attempt.pending, "seconds_to_first_step": None})
+            append_record(metrics, {**attempt.pending, "seconds_to_first_step": None})
         restarts += 1
         failed_at = time.monotonic()
         pending = {

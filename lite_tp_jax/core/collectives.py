@@ -1,18 +1,19 @@
 """Collectives over named mesh axes, and the Megatron conjugate pairs.
 
 Everything here runs inside ``jax.shard_map`` with the axes manual. The three
-primitives are thin, named wrappers; the six region functions are the
-Megatron-LM mappings (``megatron/core/tensor_parallel/mappings.py``): each one
-states its forward collective and, next to it, the backward collective that
-autodiff must run, so gradients are right by construction.
+primitives are thin, named wrappers. The conjugate pairs each state their
+forward collective and, next to it, the backward collective that autodiff must
+run, so gradients are right by construction. Over any axes they have neutral
+names; within a tensor-parallel group, Megatron-LM's
+(``megatron/core/tensor_parallel/mappings.py``):
 
-    function                         forward          backward
-    copy_to_tensor_region            identity         all-reduce
-    reduce_from_tensor_region        all-reduce       identity
-    scatter_to_tensor_region         split (local)    all-gather
-    gather_from_tensor_region        all-gather       split (local)
-    gather_from_sequence_region      all-gather       reduce-scatter
-    reduce_scatter_to_sequence_region reduce-scatter  all-gather
+    generic (any axes)        Megatron ("tensor")                 forward          backward
+    broadcast_over            copy_to_tensor_region               identity         all-reduce
+    sum_over                  reduce_from_tensor_region           all-reduce       identity
+    scatter_over              scatter_to_tensor_region            split (local)    all-gather
+    gather_replicated_over    gather_from_tensor_region           all-gather       split (local)
+    gather_over               gather_from_sequence_region         all-gather       reduce-scatter
+    reduce_scatter_over       reduce_scatter_to_sequence_region   reduce-scatter   all-gather
 
 Deterministic mode (``with deterministic_collectives():``, or
 ``train.deterministic: true``) swaps the two reducing primitives for a
@@ -43,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax._src import config as _jax_config
 
-from lite_tp_jax.mesh import TENSOR
+from lite_tp_jax.core.axes import TENSOR
 
 Axis = str | tuple[str, ...]
 """One mesh axis, or several acting as one (rank = row-major index over them)."""
@@ -200,59 +201,111 @@ def cast_for(w: jax.Array, x: jax.Array, dtype=None) -> jax.Array:
     return (jax.lax.pcast(w, missing, to="varying") if missing else w).astype(dtype)
 
 
-# --- Megatron conjugate pairs ---------------------------------------------------
+# --- conjugate pairs: a forward collective and, next to it, its backward -------
+#
+# The generic pairs, over any axes (a pipeline's stages, the batch axes, "data"):
 
 
-def copy_to_tensor_region(x: jax.Array, axis: Axis = TENSOR) -> jax.Array:
-    """Forward: identity (input replicated on every rank). Backward: all-reduce.
+def broadcast_over(x: jax.Array, axis: Axis) -> jax.Array:
+    """Forward: identity (``x`` the same on every rank of ``axis``). Backward:
+    all-reduce: a value used on every rank gets the sum of their gradients.
 
-    A value that is already per-rank passes through unchanged both ways: the
-    region was entered earlier, and its one backward all-reduce happens there.
+    A value that is already per-rank passes through unchanged both ways: it
+    was broadcast earlier, and its one backward all-reduce happens there.
     """
     missing = _not_yet_varying(x, check_axis(axis))
-    return _copy_to_tensor_region(x, missing) if missing else x
+    return _broadcast_over(x, missing) if missing else x
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _copy_to_tensor_region(x, axis):
+def _broadcast_over(x, axis):
     return jax.lax.pcast(x, axis, to="varying")
 
 
-def _copy_fwd(x, axis):
+def _broadcast_fwd(x, axis):
     return jax.lax.pcast(x, axis, to="varying"), None
 
 
-def _copy_bwd(axis, _, g):
+def _broadcast_bwd(axis, _, g):
     return (all_reduce(g, axis),)
 
 
-_copy_to_tensor_region.defvjp(_copy_fwd, _copy_bwd)
-
-
-def reduce_from_tensor_region(x: jax.Array, axis: Axis = TENSOR) -> jax.Array:
-    """Forward: all-reduce of partial sums. Backward: identity."""
-    return _reduce_from_tensor_region(x, axis)
+_broadcast_over.defvjp(_broadcast_fwd, _broadcast_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _reduce_from_tensor_region(x: jax.Array, axis: Axis = TENSOR) -> jax.Array:
+def sum_over(x: jax.Array, axis: Axis) -> jax.Array:
+    """Forward: all-reduce of per-rank partial sums. Backward: identity."""
     return all_reduce(x, axis)
 
 
-def _reduce_fwd(x, axis):
+def _sum_fwd(x, axis):
     return all_reduce(x, axis), None
 
 
-def _reduce_bwd(axis, _, g):
+def _sum_bwd(axis, _, g):
     return (to_varying(g, axis),)
 
 
-_reduce_from_tensor_region.defvjp(_reduce_fwd, _reduce_bwd)
+sum_over.defvjp(_sum_fwd, _sum_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def scatter_to_tensor_region(x: jax.Array, axis: Axis = TENSOR, dim: int = -1) -> jax.Array:
-    """Forward: keep this rank's slice of ``dim``. Backward: all-gather."""
+def gather_over(x: jax.Array, axis: Axis, dim: int) -> jax.Array:
+    """Forward: all-gather of per-rank shards along ``dim``, used per rank.
+    Backward: reduce-scatter (each rank's gradient summed, its shard kept)."""
+    return all_gather(x, axis, dim=dim)
+
+
+def _gather_fwd(x, axis, dim):
+    return all_gather(x, axis, dim=dim), None
+
+
+def _gather_bwd(axis, dim, _, g):
+    return (reduce_scatter(g, axis, dim=dim),)
+
+
+gather_over.defvjp(_gather_fwd, _gather_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def gather_replicated_over(x: jax.Array, axis: Axis, dim: int) -> jax.Array:
+    """Forward: all-gather along ``dim``, the result the same on every rank.
+    Backward: each rank keeps its slice of the (equal) gradient (split, local)."""
+    return jax.lax.all_gather(x, axis, axis=dim % x.ndim, tiled=True, to="invarying")
+
+
+def _gather_replicated_fwd(x, axis, dim):
+    return gather_replicated_over(x, axis, dim), None
+
+
+def _gather_replicated_bwd(axis, dim, _, g):
+    return (split(to_varying(g, axis), axis, dim=dim),)
+
+
+gather_replicated_over.defvjp(_gather_replicated_fwd, _gather_replicated_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def reduce_scatter_over(x: jax.Array, axis: Axis, dim: int) -> jax.Array:
+    """Forward: reduce-scatter of partial sums along ``dim``. Backward: all-gather."""
+    return reduce_scatter(x, axis, dim=dim)
+
+
+def _reduce_scatter_fwd(x, axis, dim):
+    return reduce_scatter(x, axis, dim=dim), None
+
+
+def _reduce_scatter_bwd(axis, dim, _, g):
+    return (all_gather(g, axis, dim=dim),)
+
+
+reduce_scatter_over.defvjp(_reduce_scatter_fwd, _reduce_scatter_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def scatter_over(x: jax.Array, axis: Axis, dim: int) -> jax.Array:
+    """Forward: keep this rank's slice of ``dim`` (local). Backward: all-gather."""
     return split(x, axis, dim=dim)
 
 
@@ -264,70 +317,41 @@ def _scatter_bwd(axis, dim, _, g):
     return (jax.lax.all_gather(g, axis, axis=dim % g.ndim, tiled=True, to="invarying"),)
 
 
-scatter_to_tensor_region.defvjp(_scatter_fwd, _scatter_bwd)
+scatter_over.defvjp(_scatter_fwd, _scatter_bwd)
+
+
+# Megatron-LM's names for the same pairs within a tensor-parallel group (its
+# ``mappings.py``); ``axis`` is "tensor", or the vocabulary's axes.
+
+
+def copy_to_tensor_region(x: jax.Array, axis: Axis = TENSOR) -> jax.Array:
+    """Forward: identity (input replicated on every rank). Backward: all-reduce (``broadcast_over``)."""
+    return broadcast_over(x, axis)
+
+
+def reduce_from_tensor_region(x: jax.Array, axis: Axis = TENSOR) -> jax.Array:
+    """Forward: all-reduce of partial sums. Backward: identity (``sum_over``)."""
+    return sum_over(x, axis)
+
+
+def scatter_to_tensor_region(x: jax.Array, axis: Axis = TENSOR, dim: int = -1) -> jax.Array:
+    """Forward: keep this rank's slice of ``dim``. Backward: all-gather (``scatter_over``)."""
+    return scatter_over(x, axis, dim)
 
 
 def gather_from_tensor_region(x: jax.Array, axis: Axis = TENSOR, dim: int = -1) -> jax.Array:
-    """Forward: all-gather along ``dim`` (result replicated). Backward: split."""
-    return _gather_from_tensor_region(x, axis, dim)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gather_from_tensor_region(x: jax.Array, axis: Axis = TENSOR, dim: int = -1) -> jax.Array:
-    return jax.lax.all_gather(x, axis, axis=dim % x.ndim, tiled=True, to="invarying")
-
-
-def _gather_fwd(x, axis, dim):
-    return _gather_from_tensor_region(x, axis, dim), None
-
-
-def _gather_bwd(axis, dim, _, g):
-    return (split(to_varying(g, axis), axis, dim=dim),)
-
-
-_gather_from_tensor_region.defvjp(_gather_fwd, _gather_bwd)
+    """Forward: all-gather along ``dim`` (result replicated). Backward: split (``gather_replicated_over``)."""
+    return gather_replicated_over(x, axis, dim)
 
 
 def gather_from_sequence_region(x: jax.Array, axis: Axis = TENSOR, dim: int = 1) -> jax.Array:
-    """Forward: all-gather the sequence shards. Backward: reduce-scatter."""
-    return _gather_from_sequence_region(x, axis, dim)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gather_from_sequence_region(x: jax.Array, axis: Axis = TENSOR, dim: int = 1) -> jax.Array:
-    return all_gather(x, axis, dim=dim)
-
-
-def _gather_seq_fwd(x, axis, dim):
-    return all_gather(x, axis, dim=dim), None
-
-
-def _gather_seq_bwd(axis, dim, _, g):
-    return (reduce_scatter(g, axis, dim=dim),)
-
-
-_gather_from_sequence_region.defvjp(_gather_seq_fwd, _gather_seq_bwd)
+    """Forward: all-gather the sequence shards. Backward: reduce-scatter (``gather_over``)."""
+    return gather_over(x, axis, dim)
 
 
 def reduce_scatter_to_sequence_region(x: jax.Array, axis: Axis = TENSOR, dim: int = 1) -> jax.Array:
-    """Forward: reduce-scatter partial sums into sequence shards. Backward: all-gather."""
-    return _reduce_scatter_to_sequence_region(x, axis, dim)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _reduce_scatter_to_sequence_region(x: jax.Array, axis: Axis = TENSOR, dim: int = 1) -> jax.Array:
-    return reduce_scatter(x, axis, dim=dim)
-
-
-def _reduce_scatter_seq_fwd(x, axis, dim):
-    return reduce_scatter(x, axis, dim=dim), None
-
-
-def _reduce_scatter_seq_bwd(axis, dim, _, g):
-    return (all_gather(g, axis, dim=dim),)
-
-
-_reduce_scatter_to_sequence_region.defvjp(_reduce_scatter_seq_fwd, _reduce_scatter_seq_bwd)
+    """Forward: reduce-scatter partial sums into sequence shards. Backward: all-gather (``reduce_scatter_over``)."""
+    return reduce_scatter_over(x, axis, dim)
 
 
 # --- a block's entry and exit -------------------------------------------------

@@ -18,8 +18,8 @@ the compiled HLO (``hlo.bytes_by_axis``), memory per device from
 aliases). Also: compile time against depth, for models that differ only in
 ``num_layers``.
 
-The baseline implements dense models without pipelining: a config with
-experts or a pipeline axis is refused.
+The baseline (``reference_model.py``) implements dense models without
+pipelining: a config with experts or a pipeline axis is refused.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import random
@@ -38,113 +37,21 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax import hlo
-from lite_tp_jax.layers.rotary import apply_rotary
-from lite_tp_jax.mesh import AXES, make_mesh_for
-from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.models.transformer import remat_policy
-from lite_tp_jax.state import export_state, flat_variables, logical_shape, logical_sharding
-from lite_tp_jax.train.config import Config, TrainConfig
-from lite_tp_jax.train.step import (
-    TrainStep,
-    batch_sharding,
-    create_model_and_optimizer,
-    learning_rate_schedule,
-    make_optimizer,
-)
+from lite_tp_jax.analysis.planner import abstract_model_and_optimizer
+from lite_tp_jax.analysis.reference_model import nested, plain_train_step
+from lite_tp_jax.core import hlo
+from lite_tp_jax.core.errors import BadInput
+from lite_tp_jax.core.mesh import make_mesh_for
+from lite_tp_jax.run.config import Config
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
+from lite_tp_jax.sharding.rules import batch_sharding
+from lite_tp_jax.sharding.state import export_state, flat_variables, logical_shape, logical_sharding
+from lite_tp_jax.train.step import TrainStep
 
 VARIANTS = ("lite_tp_jax", "gspmd", "one_device")
-
-
-# --- the plain jax.numpy model (gspmd and one_device) --------------------------------
-
-
-def _rms_norm(x, scale, eps):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
-
-
-# checkpoint_name: the tensors lite_tp_jax's layers name, so that ``remat`` keeps the same ones.
-
-
-def _attention(x, w, cfg: ModelConfig):
-    q, k, v = (jnp.einsum("bsf,fhd->bshd", x, w[name]["kernel"]) for name in ("query", "key", "value"))
-    positions = jnp.arange(x.shape[1])
-    q, k = apply_rotary(q, positions, cfg.rope_theta), apply_rotary(k, positions, cfg.rope_theta)
-    q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query", "key", "value")))
-    group = cfg.num_heads // cfg.num_kv_heads
-    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(cfg.resolved_head_dim))
-    causal = jnp.tril(jnp.ones((x.shape[1],) * 2, dtype=bool))
-    weights = jax.nn.softmax(jnp.where(causal, logits, jnp.finfo(jnp.float32).min), axis=-1)
-    out = checkpoint_name(jnp.einsum("bhqk,bkhd->bqhd", checkpoint_name(weights, "attention_weights"), v),
-                          "attention_output")
-    return jnp.einsum("bqhd,hdf->bqf", out, w["out"]["kernel"])
-
-
-def _swiglu(x, w):
-    up = checkpoint_name(x @ w["up"]["kernel"], "mlp_up")
-    hidden = jax.nn.silu(checkpoint_name(x @ w["gate"]["kernel"], "mlp_gate")) * up
-    return checkpoint_name(hidden, "mlp_hidden") @ w["down"]["kernel"]
-
-
-def plain_loss(params, tokens, targets, cfg: ModelConfig):
-    """Mean next-token cross-entropy of the Llama-style model in plain jax.numpy."""
-
-    def block(x, b):
-        norm = checkpoint_name(_rms_norm(x, b["attention_norm"]["scale"], cfg.norm_eps), "attention_input")
-        x = checkpoint_name(x + _attention(norm, b["attention"], cfg), "attention_residual")
-        norm = checkpoint_name(_rms_norm(x, b["mlp_norm"]["scale"], cfg.norm_eps), "mlp_input")
-        return x + _swiglu(norm, b["mlp"]), None
-
-    block = jax.checkpoint(block, policy=remat_policy(cfg.remat), prevent_cse=False)
-    x, _ = jax.lax.scan(block, params["embed"]["embedding"][tokens], params["layers"]["blocks"]["0"])
-    head = params["embed" if cfg.tie_embeddings else "head"]["embedding"]
-    logits = _rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps) @ head.T
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target_logits)
-
-
-def _nested(flat: dict) -> dict:
-    """``{"a.b": v}`` -> ``{"a": {"b": v}}`` (optax's decay mask looks for "kernel")."""
-    out: dict = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
-def plain_train_step(cfg: ModelConfig, train: TrainConfig, params, param_shardings, replicated, rows):
-    """AdamW step of the plain model: ``step((params, opt_state, count), tokens,
-    targets) -> (state, metrics)``, jitted to keep its placement (optimizer
-    moments like their parameter, counters ``replicated``, batch ``rows``) and
-    to donate its state, as ``TrainStep`` does. ``params``: arrays or
-    ShapeDtypeStructs. Returns ``(optimizer, step, state placement)``."""
-    # TrainStep clips by the global norm itself (parallel/grads.py); here optax does it.
-    tx = optax.chain(optax.clip_by_global_norm(train.grad_clip), make_optimizer(train))
-    schedule = learning_rate_schedule(train)
-
-    def step(state, tokens, targets):
-        params, opt_state, count = state
-        loss, grads = jax.value_and_grad(plain_loss)(params, tokens, targets, cfg)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(count)}
-        return (optax.apply_updates(params, updates), opt_state, count + 1), metrics
-
-    opt_state = jax.eval_shape(tx.init, params)
-    placement = (param_shardings,
-                 optax.tree_map_params(tx, lambda _, s: s, opt_state, param_shardings,
-                                       transform_non_params=lambda _: replicated),
-                 replicated)
-    jitted = jax.jit(step, in_shardings=(placement, rows, rows), out_shardings=(placement, None), donate_argnums=0)
-    return tx, jitted, placement
 
 
 # --- measuring -------------------------------------------------------------------------
@@ -177,20 +84,12 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def _sizes(config: Config) -> dict[str, int]:
-    sizes = {a: getattr(config.mesh, a) for a in AXES}
-    if -1 in sizes.values():
-        known = math.prod(s for s in sizes.values() if s != -1)
-        sizes = {a: len(jax.devices()) // known if s == -1 else s for a, s in sizes.items()}
-    return sizes
-
-
 def check_supported(config: Config) -> None:
     if config.model.moe_every:
-        raise ValueError("lite-tp bench compares dense models only (its GSPMD baseline has no experts); "
+        raise BadInput("lite-tp bench compares dense models only (its GSPMD baseline has no experts); "
                          "set model.moe_every=0")
     if config.mesh.pipeline not in (1,) or config.mesh.expert not in (1,):
-        raise ValueError("lite-tp bench needs mesh.pipeline=1 and mesh.expert=1 (its GSPMD baseline "
+        raise BadInput("lite-tp bench needs mesh.pipeline=1 and mesh.expert=1 (its GSPMD baseline "
                          "shards the batch and the layers' weights only)")
 
 
@@ -205,8 +104,8 @@ class _Variants:
         tokens = rng.integers(0, model_cfg.vocab_size, (train.global_batch, train.seq_len + 1), dtype=np.int32)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         one = SingleDeviceSharding(mesh.devices.flat[0])
-        logical = _nested({n: logical_sharding(v, mesh) for n, v in flat_variables(self.model).items()})
-        weights = _nested(export_state(self.model))
+        logical = nested({n: logical_sharding(v, mesh) for n, v in flat_variables(self.model).items()})
+        weights = nested(export_state(self.model))
         self.batches, self.states, self.steps = {}, {}, {}
         for name, shardings, replicated, rows in (
             ("gspmd", logical, NamedSharding(mesh, P()), batch_sharding(mesh)),
@@ -234,18 +133,16 @@ class _Variants:
 def compile_seconds_vs_depth(config: Config, mesh, depths: list[int]) -> list[dict]:
     """Compile time of the lite_tp_jax and gspmd steps for models of each depth
     (abstract state: nothing is materialised)."""
-    from lite_tp_jax.plan.planner import abstract_model
-
     rows = []
     tokens = jax.ShapeDtypeStruct((config.train.global_batch, config.train.seq_len), jnp.int32,
                                   sharding=batch_sharding(mesh))
     for layers in depths:
         cfg = dataclasses.replace(config.model, num_layers=layers)
-        model, optimizer = abstract_model(cfg, config.train, mesh)
+        model, optimizer = abstract_model_and_optimizer(cfg, config.train, mesh)
         _, ours = _timed(lambda: TrainStep(model, optimizer, config.train).lower(tokens, tokens).compile())
         variables = flat_variables(model)
-        shardings = _nested({n: logical_sharding(v, mesh) for n, v in variables.items()})
-        params = _nested({n: jax.ShapeDtypeStruct(logical_shape(v), v.dtype, sharding=logical_sharding(v, mesh))
+        shardings = nested({n: logical_sharding(v, mesh) for n, v in variables.items()})
+        params = nested({n: jax.ShapeDtypeStruct(logical_shape(v), v.dtype, sharding=logical_sharding(v, mesh))
                           for n, v in variables.items()})
         replicated = NamedSharding(mesh, P())
         tx, step, placement = plain_train_step(cfg, config.train, params, shardings, replicated, batch_sharding(mesh))
@@ -262,8 +159,8 @@ def run(config: Config, *, steps: int = 20, depths: list[int] = (2, 8, 32), warm
     """Benchmarks ``config``'s training step; returns the result as a JSON-ready dict."""
     check_supported(config)
     if steps < 2:
-        raise ValueError(f"lite-tp bench needs at least 2 timed steps for quartiles, got {steps}")
-    sizes = _sizes(config)
+        raise BadInput(f"lite-tp bench needs at least 2 timed steps for quartiles, got {steps}")
+    sizes = config.mesh.sizes(len(jax.devices()))
     mesh = make_mesh_for(sizes)
     variants = _Variants(config, mesh)
 

@@ -4,7 +4,7 @@
 (``nnx.eval_shape``: no array is allocated), and each parameter's stored shape
 and ``out_sharding``: parameter and optimizer bytes per device are exact. The
 collectives of one training step are written out as Megatron's formulas, one
-``Transfer`` each, in the measure ``lite_tp_jax.hlo.collectives_per_step``
+``Transfer`` each, in the measure ``lite_tp_jax.core.hlo.collectives_per_step``
 counts on the compiled step: result bytes per device, as often as the step runs
 them (tests hold the two within 1%). Activations are an estimate.
 
@@ -50,13 +50,22 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lite_tp_jax.mesh import AXES, DATA, EXPERT, PIPELINE, TENSOR
+from lite_tp_jax.analysis.profiles import DeviceProfile
+from lite_tp_jax.core import hlo
+from lite_tp_jax.core.axes import AXES, BATCH_AXES, DATA, EXPERT, PIPELINE, TENSOR, describe, entry_axes
+from lite_tp_jax.core.errors import FitError
+from lite_tp_jax.core.mesh import make_mesh_for
+from lite_tp_jax.layers.moe import capacity as moe_capacity
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.plan.profiles import DeviceProfile
-from lite_tp_jax.train.config import Config, ConfigError, TrainConfig
+from lite_tp_jax.models.factory import partition_rules
+from lite_tp_jax.models.fit import batch_ranks
+from lite_tp_jax.run.config import Config, ConfigError, TrainConfig, explain
+from lite_tp_jax.run.optimizer import create_model_and_optimizer
+from lite_tp_jax.sharding.rules import batch_sharding
+from lite_tp_jax.train.fit import check_run_fits
+from lite_tp_jax.train.step import TrainStep
 
 F32 = 4
-BATCH_AXES = (DATA, EXPERT)
 
 
 # --- parameters, from the model built abstractly -------------------------------
@@ -75,36 +84,12 @@ class Parameter:
 
     @property
     def sharded_axes(self) -> tuple[str, ...]:
-        return tuple(a for entry in self.spec for a in _entry_axes(entry))
+        return tuple(a for entry in self.spec for a in entry_axes(entry))
 
 
-def _entry_axes(entry) -> tuple[str, ...]:
-    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _strategy(name: str, spec: tuple, metadata: dict) -> str:
-    """The rule table's word for how a parameter is split (``strategy`` metadata),
-    or one derived from its name and spec until every parameter carries it."""
-    if metadata.get("strategy"):
-        return str(metadata["strategy"])
-    axes = [a for entry in spec for a in _entry_axes(entry)]
-    if name.startswith(("embed.", "head.")):
-        return "vocab"
-    if EXPERT in axes:
-        return "expert-row" if name.endswith("down.kernel") else "expert-column"
-    if TENSOR not in axes:
-        return "replicated"
-    split = next(i for i, entry in enumerate(spec) if TENSOR in _entry_axes(entry))
-    projection = name.split(".")[-2] in ("query", "key", "value")
-    return "column" if split == len(spec) - 1 or projection else "row"
-
-
-def abstract_model(model: ModelConfig, train: TrainConfig, mesh):
+def abstract_model_and_optimizer(model: ModelConfig, train: TrainConfig, mesh):
     """The model and optimizer as ``nnx.eval_shape`` builds them: shapes,
     dtypes and metadata, no arrays."""
-    from lite_tp_jax.train.step import create_model_and_optimizer
-
     return nnx.eval_shape(lambda: create_model_and_optimizer(model, train, mesh))
 
 
@@ -117,7 +102,7 @@ def shard_bytes(variable, mesh) -> int:
     spec = tuple(variable.get_metadata().get("out_sharding") or ())
     shape = list(variable.shape)
     for i, entry in enumerate(spec):
-        for axis in _entry_axes(entry):
+        for axis in entry_axes(entry):
             shape[i] = -(-shape[i] // mesh.shape[axis])
     return math.prod(shape) * np.dtype(variable.dtype).itemsize
 
@@ -129,7 +114,7 @@ def parameters(model_obj, mesh) -> list[Parameter]:
         metadata = v.get_metadata()
         spec = tuple(metadata.get("out_sharding") or ())
         role = str(metadata.get("role") or name.rsplit(".", 2)[-2])
-        out.append(Parameter(name, tuple(v.shape), spec, _strategy(name, spec, metadata), role, shard_bytes(v, mesh)))
+        out.append(Parameter(name, tuple(v.shape), spec, str(metadata["strategy"]), role, shard_bytes(v, mesh)))
     return out
 
 
@@ -159,16 +144,14 @@ def _ordered(axes: Iterable[str], sizes: dict[str, int]) -> tuple[str, ...]:
 
 
 def capacity(model: ModelConfig, seq: int) -> int:
-    from lite_tp_jax.layers.moe import capacity as moe_capacity
-
     return moe_capacity(seq, model.num_experts, model.top_k, model.capacity_factor)
 
 
 def transfers(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], params: list[Parameter]) -> list[Transfer]:
     """Every collective of one training step on one device, by Megatron's formulas (module docstring)."""
-    d, p, e, t = (sizes[a] for a in AXES)
+    p, t = sizes[PIPELINE], sizes[TENSOR]
     S, H, sp = train.seq_len, model.hidden_size, model.sequence_parallel
-    B = train.global_batch // (d * e)
+    B = train.global_batch // batch_ranks(sizes)
     pipelined = p > 1
     m = train.microbatches if pipelined else 1
     b = B // m
@@ -240,12 +223,10 @@ def transfers(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], par
 
 
 def bytes_by_axis(items: Iterable[Transfer]) -> dict[str, int]:
-    """``{"data+tensor": bytes, ...}``, labelled as ``lite_tp_jax.hlo.axes_label`` does."""
-    from lite_tp_jax.hlo import axes_label
-
+    """``{"data+tensor": bytes, ...}``, labelled as ``lite_tp_jax.core.hlo.axes_label`` does."""
     out: dict[str, int] = {}
     for item in items:
-        out[axes_label(item.axes)] = out.get(axes_label(item.axes), 0) + item.bytes
+        out[hlo.axes_label(item.axes)] = out.get(hlo.axes_label(item.axes), 0) + item.bytes
     return dict(sorted(out.items()))
 
 
@@ -263,9 +244,9 @@ def activation_bytes(model: ModelConfig, train: TrainConfig, sizes: dict[str, in
     A pipeline stage keeps every tick's activations of its chunk. Plus the
     logits slice and its softmax: ``2 B S V / (t p)``.
     """
-    d, p, e, t = (sizes[a] for a in AXES)
+    p, t = sizes[PIPELINE], sizes[TENSOR]
     S, H, a = train.seq_len, model.hidden_size, model.num_heads
-    B = train.global_batch // (d * e)
+    B = train.global_batch // batch_ranks(sizes)
     m = train.microbatches if p > 1 else 1
     b = B // m
     sp = model.sequence_parallel
@@ -286,54 +267,22 @@ def activation_bytes(model: ModelConfig, train: TrainConfig, sizes: dict[str, in
 # --- the plan ----------------------------------------------------------------------
 
 
-def mesh_sizes(config: Config, devices: int | None = None) -> dict[str, int]:
-    """The four axis sizes of ``config.mesh``, a -1 inferred from ``devices``."""
-    sizes = {a: getattr(config.mesh, a) for a in AXES}
-    if -1 in sizes.values():
-        known = math.prod(s for s in sizes.values() if s != -1)
-        if devices is None or devices % known:
-            raise ConfigError(
-                f"the mesh has an inferred axis (-1) and the other axes multiply to {known}; "
-                f"give --devices N with N a multiple of {known}"
-            )
-        sizes = {a: devices // known if s == -1 else s for a, s in sizes.items()}
-    return sizes
-
-
 def check_mesh(config: Config, sizes: dict[str, int]) -> str | None:
-    """Why ``sizes`` cannot run ``config`` (one sentence), or None."""
-    model, train = config.model, config.train
-    d, p, e, t = (sizes[a] for a in AXES)
-    groups = model.num_layers // model.layers_per_group
-    if train.global_batch % (d * e):
-        return f"global_batch {train.global_batch} is not divisible by data x expert = {d * e}"
-    if e > 1 and not model.moe_every:
-        return "an expert axis > 1 needs a mixture-of-experts model (model.moe_every > 0)"
-    if model.moe_every and model.num_experts % e:
-        return f"num_experts {model.num_experts} is not divisible by expert = {e}"
-    if groups % (model.virtual_stages * p):
-        return f"{groups} layer groups do not split into virtual_stages x pipeline = {model.virtual_stages * p} chunks"
-    if p > 1 and (train.global_batch // (d * e)) % train.microbatches:
-        return f"the {train.global_batch // (d * e)} rows per rank do not split into {train.microbatches} microbatches"
-    if p > 1 and model.virtual_stages > 1 and train.microbatches < p:
-        return f"the circular schedule needs microbatches >= pipeline ({p})"
-    if model.sequence_parallel and train.seq_len % t:
-        return f"seq_len {train.seq_len} is not divisible by tensor = {t} (sequence_parallel)"
+    """Why ``sizes`` cannot run ``config`` (the training run's own fit checks,
+    ``train/fit.py``, in one sentence with key paths), or None."""
+    try:
+        check_run_fits(config, sizes)
+    except FitError as error:
+        return str(explain(error))
     return None
-
-
-def _mesh_for(sizes: dict[str, int]):
-    from lite_tp_jax.mesh import make_mesh_for
-
-    return make_mesh_for(sizes)
 
 
 def plan(config: Config, sizes: dict[str, int]) -> dict:
     """The plan of one mesh as a JSON-ready dict (see the module docstring)."""
     problem = check_mesh(config, sizes)
     if problem:
-        raise ConfigError(f"mesh {_describe(sizes)} cannot run this config: {problem}")
-    params, opt = _layout(config.model, config.train, sizes[PIPELINE], sizes[EXPERT], sizes[TENSOR])
+        raise ConfigError(f"mesh {describe(sizes)} cannot run this config: {problem}")
+    params, opt = _layout(config.model, config.train, tuple((axis, sizes[axis]) for axis in AXES if axis != DATA))
     items = transfers(config.model, config.train, sizes, params)
     groups: dict[str, dict] = {}
     for param in params:
@@ -345,8 +294,6 @@ def plan(config: Config, sizes: dict[str, int]) -> dict:
     for group in groups.values():
         group["strategy"] = "/".join(sorted(group["strategy"]))
         group["optimizer_bytes_per_device"] = round(opt * group["param_bytes_per_device"] / max(param_total, 1))
-    from lite_tp_jax.models.transformer import partition_rules
-
     return {
         "mesh": sizes,
         "partition_rules": [{"roles": pattern, "strategy": strategy, "split": {dim: list(axes) if isinstance(axes, tuple)
@@ -368,11 +315,12 @@ def plan(config: Config, sizes: dict[str, int]) -> dict:
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(model: ModelConfig, train: TrainConfig, pipeline: int, expert: int, tensor: int):
+def _layout(model: ModelConfig, train: TrainConfig, other_sizes: tuple[tuple[str, int], ...]):
     """Parameters and optimizer bytes per device; they do not depend on "data"
-    (no parameter is split over it), so one abstract model serves every data size."""
-    mesh = _mesh_for({DATA: 1, PIPELINE: pipeline, EXPERT: expert, TENSOR: tensor})
-    model_obj, optimizer = abstract_model(model, train, mesh)
+    (no parameter is split over it), so one abstract model serves every data size.
+    ``other_sizes``: the sizes of every other axis."""
+    mesh = make_mesh_for({**dict(other_sizes), DATA: 1})
+    model_obj, optimizer = abstract_model_and_optimizer(model, train, mesh)
     return parameters(model_obj, mesh), optimizer_bytes(optimizer, mesh)
 
 
@@ -380,10 +328,6 @@ def _group_name(name: str) -> str:
     """``layers.blocks.0.attention.query.kernel`` -> ``layers.blocks.0.attention.query``
     (block 0 of every stacked layer group)."""
     return name.rsplit(".", 1)[0]
-
-
-def _describe(sizes: dict[str, int]) -> str:
-    return " x ".join(f"{a} {s}" for a, s in sizes.items() if s > 1) or "of one device"
 
 
 # --- ranking meshes by a roofline estimate -----------------------------------------
@@ -427,12 +371,12 @@ def estimate_step_seconds(config: Config, sizes: dict[str, int], planned: dict, 
 
 
 def factorisations(devices: int) -> list[dict[str, int]]:
-    """Every (data, pipeline, expert, tensor) whose product is ``devices``."""
+    """Every assignment of sizes to the mesh axes whose product is ``devices``."""
     divisors = [k for k in range(1, devices + 1) if devices % k == 0]
     out = []
-    for d, p, e in itertools.product(divisors, repeat=3):
-        if devices % (d * p * e) == 0:
-            out.append(dict(zip(AXES, (d, p, e, devices // (d * p * e)))))
+    for outer in itertools.product(divisors, repeat=len(AXES) - 1):
+        if devices % math.prod(outer) == 0:
+            out.append(dict(zip(AXES, (*outer, devices // math.prod(outer)))))
     return out
 
 
@@ -441,8 +385,8 @@ def rank_meshes(config: Config, devices: int, memory_gb: float, profile: DeviceP
     optimizer + activations within ``memory_gb`` (10^9 bytes)."""
     rows = []
     for sizes in factorisations(devices):
-        if check_mesh(config, sizes):
-            continue
+        if check_mesh(config, sizes) or (sizes[EXPERT] > 1 and not config.model.moe_every):
+            continue  # does not fit; or an expert axis without experts, which is data parallelism again
         planned = plan(config, sizes)
         memory = sum(planned[k] for k in ("param_bytes_per_device", "optimizer_bytes_per_device",
                                           "activation_bytes_per_device"))
@@ -458,14 +402,9 @@ def rank_meshes(config: Config, devices: int, memory_gb: float, profile: DeviceP
 def compiled_bytes_by_axis(config: Config, sizes: dict[str, int]) -> dict[str, int]:
     """``hlo.bytes_by_axis`` of the real training step, lowered for abstract
     state (nothing is materialised) and compiled."""
-    import jax.numpy as jnp
-
-    from lite_tp_jax import hlo
-    from lite_tp_jax.train.step import TrainStep, batch_sharding
-
-    mesh = _mesh_for(sizes)
-    model_obj, optimizer = abstract_model(config.model, config.train, mesh)
-    tokens = jax.ShapeDtypeStruct((config.train.global_batch, config.train.seq_len), jnp.int32,
+    mesh = make_mesh_for(sizes)
+    model_obj, optimizer = abstract_model_and_optimizer(config.model, config.train, mesh)
+    tokens = jax.ShapeDtypeStruct((config.train.global_batch, config.train.seq_len), np.int32,
                                   sharding=batch_sharding(mesh))
     text = TrainStep(model_obj, optimizer, config.train).lower(tokens, tokens).compile().as_text()
     return hlo.bytes_by_axis(text, mesh)
@@ -481,7 +420,7 @@ def format_plan(planned: dict) -> str:
         split = ", ".join(f"{dim} over {'+'.join(axes) if isinstance(axes, list) else axes}"
                           for dim, axes in rule["split"].items()) or "-"
         lines.append(f"  {rule['roles']:20s} {rule['strategy']:14s} {split}")
-    lines += ["", f"mesh {_describe(planned['mesh'])}: per device", "",
+    lines += ["", f"mesh {describe(planned['mesh'])}: per device", "",
              f"{'parameter group':40s} {'strategy':22s} {'parameters':>14s} {'optimizer':>14s}"]
     for name, group in planned["parameter_groups"].items():
         lines.append(f"{name:40s} {group['strategy']:22s} {mib(group['param_bytes_per_device']):>14s} "
@@ -500,12 +439,12 @@ def format_plan(planned: dict) -> str:
 
 
 def format_ranking(rows: list[dict], profile: DeviceProfile, memory_gb: float) -> str:
+    axes = " ".join(f"{axis[:4]:>5s}" for axis in AXES)
     lines = [f"meshes ranked by a roofline estimate on {profile.name} ({memory_gb:g} GB per device):",
-             f"{'data':>5s} {'pipe':>5s} {'exp':>5s} {'tens':>5s} {'step ms':>10s} {'compute':>9s} "
-             f"{'comm':>9s} {'bubble':>7s} {'memory':>12s}  fits"]
+             f"{axes} {'step ms':>10s} {'compute':>9s} {'comm':>9s} {'bubble':>7s} {'memory':>12s}  fits"]
     for r in rows:
-        s = r["mesh"]
-        lines.append(f"{s[DATA]:5d} {s[PIPELINE]:5d} {s[EXPERT]:5d} {s[TENSOR]:5d} {r['step_s'] * 1e3:10.3f} "
+        sizes = " ".join(f"{r['mesh'][axis]:5d}" for axis in AXES)
+        lines.append(f"{sizes} {r['step_s'] * 1e3:10.3f} "
                      f"{r['compute_s'] * 1e3:9.3f} {r['communication_s'] * 1e3:9.3f} {r['bubble_fraction']:7.2f} "
                      f"{mib(r['memory_bytes_per_device']):>12s}  {'yes' if r['fits'] else 'NO'}")
     return "\n".join(lines)

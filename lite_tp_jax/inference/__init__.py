@@ -1,0 +1,2 @@
+"""Generation: sampling, the KV-cache generator, text streaming, and loading a
+trained model."""

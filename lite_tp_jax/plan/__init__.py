@@ -1,1 +1,0 @@
-"""Partitioning: the rule table every sharding is read from, the planner and device profiles."""

@@ -1,0 +1,2 @@
+"""A run's durable parts: the config (all sections), checkpoints and the
+optimizer factory."""

@@ -1,0 +1,205 @@
+"""A run's config: six sections, each a frozen dataclass with its fields'
+ranges and its own rules, and ``Config`` with the rules between sections.
+
+    model:        # lite_tp_jax.models.config.ModelConfig
+      hidden_size: 64
+    mesh:         # sizes of the mesh axes (one may be -1); spares
+      tensor: 8
+    train:        # optimisation: steps, batch, learning-rate schedule, AdamW
+      steps: 60
+    data:         # source: stdlib | text | tokens (the last two need path)
+      source: stdlib
+    checkpoint:   # save every N steps, keep the newest K
+      every: 20
+    fault:        # inject a device failure (CPU testing of mesh.spares)
+      fail_device: 1
+      fail_step: 2
+
+Reading, overriding and writing YAML is ``config_file.py``. Every problem is a
+``ConfigError`` with one sentence that names the full key path; a section's
+rules raise ``FitError`` naming fields, shown with key paths (``explain``).
+No jax here: ``lite-tp launch`` reads configs without loading it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal, get_type_hints
+
+from lite_tp_jax.core.axes import AXES, resolve_sizes
+from lite_tp_jax.core.checks import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range, ranged
+from lite_tp_jax.core.errors import BadInput, FitError
+from lite_tp_jax.models.config import ModelConfig
+
+
+class ConfigError(BadInput):
+    """A config problem, described in one sentence that names the key path."""
+
+
+def _mesh_fields() -> list[tuple]:
+    """One field per mesh axis (``core.axes.AXES``: declared there, once), then ``spares``."""
+    axes = [(axis, int, ranged(1, Range(1, also=(-1,)))) for axis in AXES]
+    return [*axes, ("spares", int, ranged(0, NON_NEGATIVE))]
+
+
+def _requested(self) -> dict[str, int]:
+    """``{axis: size}`` as written (one may be -1): what ``core.mesh.make_mesh_for`` takes."""
+    return {axis: getattr(self, axis) for axis in AXES}
+
+
+def _mesh_sizes(self, devices: int | None = None) -> dict[str, int]:
+    """Every axis's size, a -1 inferred from ``devices`` (``core.axes.resolve_sizes``)."""
+    return resolve_sizes(self.requested, devices)
+
+
+def _devices_needed(self) -> int:
+    """Devices this mesh and its spares take (an inferred axis counts as 1)."""
+    return math.prod(max(getattr(self, axis), 1) for axis in AXES) + self.spares
+
+
+def _mesh_check(self) -> None:
+    inferred = [f"'mesh.{axis}'" for axis in AXES if getattr(self, axis) == -1]
+    if len(inferred) > 1:
+        raise ConfigError(
+            f"at most one mesh axis may be -1 (inferred from the device count), got -1 for {' and '.join(inferred)}"
+        )
+
+
+MeshConfig = dataclasses.make_dataclass(
+    "MeshConfig", _mesh_fields(), frozen=True,
+    namespace={
+        "requested": property(_requested), "sizes": _mesh_sizes, "devices_needed": _devices_needed, "check": _mesh_check,
+    },
+)
+MeshConfig.__module__ = __name__
+MeshConfig.__doc__ = """Axis sizes of the device mesh, one field per axis of ``core.axes.AXES``;
+at most one may be -1 (inferred). ``spares`` devices are kept out of the mesh;
+one takes a failed device's place (``runtime/spares.py``)."""
+
+NonFinitePolicy = Literal["stop", "skip"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: AdamW with linear warmup then cosine decay to lr * min_lr_ratio."""
+
+    steps: int = ranged(100, POSITIVE)
+    seed: int = ranged(0, NON_NEGATIVE)  # numpy's seed sequences reject negative seeds
+    global_batch: int = ranged(8, POSITIVE)
+    seq_len: int = ranged(64, POSITIVE)
+    lr: float = ranged(3e-3, NON_NEGATIVE)
+    min_lr_ratio: float = ranged(0.1, FRACTION)
+    warmup_steps: int = ranged(10, NON_NEGATIVE)
+    weight_decay: float = ranged(0.1, NON_NEGATIVE)
+    b1: float = ranged(0.9, Range(0, 1, hi_open=True))
+    b2: float = ranged(0.95, Range(0, 1, hi_open=True))
+    grad_clip: float = ranged(1.0, ABOVE_ZERO)
+    microbatches: int = ranged(1, POSITIVE)  # pipeline microbatches per step (per data-parallel replica)
+    # Gradient accumulation: each rank's rows run as grad_accum micro-steps (a
+    # scan), their gradients averaged into one update; each micro-step is split
+    # into `microbatches` again under pipeline parallelism.
+    grad_accum: int = ranged(1, POSITIVE)
+    # ZeRO-1 over "data": parameters and AdamW moments stored split over the
+    # data-parallel ranks (gathered on use, gradients reduce-scattered).
+    shard_optimizer: bool = False
+    deterministic: bool = False  # reductions in fixed rank order: same bits on any process layout
+    on_nonfinite: NonFinitePolicy = "stop"  # a NaN/inf loss or gradient norm: stop (exit 1) or skip the update
+
+
+DataSource = Literal["stdlib", "text", "tokens"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the tokens come from (see ``lite_tp_jax.train.data``).
+
+    ``stdlib``: Python's own standard-library sources as bytes (no download).
+    ``text``: ``path`` is a file, a directory (*.txt, *.md, *.py, recursively)
+    or a glob; byte-level tokens. ``tokens``: ``path`` is a 1-D integer .npy.
+    """
+
+    source: DataSource = "stdlib"
+    path: str | None = None
+
+    def check(self) -> None:
+        if self.source in ("text", "tokens") and self.path is None:
+            what = "a file, a directory or a glob" if self.source == "text" else "a .npy file of token ids"
+            raise ConfigError(f"'data.path' is required when 'data.source' is {self.source!r} ({what})")
+        if self.source == "tokens" and not self.path.endswith(".npy"):
+            raise ConfigError(
+                f"'data.path' must name a .npy file when 'data.source' is 'tokens', got {self.path!r}"
+            )
+        if self.source == "stdlib" and self.path is not None:
+            raise ConfigError(
+                f"'data.path' is {self.path!r} but 'data.source' is 'stdlib', which ignores it; "
+                f"set data.source=text (or tokens), or data.path=null"
+            )
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Save every ``every`` steps; keep the newest ``keep`` checkpoints."""
+
+    every: int = ranged(50, POSITIVE)
+    keep: int = ranged(2, POSITIVE)
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """An injected failure of device ``fail_device`` (a device id in the mesh)
+    when step ``fail_step`` starts, in the first run on a run directory only
+    (a restart does not fail again); a fake CPU device cannot fail by itself."""
+
+    fail_device: int | None = ranged(None, NON_NEGATIVE)
+    fail_step: int | None = ranged(None, POSITIVE)
+
+    def check(self) -> None:
+        if (self.fail_device is None) != (self.fail_step is None):
+            given, missing = ("fail_device", "fail_step") if self.fail_step is None else ("fail_step", "fail_device")
+            raise ConfigError(f"'fault.{given}' is set but 'fault.{missing}' is not; an injected failure needs both")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    def check(self) -> None:
+        """Each section's rules, then the rules between sections; ConfigError naming key paths."""
+        for name in SECTIONS:
+            section = getattr(self, name)
+            try:
+                if hasattr(section, "check"):
+                    section.check()
+            except FitError as error:
+                raise explain(error) from None
+        fault = self.fault
+        if fault.fail_step is not None and fault.fail_step > self.train.steps:
+            raise ConfigError(
+                f"'fault.fail_step' ({fault.fail_step}) is past 'train.steps' ({self.train.steps}), "
+                f"so the failure would never happen; choose a step from 1 to {self.train.steps}"
+            )
+
+
+SECTIONS: dict[str, type] = dict(get_type_hints(Config))
+"""Section name -> its dataclass, in file order."""
+
+
+def key_path(field_name: str) -> str:
+    """``'section.field'`` of the first section with a field ``field_name`` (for
+    messages of checks that name quantities by field, ``FitError``)."""
+    for section, cls in SECTIONS.items():
+        if field_name in {f.name for f in dataclasses.fields(cls)}:
+            return f"'{section}.{field_name}'"
+    return field_name
+
+
+def explain(error: FitError) -> ConfigError:
+    """A ``FitError`` as the config layer says it: each field as its key path."""
+    return ConfigError(error.format(key_path))

@@ -1,0 +1,125 @@
+"""A run directory: one training run at a time, files that take writes, and
+writes that are never half done.
+
+* ``RunLock``: an advisory lock (``flock``) on ``<run_dir>/.lock``, a file
+  holding the owner's pid. The kernel drops it when the owner exits, however
+  it exits (kill -9 included), so a lock left by a dead process is simply
+  taken over, with a warning naming that pid. A second ``lite-tp train`` on a
+  directory in use fails at once (RunLockError, exit 2), naming the holder.
+* ``check_writable``: the run and checkpoint directories are probed with a
+  real file before step 1, so an unwritable directory is not discovered at
+  the first save, after the training before it.
+* ``atomic_write``: a file appears complete or not at all (a temporary file in
+  the same directory, fsynced, then renamed over the target).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from lite_tp_jax.core.errors import BadInput
+
+LOCK_NAME = ".lock"
+
+
+class RunLockError(BadInput):
+    """The run directory is in use by another process."""
+
+
+class RunDirError(BadInput):
+    """A run or checkpoint directory that cannot take files."""
+
+
+def check_writable(directory: str | os.PathLike, what: str) -> None:
+    """RunDirError unless ``directory`` exists (or can be made) and takes a file."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise RunDirError(
+            f"the {what} {directory} is not a writable directory ({reason}); fix its permissions or choose another --run-dir."
+        ) from None
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int = 0o644) -> None:
+    """Writes ``data`` to ``path`` so that readers see the old file or the whole
+    new one: a temporary file in the same directory, flushed and fsynced, then
+    ``os.replace``. Missing parent directories are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class RunLock:
+    """``with RunLock(run_dir):`` holds the (existing) run directory for this process."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                os.close(fd)
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                raise RunLockError(
+                    f"run directory {self.run_dir} is in use by process {self._holder()} "
+                    f"(another lite-tp train); wait for it to finish, stop it, or choose another --run-dir."
+                ) from None
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                break  # locked the file that is still at the path (not one a releaser just unlinked)
+            os.close(fd)
+        previous = os.read(fd, 64).decode(errors="replace").strip()
+        if previous and previous != str(os.getpid()):
+            print(f"lite-tp: warning: taking over the lock of {self.run_dir} left by process {previous}, "
+                  f"which is no longer running", file=sys.stderr, flush=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def _holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "(unknown pid)"
+        except OSError:
+            return "(unknown pid)"
+
+    def release(self) -> None:
+        """Removes the lock file, then unlocks."""
+        if self._fd is None:
+            return
+        os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

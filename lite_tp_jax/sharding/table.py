@@ -1,0 +1,123 @@
+"""The partitioning rule table: which mesh axes each parameter role is split over.
+
+A parameter has a *role* (``"attention.query"``, ``"mlp.down"``, ...) and names
+the part each of its dims plays (``"in"``, ``"out"``, ``"vocab"``,
+``"experts"``; None for a dim that is never split). The first rule whose
+pattern (``fnmatch``) matches the role gives the *strategy*, and the strategy
+says which dims are split over which mesh axes. Megatron-LM's defaults::
+
+    role                     strategy        split
+    embedding, head          vocab           vocab over ("pipeline", "tensor") (pipeline only when > 1)
+    attention.query          column          out (heads) over "tensor"
+    attention.key / .value   column          out (kv heads) over "tensor"; replicated when kv heads < TP
+    attention.out            row             in (heads) over "tensor"
+    mlp.gate, mlp.up         column          out (hidden) over "tensor"
+    mlp.down                 row             in (hidden) over "tensor"
+    moe.router               replicated      -
+    moe.gate, moe.up         expert-column   experts over "expert", out (hidden) over "tensor"
+    moe.down                 expert-row      experts over "expert", in (hidden) over "tensor"
+    *norm                    replicated      -
+    positions                replicated      -   (learned positions, GPT-2)
+    column / row             column / row    standalone ColumnParallelLinear / RowParallelLinear
+    layers                   stacked         stacked layer groups [virtual_stages, groups/v] over "pipeline"
+
+(Megatron's names: a "column" split is the spec's "row partitioning" and vice
+versa; see the README.) A bias has its kernel's role: a column bias is split
+with the outputs, a row bias is replicated and added once after the reduction.
+
+Overrides (``model.partition_rules`` in a config, ``{role pattern: strategy}``)
+take precedence over the defaults. A layer supports only the strategies its
+math is written for (``SUPPORTED``); ``check_overrides`` refuses anything else
+in one sentence. ``rules.PartitionRules`` applies the table to parameters.
+No jax here: configs are checked against the table before jax starts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+
+from lite_tp_jax.core.axes import EXPERT, PIPELINE, TENSOR
+from lite_tp_jax.core.errors import BadInput
+
+VOCAB = "vocab axes"
+"""Placeholder for the vocabulary's axes: ("pipeline", "tensor") when pipeline > 1, else ("tensor",)."""
+
+STRATEGIES: dict[str, dict[str, tuple[str, ...] | str]] = {
+    "column": {"out": (TENSOR,)},
+    "row": {"in": (TENSOR,)},
+    "vocab": {"vocab": VOCAB},
+    "expert-column": {"experts": (EXPERT,), "out": (TENSOR,)},
+    "expert-row": {"experts": (EXPERT,), "in": (TENSOR,)},
+    "replicated": {},
+    "stacked": {"stages": (PIPELINE,)},
+}
+"""Strategy -> {dim role: mesh axes}."""
+
+MEGATRON_RULES: tuple[tuple[str, str], ...] = (
+    ("embedding", "vocab"),
+    ("head", "vocab"),
+    ("attention.query", "column"),
+    ("attention.key", "column"),
+    ("attention.value", "column"),
+    ("attention.out", "row"),
+    ("mlp.gate", "column"),
+    ("mlp.up", "column"),
+    ("mlp.down", "row"),
+    ("moe.router", "replicated"),
+    ("moe.gate", "expert-column"),
+    ("moe.up", "expert-column"),
+    ("moe.down", "expert-row"),
+    ("*norm", "replicated"),
+    ("positions", "replicated"),
+    ("column", "column"),
+    ("row", "row"),
+    ("layers", "stacked"),
+)
+"""(role pattern, strategy), first match wins."""
+
+SUPPORTED: dict[str, frozenset[str]] = {
+    "attention.key": frozenset({"column", "replicated"}),
+    "attention.value": frozenset({"column", "replicated"}),
+}
+"""Roles whose layer math supports more than its default strategy."""
+
+
+class RuleError(BadInput):
+    """A partition rule override the table cannot take."""
+
+
+def default_strategy(role: str) -> str:
+    return next(s for pattern, s in MEGATRON_RULES if fnmatch.fnmatchcase(role, pattern))
+
+
+def check_overrides(overrides: Mapping[str, str]) -> None:
+    """RuleError for an unknown strategy, a pattern that matches no role, or a
+    strategy a matched role's layer does not support."""
+    for pattern, strategy in overrides.items():
+        if strategy not in STRATEGIES:
+            raise RuleError(
+                f"partition rule {pattern!r}: unknown strategy {strategy!r}; "
+                f"choose one of {', '.join(STRATEGIES)}."
+            )
+        roles = [role for role, _ in MEGATRON_RULES if fnmatch.fnmatchcase(role, pattern)]
+        if not roles:
+            raise RuleError(
+                f"partition rule {pattern!r} matches no role; roles are "
+                f"{', '.join(role for role, _ in MEGATRON_RULES)}."
+            )
+        for role in roles:
+            allowed = SUPPORTED.get(role, frozenset({default_strategy(role)}))
+            if strategy not in allowed:
+                raise RuleError(
+                    f"partition rule {pattern!r}: {role!r} cannot be {strategy!r}; "
+                    f"its layer supports {', '.join(sorted(allowed))}."
+                )
+
+
+def strategy_of(role: str, overrides: Mapping[str, str]) -> str:
+    """The strategy of ``role``: the first matching override, else Megatron's default."""
+    for pattern, strategy in (*overrides.items(), *MEGATRON_RULES):
+        if fnmatch.fnmatchcase(role, pattern):
+            return strategy
+    raise KeyError(f"no partition rule matches role {role!r}; add one to MEGATRON_RULES.")
