@@ -4,11 +4,9 @@ import numpy as np
 import pytest
 
 from lite_tp_jax.run.config import DataConfig
+from lite_tp_jax.run.tokens import DataError, ids_to_text, text_to_ids
 from lite_tp_jax.train.data import (
     Batches,
-    DataError,
-    decode,
-    encode,
     load_tokens,
     npy_tokens,
     stdlib_files,
@@ -21,19 +19,19 @@ from lite_tp_jax.train.data import (
 
 @pytest.mark.parametrize("text", ["", "hello, world\n", "naïve café — 日本語 🙂", "\x00\x7f"])
 def test_tokenizer_round_trip(text):
-    ids = encode(text)
+    ids = text_to_ids(text)
     assert ids.dtype == np.int32 and ids.ndim == 1
     assert ids.size == len(text.encode("utf-8"))
     assert ids.size == 0 or (ids.min() >= 0 and ids.max() < 256)
-    assert decode(ids) == text
-    assert decode(ids.tolist()) == text
+    assert ids_to_text(ids) == text
+    assert ids_to_text(ids.tolist()) == text
 
 
 def test_decode_replaces_invalid_utf8():
-    ids = encode("é")[:1]  # half of a two-byte character
-    assert decode(ids) == "\ufffd"
+    ids = text_to_ids("é")[:1]  # half of a two-byte character
+    assert ids_to_text(ids) == "\ufffd"
     with pytest.raises(DataError, match="cannot decode id 256"):
-        decode([104, 256])
+        ids_to_text([104, 256])
 
 
 # -- corpora -------------------------------------------------------------------
@@ -46,7 +44,7 @@ def test_stdlib_corpus_is_large_and_deterministic():
     assert 100_000 < a.size <= 4_000_000
     np.testing.assert_array_equal(a, b)
     assert a.min() >= 0 and a.max() < 256
-    assert "def " in decode(a[:200_000])
+    assert "def " in ids_to_text(a[:200_000])
 
 
 def test_stdlib_corpus_truncates_deterministically():
@@ -76,15 +74,15 @@ def _make_tree(tmp_path):
 
 def test_text_directory_is_recursive_and_sorted(tmp_path):
     root = _make_tree(tmp_path)
-    assert decode(text_tokens(root)) == "alpha\ngamma ü\nprint(1)"
+    assert ids_to_text(text_tokens(root)) == "alpha\ngamma ü\nprint(1)"
     assert text_tokens(str(root)).dtype == np.int32
 
 
 def test_text_file_and_glob(tmp_path):
     root = _make_tree(tmp_path)
-    assert decode(text_tokens(root / "b" / "skip.bin")) == "\x00\x01"  # a named file is read whatever its suffix
-    assert decode(text_tokens(str(root / "**" / "*.md"))) == "gamma ü"
-    assert decode(text_tokens(str(root / "*" / "*.py"))) == "print(1)"
+    assert ids_to_text(text_tokens(root / "b" / "skip.bin")) == "\x00\x01"  # a named file is read whatever its suffix
+    assert ids_to_text(text_tokens(str(root / "**" / "*.md"))) == "gamma ü"
+    assert ids_to_text(text_tokens(str(root / "*" / "*.py"))) == "print(1)"
 
 
 def test_text_errors_name_the_path(tmp_path):

@@ -22,7 +22,10 @@ from jax.sharding import PartitionSpec as P
 from conftest import max_relative_error, tp_mesh
 from lite_tp_jax.core import hlo
 from lite_tp_jax.cli import main
-from lite_tp_jax.inference.generator import Generator, Sampling, TextStream, ByteTokenizer, greedy_without_cache, left_pad, pick
+from lite_tp_jax.inference.generator import Generator, greedy_without_cache, left_pad
+from lite_tp_jax.inference.sampling import Sampling, pick
+from lite_tp_jax.inference.text import TextStream
+from lite_tp_jax.run.tokens import ByteTokenizer
 from lite_tp_jax.core.axes import TENSOR
 from lite_tp_jax.core.mesh import make_mesh
 from lite_tp_jax.models.config import ModelConfig

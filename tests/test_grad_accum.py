@@ -11,7 +11,7 @@ from lite_tp_jax import export_state, make_mesh
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.run.config import ConfigError, TrainConfig
 from lite_tp_jax.run.config_file import parse_config
-from lite_tp_jax.train.loop import check_fits_mesh
+from lite_tp_jax.train.fit import check_run_fits
 
 MODEL = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=40)
 TRAIN = TrainConfig(global_batch=8, seq_len=8, warmup_steps=1, lr=1e-2)
@@ -44,4 +44,4 @@ def test_accumulated_step_equals_the_whole_batch(mesh_axes, fields):
 def test_grad_accum_must_divide_the_rows_per_rank():
     config = parse_config({"mesh": {"data": 2}, "train": {"global_batch": 8, "grad_accum": 3}})
     with pytest.raises(ConfigError, match=r"rows per rank must be divisible by 'train.grad_accum' \(3\)"):
-        check_fits_mesh(config, make_mesh(data=2, devices=jax.devices()[:2]))
+        check_run_fits(config, make_mesh(data=2, devices=jax.devices()[:2]).shape)

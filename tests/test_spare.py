@@ -15,11 +15,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.cli import _devices_needed, main
+from lite_tp_jax.cli import main
 from lite_tp_jax.runtime.spares import (
-    DEVICE_LOST_EXIT, DeviceLost, _poisoned, move_array, replace_device, replica_of, spare_devices,
+    DeviceLost, move_array, replace_device, replica_of, spare_devices,
 )
 from lite_tp_jax.core.mesh import make_mesh, make_mesh_for
+from lite_tp_jax.runtime.exit_codes import ExitCode
+from lite_tp_jax.train.faults import poisoned
 from lite_tp_jax.sharding.rules import param_shardings
 from lite_tp_jax.run.config import ConfigError, MeshConfig
 from lite_tp_jax.run.config_file import load_config
@@ -109,7 +111,7 @@ def meshes():
 def test_move_array_copies_the_failed_shard_from_its_replica(meshes, shape, spec):
     mesh, new_mesh, failed = meshes
     value = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
-    array = _poisoned(jax.device_put(value, NamedSharding(mesh, spec)), failed)
+    array = poisoned(jax.device_put(value, NamedSharding(mesh, spec)), failed)
     shards = {shard.device: shard.data for shard in array.addressable_shards}
     assert np.isnan(np.asarray(shards[failed])).all()  # the injected garbage
     replica = replica_of(mesh, failed)
@@ -141,29 +143,29 @@ def test_before_the_first_step_every_array_has_a_replica():
     (replicated) too, or device 0 failing at step 1 would lose them. Uneven TP 3:
     padded kernels (ffn 172 -> 174, kv groups) move like any other array."""
     config = load_config(TINY, [*SMALL, "mesh.tensor=3"])
-    mesh = make_mesh_for(dataclasses.asdict(config.mesh))
+    mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
     failed, spare = mesh.devices[0, 0, 0, 0], jax.devices()[6]
     new_mesh = replace_device(mesh, failed, spare)
     state = nnx.state(create_model_and_optimizer(config.model, config.train, mesh))
     targets = dict(nnx.to_flat_state(param_shardings(state, new_mesh)))
     for path, variable in nnx.to_flat_state(state):
         array = variable.get_value()
-        moved, _ = move_array(_poisoned(array, failed), targets[path], failed, replica_of(mesh, failed), str(path))
+        moved, _ = move_array(poisoned(array, failed), targets[path], failed, replica_of(mesh, failed), str(path))
         assert len(shards(moved)) == len(shards(array)) == 6
         for got, want in zip(shards(moved), shards(array)):
             np.testing.assert_array_equal(got, want, err_msg=str(path), strict=True)
 
 
 def test_make_mesh_for_keeps_spares_out_of_the_mesh():
-    mesh = make_mesh_for({"data": 2, "pipeline": 1, "expert": 1, "tensor": 2, "spares": 2})
+    mesh = make_mesh_for({"data": 2, "pipeline": 1, "expert": 1, "tensor": 2}, spares=2)
     assert [d.id for d in mesh.devices.flat] == [0, 1, 2, 3]
     assert spare_devices(mesh, 2) == jax.devices()[4:6]
-    inferred = make_mesh_for({"data": 1, "pipeline": 1, "expert": 1, "tensor": -1, "spares": 3})
+    inferred = make_mesh_for({"data": 1, "pipeline": 1, "expert": 1, "tensor": -1}, spares=3)
     assert inferred.shape["tensor"] == 5
     with pytest.raises(ValueError, match=r"'mesh.spares' \(1\) needs 1 devices beyond the mesh's 8, but only 8 exist"):
-        make_mesh_for({"data": 2, "pipeline": 1, "expert": 1, "tensor": 4, "spares": 1})
+        make_mesh_for({"data": 2, "pipeline": 1, "expert": 1, "tensor": 4}, spares=1)
     # The CLI asks for fake CPU devices for the mesh and its spares.
-    assert _devices_needed(MeshConfig(data=2, tensor=3, spares=2)) == 8
+    assert MeshConfig(data=2, tensor=3, spares=2).devices_needed() == 8
 
 
 # ---------------------------------------------------------------------------
@@ -183,7 +185,7 @@ def test_without_replica_or_spare_the_trainer_exits_3(overrides, message, tmp_pa
     run_dir = tmp_path / "run"
     argv = ["train", str(TINY), "--no-progress", "--run-dir", str(run_dir),
             "--set", *SMALL, *overrides, "fault.fail_device=1", "fault.fail_step=1"]
-    assert main(argv) == DEVICE_LOST_EXIT == 3
+    assert main(argv) == ExitCode.DEVICE_LOST == 3
     err = capsys.readouterr().err
     assert message in err and "restart from the last checkpoint (none yet: from step 0)" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

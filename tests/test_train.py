@@ -21,7 +21,8 @@ from lite_tp_jax.cli import main
 from lite_tp_jax.run.checkpoint import Checkpointer
 from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.train.data import Batches, load_tokens
-from lite_tp_jax.inference.generator import generate, load_trained_model
+from lite_tp_jax.inference.loading import load_trained_model
+from lite_tp_jax.inference.text import generate
 from lite_tp_jax.runtime.metrics import MetricsLog
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.sharding.rules import batch_sharding
@@ -33,7 +34,7 @@ STEPS = 3
 
 
 def mesh_for(config):
-    return make_mesh_for(asdict(config.mesh))
+    return make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
 
 
 @pytest.fixture(scope="module")

@@ -53,13 +53,12 @@ from flax import nnx
 from lite_tp_jax.analysis.profiles import DeviceProfile
 from lite_tp_jax.core import hlo
 from lite_tp_jax.core.axes import AXES, BATCH_AXES, DATA, EXPERT, PIPELINE, TENSOR, describe, entry_axes
-from lite_tp_jax.core.errors import FitError
 from lite_tp_jax.core.mesh import make_mesh_for
 from lite_tp_jax.layers.moe import capacity as moe_capacity
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.factory import partition_rules
 from lite_tp_jax.models.fit import batch_ranks
-from lite_tp_jax.run.config import Config, ConfigError, TrainConfig, explain
+from lite_tp_jax.run.config import Config, ConfigError, TrainConfig
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.sharding.rules import batch_sharding
 from lite_tp_jax.train.fit import check_run_fits
@@ -272,8 +271,8 @@ def check_mesh(config: Config, sizes: dict[str, int]) -> str | None:
     ``train/fit.py``, in one sentence with key paths), or None."""
     try:
         check_run_fits(config, sizes)
-    except FitError as error:
-        return str(explain(error))
+    except ConfigError as error:
+        return str(error)
     return None
 
 

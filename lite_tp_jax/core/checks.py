@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lite_tp_jax.core.errors import FitError
 
-if TYPE_CHECKING:
-    import jax
+Array = Any
+"""An array with ``shape`` and ``ndim`` (jax or numpy): no jax import here."""
 
 
 def check_positive_int(owner: str, **sizes) -> None:
@@ -21,7 +21,7 @@ def check_positive_int(owner: str, **sizes) -> None:
             raise ValueError(f"{owner} {name} must be a positive integer, got {value!r}.")
 
 
-def check_last_dim(x: jax.Array, expected: int, name: str) -> None:
+def check_last_dim(x: Array, expected: int, name: str) -> None:
     """``x``'s last dimension must be ``expected`` (a layer's input features)."""
     if x.ndim < 1 or x.shape[-1] != expected:
         raise ValueError(
@@ -29,7 +29,7 @@ def check_last_dim(x: jax.Array, expected: int, name: str) -> None:
         )
 
 
-def check_rank(x: jax.Array, ndim: int, layout: str, name: str) -> None:
+def check_rank(x: Array, ndim: int, layout: str, name: str) -> None:
     """``x`` must have ``ndim`` dims, laid out as ``layout`` (e.g. "[batch, seq, features]")."""
     if x.ndim != ndim:
         raise ValueError(f"{name} expects inputs {layout}, got shape {tuple(x.shape)}.")

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from lite_tp_jax.core.axes import PIPELINE
 from lite_tp_jax.core.errors import FitError
 from lite_tp_jax.models.fit import batch_ranks, check_batch, check_layers_fit
-from lite_tp_jax.run.config import Config, TrainConfig
+from lite_tp_jax.run.config import Config, TrainConfig, explain
 
 
 def check_grad_accum(train: TrainConfig, sizes: Mapping[str, int]) -> None:
@@ -32,9 +32,13 @@ def check_grad_accum(train: TrainConfig, sizes: Mapping[str, int]) -> None:
 
 
 def check_run_fits(config: Config, sizes: Mapping[str, int]) -> None:
-    """The model, its batches and gradient accumulation fit a mesh of ``sizes``."""
+    """The model, its batches and gradient accumulation fit a mesh of ``sizes``;
+    a ``ConfigError`` naming the key paths otherwise."""
     train = config.train
-    check_layers_fit(config.model, sizes)
-    microbatches = train.microbatches if train.grad_accum == 1 else 1  # each micro-step is checked below
-    check_batch(config.model, sizes, train.global_batch, train.seq_len, microbatches)
-    check_grad_accum(train, sizes)
+    try:
+        check_layers_fit(config.model, sizes)
+        microbatches = train.microbatches if train.grad_accum == 1 else 1  # each micro-step is checked below
+        check_batch(config.model, sizes, train.global_batch, train.seq_len, microbatches)
+        check_grad_accum(train, sizes)
+    except FitError as error:
+        raise explain(error) from None

@@ -36,10 +36,9 @@ import jax
 from flax import nnx
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from lite_tp_jax.core.errors import FitError
 from lite_tp_jax.core.mesh import make_mesh_for
 from lite_tp_jax.run.checkpoint import Checkpointer, NonFiniteError
-from lite_tp_jax.run.config import Config, explain
+from lite_tp_jax.run.config import Config
 from lite_tp_jax.run.config_file import dump_config
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.runtime.metrics import METRICS_FILE, MetricsLog
@@ -80,10 +79,7 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
-        try:
-            check_run_fits(config, self.mesh.shape)
-        except FitError as error:
-            raise explain(error) from None
+        check_run_fits(config, self.mesh.shape)
         self.spares = Spares(config, self.mesh, self.run_dir)
         train = config.train
         self.batches = Batches(load_tokens(config.data, config.model.vocab_size), train.global_batch, train.seq_len, train.seed)
