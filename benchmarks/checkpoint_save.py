@@ -34,7 +34,6 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import jax
@@ -69,7 +68,7 @@ def main() -> None:
         provide_cpu_devices(args.tensor)  # before the first jax operation
 
     config = load_config(REPO / "configs" / "tiny.yaml", [*OVERRIDES, f"mesh.tensor={args.tensor}"])
-    mesh = make_mesh_for(asdict(config.mesh))
+    mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
     model, optimizer = create_model_and_optimizer(config.model, config.train, mesh)
     step = TrainStep(model, optimizer, config.train)
     batches = Batches(load_tokens(config.data, config.model.vocab_size), config.train.global_batch,

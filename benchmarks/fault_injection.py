@@ -221,8 +221,8 @@ def process_kills(args, config_path: Path, tmp: Path) -> tuple[tuple[int, int, i
         config = load_config(config_path, overrides)
         mesh = make_mesh_for({"data": 2, "pipeline": 1, "expert": 1, "tensor": 4})
         model, optimizer = nnx.eval_shape(lambda: create_model_and_optimizer(config.model, config.train, mesh))
-        state, _ = Checkpointer(run_dir / "checkpoints", keep=2).restore(nnx.state((model, optimizer)), mesh)
-        return export_state(state)
+        Checkpointer(run_dir / "checkpoints", keep=2).restore({"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, mesh)
+        return export_state(nnx.state((model, optimizer)))
 
     def workers_of(launcher: int) -> list[int]:
         children = []

@@ -84,7 +84,8 @@ def measure(directory: Path, tensor: int, dtype: str) -> dict:
     jax.config.update("jax_num_cpu_devices", tensor)  # fake CPU devices (no effect on accelerators)
     import jax.numpy as jnp
 
-    from lite_tp_jax.interop.hf import Checkpoint, from_pretrained
+    from lite_tp_jax.interop.hf import from_pretrained
+    from lite_tp_jax.interop.safetensors_files import Checkpoint
     from lite_tp_jax.core.mesh import make_mesh
     from lite_tp_jax.sharding.state import flat_variables
 

@@ -144,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_tensor(tensor: int) -> None:
     if tensor < 1:
-        raise BadInput(f"--tensor must be a positive tensor-parallel degree, got {tensor}.")
+        raise BadInput(f"--tensor must be a positive integer (the tensor-parallel degree), got {tensor}.")
 
 
 # --- the commands ---------------------------------------------------------------------
@@ -292,7 +292,9 @@ def _convert(args) -> int:
 
 def _plan(args) -> int:
     config = load_config(args.config, args.overrides)
-    sizes = config.mesh.sizes(args.devices)  # a -1 needs --devices
+    if args.devices is None and -1 in config.mesh.requested.values():
+        raise BadInput("the config's mesh has an inferred axis (-1); give --devices N to fix its size")
+    sizes = config.mesh.sizes(args.devices)
     # Deferred: fake CPU devices to lay the model out on, before jax starts; the planner loads the model.
     from lite_tp_jax.runtime.devices import provide_cpu_devices
 

@@ -278,12 +278,12 @@ def test_hlo_sequence_parallel_replaces_all_reduce(x):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(num_heads=6, num_kv_heads=4), r"num_kv_heads=4 must divide num_heads=6.*\[1, 2, 3, 6\]"),
+        (dict(num_heads=6, num_kv_heads=4), r"num_heads \(6\) must be a multiple of num_kv_heads \(4\).*\[1, 2, 3, 6\]"),
         (dict(num_heads=0), "num_heads must be a positive integer, got 0"),
         (dict(num_heads=4, num_kv_heads=-2), "num_kv_heads must be a positive integer, got -2"),
         (dict(num_heads=4, head_dim=0), "head_dim must be a positive integer, got 0"),
-        (dict(num_heads=3), "features=16 is not divisible by num_heads=3; pass head_dim"),
-        (dict(num_heads=4, head_dim=3, rope_theta=THETA), "even head_dim .*, got head_dim=3"),
+        (dict(num_heads=3), r"hidden_size \(16\) must be a multiple of num_heads \(3\) while head_dim is null"),
+        (dict(num_heads=4, head_dim=3, rope_theta=THETA), r"head_dim \(3\) must be even with RoPE"),
         (dict(num_heads=4, rope_theta=-1.0), "rope_theta must be positive"),
     ],
 )
@@ -301,5 +301,5 @@ def test_bad_inputs(x):
     sequence_parallel = ParallelAttention(
         F, 8, num_kv_heads=4, head_dim=D, sequence_parallel=True, mesh=tp_mesh(4), rngs=nnx.Rngs(0)
     )
-    with pytest.raises(ValueError, match="divisible by the tensor-parallel degree 4"):
+    with pytest.raises(ValueError, match=r"the sequence length seq_len \(6\) must be divisible by tensor \(4\)"):
         sequence_parallel(x[:, :6])

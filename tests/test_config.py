@@ -197,7 +197,7 @@ def test_overrides_do_not_mutate_the_mapping():
         (
             {"model": {"num_heads": 6, "num_kv_heads": 4, "hidden_size": 96}},
             (),
-            r"^'model\.num_heads' \(6\) must be a multiple of 'model\.num_kv_heads' \(4\)$",
+            r"^'model\.num_heads' \(6\) must be a multiple of 'model\.num_kv_heads' \(4\): each kv head serves a whole group",
         ),
         (
             {"model": {"num_heads": 5, "num_kv_heads": 5}},

@@ -115,7 +115,6 @@ def test_every_sum_of_the_training_step_is_switched():
     loss and norm sums) adds nothing with all-reduce or reduce-scatter: its only
     all-reduce is the cross-entropy's max, which is exact in any order."""
     import re
-    from dataclasses import asdict
 
     from lite_tp_jax.core.mesh import make_mesh_for
     from lite_tp_jax.run.config_file import load_config
@@ -126,7 +125,7 @@ def test_every_sum_of_the_training_step_is_switched():
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     config = load_config(tiny, ["mesh.data=2", "mesh.tensor=4", "model.sequence_parallel=true",
                                                "train.deterministic=true"])
-    mesh = make_mesh_for(asdict(config.mesh))
+    mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
     step = TrainStep(*create_model_and_optimizer(config.model, config.train, mesh), config.train)
     tokens = jax.device_put(np.zeros((8, 64), np.int32), batch_sharding(mesh))
     hlo = step.lower(tokens, tokens).compile().as_text()

@@ -249,7 +249,7 @@ def test_cli_generate_streams_and_writes_nothing(tmp_path, monkeypatch, capsys):
     dump_config(config, run / "config.yaml")
     model, optimizer = create_model_and_optimizer(config.model, config.train, make_mesh(tensor=2, devices=jax.devices()[:2]))
     checkpointer = Checkpointer(run / "checkpoints", keep=1)
-    checkpointer.save(1, nnx.state((model, optimizer)), {"step": 1, "data_position": 1})
+    checkpointer.save(1, {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, {"step": 1, "data_position": 1})
     checkpointer.close()  # saves are asynchronous: finish and seal it
     before = _snapshot(run)
 
@@ -277,7 +277,7 @@ def test_cli_generate_streams_and_writes_nothing(tmp_path, monkeypatch, capsys):
     # warning and finds no intact one; exit 2 with one error line, not NUL bytes.
     from lite_tp_jax.run import checkpoint as checkpoint_module
 
-    state = nnx.state((model, optimizer))
+    state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
     state = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
     monkeypatch.undo()
     monkeypatch.setattr(checkpoint_module, "first_non_finite", lambda arrays: None)

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import jax
@@ -73,7 +72,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 def _largest_data_file(step_dir: Path) -> Path:
-    return max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    return max((p for p in (step_dir / "model").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
 def truncate_latest(run: Path) -> None:
@@ -89,7 +88,7 @@ def flip_a_byte_in_latest(run: Path) -> None:
 
 
 def delete_half_of_latest(run: Path) -> None:
-    shutil.rmtree(run / "checkpoints" / "4" / "state")
+    shutil.rmtree(run / "checkpoints" / "4" / "model")
 
 
 def unreadable_manifest_in_latest(run: Path) -> None:
@@ -100,7 +99,7 @@ def nan_in_latest(run: Path) -> None:
     """A checkpoint 4 whose parameters are NaN, sealed as intact (as an older
     version without the finiteness guard could have written)."""
     config = load_config(TINY, BASE)
-    mesh = make_mesh_for(asdict(config.mesh))
+    mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
     model, optimizer = create_model_and_optimizer(config.model, config.train, mesh)
     model.final_norm.scale[...] = model.final_norm.scale[...] * np.nan
     shutil.rmtree(run / "checkpoints" / "4")
@@ -109,7 +108,7 @@ def nan_in_latest(run: Path) -> None:
 
     guard, module.first_non_finite = module.first_non_finite, lambda arrays: None
     try:
-        checkpointer.save(4, nnx.state((model, optimizer)), {"step": 4, "data_position": 4})
+        checkpointer.save(4, {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, {"step": 4, "data_position": 4})
         checkpointer.close()
     finally:
         module.first_non_finite = guard
@@ -117,7 +116,7 @@ def nan_in_latest(run: Path) -> None:
 
 def damage_both(run: Path) -> None:
     truncate_latest(run)
-    shutil.rmtree(run / "checkpoints" / "2" / "state")
+    shutil.rmtree(run / "checkpoints" / "2" / "model")
 
 
 def damage_metrics_line(run: Path) -> None:
@@ -256,7 +255,7 @@ def test_table_has_at_least_30_cases():
 @pytest.fixture(scope="module")
 def tiny_step():
     config = load_config(TINY, ["mesh.tensor=2", "train.on_nonfinite=skip"])
-    mesh = make_mesh_for(asdict(config.mesh))
+    mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
     model, optimizer = create_model_and_optimizer(config.model, config.train, mesh)
     step = TrainStep(model, optimizer, config.train)
     batches = Batches(load_tokens(config.data, 256), 8, config.train.seq_len, 0)
@@ -287,8 +286,8 @@ def test_save_refuses_non_finite_state(tmp_path):
     layer = ParallelMLP(8, 12, mesh=mesh, rngs=nnx.Rngs(0))
     layer.up.kernel[...] = layer.up.kernel[...].at[0, 0].set(np.inf)
     checkpointer = Checkpointer(tmp_path / "ckpt", keep=2)
-    with pytest.raises(NonFiniteError, match="refusing to save checkpoint 3: 'up.kernel' holds a NaN or infinity"):
-        checkpointer.save(3, nnx.state(layer), {"step": 3})
+    with pytest.raises(NonFiniteError, match="refusing to save checkpoint 3: 'model.up.kernel' holds a NaN or infinity"):
+        checkpointer.save(3, {"model": nnx.state(layer)}, {"step": 3})
     checkpointer.close()
     assert not (tmp_path / "ckpt").exists()
 
@@ -297,11 +296,11 @@ def test_rotation_keeps_the_newest_intact_checkpoint(tmp_path):
     layer = ParallelMLP(8, 12, mesh=tp_mesh(2), rngs=nnx.Rngs(0))
     writer = Checkpointer(tmp_path, keep=3)
     for step in (1, 2, 3):
-        writer.save(step, nnx.state(layer), {"step": step})
+        writer.save(step, {"model": nnx.state(layer)}, {"step": step})
     writer.close()
     truncate = _largest_data_file(tmp_path / "3")
     truncate.write_bytes(b"")
-    shutil.rmtree(tmp_path / "2" / "state")
+    shutil.rmtree(tmp_path / "2" / "model")
     resumed = Checkpointer(tmp_path, keep=1)  # newest kept: 3, damaged; 2 damaged; 1 intact
     resumed.rotate()
     resumed.close()
@@ -313,12 +312,12 @@ def test_a_kill_between_commit_and_seal_leaves_a_usable_checkpoint(tmp_path):
     mesh = tp_mesh(2)
     layer = ParallelMLP(8, 12, mesh=mesh, rngs=nnx.Rngs(0))
     writer = Checkpointer(tmp_path, keep=2)
-    writer.save(5, nnx.state(layer), {"step": 5})
+    writer.save(5, {"model": nnx.state(layer)}, {"step": 5})
     writer.close()
     (tmp_path / "5" / MANIFEST).unlink()
     other = ParallelMLP(8, 12, mesh=mesh, rngs=nnx.Rngs(1))
     reader = Checkpointer(tmp_path, keep=2)
-    _, progress = reader.restore(nnx.state(other), mesh)
+    progress = reader.restore({"model": nnx.state(other)}, mesh)
     reader.close()
     assert progress == {"step": 5}
     for name, value in export_state(other).items():
@@ -375,9 +374,14 @@ def losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
 
 
-def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_continues_exactly(trained_run, tmp_path, monkeypatch, capsys):
+def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_continues_exactly(tmp_path, monkeypatch, capsys):
+    """Compared with an uninterrupted run in this same process: XLA's CPU kernels
+    may sum in another order in a process holding 8 fake devices than in the
+    one-device subprocess of ``trained_run`` (that comparison was flaky)."""
     from lite_tp_jax.train import loop
 
+    uninterrupted = tmp_path / "uninterrupted"
+    assert main(["train", str(TINY), "--no-progress", "--run-dir", str(uninterrupted), "--set", *BASE]) == 0
     run = tmp_path / "run"
     calls = []
 
@@ -396,7 +400,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_continues_exactl
     assert Checkpointer(run / "checkpoints", keep=2).latest_step() == 1  # not a multiple of checkpoint.every
     monkeypatch.undo()
     assert main(argv) == 0
-    assert losses(run) == losses(trained_run)  # bitwise, each step once
+    assert losses(run) == losses(uninterrupted)  # bitwise, each step once
 
 
 def test_kill_during_an_async_save_resumes_exactly(trained_run, tmp_path):

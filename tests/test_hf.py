@@ -21,8 +21,10 @@ from flax import nnx
 
 from conftest import max_relative_error
 from lite_tp_jax import cli
-from lite_tp_jax.interop import hf
-from lite_tp_jax.interop.hf import Checkpoint, HFError, from_pretrained, save_pretrained
+from lite_tp_jax.interop import hf, hf_config
+from lite_tp_jax.interop.errors import HFError
+from lite_tp_jax.interop.hf import from_pretrained, save_pretrained
+from lite_tp_jax.interop.safetensors_files import Checkpoint
 from lite_tp_jax.core.mesh import make_mesh, make_mesh_for
 from lite_tp_jax.sharding.state import export_state, flat_variables, logical_shape
 from lite_tp_jax.run.config_file import load_config
@@ -75,7 +77,7 @@ def test_gpt2_variants_loss_and_gradients_match_one_device():
     gradient equal the one-device ones (the reference model's biases and norms
     are random, so no gradient hides behind a zero)."""
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 101, (2, 7)), jnp.int32)
-    config = hf.config_from_hf(json.loads((DATA / "gpt2" / "config.json").read_text()))
+    config = hf_config.config_from_hf(json.loads((DATA / "gpt2" / "config.json").read_text()))
 
     def loss_and_grads(config, mesh):
         graphdef, state = nnx.split(hf.load_model(DATA / "gpt2", config, mesh=mesh))
@@ -226,11 +228,10 @@ def test_convert_round_trip_and_resume_on_another_mesh(tmp_path):
         np.testing.assert_array_equal(back[name], original[name], err_msg=name)
 
     config = load_config(run / "config.yaml", ["mesh.tensor=3"])
-    mesh = make_mesh_for(asdict(config.mesh))
+    mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
     model, optimizer = nnx.eval_shape(lambda: create_model_and_optimizer(config.model, config.train, mesh))
-    state, progress = Checkpointer(run / "checkpoints", keep=1).restore(nnx.state((model, optimizer)), mesh)
+    progress = Checkpointer(run / "checkpoints", keep=1).restore({"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, mesh)
     assert progress["step"] == 0  # `lite-tp train` resumes here, as from any checkpoint
-    nnx.update((model, optimizer), state)
     loaded = export_state(from_pretrained(DATA / "gpt2", mesh=mesh_of(1, 1)))
     resumed = export_state(model)
     for name in loaded:

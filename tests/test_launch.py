@@ -20,6 +20,7 @@ import pytest
 from lite_tp_jax import cli
 from lite_tp_jax.runtime.launch import free_port, run_processes, worker_environment
 from lite_tp_jax.core.mesh import device_grid, split_over_processes
+from lite_tp_jax.runtime.devices import use_deterministic_gpu_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -91,8 +92,8 @@ def test_cluster_is_read_from_the_environment(monkeypatch, env, expected):
 
 def test_deterministic_mode_sets_the_gpu_flag_once(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-    cli._use_deterministic_gpu_ops()
-    cli._use_deterministic_gpu_ops()
+    use_deterministic_gpu_ops()
+    use_deterministic_gpu_ops()
     import os
 
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_gpu_deterministic_ops=true"
@@ -290,7 +291,6 @@ PIPELINE_MESH = ["mesh.pipeline=2", "mesh.tensor=4", "train.microbatches=2", "tr
 
 
 def final_parameters(run_dir, overrides) -> dict[str, np.ndarray]:
-    from dataclasses import asdict
 
     from flax import nnx
 
@@ -301,10 +301,9 @@ def final_parameters(run_dir, overrides) -> dict[str, np.ndarray]:
     from lite_tp_jax.run.optimizer import create_model_and_optimizer
 
     config = load_config(TINY, overrides)
-    mesh = make_mesh_for(asdict(config.mesh))
+    mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
     model, optimizer = create_model_and_optimizer(config.model, config.train, mesh)
-    state, _ = Checkpointer(Path(run_dir) / "checkpoints", keep=2).restore(nnx.state((model, optimizer)), mesh)
-    nnx.update((model, optimizer), state)
+    Checkpointer(Path(run_dir) / "checkpoints", keep=2).restore({"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, mesh)
     return export_state(model)
 
 

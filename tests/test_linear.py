@@ -71,5 +71,5 @@ def test_wrong_input_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"ColumnParallelLinear expects inputs whose last dimension is 6, got shape \(2, 5\)"):
         layer(jnp.ones((2, 5)))
     row = RowParallelLinear(10, 6, mesh=tp_mesh(2), sequence_parallel=True, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"sequence length \(dim -2\) divisible by the tensor-parallel degree 2"):
+    with pytest.raises(ValueError, match=r"sequence length seq_len \(\d+\) must be divisible by tensor \(2\)"):
         row(jnp.ones((2, 3, 10)))

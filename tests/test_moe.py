@@ -306,5 +306,5 @@ def test_bad_inputs(data):
     with pytest.raises(ValueError, match=r"\[batch, seq, features\]"):
         layer(x[0])
     sequence_parallel = MoEMLP(H, F, num_experts=E, mesh=mesh_of(2, 2), sequence_parallel=True, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"sequence length \(dim -2\) divisible by the tensor-parallel degree 2"):
+    with pytest.raises(ValueError, match=r"sequence length seq_len \(\d+\) must be divisible by tensor \(2\)"):
         sequence_parallel(x[:, :7])

@@ -1,6 +1,5 @@
 """4D parallelism: pipeline x expert x tensor (x data) training equals one device."""
 
-from dataclasses import asdict
 from pathlib import Path
 
 import jax
@@ -26,7 +25,7 @@ COMMON = [f"train.steps={STEPS}", "train.seq_len=32"]
 def run(overrides, tokens):
     """Per-step metrics of a few training steps, and the gradients of the first step."""
     config = load_config(TINY_MOE, [*COMMON, *overrides])
-    mesh = make_mesh_for(asdict(config.mesh))
+    mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
     model, optimizer = create_model_and_optimizer(config.model, config.train, mesh)
     batches = Batches(tokens, config.train.global_batch, config.train.seq_len, config.train.seed)
     batch = [jax.device_put(a, batch_sharding(mesh)) for a in batches.batch(0)]
@@ -75,17 +74,17 @@ def test_training_equals_one_device(tokens, one_device, overrides):
 
 def test_checkpoint_restores_across_4d_meshes(tmp_path):
     saved_on = load_config(TINY_MOE, ["mesh.pipeline=2", "mesh.expert=2", "mesh.tensor=2"])
-    model, optimizer = create_model_and_optimizer(saved_on.model, saved_on.train, make_mesh_for(asdict(saved_on.mesh)))
+    model, optimizer = create_model_and_optimizer(saved_on.model, saved_on.train, make_mesh_for(saved_on.mesh.requested, spares=saved_on.mesh.spares))
     rng = np.random.default_rng(0)
     import_state(model, {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in export_state(model).items()})
     checkpointer = Checkpointer(tmp_path, keep=1)
-    checkpointer.save(1, nnx.state((model, optimizer)), {"step": 1, "data_position": 1})
+    checkpointer.save(1, {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, {"step": 1, "data_position": 1})
     saved = export_state(nnx.state((model, optimizer)))
     for overrides in (["mesh.expert=4", "mesh.tensor=2"], ["mesh.pipeline=2", "mesh.tensor=3", "model.virtual_stages=1"]):
         target = load_config(TINY_MOE, overrides)
-        mesh = make_mesh_for(asdict(target.mesh))
+        mesh = make_mesh_for(target.mesh.requested, spares=target.mesh.spares)
         other = create_model_and_optimizer(target.model, target.train, mesh)
-        state, _ = checkpointer.restore(nnx.state(other), mesh)
-        restored = export_state(state)
+        checkpointer.restore({"model": nnx.state(other[0]), "optimizer": nnx.state(other[1])}, mesh)
+        restored = export_state(nnx.state(other))
         for name in saved:
             np.testing.assert_array_equal(restored[name], saved[name], err_msg=f"{overrides} {name}")

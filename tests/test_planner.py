@@ -20,6 +20,7 @@ from flax import nnx
 
 from lite_tp_jax import cli
 from lite_tp_jax.analysis import planner
+from lite_tp_jax.core.mesh import make_mesh_for
 from lite_tp_jax.analysis.profiles import PROFILES
 from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
@@ -42,7 +43,7 @@ def config(name, *overrides):
 )
 def test_collective_bytes_match_the_compiled_step(name, overrides):
     cfg = config(name, *overrides)
-    sizes = planner.mesh_sizes(cfg, 8)
+    sizes = cfg.mesh.sizes(8)
     planned = planner.plan(cfg, sizes)
     compiled = planner.compiled_bytes_by_axis(cfg, sizes)
     predicted = planned["collective_bytes_by_axis"]
@@ -56,8 +57,8 @@ def test_collective_bytes_match_the_compiled_step(name, overrides):
 def test_param_and_optimizer_bytes_are_the_real_shards():
     """tiny on data 2 x tensor 3 (uneven: padded shards), materialised."""
     cfg = config("tiny.yaml", "mesh.data=2", "mesh.tensor=3")
-    sizes = planner.mesh_sizes(cfg)
-    model, optimizer = create_model_and_optimizer(cfg.model, cfg.train, planner._mesh_for(sizes))
+    sizes = cfg.mesh.sizes()
+    model, optimizer = create_model_and_optimizer(cfg.model, cfg.train, make_mesh_for(sizes))
     planned = planner.plan(cfg, sizes)
     real = {".".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     per_param = {p["name"]: p["bytes_per_device"] for p in planned["parameters"]}
@@ -82,9 +83,9 @@ def test_param_bytes_are_the_abstract_shards(name, overrides):
     """Models too big to materialise in CI: the shardings eval_shape gives each
     array (the same jitted initialisers, traced) say how big a shard is."""
     cfg = config(name, *overrides)
-    sizes = planner.mesh_sizes(cfg, 8 if -1 in vars(cfg.mesh).values() else None)
-    mesh = planner._mesh_for(sizes)
-    model, _ = planner.abstract_model(cfg.model, cfg.train, mesh)
+    sizes = cfg.mesh.sizes(8)
+    mesh = make_mesh_for(sizes)
+    model, _ = planner.abstract_model_and_optimizer(cfg.model, cfg.train, mesh)
     params = {p.name: p.bytes_per_device for p in planner.parameters(model, mesh)}
     for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         struct = v.get_raw_value()
@@ -121,7 +122,7 @@ def test_cli_plan_json(capsys):
 def test_cli_plan_bad_input_exits_2(capsys):
     tiny = str(CONFIGS / "tiny.yaml")
     assert cli.main(["plan", tiny, "--set", "mesh.tensor=3", "model.sequence_parallel=true"]) == 2
-    assert "seq_len 64 is not divisible by tensor = 3" in capsys.readouterr().err
+    assert "'train.seq_len' (64) must be divisible by 'mesh.tensor' (3)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["plan", tiny, "--devices", "8", "--device-profile", "h300"])
     assert exit_info.value.code == 2

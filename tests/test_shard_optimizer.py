@@ -103,9 +103,10 @@ def test_optimizer_bytes_per_device_fall_as_one_over_data(data):
     assert sharded * data == replicated
 
 
-def save(directory, state):
+def save(directory, model_and_optimizer):
+    model, optimizer = model_and_optimizer
     checkpointer = Checkpointer(directory, keep=1)
-    checkpointer.save(STEPS, state, {"position": STEPS})
+    checkpointer.save(STEPS, {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, {"position": STEPS})
     checkpointer.close()  # saves are asynchronous: sealed here
 
 
@@ -113,17 +114,17 @@ def test_checkpoints_restore_with_or_without_it(runs, tmp_path):
     """Saved sharded, restored replicated (and the reverse): the same logical values."""
     mesh, _, (_, _, _, (model, optimizer)) = runs("data2-tensor4")
     state = nnx.state((model, optimizer))
-    save(tmp_path / "sharded", state)
+    save(tmp_path / "sharded", (model, optimizer))
     plain = create_model_and_optimizer(MODEL, TRAIN, mesh)
-    restored, _ = Checkpointer(tmp_path / "sharded", keep=1).restore(nnx.state(plain), mesh)
+    Checkpointer(tmp_path / "sharded", keep=1).restore({"model": nnx.state(plain[0]), "optimizer": nnx.state(plain[1])}, mesh)
     expected = export_state(state)
-    for name, value in export_state(restored).items():
+    for name, value in export_state(nnx.state(plain)).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[name]), err_msg=name)
 
-    save(tmp_path / "plain", restored)
+    save(tmp_path / "plain", plain)
     sharded = create_model_and_optimizer(MODEL, dataclasses.replace(TRAIN, shard_optimizer=True), mesh)
-    back, _ = Checkpointer(tmp_path / "plain", keep=1).restore(nnx.state(sharded), mesh)
-    for name, value in export_state(back).items():
+    Checkpointer(tmp_path / "plain", keep=1).restore({"model": nnx.state(sharded[0]), "optimizer": nnx.state(sharded[1])}, mesh)
+    for name, value in export_state(nnx.state(sharded)).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[name]), err_msg=name)
 
 

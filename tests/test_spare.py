@@ -3,7 +3,6 @@ device's slot, its shards copied from a data-parallel replica, and training
 goes on bit for bit as if nothing failed; without a replica or a spare the
 CLI exits 3 saying why."""
 
-import dataclasses
 import json
 from pathlib import Path
 

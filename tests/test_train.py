@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import jax
@@ -82,7 +81,7 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
     # Give the optimizer moments non-trivial values, so they are checked too.
     nnx.update(optimizer, jax.tree.map(lambda x: x + np.asarray(3, x.dtype), nnx.state(optimizer)))
     checkpointer = Checkpointer(tmp_path, keep=1)
-    checkpointer.save(7, nnx.state((model, optimizer)), {"step": 7, "data_position": 7})
+    checkpointer.save(7, {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, {"step": 7, "data_position": 7})
     saved = export_state(nnx.state((model, optimizer)))
 
     for overrides in (
@@ -92,8 +91,9 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
         target = load_config(TINY, overrides)
         mesh = mesh_for(target)
         other_model, other_optimizer = create_model_and_optimizer(target.model, target.train, mesh)
-        state, progress = checkpointer.restore(nnx.state((other_model, other_optimizer)), mesh)
+        progress = checkpointer.restore({"model": nnx.state(other_model), "optimizer": nnx.state(other_optimizer)}, mesh)
         assert progress == {"step": 7, "data_position": 7}
+        state = nnx.state((other_model, other_optimizer))
         restored = export_state(state)
         assert restored.keys() == saved.keys()
         for name in saved:

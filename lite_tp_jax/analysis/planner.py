@@ -268,7 +268,11 @@ def activation_bytes(model: ModelConfig, train: TrainConfig, sizes: dict[str, in
 
 def check_mesh(config: Config, sizes: dict[str, int]) -> str | None:
     """Why ``sizes`` cannot run ``config`` (the training run's own fit checks,
-    ``train/fit.py``, in one sentence with key paths), or None."""
+    ``train/fit.py``, in one sentence with key paths), or None. An expert axis
+    without experts is refused too: it runs, as more data parallelism, but a
+    ranking should not list the same mesh twice."""
+    if sizes[EXPERT] > 1 and not config.model.moe_every:
+        return "an expert axis > 1 needs a mixture-of-experts model (model.moe_every > 0)"
     try:
         check_run_fits(config, sizes)
     except ConfigError as error:
@@ -384,8 +388,8 @@ def rank_meshes(config: Config, devices: int, memory_gb: float, profile: DeviceP
     optimizer + activations within ``memory_gb`` (10^9 bytes)."""
     rows = []
     for sizes in factorisations(devices):
-        if check_mesh(config, sizes) or (sizes[EXPERT] > 1 and not config.model.moe_every):
-            continue  # does not fit; or an expert axis without experts, which is data parallelism again
+        if check_mesh(config, sizes):
+            continue
         planned = plan(config, sizes)
         memory = sum(planned[k] for k in ("param_bytes_per_device", "optimizer_bytes_per_device",
                                           "activation_bytes_per_device"))

@@ -45,12 +45,13 @@ def describe(sizes: Mapping[str, int]) -> str:
 
 def resolve_sizes(requested: Mapping[str, int], devices: int | None = None) -> dict[str, int]:
     """Every axis's size, in ``AXES`` order: ``requested`` (missing axes are 1)
-    with at most one -1 inferred from ``devices``. Raises ``BadInput`` for an
-    unknown axis, a size that is not positive, or sizes that cannot fill
-    ``devices``."""
+    with at most one -1 inferred from ``devices``. Raises ``BadInput`` for a
+    size that is not positive or sizes that cannot fill ``devices``, and
+    TypeError for an axis that does not exist (a programming error, like an
+    unknown keyword argument)."""
     unknown = [name for name in requested if name not in AXES]
     if unknown:
-        raise BadInput(f"unknown mesh axis {unknown[0]!r}; the axes are {', '.join(AXES)}.")
+        raise TypeError(f"unknown mesh axis {unknown[0]!r}; the axes are {', '.join(AXES)}.")
     sizes = {axis: int(requested.get(axis, 1)) for axis in AXES}
     for axis, size in sizes.items():
         if size == 0 or size < -1:

@@ -19,7 +19,9 @@ from pathlib import Path
 from flax import nnx
 
 from lite_tp_jax.core.mesh import make_mesh_for
-from lite_tp_jax.interop.hf import HFError, config_from_hf, from_pretrained, read_hf_config, save_pretrained
+from lite_tp_jax.interop.errors import HFError
+from lite_tp_jax.interop.hf import from_pretrained, save_pretrained
+from lite_tp_jax.interop.hf_config import config_from_hf, read_hf_config
 from lite_tp_jax.models.factory import abstract_model
 from lite_tp_jax.run.checkpoint import Checkpointer
 from lite_tp_jax.run.config import Config, MeshConfig, TrainConfig

@@ -1,19 +1,20 @@
 """A Llama-style decoder-only LM built from the parallel layers.
 
-    tokens -> VocabParallelEmbedding -> layer groups -> RMSNorm -> head -> vocab-parallel loss
-    Block:  x + Attention(RMSNorm(x)),  then  x + MLP(RMSNorm(x))   (MLP: SwiGLU, or MoE)
+    tokens -> VocabParallelEmbedding -> layer groups -> Norm -> head -> vocab-parallel loss
 
 ``ModelConfig``'s variant fields give the other Hugging Face families the same
 skeleton: LayerNorm for RMSNorm, a GeLU MLP, biases, learned positions added
-after the embedding (GPT-2), RoPE scaling (Llama 3).
+after the embedding (GPT-2), RoPE scaling (Llama 3). The blocks are
+``blocks.py``; what they keep for the backward, ``remat.py``.
 
-One region, every axis manual. ``loss`` enters a single shard_map in which
-every mesh axis in use (size > 1, and always "tensor") is manual, so every
-collective is one the code asks for:
+One region, every axis in use manual. ``loss`` enters a single shard_map
+(``parallel/region.run_in_region``) in which every mesh axis of size > 1, and
+always "tensor", is manual, so every collective is one the code asks for:
 
 * "data" and "expert" split the batch rows. Parameters replicated over them
-  get their gradients summed over them by JAX's varying/invariant typing (the
-  backward of using an invariant weight with per-rank data is a psum).
+  enter the region through ``broadcast_over`` those axes, whose backward
+  all-reduces their gradients once, after the layers' backward; the loss and
+  MoE statistics are summed over them with ``sum_over``.
 * "tensor" splits each layer Megatron-style: per block and direction, two
   all-reduces of B·S·H, or with ``sequence_parallel`` activations split along
   the sequence between blocks and an all-gather + reduce-scatter instead.
@@ -23,31 +24,12 @@ collective is one the code asks for:
   "tensor"), so no stage holds either table whole and no stage computes the
   whole head.
 
-Layers are grouped (``moe_every`` layers, the last one MoE; or single dense
-layers), stacked ``[virtual_stages, groups / virtual_stages, ...]`` and run
-with ``jax.lax.scan``, so compile time does not grow with depth. ``remat``
-picks what a layer keeps for its backward (``REMAT_SAVES``, tensors named with
-``checkpoint_name`` in the layers' math); everything else is recomputed:
-
-* ``none``: every matmul's input (norm outputs, q/k/v, attention output, MLP
-  gate/up/hidden) and the softmax output (Megatron without recomputation;
-  the softmax is a named tensor of ``attention: reference`` only: the
-  ``jax.nn.dot_product_attention`` kernels keep no ``[S, S]`` tensor, so with
-  them ``none`` recomputes scores and softmax like ``selective``);
-* ``selective``: the same without the softmax: scores and softmax are
-  recomputed (Korthikanti et al.'s selective recomputation);
-* ``full``: only the residual stream (each block's input, and after attention).
-
-With ``sequence_parallel`` the saved norm outputs are the sequence shards, as
-in Megatron-LM: the backward all-gathers them again (one all-gather of
-``B·S·H`` per attention and MLP per layer, the forward's, run twice), so every
-saved activation is 1/t of the sequence. No policy reruns an all-reduce or a
-reduce-scatter.
-
-``compute_dtype`` (bfloat16) applies to the embedding lookup and from there to
-every activation: each layer computes in its input's dtype, casting its
-float32 parameters as it reads them; norms, softmax, logits and the loss stay
-float32.
+Layer groups are stacked ``[virtual_stages, groups / virtual_stages, ...]``
+and run with ``jax.lax.scan`` under ``jax.checkpoint``, so compile time does
+not grow with depth. ``compute_dtype`` (bfloat16) applies to the embedding
+lookup and from there to every activation: each layer computes in its input's
+dtype, casting its float32 parameters as it reads them; norms, softmax, logits
+and the loss stay float32.
 """
 
 from __future__ import annotations
@@ -58,25 +40,22 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.core.axes import AXES, BATCH_AXES, PIPELINE, TENSOR
 from lite_tp_jax.core.collectives import sum_over
 from lite_tp_jax.core.errors import BadInput
-from lite_tp_jax.layers.attention import KVCache, ParallelAttention
+from lite_tp_jax.layers.attention import KVCache
 from lite_tp_jax.layers.cross_entropy import vocab_parallel_cross_entropy
 from lite_tp_jax.layers.embedding import VocabParallelEmbedding
-from lite_tp_jax.layers.mlp import ParallelMLP
-from lite_tp_jax.layers.moe import MoEMLP
-from lite_tp_jax.layers.norm import LayerNorm, RMSNorm
 from lite_tp_jax.layers.positions import LearnedPositions
-from lite_tp_jax.layers.rotary import RopeScaling
-from lite_tp_jax.models.config import ModelConfig, Remat
+from lite_tp_jax.models.blocks import LayerGroup, make_norm
+from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.fit import batch_ranks, check_batch, check_layers_fit
+from lite_tp_jax.models.remat import remat_policy
 from lite_tp_jax.parallel.pipeline import run_pipeline
-from lite_tp_jax.parallel.region import Layout, ParallelLayer, run_in_region, sequence_or_replicated
+from lite_tp_jax.parallel.region import run_in_region
 from lite_tp_jax.sharding.rules import PartitionRules, vocab_axes
 
 
@@ -90,144 +69,6 @@ def region_axes(config: ModelConfig, mesh: Mesh) -> frozenset[str]:
     """The axes manual in the model's region: "tensor" and those of size > 1.
     (Axes of size 1 are left out, so no trivial collectives over them appear.)"""
     return frozenset({TENSOR, *(axis for axis in AXES if mesh.shape[axis] > 1)})
-
-
-def make_norm(config: ModelConfig, *, mesh: Mesh, rules: PartitionRules, rngs: nnx.Rngs, role: str = "norm") -> RMSNorm | LayerNorm:
-    """The model's normalisation layer: RMSNorm, or LayerNorm with ``norm: layer``."""
-    norm = LayerNorm if config.norm == "layer" else RMSNorm
-    return norm(
-        config.hidden_size, mesh=mesh, eps=config.norm_eps, sequence_parallel=config.sequence_parallel,
-        role=role, rules=rules, rngs=rngs,
-    )
-
-
-def rope_scaling(config: ModelConfig) -> RopeScaling | None:
-    if config.rope_scaling == "none":
-        return None
-    return RopeScaling(
-        config.rope_scaling, config.rope_scaling_factor, config.rope_low_freq_factor,
-        config.rope_high_freq_factor, config.rope_original_max_positions,
-    )
-
-
-def zero_stats() -> dict[str, jax.Array]:
-    """Per-layer MoE statistics, summed over batch rows: the load-balancing loss,
-    dropped and all (token, choice) assignments. Zero for a dense layer."""
-    return {name: jnp.zeros((), jnp.float32) for name in ("aux_loss", "dropped", "assignments")}
-
-
-class Block(ParallelLayer):
-    """Pre-norm residual block: attention, then a SwiGLU MLP or a mixture of experts."""
-
-    def __init__(
-        self, config: ModelConfig, *, mesh: Mesh, moe: bool = False, rules: PartitionRules | None = None, rngs: nnx.Rngs
-    ):
-        rules = rules or partition_rules(config)
-        self.mesh, self.sequence_parallel = mesh, config.sequence_parallel
-        self.attention_norm = make_norm(config, mesh=mesh, rules=rules, rngs=rngs)
-        self.attention = ParallelAttention(
-            config.hidden_size,
-            config.num_heads,
-            mesh=mesh,
-            num_kv_heads=config.num_kv_heads,
-            head_dim=config.resolved_head_dim,
-            use_bias=config.qkv_bias,
-            out_bias=config.out_bias,
-            sequence_parallel=config.sequence_parallel,
-            rope_theta=config.rope_theta if config.position == "rope" else None,
-            rope_scaling=rope_scaling(config),
-            kernel=config.attention,
-            rules=rules,
-            rngs=rngs,
-        )
-        self.mlp_norm = make_norm(config, mesh=mesh, rules=rules, rngs=rngs)
-        mlp = dict(mesh=mesh, sequence_parallel=config.sequence_parallel, rules=rules, rngs=rngs)
-        self.mlp = (
-            MoEMLP(
-                config.hidden_size, config.ffn_hidden_size, num_experts=config.num_experts,
-                top_k=config.top_k, capacity_factor=config.capacity_factor, **mlp,
-            )
-            if moe
-            else ParallelMLP(
-                config.hidden_size, config.ffn_hidden_size, activation=config.activation,
-                use_bias=config.mlp_bias, **mlp,
-            )
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x``: ``[B, S, H]`` (sharded along S with sequence parallelism). Returns the block output."""
-        placement = sequence_or_replicated(self.sequence_parallel)
-        return self.run(lambda self, x: self.local(x)[0], Layout((placement,), placement.of(x.ndim)), x)
-
-    def local(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        # checkpoint_name: what the remat policies may keep (REMAT_SAVES)
-        x = x + self.attention(checkpoint_name(self.attention_norm(x), "attention_input"))
-        x = checkpoint_name(x, "attention_residual")
-        h = checkpoint_name(self.mlp_norm(x), "mlp_input")
-        if isinstance(self.mlp, MoEMLP):
-            y, stats = self.mlp(h)
-            return x + y, stats
-        return x + self.mlp(h), zero_stats()
-
-    def decode(self, x, cache: KVCache, layer: tuple, cursor, start) -> tuple[jax.Array, KVCache]:
-        """``local`` with the attention extending and reading the KV cache (its buffers ``cache.key[layer]``)."""
-        h, cache = self.attention.decode(self.attention_norm(x), cache, layer, cursor, start)
-        x = x + h
-        y = self.mlp(self.mlp_norm(x))
-        return x + (y[0] if isinstance(self.mlp, MoEMLP) else y), cache
-
-
-class LayerGroup(nnx.Module):
-    """The unit that is stacked and scanned: ``moe_every`` blocks, the last an
-    MoE block (or one dense block)."""
-
-    def __init__(self, config: ModelConfig, *, mesh: Mesh, rules: PartitionRules, rngs: nnx.Rngs):
-        size = config.layers_per_group
-        self.blocks = nnx.List(
-            [
-                Block(config, mesh=mesh, moe=bool(config.moe_every) and i == size - 1, rules=rules, rngs=rngs)
-                for i in range(size)
-            ]
-        )
-
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        stats = zero_stats()
-        for i, block in enumerate(self.blocks):
-            if i:  # kept, or the backward would rerun the previous block's reduction to get it back
-                x = checkpoint_name(x, "block_input")
-            x, block_stats = block.local(x)
-            stats = jax.tree.map(jnp.add, stats, block_stats)
-        return x, stats
-
-    def decode(self, x, cache: KVCache, group: jax.Array, cursor, start) -> tuple[jax.Array, KVCache]:
-        """``cache``: every layer's buffers ``[groups, blocks, B, slots, kv heads,
-        head_dim]``; block i of this group uses ``[group, i]``."""
-        for i, block in enumerate(self.blocks):
-            x, cache = block.decode(x, cache, (group, i), cursor, start)
-        return x, cache
-
-
-
-# The group's input (scan keeps it anyway), each later block's input, and each block after attention.
-_RESIDUAL_STREAM = ("block_input", "attention_residual")
-_MATMUL_INPUTS = (
-    "attention_input", "query", "key", "value", "attention_output",  # layers/attention.py
-    "mlp_input", "mlp_gate", "mlp_up", "mlp_hidden",  # layers/mlp.py
-    "moe_dispatched", "moe_combined",  # layers/moe.py: all-to-all outputs, never rerun
-)
-REMAT_SAVES: dict[str, tuple[str, ...]] = {
-    "none": _RESIDUAL_STREAM + _MATMUL_INPUTS + ("attention_weights",),
-    "selective": _RESIDUAL_STREAM + _MATMUL_INPUTS,
-    "full": _RESIDUAL_STREAM,
-}
-"""The named tensors each remat setting keeps per layer for the backward."""
-
-
-def remat_policy(remat: Remat):
-    """The ``jax.checkpoint`` policy for a layer group: keep ``REMAT_SAVES[remat]``, recompute the rest."""
-    if remat not in REMAT_SAVES:
-        raise ValueError(f"remat must be one of {', '.join(REMAT_SAVES)}, got {remat!r}.")
-    return jax.checkpoint_policies.save_only_these_names(*REMAT_SAVES[remat])
 
 
 def partition_rules(config: ModelConfig, *, shard_over_data: bool = False) -> PartitionRules:

@@ -270,6 +270,9 @@ class Checkpointer:
                 try:
                     saved = self._saved_shapes(candidate)
                     for item, item_variables in variables.items():
+                        if item not in saved:
+                            raise CheckpointError(f"Checkpoint {self._step_dir(candidate)} holds no {item} (it holds "
+                                                  f"{', '.join(saved) or 'nothing'}).")
                         self._check_matches(candidate, item, item_variables, saved[item])
                     restored = self._read(candidate, variables, mesh)
                 except CheckpointError:
@@ -305,7 +308,9 @@ class Checkpointer:
         """``{item: {name: logical shape}}`` as saved (format 1's pair split into its items)."""
         metadata = self.manager.item_metadata(step)
         if not self._is_first_format(step):
-            return {item: {name: tuple(m.shape) for name, m in (metadata[item] or {}).items()} for item in ITEMS}
+            saved = {item: metadata[item] for item in ITEMS if (self._step_dir(step) / item).is_dir()}
+            return {item: {name: tuple(m.shape) for name, m in (item_metadata or {}).items()}
+                    for item, item_metadata in saved.items()}
         return {
             item: {name.removeprefix(prefix): tuple(m.shape) for name, m in metadata.state.items() if name.startswith(prefix)}
             for item, prefix in _FIRST_FORMAT_PREFIX.items()

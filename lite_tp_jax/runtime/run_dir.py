@@ -27,7 +27,7 @@ from lite_tp_jax.core.errors import BadInput
 LOCK_NAME = ".lock"
 
 
-class RunLockError(BadInput):
+class RunLockError(BadInput, RuntimeError):
     """The run directory is in use by another process."""
 
 

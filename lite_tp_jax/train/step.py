@@ -141,6 +141,12 @@ class TrainStep:
         with deterministic_collectives(self.deterministic):
             return self._step.lower(self._arrays(), tokens, targets)
 
+    def export(self, tokens: jax.Array, targets: jax.Array, *, platforms: tuple[str, ...]) -> jax.export.Exported:
+        """The step lowered for ``platforms`` (``"cuda"``, ``"tpu"``, ...) with
+        ``jax.export``; no device of those platforms is needed."""
+        with deterministic_collectives(self.deterministic):
+            return jax.export.export(self._step, platforms=platforms)(self._arrays(), tokens, targets)
+
     def __call__(self, tokens: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
         with deterministic_collectives(self.deterministic):
             new_arrays, metrics = self._step(self._arrays(), tokens, targets)

@@ -1,0 +1,164 @@
+"""Hugging Face ``config.json`` <-> ``ModelConfig``.
+
+Families: Llama 2/3, Mistral, Qwen2, Mixtral and GPT-2 (``FAMILIES``). A
+Mistral-shaped model is written back as "llama" (``family_of``).
+
+Not supported (a one-line ``HFError``): other ``model_type``s, RoPE scalings
+other than "linear" and "llama3", activations other than SiLU (GPT-2: tanh
+GeLU), more than 2 experts per token. Mistral's and Mixtral's
+``sliding_window`` is not applied: attention is causal over the whole
+sequence, equal to Hugging Face's for sequences no longer than the window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from lite_tp_jax.interop.errors import HFError
+from lite_tp_jax.models.config import ModelConfig
+
+FAMILIES = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """``rope_theta`` and scaling fields from either transformers 5's
+    ``rope_parameters`` or the older ``rope_theta`` + ``rope_scaling``."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    source = params if params.get("rope_type", "default") != "default" else scaling
+    kind = source.get("rope_type", source.get("type", "default"))
+    fields: dict[str, Any] = {"rope_theta": float(theta)}
+    if kind == "default":
+        return fields
+    if kind == "linear":
+        return {**fields, "rope_scaling": "linear", "rope_scaling_factor": float(source["factor"])}
+    if kind == "llama3":
+        return {
+            **fields, "rope_scaling": "llama3", "rope_scaling_factor": float(source["factor"]),
+            "rope_low_freq_factor": float(source["low_freq_factor"]),
+            "rope_high_freq_factor": float(source["high_freq_factor"]),
+            "rope_original_max_positions": int(source["original_max_position_embeddings"]),
+        }
+    raise HFError(f"RoPE scaling {kind!r} is not supported; supported: default, linear, llama3.")
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of a Hugging Face ``config.json`` (as a dict)."""
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise HFError(f"model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}.")
+    if family == "gpt2":
+        activation = hf.get("activation_function", "gelu_new")
+        if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise HFError(f"GPT-2 activation_function {activation!r} is not supported; supported: gelu_new, gelu_pytorch_tanh.")
+        if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+            raise HFError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported.")
+        hidden = hf["n_embd"]
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=hf["n_layer"],
+            num_heads=hf["n_head"], num_kv_heads=hf["n_head"], ffn_hidden_size=hf.get("n_inner") or 4 * hidden,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", True),
+            norm="layer", activation="gelu", qkv_bias=True, out_bias=True, mlp_bias=True,
+            position="learned", max_positions=hf["n_positions"],
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise HFError(f"hidden_act {hf['hidden_act']!r} is not supported for {family}; supported: silu.")
+    if family == "qwen2" and hf.get("use_sliding_window"):
+        raise HFError("Qwen2 with use_sliding_window: true is not supported.")
+    heads = hf["num_attention_heads"]
+    fields: dict[str, Any] = dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
+        ffn_hidden_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        max_positions=hf.get("max_position_embeddings", 2048), **_rope(hf),
+    )
+    if family == "llama":
+        bias = bool(hf.get("attention_bias", False))
+        fields.update(qkv_bias=bias, out_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)))
+    if family == "qwen2":
+        fields.update(qkv_bias=True)
+    if family == "mixtral":
+        top_k = hf.get("num_experts_per_tok", 2)
+        if top_k not in (1, 2):
+            raise HFError(f"Mixtral num_experts_per_tok={top_k} is not supported; supported: 1 or 2.")
+        fields.update(
+            moe_every=1, num_experts=hf["num_local_experts"], top_k=top_k, capacity_factor=None,
+            aux_loss_weight=hf.get("router_aux_loss_coef", 0.01),
+        )
+    return ModelConfig(**fields)
+
+
+def family_of(config: ModelConfig) -> str:
+    """The Hugging Face family that represents ``config`` (Mistral's shape is
+    Llama's: it is written as "llama")."""
+    gpt2 = (config.norm, config.activation, config.position) == ("layer", "gelu", "learned")
+    if gpt2 and config.qkv_bias and config.out_bias and config.mlp_bias and config.num_kv_heads == config.num_heads:
+        return "gpt2"
+    if config.norm != "rms" or config.activation != "swiglu" or config.position != "rope":
+        raise HFError("this model's mix of norm, activation and position type matches no Hugging Face family.")
+    if config.moe_every:
+        if config.moe_every != 1:
+            raise HFError(f"moe_every={config.moe_every} has no Hugging Face family (Mixtral: every layer, moe_every=1).")
+        if config.qkv_bias or config.out_bias or config.mlp_bias:
+            raise HFError("Mixtral has no biases; this model has some.")
+        return "mixtral"
+    if config.qkv_bias and not config.out_bias and not config.mlp_bias:
+        return "qwen2"
+    if config.qkv_bias != config.out_bias:
+        raise HFError("Llama biases its q, k, v and output projections together; this model does not.")
+    return "llama"
+
+
+def config_to_hf(config: ModelConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` (as a dict) for ``config``."""
+    family = family_of(config)
+    dtype_name = jnp.dtype(dtype).name
+    if family == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+            "n_embd": config.hidden_size, "n_layer": config.num_layers, "n_head": config.num_heads,
+            "n_inner": config.ffn_hidden_size, "n_positions": config.max_positions,
+            "activation_function": "gelu_new", "layer_norm_epsilon": config.norm_eps,
+            "tie_word_embeddings": config.tie_embeddings, "dtype": dtype_name,
+        }
+    hf: dict[str, Any] = {
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}[family]],
+        "model_type": family, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "head_dim": config.resolved_head_dim,
+        "intermediate_size": config.ffn_hidden_size, "rms_norm_eps": config.norm_eps, "hidden_act": "silu",
+        "max_position_embeddings": config.max_positions, "tie_word_embeddings": config.tie_embeddings,
+        "rope_theta": config.rope_theta, "dtype": dtype_name,
+    }
+    if config.rope_scaling == "linear":
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": config.rope_scaling_factor}
+    elif config.rope_scaling == "llama3":
+        hf["rope_scaling"] = {
+            "rope_type": "llama3", "factor": config.rope_scaling_factor,
+            "low_freq_factor": config.rope_low_freq_factor, "high_freq_factor": config.rope_high_freq_factor,
+            "original_max_position_embeddings": config.rope_original_max_positions,
+        }
+    if family == "llama":
+        hf.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
+    if family == "mixtral":
+        hf.update(
+            num_local_experts=config.num_experts, num_experts_per_tok=config.top_k,
+            router_aux_loss_coef=config.aux_loss_weight, sliding_window=None,
+        )
+    if family == "qwen2":
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    file = Path(path) / "config.json"
+    if not file.exists():
+        raise HFError(f"{path} is not a Hugging Face model directory: it has no config.json.")
+    return json.loads(file.read_text())
