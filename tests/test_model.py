@@ -14,7 +14,8 @@ from conftest import max_relative_error, model_loss_and_grads, tp_mesh
 from lite_tp_jax import export_state, make_mesh
 from lite_tp_jax.core.hlo import summary
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.models.transformer import Block, Transformer
+from lite_tp_jax.models.blocks import Block
+from lite_tp_jax.models.transformer import Transformer
 from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import json
 import os
 import platform
@@ -43,10 +44,12 @@ from jax.sharding import PartitionSpec as P
 from lite_tp_jax.analysis.planner import abstract_model_and_optimizer
 from lite_tp_jax.analysis.reference_model import nested, plain_train_step
 from lite_tp_jax.core import hlo
+from lite_tp_jax.core.axes import describe
 from lite_tp_jax.core.errors import BadInput
 from lite_tp_jax.core.mesh import make_mesh_for
 from lite_tp_jax.run.config import Config
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
+from lite_tp_jax.runtime.run_dir import atomic_write
 from lite_tp_jax.sharding.rules import batch_sharding
 from lite_tp_jax.sharding.state import export_state, flat_variables, logical_shape, logical_sharding
 from lite_tp_jax.train.step import TrainStep
@@ -233,7 +236,7 @@ def _mib(n) -> str:
 
 
 def format_result(result: dict) -> str:
-    mesh = " x ".join(f"{a} {s}" for a, s in result["mesh"].items() if s > 1) or "one device"
+    mesh = describe(result["mesh"])
     r = result["ratios"]
     lines = [f"{result['config']} on {mesh} ({result['machine']}); {result['timed_rounds']} interleaved rounds",
              f"same work: max relative error of losses and grad norms vs gspmd {result['same_work_max_rel_err']:.1e}",
@@ -255,17 +258,14 @@ def format_result(result: dict) -> str:
 
 def write(result: dict, path: str | os.PathLike) -> None:
     """The JSON at ``path`` and a PNG plot beside it (same name, .png), each
-    written to a temporary file first and renamed, so nothing is half-written."""
+    written whole or not at all (``runtime.run_dir.atomic_write``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(to_json(result) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, to_json(result) + "\n")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     names = list(result["variants"])
@@ -283,11 +283,9 @@ def write(result: dict, path: str | os.PathLike) -> None:
         right.set_ylabel("compile time (s)")
         right.set_title("compile time vs depth")
         right.legend()
-    mesh = " x ".join(f"{a} {s}" for a, s in result["mesh"].items() if s > 1) or "one device"
-    fig.suptitle(f"{result['config']}: {mesh}")
+    fig.suptitle(f"{result['config']}: {describe(result['mesh'])}")
     fig.tight_layout()
-    png = path.with_suffix(".png")
-    tmp_png = png.with_name(f".{png.stem}.tmp.png")
-    fig.savefig(tmp_png, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp_png, png)
+    atomic_write(path.with_suffix(".png"), png.getvalue())

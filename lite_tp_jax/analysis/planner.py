@@ -146,79 +146,121 @@ def capacity(model: ModelConfig, seq: int) -> int:
     return moe_capacity(seq, model.num_experts, model.top_k, model.capacity_factor)
 
 
-def transfers(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], params: list[Parameter]) -> list[Transfer]:
-    """Every collective of one training step on one device, by Megatron's formulas (module docstring)."""
-    p, t = sizes[PIPELINE], sizes[TENSOR]
-    S, H, sp = train.seq_len, model.hidden_size, model.sequence_parallel
-    B = train.global_batch // batch_ranks(sizes)
-    pipelined = p > 1
-    m = train.microbatches if pipelined else 1
-    b = B // m
-    v = model.virtual_stages
-    groups = model.num_layers // model.layers_per_group
-    ticks = v * m + p - 1 if pipelined else 1
-    group_runs = ticks * groups // (v * p) if pipelined else groups  # layer groups one device runs
-    moe_per_group = 1 if model.moe_every else 0
-    blocks = group_runs * model.layers_per_group
-    s_local = S // t if sp else S
-    vocab_axes = (PIPELINE, TENSOR) if pipelined else (TENSOR,)
-    out: list[Transfer] = []
+@dataclass(frozen=True)
+class _Step:
+    """The sizes one device's step is made of (the module docstring's symbols)."""
 
-    def add(what, kind, axes, phase, elements, runs=1):
-        axes = _ordered(axes, sizes)
+    model: ModelConfig
+    sizes: dict[str, int]
+    S: int  # sequence
+    H: int  # hidden
+    B: int  # rows per rank
+    b: int  # rows per microbatch
+    ticks: int  # pipeline ticks (1 without a pipeline)
+    group_runs: int  # layer groups one device runs
+    s_local: int  # the sequence a rank holds between blocks (S/t with SP)
+
+    @classmethod
+    def of(cls, model: ModelConfig, train: TrainConfig, sizes: dict[str, int]) -> _Step:
+        p, t = sizes[PIPELINE], sizes[TENSOR]
+        rows = train.global_batch // batch_ranks(sizes)
+        m, v = (train.microbatches if p > 1 else 1), model.virtual_stages
+        groups = model.num_layers // model.layers_per_group
+        ticks = v * m + p - 1 if p > 1 else 1
+        group_runs = ticks * groups // (v * p) if p > 1 else groups
+        s_local = train.seq_len // t if model.sequence_parallel else train.seq_len
+        return cls(model, sizes, train.seq_len, model.hidden_size, rows, rows // m, ticks, group_runs, s_local)
+
+    @property
+    def pipelined(self) -> bool:
+        return self.sizes[PIPELINE] > 1
+
+
+class _Transfers(list):
+    """The collectives found so far; ``add`` skips those over no axis in use."""
+
+    def __init__(self, sizes: dict[str, int]):
+        super().__init__()
+        self.sizes = sizes
+
+    def add(self, what, kind, axes, phase, elements, runs=1):
+        axes = _ordered(axes, self.sizes)
         if axes and elements and runs:
-            out.append(Transfer(what, kind, axes, phase, int(elements) * F32 * runs))
+            self.append(Transfer(what, kind, axes, phase, int(elements) * F32 * runs))
 
-    # Blocks: attention and MLP (or MoE) each enter and leave the tensor region once.
+
+def _block_transfers(out: _Transfers, step: _Step) -> None:
+    """Attention and MLP (or MoE) each enter and leave the tensor region once per block."""
+    blocks = step.group_runs * step.model.layers_per_group
+    b, S, H = step.b, step.S, step.H
     for phase in ("forward", "backward"):
-        if sp:
-            add("blocks: sequence all-gathers", "all-gather", [TENSOR], phase, b * S * H, 2 * blocks)
-            add("blocks: sequence reduce-scatters", "reduce-scatter", [TENSOR], phase, b * s_local * H, 2 * blocks)
+        if step.model.sequence_parallel:
+            out.add("blocks: sequence all-gathers", "all-gather", [TENSOR], phase, b * S * H, 2 * blocks)
+            out.add("blocks: sequence reduce-scatters", "reduce-scatter", [TENSOR], phase, b * step.s_local * H, 2 * blocks)
             if phase == "backward":  # the blocks keep their inputs' sequence shards and gather them again
-                add("blocks: re-gathered inputs", "all-gather", [TENSOR], phase, b * S * H, 2 * blocks)
+                out.add("blocks: re-gathered inputs", "all-gather", [TENSOR], phase, b * S * H, 2 * blocks)
         else:
-            add("blocks: all-reduces", "all-reduce", [TENSOR], phase, b * S * H, 2 * blocks)
-        if moe_per_group:
-            slots = capacity(model, S)
-            add("MoE: dispatch and return", "all-to-all", [EXPERT], phase, b * model.num_experts * slots * H,
-                2 * group_runs)
-    if moe_per_group:
-        add("MoE: statistics", "all-reduce", [TENSOR], "forward", 3, group_runs)
+            out.add("blocks: all-reduces", "all-reduce", [TENSOR], phase, b * S * H, 2 * blocks)
+        if step.model.moe_every:
+            slots = capacity(step.model, S)
+            out.add("MoE: dispatch and return", "all-to-all", [EXPERT], phase,
+                    b * step.model.num_experts * slots * H, 2 * step.group_runs)
+    if step.model.moe_every:
+        out.add("MoE: statistics", "all-reduce", [TENSOR], "forward", 3, step.group_runs)
 
-    # Pipeline: one hand-over per tick each way; the inputs in and the outputs out.
-    if pipelined:
+
+def _pipeline_transfers(out: _Transfers, step: _Step) -> None:
+    """One hand-over per tick each way; the inputs in and the outputs out."""
+    if step.pipelined:
         for phase in ("forward", "backward"):
-            add("pipeline: hand-over per tick", "collective-permute", [PIPELINE], phase, b * s_local * H, ticks)
-            add("pipeline: inputs and outputs", "all-reduce", [PIPELINE], phase, B * s_local * H)
+            out.add("pipeline: hand-over per tick", "collective-permute", [PIPELINE], phase,
+                    step.b * step.s_local * step.H, step.ticks)
+            out.add("pipeline: inputs and outputs", "all-reduce", [PIPELINE], phase, step.B * step.s_local * step.H)
 
-    # Embedding lookup, output head and vocabulary-parallel cross-entropy.
-    if sp:
-        add("embedding: reduce-scatter", "reduce-scatter", [TENSOR], "forward", B * s_local * H)
-        add("embedding: all-reduce over stages", "all-reduce", [PIPELINE], "forward", B * s_local * H)
-        add("embedding: all-gather", "all-gather", [TENSOR], "backward", B * S * H)
-        add("head: sequence all-gather", "all-gather", [TENSOR], "forward", B * S * H)
-        add("head: reduce-scatter", "reduce-scatter", [TENSOR], "backward", B * s_local * H)
-        add("head: input gradient", "all-reduce", [PIPELINE], "backward", B * S * H)
+
+def _vocabulary_transfers(out: _Transfers, step: _Step) -> None:
+    """Embedding lookup, output head and vocabulary-parallel cross-entropy."""
+    whole, shard = step.B * step.S * step.H, step.B * step.s_local * step.H
+    vocab_axes = (PIPELINE, TENSOR) if step.pipelined else (TENSOR,)
+    if step.model.sequence_parallel:
+        out.add("embedding: reduce-scatter", "reduce-scatter", [TENSOR], "forward", shard)
+        out.add("embedding: all-reduce over stages", "all-reduce", [PIPELINE], "forward", shard)
+        out.add("embedding: all-gather", "all-gather", [TENSOR], "backward", whole)
+        out.add("head: sequence all-gather", "all-gather", [TENSOR], "forward", whole)
+        out.add("head: reduce-scatter", "reduce-scatter", [TENSOR], "backward", shard)
+        out.add("head: input gradient", "all-reduce", [PIPELINE], "backward", whole)
     else:
-        add("embedding: all-reduce", "all-reduce", vocab_axes, "forward", B * S * H)
-        add("head: input gradient", "all-reduce", vocab_axes, "backward", B * S * H)
-    add("cross-entropy: max, sum, target", "all-reduce", vocab_axes, "forward", B * S, 3)
+        out.add("embedding: all-reduce", "all-reduce", vocab_axes, "forward", whole)
+        out.add("head: input gradient", "all-reduce", vocab_axes, "backward", whole)
+    out.add("cross-entropy: max, sum, target", "all-reduce", vocab_axes, "forward", step.B * step.S, 3)
 
-    # Gradients. Inside the layers, per use: the "tensor" sum of a weight replicated over
-    # "tensor" but used per tensor rank. At region entry, once: each parameter's shard
-    # summed over the batch axes it is replicated on (parallel/region.py).
+
+def _gradient_transfers(out: _Transfers, step: _Step, params: list[Parameter]) -> None:
+    """Inside the layers, per use: the "tensor" sum of a weight replicated over
+    "tensor" but used per tensor rank (the router, k/v kernels with fewer kv
+    heads than ranks; norms only with SP, since without it their input is the
+    same on every rank). At region entry, once: each parameter's shard summed
+    over the batch axes it is replicated on (``parallel/region.py``)."""
     for param in params:
-        # replicated over "tensor", fed a per-rank input: the router, k/v kernels with fewer
-        # kv heads than ranks; norms only with SP (without it their input is the same on every rank)
-        per_tensor_rank = param.strategy == "replicated" and (sp or not param.role.endswith("norm"))
+        per_tensor_rank = param.strategy == "replicated" and (step.model.sequence_parallel or not param.role.endswith("norm"))
         grad = param.bytes_per_device // F32
         if per_tensor_rank:
-            stacked_in_pipeline = param.name.startswith("layers.") and pipelined
-            inside, runs = (grad // v, ticks) if stacked_in_pipeline else (grad, 1)  # this tick's chunk, every tick
-            add(f"gradient of {param.name} over tensor", "all-reduce", [TENSOR], "backward", inside, runs)
+            stacked_in_pipeline = param.name.startswith("layers.") and step.pipelined
+            # in a pipeline, this tick's chunk of the stacked layers, every tick
+            inside, runs = (grad // step.model.virtual_stages, step.ticks) if stacked_in_pipeline else (grad, 1)
+            out.add(f"gradient of {param.name} over tensor", "all-reduce", [TENSOR], "backward", inside, runs)
         batch = [a for a in BATCH_AXES if a not in param.sharded_axes]
-        add(f"gradient of {param.name}", "all-reduce", batch, "backward", grad)
-    return out
+        out.add(f"gradient of {param.name}", "all-reduce", batch, "backward", grad)
+
+
+def transfers(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], params: list[Parameter]) -> list[Transfer]:
+    """Every collective of one training step on one device, by Megatron's formulas (module docstring)."""
+    step, out = _Step.of(model, train, sizes), _Transfers(sizes)
+    _block_transfers(out, step)
+    _pipeline_transfers(out, step)
+    _vocabulary_transfers(out, step)
+    _gradient_transfers(out, step, params)
+    return list(out)
 
 
 def bytes_by_axis(items: Iterable[Transfer]) -> dict[str, int]:

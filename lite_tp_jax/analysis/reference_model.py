@@ -17,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lite_tp_jax.layers.rotary import apply_rotary
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.models.transformer import remat_policy
+from lite_tp_jax.models.remat import remat_policy
 from lite_tp_jax.run.config import TrainConfig
 from lite_tp_jax.run.optimizer import learning_rate_schedule, make_optimizer
 

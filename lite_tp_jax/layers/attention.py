@@ -138,6 +138,39 @@ def _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta) -> Non
     check_heads(num_heads, num_kv_heads, features, head_dim, rope=rope_theta is not None)
 
 
+def _kv_layout(rules: PartitionRules, role: str, num_heads: int, num_kv_heads: int, tp: int) -> tuple[bool, int, int]:
+    """``(kv_sharded, padded kv heads, padded query heads)``. kv heads are split
+    whole over "tensor" with their query groups (padded in whole groups), or
+    replicated when there are fewer of them than ranks (or the rules say so),
+    and then only the query heads are split (padded alone)."""
+    kv_strategy = rules.strategy(f"{role}.key")
+    if kv_strategy != rules.strategy(f"{role}.value"):
+        raise ValueError(
+            f"ParallelAttention needs one strategy for {role}.key and {role}.value, got "
+            f"{kv_strategy!r} and {rules.strategy(f'{role}.value')!r}; set both in partition_rules."
+        )
+    if kv_strategy == "column" and num_kv_heads >= tp:
+        kv_padded = padded_size(num_kv_heads, tp)
+        return True, kv_padded, kv_padded * (num_heads // num_kv_heads)
+    return False, num_kv_heads, padded_size(num_heads, tp)
+
+
+def _projection(name, heads, padded_heads, *, rules, role, mesh, dtype, rngs, use_bias, features, head_dim, strategy=None):
+    """The ``[features, heads, head_dim]`` kernel (and ``[heads, head_dim]`` bias) of
+    one of q, k, v, split over "tensor" on the heads (padded to ``padded_heads``)."""
+    param = partial(rules.param, f"{role}.{name}", mesh=mesh, dtype=dtype, strategy=strategy)
+    kernel = param(
+        _projection_kernel_init, rngs.params(), (features, heads, head_dim), ("in", "out", None),
+        padded_shape=(features, padded_heads, head_dim),
+    )
+    bias = (
+        param(zeros_init, rngs.params(), (heads, head_dim), ("out", None), padded_shape=(padded_heads, head_dim))
+        if use_bias
+        else None
+    )
+    return _Projection(kernel, bias)
+
+
 class ParallelAttention(ParallelLayer):
     """Causal multi-head (or grouped-query) self-attention, heads split over "tensor"."""
 
@@ -171,49 +204,22 @@ class ParallelAttention(ParallelLayer):
         self.head_dim = features // num_heads if head_dim is None else int(head_dim)
         self.group = num_heads // num_kv_heads
         self.sequence_parallel, self.rope_theta, self.rope_scaling = sequence_parallel, rope_theta, rope_scaling
-        out_bias = use_bias if out_bias is None else out_bias
-
-        tp = mesh.shape[TENSOR]
-        kv_strategy = rules.strategy(f"{role}.key")
-        if kv_strategy != rules.strategy(f"{role}.value"):
-            raise ValueError(
-                f"ParallelAttention needs one strategy for {role}.key and {role}.value, got "
-                f"{kv_strategy!r} and {rules.strategy(f'{role}.value')!r}; set both in partition_rules."
-            )
-        # kv heads are split whole over "tensor" (with their query groups), or replicated
-        # when there are fewer of them than ranks (or the rules say so).
-        self.kv_sharded = kv_strategy == "column" and num_kv_heads >= tp
-        if self.kv_sharded:  # whole kv groups per rank; pad the groups
-            kv_padded = padded_size(num_kv_heads, tp)
-            heads_padded = kv_padded * self.group
-        else:  # kv replicated; only the query heads are split
-            kv_padded = num_kv_heads
-            heads_padded = padded_size(num_heads, tp)
-
-        def projection(name, heads, padded_heads, dims, strategy=None):
-            param = partial(rules.param, f"{role}.{name}", mesh=mesh, dtype=param_dtype, strategy=strategy)
-            kernel = param(
-                _projection_kernel_init, rngs.params(), (features, heads, self.head_dim), dims,
-                padded_shape=(features, padded_heads, self.head_dim),
-            )
-            bias = (
-                param(zeros_init, rngs.params(), (heads, self.head_dim), dims[1:], padded_shape=(padded_heads, self.head_dim))
-                if use_bias
-                else None
-            )
-            return _Projection(kernel, bias)
-
+        self.kv_sharded, kv_padded, heads_padded = _kv_layout(rules, role, num_heads, num_kv_heads, mesh.shape[TENSOR])
+        projection = partial(
+            _projection, rules=rules, role=role, mesh=mesh, dtype=param_dtype, rngs=rngs, use_bias=use_bias,
+            features=features, head_dim=self.head_dim,
+        )
         kv_override = None if self.kv_sharded else "replicated"
-        self.query = projection("query", num_heads, heads_padded, ("in", "out", None))
-        self.key = projection("key", num_kv_heads, kv_padded, ("in", "out", None), kv_override)
-        self.value = projection("value", num_kv_heads, kv_padded, ("in", "out", None), kv_override)
+        self.query = projection("query", num_heads, heads_padded)
+        self.key = projection("key", num_kv_heads, kv_padded, strategy=kv_override)
+        self.value = projection("value", num_kv_heads, kv_padded, strategy=kv_override)
         out = partial(rules.param, f"{role}.out", mesh=mesh, dtype=param_dtype)
         self.out = _Projection(
             out(
                 _out_kernel_init, rngs.params(), (num_heads, self.head_dim, features), ("in", None, "out"),
                 padded_shape=(heads_padded, self.head_dim, features),
             ),
-            out(zeros_init, rngs.params(), (features,), ("out",)) if out_bias else None,
+            out(zeros_init, rngs.params(), (features,), ("out",)) if (use_bias if out_bias is None else out_bias) else None,
         )
 
     def layout(self, x: jax.Array) -> Layout:
