@@ -3,7 +3,7 @@
     python benchmarks/fault_injection.py [--spare-failures 3] [--steps 30] [--seed 0]
                                          [--workloads tiny,wider] [--kills 10] [--out FILE.md]
 
-Spare takeovers (issue 10, part 3; ``lite_tp_jax/fault/spare.py``): one
+Spare takeovers (issue 10, part 3; ``lite_tp_jax/runtime/spares.py``): one
 process, data 2 x tensor 3 (uneven shards) with ``mesh.spares=2``: 8 fake
 CPU devices; workloads ``configs/tiny.yaml`` and a wider variant (hidden 256,
 4 layers, seq 128), whose steps take longer. Per workload, a fault-free run, then
@@ -17,7 +17,7 @@ compile), the compile part of them, the replayed step's own time, and the
 goal "at most 2 steps' time plus one compile". The persistent compilation
 cache is off, so every compile is a real one.
 
-Process kills (issue 10, part 1; ``lite_tp_jax/fault/restart.py``): ``lite-tp
+Process kills (issue 10, part 1; ``lite_tp_jax/runtime/restart.py``): ``lite-tp
 launch --processes 2 --max-restarts 2 -- train configs/tiny.yaml`` at data 2 x
 tensor 4 (4 devices per process), checkpoint every 5 steps. A fault-free
 launch, then ``--kills`` launches in turn, each with one worker process,

@@ -1,4 +1,4 @@
-"""Data-parallel fallback (lite_tp_jax/fault/spare.py): a spare takes a failed
+"""Data-parallel fallback (lite_tp_jax/runtime/spares.py, called by train/loop.py): a spare takes a failed
 device's slot, its shards copied from a data-parallel replica, and training
 goes on bit for bit as if nothing failed; without a replica or a spare the
 CLI exits 3 saying why."""

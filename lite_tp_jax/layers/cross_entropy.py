@@ -49,7 +49,7 @@ def vocab_parallel_cross_entropy(
 
     ``vocab_axes``: the mesh axes the vocabulary is split over, as in
     ``VocabParallelEmbedding`` (its statistics are reduced over all of them);
-    by default the rule table's (``plan.rules.vocab_axes``).
+    by default the rule table's (``sharding.rules.vocab_axes``).
 
     Targets outside ``[0, vocab_size)`` cannot raise an error under jit: no rank
     owns them, so their loss is the log-sum-exp of the logits (gradient:

@@ -54,11 +54,13 @@ each) and 1 all-reduce over "tensor" of B_l*S*H (with sequence_parallel: 1
 all-gather + 1 reduce-scatter), plus the statistics: an all-reduce of 3
 floats over "tensor" (it only turns values identical on every tensor rank
 into a tensor-invariant type; dividing by tp keeps gradients through the aux
-loss counted once) and, used standalone, the same over "expert". Backward: 2 more all-to-alls (the transpose of an all-to-all is an
-all-to-all), 1 all-reduce of dx over "tensor" (or reduce-scatter), and an
-all-reduce of the router kernel's gradient ``[features, E]`` over both axes
-(the replicated router is used with per-rank inputs: an implicit ``pcast`` to
-varying, whose transpose is a psum).
+loss counted once) and, used standalone, the same over "expert". Backward: 2
+more all-to-alls (the transpose of an all-to-all is an all-to-all), 1
+all-reduce of dx over "tensor" (or reduce-scatter), and all-reduces of the
+router kernel's gradient ``[features, E]``: over "tensor" where the router
+enters the tensor region (``copy_to_tensor_region``), and over the batch axes
+where the model's region broadcasts replicated parameters
+(``parallel/region.py``, ``broadcast_over``).
 
 Relation to the spec's "Expert Parallelism: TP operations occur inside each
 expert's MLP; tokens are routed to the appropriate TP shard": each expert is a

@@ -55,7 +55,7 @@ class ModelConfig:
     # YAML as a mapping {role pattern: strategy}, e.g. {attention.key: replicated,
     # attention.value: replicated}; kept as (pattern, strategy) pairs, in order.
     partition_rules: tuple[tuple[str, str], ...] = ()
-    # Architecture variants, for the Hugging Face families (lite_tp_jax/interop/hf.py);
+    # Architecture variants, for the Hugging Face families (lite_tp_jax/interop/hf_config.py);
     # the defaults are the Llama path. GPT-2: norm "layer" (LayerNorm with a bias),
     # activation "gelu" (tanh approximation, up/down MLP), qkv_bias, out_bias and
     # mlp_bias, position "learned" (a table of max_positions vectors added to the

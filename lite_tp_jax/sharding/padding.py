@@ -2,7 +2,7 @@
 
 The spec allows shards of unequal size (sum of n_i = n); JAX shardings need
 equal ones. So a parameter dimension split over k ranks is stored padded to the
-next multiple of k (``plan.rules.padded_size``): rank i holds logical indices
+next multiple of k (``sharding.rules.padded_size``): rank i holds logical indices
 ``[i*s, (i+1)*s)`` and the last ranks hold fewer real ones. Layers zero the
 padding (``mask_padding``) before every use, so padding never reaches a result
 or a gradient whatever it holds (tests fill it with NaN); ``export_state``

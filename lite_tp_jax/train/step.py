@@ -2,12 +2,12 @@
 
 Sharding. Parameters and optimizer state keep their PartitionSpecs (the
 optimizer's moments carry their parameter's spec); the batch rows are split
-over "data" x "expert". The model runs in one region where every axis is
-manual: gradients of parameters replicated across a TP group are summed over
-"tensor" where the group's partial results meet (``copy_to_tensor_region``
-backward), and gradients of parameters replicated across data-parallel ranks
-are summed over "data" (and "expert") by the backward of their use on per-rank
-rows.
+over "data" x "expert". The model runs in one region where every axis in use
+is manual: gradients of parameters replicated across a TP group are summed
+over "tensor" where the group's partial results meet (``copy_to_tensor_region``
+backward, inside the layers), then gradients of parameters replicated across
+data-parallel ranks are summed over "data" (and "expert") once, by the
+backward of ``broadcast_over`` at region entry (``parallel/region.py``).
 The global gradient norm for clipping is computed over the sharded gradients
 with one all-reduce (``parallel/grads.py``; padding is zero, so it adds nothing).
 A step whose loss, gradient norm or updated parameters (their global norm: one
