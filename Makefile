@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/lite-tp generate --run-dir $(RUN_DIR) --prompt "def " --max-new-tokens 300 --temperature 0.7
 
 test: install-test
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q --durations=10
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -212,9 +212,9 @@ def _generate(args) -> int:
     if args.hf is not None:
         from lite_tp_jax.core.mesh import make_mesh_for
         from lite_tp_jax.interop.hf import from_pretrained
+        from lite_tp_jax.interop.hf_config import read_hf_config
 
-        vocab_size = json.loads((Path(args.hf) / "config.json").read_text()).get("vocab_size", 0)
-        tokenizer = load_tokenizer(args.hf, vocab_size)
+        tokenizer = load_tokenizer(args.hf, read_hf_config(args.hf).get("vocab_size", 0))
         model = from_pretrained(args.hf, mesh=make_mesh_for({"tensor": args.tensor}))
     else:
         model, tokenizer = load_trained_model(args.run_dir), ByteTokenizer()

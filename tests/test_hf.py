@@ -204,6 +204,29 @@ def test_shape_mismatch_is_named(tmp_path):
         from_pretrained(path, mesh=mesh_of(1, 1))
 
 
+def test_damaged_hugging_face_files_are_bad_input_not_a_traceback(tmp_path, capsys):
+    """Only ``BadInput`` exits 2: a config.json that is not JSON, or lacks a field,
+    and a safetensors header that is not JSON are ``HFError``s, not ValueErrors."""
+    broken = copy_model("llama3", tmp_path / "broken")
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(HFError, match=r"config.json is not valid JSON"):
+        hf_config.read_hf_config(broken)
+    assert cli.main(["generate", "--hf", str(broken), "--prompt", "a", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json is not valid JSON" in err and "Traceback" not in err
+    lacking = copy_model("llama3", tmp_path / "lacking")
+    config = json.loads((lacking / "config.json").read_text())
+    del config["hidden_size"]
+    (lacking / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFError, match=r"config.json of model_type 'llama' lacks the field 'hidden_size'"):
+        from_pretrained(lacking, mesh=mesh_of(1, 1))
+    garbled = copy_model("llama3", tmp_path / "garbled")
+    data = (garbled / "model.safetensors").read_bytes()
+    (garbled / "model.safetensors").write_bytes(data[:8] + b"!" * 16 + data[24:])
+    with pytest.raises(HFError, match=r"is not a safetensors file \(its header is not JSON\)"):
+        Checkpoint(garbled)
+
+
 def test_save_refuses_to_overwrite(tmp_path):
     model = from_pretrained(DATA / "llama2", mesh=mesh_of(1, 1))
     (tmp_path / "out").mkdir()

@@ -49,7 +49,15 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig of a Hugging Face ``config.json`` (as a dict)."""
+    """The ModelConfig of a Hugging Face ``config.json`` (as a dict); HFError
+    naming a missing field or an unsupported one."""
+    try:
+        return _config_from_hf(hf)
+    except KeyError as missing:
+        raise HFError(f"config.json of model_type {hf.get('model_type')!r} lacks the field {missing.args[0]!r}.") from None
+
+
+def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     family = hf.get("model_type")
     if family not in FAMILIES:
         raise HFError(f"model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}.")
@@ -158,7 +166,14 @@ def config_to_hf(config: ModelConfig, dtype: Any = jnp.float32) -> dict[str, Any
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a Hugging Face model directory as a dict; HFError if it is missing or not a JSON object."""
     file = Path(path) / "config.json"
     if not file.exists():
         raise HFError(f"{path} is not a Hugging Face model directory: it has no config.json.")
-    return json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise HFError(f"{file} is not valid JSON ({error}).") from None
+    if not isinstance(config, dict):
+        raise HFError(f"{file} must hold a JSON object, got {type(config).__name__}.")
+    return config

@@ -47,7 +47,10 @@ def _read_header(file: Path) -> dict[str, _Entry]:
         length = int.from_bytes(f.read(8), "little")
         if not 2 <= length <= size - 8:
             raise HFError(f"{file} is not a safetensors file (header length {length}, file size {size}).")
-        header = json.loads(f.read(length))
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError):
+            raise HFError(f"{file} is not a safetensors file (its header is not JSON).") from None
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -69,7 +72,10 @@ class Checkpoint:
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
         if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError, TypeError):
+                raise HFError(f"{index} is not a safetensors index (a JSON object with a weight_map).") from None
         else:
             files = sorted(p.name for p in self.directory.glob("*.safetensors"))
         if not files:
