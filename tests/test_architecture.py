@@ -111,3 +111,18 @@ def test_the_training_step_lowers_for_gpu_and_tpu(config, overrides, collectives
     text = exported.mlir_module()
     for collective in collectives:  # the explicit collectives survive lowering for both
         assert f"stablehlo.{collective}" in text, collective
+
+
+def test_the_mesh_axes_are_declared_once():
+    """``core.axes.AXES`` is the one declaration: the config's mesh section, the
+    mesh and the planner's mesh ranking follow it."""
+    import dataclasses
+
+    from lite_tp_jax.analysis.planner import factorisations
+    from lite_tp_jax.core.axes import AXES
+    from lite_tp_jax.run.config import MeshConfig
+
+    assert [f.name for f in dataclasses.fields(MeshConfig)] == [*AXES, "spares"]
+    assert MeshConfig(tensor=-1).sizes(8) == dict.fromkeys(AXES, 1) | {"tensor": 8}
+    assert tuple(make_mesh_for({"tensor": 2}).axis_names) == AXES
+    assert all(tuple(sizes) == AXES and np.prod(list(sizes.values())) == 4 for sizes in factorisations(4))
