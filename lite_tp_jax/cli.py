@@ -1,6 +1,6 @@
 """``lite-tp``: the command line, and the composition root of the package.
 
-    lite-tp train CONFIG [--set KEY=VALUE]... [--run-dir DIR]
+    lite-tp train CONFIG [--set KEY=VALUE]... [--run-dir DIR] [--profile START:END] [--peak-tflops T]
     lite-tp generate (--run-dir DIR | --hf PATH [--tensor N]) --prompt TEXT
                      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     lite-tp convert --from-hf PATH --run-dir DIR [--tensor N]   (Hugging Face -> run dir, step 0)
@@ -38,7 +38,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from lite_tp_jax.analysis.profiles import PROFILES
+from lite_tp_jax.analysis.profiles import PROFILES, profile_for_device
 from lite_tp_jax.core.errors import BadInput
 from lite_tp_jax.run.config import ConfigError
 from lite_tp_jax.run.config_file import load_config
@@ -72,6 +72,10 @@ def _add_train(commands) -> None:
     _add_overrides(train)
     train.add_argument("--run-dir", default="runs/latest", help="where config, metrics and checkpoints go")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--profile", metavar="START:END",
+                       help="write a jax.profiler trace of steps START..END into RUN_DIR/profile")
+    train.add_argument("--peak-tflops", type=float, metavar="T",
+                       help="peak TFLOP/s of one device, for MFU (default: the device profile of jax's device kind)")
 
 
 def _add_generate(commands) -> None:
@@ -142,6 +146,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _peak_flops(peak_tflops: float | None, compute_dtype: str) -> tuple[float | None, str]:
+    """Peak FLOP/s of one device for MFU, and where it came from: ``--peak-tflops``,
+    else the device profile matching jax's device kind (``analysis/profiles.py``)."""
+    if peak_tflops is not None:
+        return peak_tflops * 1e12, "--peak-tflops"
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    profile = profile_for_device(kind)
+    if profile is None:
+        return None, f"no device profile matches {kind!r}: give --peak-tflops for MFU"
+    return profile.peak_for(compute_dtype), f"device profile {profile.name!r}"
+
+
+def _check_peak_tflops(peak_tflops: float | None) -> None:
+    if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
+        raise BadInput(f"--peak-tflops must be a positive number of TFLOP/s per device (e.g. 989 for an "
+                       f"H100 in bfloat16), got {peak_tflops}")
+
+
 def _check_tensor(tensor: int) -> None:
     if tensor < 1:
         raise BadInput(f"--tensor must be a positive integer (the tensor-parallel degree), got {tensor}.")
@@ -152,15 +176,23 @@ def _check_tensor(tensor: int) -> None:
 
 def _train(args) -> int:
     config = load_config(args.config, args.overrides)
+    _check_peak_tflops(args.peak_tflops)
     # Deferred: devices are chosen before jax starts, and the training stack loads jax.
+    from lite_tp_jax.runtime.compile_cache import use_compile_cache
     from lite_tp_jax.runtime.devices import prepare_devices
+    from lite_tp_jax.train.profiling import parse_steps
 
+    profile = parse_steps(args.profile, config.train.steps) if args.profile is not None else None
     prepare_devices(config.mesh.devices_needed(), deterministic=config.train.deterministic)
+    use_compile_cache(config.compile.cache, config.compile.cache_dir)
     from lite_tp_jax.run.checkpoint import NonFiniteError
     from lite_tp_jax.runtime.spares import DeviceLost
     from lite_tp_jax.train.loop import Trainer, is_primary
 
-    trainer = Trainer(config, args.run_dir)
+    peak, source = _peak_flops(args.peak_tflops, config.model.compute_dtype)
+    trainer = Trainer(config, args.run_dir, peak_flops=peak, profile=profile)
+    if peak is None and is_primary():
+        print(f"lite-tp: note: no MFU ({source})", file=sys.stderr)
     try:
         records = trainer.run(show_progress=not args.no_progress)
     except NonFiniteError as error:  # train.on_nonfinite=stop: one line, the last checkpoint kept
@@ -169,6 +201,8 @@ def _train(args) -> int:
     except DeviceLost as lost:
         print(f"lite-tp: {lost}", file=sys.stderr)
         return ExitCode.DEVICE_LOST
+    if trainer.goodput_line is not None:  # process 0
+        print(trainer.goodput_line)
     if trainer.preempted_at is not None:
         print(f"lite-tp: preempted (SIGTERM): checkpoint {trainer.preempted_at} saved in {args.run_dir}; "
               f"rerun the same command to continue", file=sys.stderr)
@@ -196,6 +230,7 @@ def _generate(args) -> int:
     config = load_config(config_path) if config_path is not None and config_path.exists() else None
     # Deferred: devices are chosen before jax starts, and generation loads jax and the model.
     from lite_tp_jax.inference.sampling import Sampling, check_max_new_tokens
+    from lite_tp_jax.runtime.compile_cache import use_compile_cache
     from lite_tp_jax.runtime.devices import prepare_devices, start_cluster
 
     check_max_new_tokens(args.max_new_tokens)
@@ -206,6 +241,8 @@ def _generate(args) -> int:
         prepare_devices(config.mesh.devices_needed(), deterministic=config.train.deterministic)
     else:
         start_cluster()
+    cache = config.compile if config is not None else None
+    use_compile_cache(cache is None or cache.cache, cache.cache_dir if cache is not None else None)
     from lite_tp_jax.inference.loading import load_trained_model
     from lite_tp_jax.inference.text import ByteTokenizer, load_tokenizer, stream_text
 

@@ -58,6 +58,7 @@ from lite_tp_jax.layers.moe import capacity as moe_capacity
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.factory import partition_rules
 from lite_tp_jax.models.fit import batch_ranks
+from lite_tp_jax.models.flops import training_flops_per_step
 from lite_tp_jax.run.config import Config, ConfigError, TrainConfig
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.sharding.rules import batch_sharding
@@ -379,16 +380,9 @@ def _group_name(name: str) -> str:
 
 
 def flops_per_step(model: ModelConfig, train: TrainConfig) -> float:
-    """Matmul FLOPs of one training step (forward + backward = 3x forward), all devices together."""
-    H, F, S = model.hidden_size, model.ffn_hidden_size, train.seq_len
-    hd, a, kv = model.resolved_head_dim, model.num_heads, model.num_kv_heads
-    tokens = train.global_batch * S
-    attention = 2 * H * hd * (2 * a + 2 * kv) + 4 * S * a * hd  # projections + scores and values
-    moe = model.moe_every and model.top_k * 6 * H * F + 2 * H * model.num_experts
-    moe_layers = model.num_layers // model.moe_every if model.moe_every else 0
-    mlp = 6 * H * F * (model.num_layers - moe_layers) + (moe or 0) * moe_layers
-    head = 2 * H * model.vocab_size
-    return 3.0 * tokens * (attention * model.num_layers + mlp + head)
+    """Model FLOPs of one training step, all devices together (``models/flops.py``:
+    6 N per token plus causal attention counted half)."""
+    return training_flops_per_step(model, train.global_batch, train.seq_len)
 
 
 def _wire_factor(kind: str, n: int) -> float:

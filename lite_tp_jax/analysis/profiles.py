@@ -16,6 +16,9 @@ Sources (vendor datasheets, dense math, no sparsity):
   taken as 25 GB/s per chip (a 200 Gb/s host NIC shared by 4 chips = 6.25 GB/s
   is the pessimistic end).
 - Nodes: 8 GPUs per DGX/HGX node; a TPU v5e slice of up to 256 chips shares ICI.
+- bfloat16 peaks (``peak_bf16_flops``, for MFU of ``compute_dtype: bfloat16``):
+  H100/H200 SXM 989 TFLOPS dense, A100 312, TPU v5e 197 (same datasheets);
+  the CPU profile's is its float32 one.
 - cpu: a nominal 2-core host (about 100 GFLOPS float32 with AVX2 FMA), 16 GB,
   memory-bandwidth "links" of 10 GB/s; only for trying the planner out.
 """
@@ -33,13 +36,27 @@ class DeviceProfile:
     intra_node_bytes_per_s: float  # per device, one direction
     inter_node_bytes_per_s: float  # per device, one direction
     devices_per_node: int          # a "tensor" group larger than this crosses nodes
+    peak_bf16_flops: float = 0.0   # bfloat16 dense matmul FLOP/s (0: as peak_flops)
+    device_kinds: tuple[str, ...] = ()  # substrings of jax's device_kind that name this device
+
+    def peak_for(self, compute_dtype: str) -> float:
+        """Peak FLOP/s per device for matmuls in ``compute_dtype`` (``model.compute_dtype``)."""
+        return self.peak_bf16_flops or self.peak_flops if compute_dtype == "bfloat16" else self.peak_flops
 
 
 GB = 1e9
 PROFILES: dict[str, DeviceProfile] = {
-    "h100": DeviceProfile("h100", 494.7e12, 80 * GB, 450 * GB, 50 * GB, 8),
-    "h200": DeviceProfile("h200", 494.7e12, 141 * GB, 450 * GB, 50 * GB, 8),
-    "a100": DeviceProfile("a100", 156e12, 80 * GB, 300 * GB, 25 * GB, 8),
-    "tpu-v5e": DeviceProfile("tpu-v5e", 197e12 / 3, 16 * GB, 200 * GB, 25 * GB, 256),  # one ICI slice
-    "cpu": DeviceProfile("cpu", 100e9, 16 * GB, 10 * GB, 10 * GB, 8),
+    "h100": DeviceProfile("h100", 494.7e12, 80 * GB, 450 * GB, 50 * GB, 8, 989.4e12, ("H100",)),
+    "h200": DeviceProfile("h200", 494.7e12, 141 * GB, 450 * GB, 50 * GB, 8, 989.4e12, ("H200",)),
+    "a100": DeviceProfile("a100", 156e12, 80 * GB, 300 * GB, 25 * GB, 8, 312e12, ("A100",)),
+    "tpu-v5e": DeviceProfile("tpu-v5e", 197e12 / 3, 16 * GB, 200 * GB, 25 * GB, 256, 197e12,  # one ICI slice
+                             ("TPU v5 lite", "TPU v5e")),
+    "cpu": DeviceProfile("cpu", 100e9, 16 * GB, 10 * GB, 10 * GB, 8, 0.0, ("cpu",)),
 }
+
+
+def profile_for_device(device_kind: str) -> DeviceProfile | None:
+    """The profile whose ``device_kinds`` name ``device_kind`` (jax's, e.g.
+    ``"NVIDIA H100 80GB HBM3"``), or None."""
+    kind = device_kind.lower()
+    return next((p for p in PROFILES.values() if any(k.lower() in kind for k in p.device_kinds)), None)

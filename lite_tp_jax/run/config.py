@@ -1,4 +1,4 @@
-"""A run's config: six sections, each a frozen dataclass with its fields'
+"""A run's config: eight sections, each a frozen dataclass with its fields'
 ranges and its own rules, and ``Config`` with the rules between sections.
 
     model:        # lite_tp_jax.models.config.ModelConfig
@@ -14,6 +14,10 @@ ranges and its own rules, and ``Config`` with the rules between sections.
     fault:        # inject a device failure (CPU testing of mesh.spares)
       fail_device: 1
       fail_step: 2
+    logging:      # TensorBoard (on), Weights & Biases (a project name)
+      wandb_project: null
+    compile:      # the persistent compilation cache: on, where
+      cache: true
 
 Reading, overriding and writing YAML is ``config_file.py``. Every problem is a
 ``ConfigError`` with one sentence that names the full key path; a section's
@@ -161,6 +165,52 @@ class FaultConfig:
             raise ConfigError(f"'fault.{given}' is set but 'fault.{missing}' is not; an injected failure needs both")
 
 
+WANDB_FORBIDDEN = "/\\#?%:"
+"""Characters Weights & Biases refuses in a project name."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """What a run writes for people to watch, besides ``metrics.jsonl`` (always
+    written, the source of truth: the others are written from its records):
+    TensorBoard event files under ``RUN_DIR/tensorboard``, and, when
+    ``wandb_project`` names one, a Weights & Biases run (``pip install wandb``;
+    offline when W&B cannot be reached). See ``lite_tp_jax/train/sinks.py``."""
+
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+    def check(self) -> None:
+        project = self.wandb_project
+        if project is None:
+            return
+        bad = sorted({c for c in project if c in WANDB_FORBIDDEN})
+        if not project.strip() or len(project) > 128 or bad:
+            why = f"contains {' '.join(repr(c) for c in bad)}" if bad else f"is {project!r}"
+            raise ConfigError(
+                f"'logging.wandb_project' {why}; it must be a W&B project name of 1 to 128 characters "
+                f"without {' '.join(WANDB_FORBIDDEN)}, or null for no W&B run"
+            )
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """JAX's persistent compilation cache (``lite_tp_jax/runtime/compile_cache.py``):
+    a rerun, a restarted worker or ``lite-tp generate`` of the same program
+    loads it instead of compiling. On by default; ``cache: false`` turns it
+    off; ``cache_dir`` null means ``$JAX_COMPILATION_CACHE_DIR`` when set, else
+    ``$XDG_CACHE_HOME/lite_tp_jax/jax`` (``~/.cache/lite_tp_jax/jax``)."""
+
+    cache: bool = True
+    cache_dir: str | None = None
+
+    def check(self) -> None:
+        if self.cache_dir is not None and not self.cache_dir.strip():
+            raise ConfigError(
+                "'compile.cache_dir' is empty; give a directory for the compilation cache, or null for the default"
+            )
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -169,6 +219,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
     def check(self) -> None:
         """Each section's rules, then the rules between sections; ConfigError naming key paths."""

@@ -134,3 +134,11 @@ def prepare_devices(device_count: int, *, deterministic: bool = False) -> None:
     if not start_cluster():
         check_fake_device_count(device_count)  # before jax allocates them
         provide_cpu_devices(device_count)
+
+
+def device_memory_in_use() -> int | None:
+    """The most bytes in use on any of this process's devices, where the backend
+    reports it (GPU, TPU: ``memory_stats()['bytes_in_use']``; None on CPU)."""
+    used = [(device.memory_stats() or {}).get("bytes_in_use") for device in jax.local_devices()]
+    used = [u for u in used if u is not None]
+    return max(used) if used else None

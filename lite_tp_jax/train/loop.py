@@ -22,6 +22,13 @@ NonFiniteError) or is counted (``skip``: ``skipped`` and ``skipped_steps`` in
 the metrics); a SIGTERM checkpoints the step just finished and stops
 (``preempted_at``); a failed device (injected: ``train/faults.py``) is
 replaced by a spare (``_take_over``) or ends the run with DeviceLost.
+
+What people read (``train/sinks.py``, ``step_cost.py``, ``goodput.py``,
+``profiling.py``): before step 1 the compiled step's memory per device and
+model FLOPs per step are printed (and logged with the goodput); each step
+record carries tokens/s and MFU, and goes to TensorBoard (and W&B) as well;
+``--profile START:END`` traces those steps; the run ends with a ``goodput``
+event and line.
 """
 
 from __future__ import annotations
@@ -39,9 +46,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from lite_tp_jax.core.mesh import make_mesh_for
 from lite_tp_jax.run.checkpoint import Checkpointer, NonFiniteError
 from lite_tp_jax.run.config import Config
-from lite_tp_jax.run.config_file import dump_config
+from lite_tp_jax.run.config_file import config_to_dict, dump_config
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.runtime.metrics import METRICS_FILE, MetricsLog
+from lite_tp_jax.runtime.devices import device_memory_in_use
 from lite_tp_jax.runtime.preemption import PreemptionWatch
 from lite_tp_jax.runtime.run_dir import RunLock, check_writable
 from lite_tp_jax.runtime.spares import DeviceLost, take_over
@@ -50,7 +58,11 @@ from lite_tp_jax.sharding.state import rebind_mesh
 from lite_tp_jax.train.data import Batches, device_batch, load_tokens
 from lite_tp_jax.train.faults import Spares, poisoned
 from lite_tp_jax.train.fit import check_run_fits
+from lite_tp_jax.train.goodput import Goodput, summary
+from lite_tp_jax.train.profiling import StepTrace
+from lite_tp_jax.train.sinks import RunLog, check_wandb
 from lite_tp_jax.train.step import TrainStep
+from lite_tp_jax.train.step_cost import StepCost, compile_step, describe
 
 
 def is_primary() -> bool:
@@ -75,11 +87,17 @@ def check_finite_step(record: dict, policy: str, last_checkpoint: int | None) ->
 
 
 class Trainer:
-    def __init__(self, config: Config, run_dir: str | os.PathLike):
+    """``peak_flops``: the peak FLOP/s of one device, for MFU (none: no ``mfu``);
+    ``profile``: steps ``(first, last)`` to trace (``train/profiling.py``)."""
+
+    def __init__(self, config: Config, run_dir: str | os.PathLike, *, peak_flops: float | None = None,
+                 profile: tuple[int, int] | None = None):
+        self.goodput = Goodput()
         self.config = config
         self.run_dir = Path(run_dir)
         self.mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
         check_run_fits(config, self.mesh.shape)
+        check_wandb(config.logging)
         self.spares = Spares(config, self.mesh, self.run_dir)
         train = config.train
         self.batches = Batches(load_tokens(config.data, config.model.vocab_size), train.global_batch, train.seq_len, train.seed)
@@ -103,8 +121,13 @@ class Trainer:
         self.metrics = None
         if is_primary():
             dump_config(config, self.run_dir / "config.yaml")
-            self.metrics = MetricsLog(self.run_dir / METRICS_FILE, self.start_step)
+            self.metrics = RunLog.open(MetricsLog(self.run_dir / METRICS_FILE, self.start_step), config.logging,
+                                       self.run_dir, self.start_step, config_to_dict(config))
         self.step = TrainStep(self.model, self.optimizer, train)
+        self.cost = StepCost(config, self.mesh.size, peak_flops)
+        self.trace = StepTrace(profile, self.run_dir)
+        self.goodput_line: str | None = None
+        self.last_step, self.compiled = self.start_step, {}
         self.preempted_at: int | None = None
 
     def _claim_run_dir(self) -> None:
@@ -130,9 +153,10 @@ class Trainer:
         return {"model": nnx.state(self.model), "optimizer": nnx.state(self.optimizer)}
 
     def _save(self, step: int) -> None:
-        self.checkpointer.save(
-            step, self._items(), {"step": step, "data_position": step, "skipped_steps": self.skipped_steps},
-        )
+        with self.goodput.measure("checkpoint_s"):
+            self.checkpointer.save(
+                step, self._items(), {"step": step, "data_position": step, "skipped_steps": self.skipped_steps},
+            )
         self.last_checkpoint = step
 
     def _take_over(self, failed: jax.Device, step: int) -> None:
@@ -170,6 +194,7 @@ class Trainer:
         finished = time.perf_counter()
         event = {"event": "spare_takeover", "step": step, **takeover.event}
         event.update(seconds=finished - started, compile_seconds=finished - compile_started)
+        self.goodput.add("takeover_s", finished - started)
         if self.metrics is not None:
             self.metrics.append(event)
 
@@ -180,11 +205,33 @@ class Trainer:
             with PreemptionWatch() as preemption:
                 return self._run(preemption, show_progress)
         finally:
-            self.close()
+            with self.goodput.measure("checkpoint_s"):
+                self.close()
+            self._finish_logs()
+
+    def _finish_logs(self) -> None:
+        """The profiler stopped, the ``goodput`` event (with the compiled step's
+        figures) logged, the sinks closed."""
+        self.trace.stop(self.last_step)
+        if self.metrics is not None:
+            event = self.goodput.event(self.last_step, self.metrics.path)
+            self.metrics.append({**event, **self.compiled, "flops_per_step": self.cost.flops})
+            self.metrics.close()
+            self.goodput_line = summary(event)
+
+    def _compile_first_step(self) -> None:
+        """Before step 1: the step compiled (or loaded from the compilation cache),
+        its memory per device and model FLOPs printed (and logged with the goodput)."""
+        with self.goodput.measure("compile_s"):
+            self.compiled = compile_step(self.step, self.batches.batch(self.start_step), self.mesh)
+        if is_primary():
+            print(describe(self.compiled, self.goodput.seconds["compile_s"], self.cost), flush=True)
 
     def _run(self, preemption: PreemptionWatch, show_progress: bool) -> list[dict]:
         train, every = self.config.train, self.config.checkpoint.every
         records = []
+        if self.start_step < train.steps:
+            self._compile_first_step()
         progress = Progress(
             TextColumn("step {task.completed}/{task.total}"), BarColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tokens_per_s]:,.0f} tok/s"),
@@ -196,16 +243,23 @@ class Trainer:
                 failed = self.spares.failing_before(position + 1)
                 if failed is not None:  # an injected device failure: a spare takes over
                     self._take_over(failed, position + 1)
-                inputs, targets = device_batch(self.batches, position, batch_sharding(self.mesh))
+                with self.goodput.measure("data_s"):
+                    inputs, targets = device_batch(self.batches, position, batch_sharding(self.mesh))
+                self.trace.before(position + 1)
                 started = time.perf_counter()
                 metrics = jax.device_get(self.step(inputs, targets))
                 elapsed = time.perf_counter() - started
+                self.trace.after(position + 1)
+                self.last_step = position + 1
                 record = {
                     "step": position + 1,
                     **{name: float(value) for name, value in metrics.items()},
                     "step_time_s": elapsed,
-                    "tokens_per_s": train.global_batch * train.seq_len / elapsed,
+                    **self.cost.rates(elapsed),
                 }
+                self.goodput.add("skipped_step_s" if record["skipped"] else "productive_step_s", elapsed)
+                if (memory := device_memory_in_use()) is not None:
+                    record["memory_in_use_bytes"] = memory
                 check_finite_step(record, train.on_nonfinite, self.last_checkpoint)
                 self.skipped_steps += int(record["skipped"])
                 record["skipped_steps"] = self.skipped_steps
