@@ -74,7 +74,7 @@ def _add_train(commands) -> None:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--profile", metavar="START:END",
                        help="write a jax.profiler trace of steps START..END into RUN_DIR/profile")
-    train.add_argument("--peak-tflops", type=float, metavar="T",
+    train.add_argument("--peak-tflops", metavar="T",
                        help="peak TFLOP/s of one device, for MFU (default: the device profile of jax's device kind)")
 
 
@@ -160,10 +160,18 @@ def _peak_flops(peak_tflops: float | None, compute_dtype: str) -> tuple[float | 
     return profile.peak_for(compute_dtype), f"device profile {profile.name!r}"
 
 
-def _check_peak_tflops(peak_tflops: float | None) -> None:
-    if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
+def _parse_peak_tflops(text: str | None) -> float | None:
+    """``--peak-tflops``: a finite number > 0, or BadInput."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
         raise BadInput(f"--peak-tflops must be a positive number of TFLOP/s per device (e.g. 989 for an "
-                       f"H100 in bfloat16), got {peak_tflops}")
+                       f"H100 in bfloat16), got {text!r}")
+    return value
 
 
 def _check_tensor(tensor: int) -> None:
@@ -176,7 +184,7 @@ def _check_tensor(tensor: int) -> None:
 
 def _train(args) -> int:
     config = load_config(args.config, args.overrides)
-    _check_peak_tflops(args.peak_tflops)
+    peak_tflops = _parse_peak_tflops(args.peak_tflops)
     # Deferred: devices are chosen before jax starts, and the training stack loads jax.
     from lite_tp_jax.runtime.compile_cache import use_compile_cache
     from lite_tp_jax.runtime.devices import prepare_devices
@@ -189,7 +197,7 @@ def _train(args) -> int:
     from lite_tp_jax.runtime.spares import DeviceLost
     from lite_tp_jax.train.loop import Trainer, is_primary
 
-    peak, source = _peak_flops(args.peak_tflops, config.model.compute_dtype)
+    peak, source = _peak_flops(peak_tflops, config.model.compute_dtype)
     trainer = Trainer(config, args.run_dir, peak_flops=peak, profile=profile)
     if peak is None and is_primary():
         print(f"lite-tp: note: no MFU ({source})", file=sys.stderr)

@@ -185,6 +185,23 @@ CASES = [
     ("damaged-metrics-line", TRAINED, damage_metrics_line, [], 0, "metrics.jsonl:2 is damaged", ["checkpoints", "config.yaml"]),
     ("stale-lock", TRAINED, stale_lock, [], 0, "left by process", ALL),
     ("already-done", TRAINED, None, [], 0, "", ALL),
+    ("profile-end-before-start", None, None, {"argv": ["--profile", "3:2"]}, 2,
+     "--profile takes START:END, two steps with 1 <= START <= END (e.g. 5:8), got '3:2'", ["."]),
+    ("profile-not-a-range", None, None, {"argv": ["--profile", "abc"]}, 2, "--profile takes START:END", ["."]),
+    ("profile-from-step-0", None, None, {"argv": ["--profile", "0:2"]}, 2, "got '0:2'", ["."]),
+    ("profile-past-the-run", None, None, {"argv": ["--profile", "2:9"]}, 2,
+     "--profile 2:9 ends past train.steps (4); choose steps from 1 to 4", ["."]),
+    ("peak-zero", None, None, {"argv": ["--peak-tflops", "0"]}, 2, "--peak-tflops must be a positive number", ["."]),
+    ("peak-nan", None, None, {"argv": ["--peak-tflops", "nan"]}, 2, "of TFLOP/s per device (e.g. 989", ["."]),
+    ("peak-not-a-number", None, None, {"argv": ["--peak-tflops", "fast"]}, 2, "TFLOP/s per device (e.g. 989 for an H100 in bfloat16), got 'fast'", ["."]),
+    ("wandb-project-with-slash", None, None, ["logging.wandb_project=team/proj"], 2,
+     "'logging.wandb_project' contains '/'; it must be a W&B project name", ["."]),
+    ("wandb-project-blank", None, None, ["logging.wandb_project=' '"], 2, "'logging.wandb_project' is ' '", ["."]),
+    ("tensorboard-not-a-bool", None, None, ["logging.tensorboard=sometimes"], 2, "'logging.tensorboard' must be", ["."]),
+    ("compile-cache-not-a-bool", None, None, ["compile.cache=sometimes"], 2, "'compile.cache' must be", ["."]),
+    ("compile-cache-dir-unwritable", None, None, ["compile.cache_dir=/proc/lite_tp_cache"], 2,
+     "the compilation cache directory '/proc/lite_tp_cache' cannot be made", ["."]),
+    ("compile-cache-dir-blank", None, None, ["compile.cache_dir=' '"], 2, "'compile.cache_dir' is empty", ["."]),
     ("diverges-stop", None, None, ["train.lr=1e30", "checkpoint.every=1"], 1,
      "step 2: the update made parameters non-finite (loss ", ["checkpoints"]),
     ("diverges-skip", None, None, ["train.lr=1e30", "train.on_nonfinite=skip"], 0, "3 updates were skipped", []),
@@ -213,7 +230,8 @@ def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchan
     listing = sorted(p.name for p in tmp_path.iterdir())
     capsys.readouterr()
     try:
-        got = main(["train", config, "--no-progress", "--run-dir", run_dir, "--set", *BASE, *overrides])
+        got = main(["train", config, "--no-progress", "--run-dir", run_dir, "--set", *BASE, *overrides,
+                    *options.get("argv", [])])
     finally:
         if lock is not None:
             lock.release()
@@ -224,7 +242,7 @@ def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchan
     if fault is damage_metrics_line:  # the damaged line is dropped, the rest kept
         assert [step for step, _ in losses(run)] == [1, 3, 4]
     if "skip" in " ".join(overrides):
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        records = steps_of(run)
         assert [r["skipped"] for r in records] == [0, 1, 1, 1] and records[-1]["skipped_steps"] == 3
     if code:  # one error line (after any warnings about what was tried), nothing else
         assert [line for line in err.splitlines() if not line.startswith("lite-tp: warning:")] == [
@@ -240,7 +258,7 @@ def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchan
         assert [step for step, _ in losses(run)] == [1]
     assert not (run / ".lock").exists() or fault == "hold_lock"
     if fault in (truncate_latest, flip_a_byte_in_latest, delete_half_of_latest, unreadable_manifest_in_latest, nan_in_latest):
-        finished = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        finished = [r["step"] for r in steps_of(run)]
         assert finished == list(range(1, len(finished) + 1))  # each step once
         assert any(re.fullmatch(r"4\.damaged-\d+-\d+", p.name) for p in (run / "checkpoints").iterdir())
 
@@ -370,8 +388,13 @@ def test_layer_constructors_reject_bad_sizes(build, message):
 # ---- preemption and kill -9 during an asynchronous save ------------------------
 
 
+def steps_of(run: Path) -> list[dict]:
+    """The step records of ``metrics.jsonl`` (not its events: ``goodput``, restarts, takeovers)."""
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
+
+
 def losses(run: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    return [(r["step"], r["loss"]) for r in steps_of(run)]
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_continues_exactly(tmp_path, monkeypatch, capsys):

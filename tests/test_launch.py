@@ -214,7 +214,8 @@ STEPS = 6
 
 
 def losses(run_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return [r["loss"] for r in records if "event" not in r]  # not the goodput event
 
 
 def train_here(run_dir, overrides):

@@ -65,7 +65,7 @@ def test_takeover_is_bitwise_equal_to_the_fault_free_run(fault_free, taken_over)
     _, lines, state = taken_over
     steps = [line for line in lines if "event" not in line]
     assert [line["step"] for line in steps] == [1, 2, 3]  # step 2 replayed, recorded once
-    assert [line["loss"] for line in steps] == [line["loss"] for line in expected_lines]
+    assert [line["loss"] for line in steps] == [line["loss"] for line in expected_lines if "event" not in line]
     assert state.keys() == expected_state.keys()
     for name, expected in expected_state.items():  # parameters, moments, counts: every device's copy
         assert len(state[name]) == len(expected) == 4, name
@@ -80,9 +80,11 @@ def test_takeover_puts_the_spare_in_the_failed_slot_and_logs_it(taken_over):
     assert [d.id for d in trainer.mesh.devices.flat] == [0, 4, 2, 3]
     for _, variable in nnx.to_flat_state(nnx.state((trainer.model, trainer.optimizer))):
         assert failed not in variable.get_value().sharding.device_set
-    (event,) = [line for line in lines if "event" in line]
+    event, goodput = [line for line in lines if "event" in line]
     assert lines.index(event) == 1  # after step 1, before the replayed step 2
     assert event["event"] == "spare_takeover"
+    assert goodput["event"] == "goodput" and lines[-1] is goodput  # the run's breakdown, last
+    assert goodput["takeovers"] == 1 and goodput["takeover_s"] == pytest.approx(event["seconds"], abs=2e-3)
     assert (event["step"], event["failed_device"], event["spare"], event["replica"]) == (2, 1, 4, 3)
     assert event["slot"] == {"data": 0, "pipeline": 0, "expert": 0, "tensor": 1}
     assert event["seconds"] >= event["compile_seconds"] > 0 and event["copied_bytes"] > 0
@@ -188,7 +190,8 @@ def test_without_replica_or_spare_the_trainer_exits_3(overrides, message, tmp_pa
     err = capsys.readouterr().err
     assert message in err and "restart from the last checkpoint (none yet: from step 0)" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert (run_dir / "metrics.jsonl").read_text() == ""  # no step, no event: nothing was taken over
+    # No step and no takeover: only the run's goodput breakdown.
+    assert [json.loads(line)["event"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == ["goodput"]
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
     # The restart (the same command again) does not fail again.
     rerun = Trainer(load_config(TINY, [*SMALL, *overrides, "fault.fail_device=1", "fault.fail_step=1"]), run_dir)

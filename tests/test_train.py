@@ -110,7 +110,8 @@ def test_metrics_log_drops_steps_to_redo_and_a_torn_line(tmp_path):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The step records (not the events, e.g. the ``goodput`` one at the end of a run)."""
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
 
 
 def train_command(run_dir, steps):

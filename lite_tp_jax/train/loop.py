@@ -95,9 +95,9 @@ class Trainer:
         self.goodput = Goodput()
         self.config = config
         self.run_dir = Path(run_dir)
+        check_wandb(config.logging)
         self.mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
         check_run_fits(config, self.mesh.shape)
-        check_wandb(config.logging)
         self.spares = Spares(config, self.mesh, self.run_dir)
         train = config.train
         self.batches = Batches(load_tokens(config.data, config.model.vocab_size), train.global_batch, train.seq_len, train.seed)

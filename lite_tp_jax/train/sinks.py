@@ -21,7 +21,6 @@ Only process 0 writes them (as it writes ``metrics.jsonl``).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -57,11 +56,15 @@ class TensorBoardSink:
 
 def check_wandb(logging: LoggingConfig) -> None:
     """BadInput when ``logging.wandb_project`` is set and ``wandb`` is not installed."""
-    if logging.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+    if logging.wandb_project is None:
+        return
+    try:
+        import wandb  # noqa: F401  (imported only when asked for)
+    except ImportError:
         raise BadInput(
             f"'logging.wandb_project' is {logging.wandb_project!r} but the wandb package is not installed; "
             f"pip install wandb, or set logging.wandb_project=null (TensorBoard and metrics.jsonl need nothing)"
-        )
+        ) from None
 
 
 class WandbSink:
