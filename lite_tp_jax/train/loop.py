@@ -213,11 +213,13 @@ class Trainer:
         """The profiler stopped, the ``goodput`` event (with the compiled step's
         figures) logged, the sinks closed."""
         self.trace.stop(self.last_step)
-        if self.metrics is not None:
+        if self.metrics is None:
+            return
+        if self.start_step < self.config.train.steps:  # a run that had steps to do
             event = self.goodput.event(self.last_step, self.metrics.path)
             self.metrics.append({**event, **self.compiled, "flops_per_step": self.cost.flops})
-            self.metrics.close()
             self.goodput_line = summary(event)
+        self.metrics.close()
 
     def _compile_first_step(self) -> None:
         """Before step 1: the step compiled (or loaded from the compilation cache),
