@@ -1,7 +1,8 @@
 """Fault injection: runs that must finish bitwise equal to the fault-free run.
 
     python benchmarks/fault_injection.py [--spare-failures 3] [--steps 30] [--seed 0]
-                                         [--workloads tiny,wider] [--kills 10] [--out FILE.md]
+                                         [--workloads tiny,wider] [--kills 10] [--kill-cache off,on]
+                                         [--out FILE.md]
 
 Spare takeovers (issue 10, part 3; ``lite_tp_jax/runtime/spares.py``): one
 process, data 2 x tensor 3 (uneven shards) with ``mesh.spares=2``: 8 fake
@@ -26,7 +27,12 @@ must finish, with every step recorded once, its losses and the final
 checkpoint's parameters and optimizer state bitwise equal to the fault-free
 run's. Reported per kill: the restart event's ``seconds_to_first_step`` (from
 the failure seen to the first step after it: stopping, start-up, restore,
-compile) and the first step's own time (mostly compile) separately.
+compile) and the first step's own time separately. ``--kill-cache off,on``
+runs the kill launches twice, with ``compile.cache=false`` (every restart
+compiles from scratch, as before the persistent cache) and with the cache on
+(a fresh directory that the fault-free launch fills), the same kills drawn
+for both, and reports the two side by side. ``--workloads ''`` skips the spare
+takeovers.
 """
 
 from __future__ import annotations
@@ -60,9 +66,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="draws the failed devices and steps")
     parser.add_argument("--workloads", default="tiny,wider", help=f"comma-separated, from {', '.join(WORKLOADS)}")
     parser.add_argument("--kills", type=int, default=10, help="launches with one killed worker process each")
+    parser.add_argument("--kill-cache", default="off",
+                        help="compilation cache of the kill launches: off, on, or off,on (side by side)")
     parser.add_argument("--out", help="markdown report (e.g. benchmarks/results/fault-injection-cpu.md)")
     args = parser.parse_args()
-    args.workloads = args.workloads.split(",")
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    args.kill_cache = args.kill_cache.split(",")
+    if not set(args.kill_cache) <= {"off", "on"}:
+        parser.error(f"--kill-cache takes off, on or off,on, got {','.join(args.kill_cache)!r}")
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload {unknown[0]!r}; choose from {', '.join(WORKLOADS)}")
@@ -164,7 +175,11 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         sections = [line for name in args.workloads for line in workload(name, WORKLOADS[name], Path(tmp))]
-        kill_totals, kill_section = process_kills(args, config_path, Path(tmp)) if args.kills else ((0, 0, 0), [])
+        kill_totals, kill_section = [0, 0, 0], []
+        for cache in args.kill_cache if args.kills else ():
+            totals_k, section_k = process_kills(args, config_path, Path(tmp) / f"cache-{cache}", cache)
+            kill_totals = [a + b for a, b in zip(kill_totals, totals_k)]
+            kill_section += section_k
     sections += kill_section
     load_after = os.getloadavg()[0]
     lines = [
@@ -192,8 +207,9 @@ def main() -> int:
     return 0 if totals[0] == totals[1] == totals[2] and kill_totals[0] == kill_totals[1] == kill_totals[2] else 1
 
 
-def process_kills(args, config_path: Path, tmp: Path) -> tuple[tuple[int, int, int], list[str]]:
-    """The fault-free launch and ``args.kills`` launches with one killed worker each."""
+def process_kills(args, config_path: Path, tmp: Path, cache: str) -> tuple[tuple[int, int, int], list[str]]:
+    """The fault-free launch and ``args.kills`` launches with one killed worker each; the
+    persistent compilation cache ``cache`` ("off", or "on": a fresh directory under ``tmp``)."""
     import subprocess
 
     import numpy as np
@@ -207,11 +223,12 @@ def process_kills(args, config_path: Path, tmp: Path) -> tuple[tuple[int, int, i
 
     steps = max(args.steps, 20)
     overrides = ["mesh.data=2", "mesh.tensor=4", f"train.steps={steps}", f"checkpoint.every={EVERY}", "checkpoint.keep=2"]
+    launch_overrides = [*overrides, "compile.cache=false" if cache == "off" else f"compile.cache_dir={tmp / 'jax-cache'}"]
 
     def command(run_dir: Path) -> list[str]:
         return [sys.executable, "-m", "lite_tp_jax.cli", "launch", "--processes", "2", "--max-restarts", "2",
                 "--hang-timeout", "120", "--", "train", str(config_path), "--no-progress",
-                *[a for o in overrides for a in ("--set", o)], "--run-dir", str(run_dir)]
+                *[a for o in launch_overrides for a in ("--set", o)], "--run-dir", str(run_dir)]
 
     def records(run_dir: Path) -> list[dict]:
         path = run_dir / "metrics.jsonl"
@@ -236,6 +253,7 @@ def process_kills(args, config_path: Path, tmp: Path) -> tuple[tuple[int, int, i
         return sorted(children)
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    tmp.mkdir(parents=True, exist_ok=True)
     reference_dir = tmp / "kills-fault-free"
     started = time.perf_counter()
     subprocess.run(command(reference_dir), env=env, check=True, capture_output=True)
@@ -243,7 +261,7 @@ def process_kills(args, config_path: Path, tmp: Path) -> tuple[tuple[int, int, i
     reference_losses = [r["loss"] for r in records(reference_dir) if "event" not in r]
     reference_state = final_state(reference_dir)
     rng = np.random.default_rng(args.seed + 1)
-    rows, finished_count, equal_count = [], 0, 0
+    rows, finished_count, equal_count, seconds = [], 0, 0, []
     for i in range(args.kills):
         run_dir, at, victim = tmp / f"kill-{i}", int(rng.integers(2, steps)), int(rng.integers(0, 2))
         launcher = subprocess.Popen(command(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -268,6 +286,7 @@ def process_kills(args, config_path: Path, tmp: Path) -> tuple[tuple[int, int, i
         candidates = [r for r in before_event if no_checkpoint_yet or r["step"] > 1]
         first = max(candidates, key=lambda r: r["step_time_s"]) if candidates else None
         finished_count, equal_count = finished_count + finished, equal_count + equal
+        seconds += [events[0]["seconds_to_first_step"]] if events and events[0]["seconds_to_first_step"] else []
         rows.append(
             f"| {i + 1} | {victim} | {at} | {len(events)} | {events[0]['step'] if events else '–'} | "
             f"{events[0]['seconds_to_first_step'] if events else '–'} | "
@@ -276,7 +295,8 @@ def process_kills(args, config_path: Path, tmp: Path) -> tuple[tuple[int, int, i
         print(f"kill {i + 1}: worker {victim} at step {at}: finished={finished} bitwise_equal={equal}"
               + ("" if finished else f" ({err.strip().splitlines()[-1] if err.strip() else 'no output'})"), flush=True)
     section = [
-        "## Process kills under `lite-tp launch --max-restarts 2` (2 processes x 4 devices, data 2 x tensor 4)",
+        "## Process kills under `lite-tp launch --max-restarts 2` (2 processes x 4 devices, data 2 x tensor 4), "
+        f"compilation cache {cache}",
         "",
         f"`configs/tiny.yaml` with {', '.join(f'`{o}`' for o in overrides)}; the fault-free launch, then "
         f"{args.kills} launches, each with one worker killed (SIGKILL) once the run reached a random step.",
@@ -285,9 +305,12 @@ def process_kills(args, config_path: Path, tmp: Path) -> tuple[tuple[int, int, i
         "run (every step's loss; every parameter and optimizer-state array of the final checkpoint).",
         "",
         "| # | killed rank | at step | restarts | last step before | failure to first step after (s) "
-        "| that first step, compile included (s) | finished | bitwise equal |",
+        "| slowest step before the event (s) | finished | bitwise equal |",
         "|---:|---:|---:|---:|---:|---:|---:|---|---|",
         *rows,
+        "",
+        f"Median failure to first step after: **{statistics.median(seconds):.2f} s** (compilation cache {cache})."
+        if seconds else "",
         "",
     ]
     return (finished_count, equal_count, args.kills), section
