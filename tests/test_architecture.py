@@ -92,7 +92,7 @@ def test_only_bad_input_exits_2_anything_else_is_a_bug_with_a_traceback(monkeypa
         ("tiny.yaml", ["mesh.data=2", "mesh.tensor=4", "model.sequence_parallel=true", "model.remat=selective"],
          ("all_gather", "reduce_scatter", "all_reduce")),
         ("tiny-moe.yaml", ["mesh.pipeline=2", "mesh.expert=2", "mesh.tensor=2"],
-         ("all_to_all", "collective_permute", "all_reduce")),
+         ("all_to_all", "collective_permute", "all_reduce", "custom_call @ragged_all_to_all")),
     ],
     ids=["data2-tensor4-sp-remat", "moe-pipeline2-expert2-tensor2"],
 )
@@ -111,6 +111,8 @@ def test_the_training_step_lowers_for_gpu_and_tpu(config, overrides, collectives
     text = exported.mlir_module()
     for collective in collectives:  # the explicit collectives survive lowering for both
         assert f"stablehlo.{collective}" in text, collective
+    # The MoE exchange: ragged (only the rows sent) on GPU and TPU; the padded all-to-all is CPU's.
+    assert ("ragged_all_to_all" in text) == ("expert" in " ".join(overrides))
 
 
 def test_the_mesh_axes_are_declared_once():

@@ -17,7 +17,11 @@ groups, v virtual stages, T = v m + p - 1 pipeline ticks; f32 = 4 bytes.
     each block, t > 1        2 all-reduce b S H  over t       2 all-reduce b S H
       with SP                2 all-gather b S H + 2 reduce-scatter b S/t H, both ways;
                              backward, 2 more all-gathers b S H (inputs kept as sequence shards, re-gathered)
-    MoE block, e > 1         2 all-to-all b E C H over e      2 all-to-all
+    MoE block, e > 1         2 all-to-all e b S k H over e    2 all-to-all
+                             (the grouped exchange's buffers: every rank's b S k (token,
+                             choice) rows, room for all of them from each of the e ranks;
+                             on GPU/TPU ragged, only the rows received move) + 1 all-to-all
+                             of the E group sizes (forward)
     pipeline, each tick      1 collective-permute b S' H      1 collective-permute  (S' = S/t with SP)
     pipeline in/out          all-reduce B S' H over p         all-reduce B S' H over p
     embedding lookup         all-reduce B S H over vocab axes (SP: reduce-scatter over t,
@@ -203,10 +207,10 @@ def _block_transfers(out: _Transfers, step: _Step) -> None:
         else:
             out.add("blocks: all-reduces", "all-reduce", [TENSOR], phase, b * S * H, 2 * blocks)
         if step.model.moe_every:
-            slots = capacity(step.model, S)
             out.add("MoE: dispatch and return", "all-to-all", [EXPERT], phase,
-                    b * step.model.num_experts * slots * H, 2 * step.group_runs)
+                    step.sizes[EXPERT] * b * S * step.model.top_k * H, 2 * step.group_runs)
     if step.model.moe_every:
+        out.add("MoE: group sizes", "all-to-all", [EXPERT], "forward", step.model.num_experts, step.group_runs)
         out.add("MoE: statistics", "all-reduce", [TENSOR], "forward", 3, step.group_runs)
 
 

@@ -134,16 +134,23 @@ def collectives(hlo_text: str, mesh=None) -> list[Collective]:
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", re.MULTILINE)
 _WHILE = re.compile(r"body=%([\w.\-]+).*\"known_trip_count\":\{\"n\":\"(\d+)\"")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}|(?:true|false)_computation=%([\w.\-]+)")
 
 
 def collectives_per_step(hlo_text: str, mesh=None) -> list[tuple[Collective, int]]:
     """Every collective with the number of times one run of the program runs
     it: a collective in a while loop's body (a layer scan, a pipeline's tick
-    loop) counts once per iteration, by the loops' known trip counts."""
+    loop) counts once per iteration, by the loops' known trip counts; one in a
+    conditional's branch as often as the computation holding the conditional
+    (``jax.lax.platform_dependent`` leaves one-branch conditionals)."""
     starts = list(_COMPUTATION.finditer(hlo_text))
     ends = [m.start() for m in starts[1:]] + [len(hlo_text)]
     bodies = {m.group(1): hlo_text[m.start():end] for m, end in zip(starts, ends)}
     loops = {body: (name, int(n)) for name, text in bodies.items() for body, n in _WHILE.findall(text)}
+    for name, text in bodies.items():  # a conditional's branches run (at most) as often as their caller
+        for listed, single in _BRANCHES.findall(text):
+            for branch in [b.strip().lstrip("%") for b in listed.split(",")] if listed else [single]:
+                loops.setdefault(branch, (name, 1))
 
     def runs(name: str) -> int:
         parent, n = loops.get(name, (None, 1))

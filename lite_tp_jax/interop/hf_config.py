@@ -5,7 +5,7 @@ Mistral-shaped model is written back as "llama" (``family_of``).
 
 Not supported (a one-line ``HFError``): other ``model_type``s, RoPE scalings
 other than "linear" and "llama3", activations other than SiLU (GPT-2: tanh
-GeLU), more than 2 experts per token. Mistral's and Mixtral's
+GeLU), Mixtral with 1 expert per token. Mistral's and Mixtral's
 ``sliding_window`` is not applied: attention is causal over the whole
 sequence, equal to Hugging Face's for sequences no longer than the window.
 """
@@ -94,8 +94,11 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         fields.update(qkv_bias=True)
     if family == "mixtral":
         top_k = hf.get("num_experts_per_tok", 2)
-        if top_k not in (1, 2):
-            raise HFError(f"Mixtral num_experts_per_tok={top_k} is not supported; supported: 1 or 2.")
+        if not 2 <= top_k <= hf["num_local_experts"]:
+            raise HFError(
+                f"Mixtral num_experts_per_tok={top_k} is not supported; supported: 2 to num_local_experts "
+                f"({hf['num_local_experts']}) (at 1 Mixtral's gate is 1, not the top probability)."
+            )
         fields.update(
             moe_every=1, num_experts=hf["num_local_experts"], top_k=top_k, capacity_factor=None,
             aux_loss_weight=hf.get("router_aux_loss_coef", 0.01),

@@ -98,11 +98,14 @@ from lite_tp_jax.core.collectives import (
 from lite_tp_jax.core.axes import BATCH_AXES, EXPERT, TENSOR
 from lite_tp_jax.core.checks import check_last_dim, check_positive_int, check_rank
 from lite_tp_jax.core.errors import FitError
+from lite_tp_jax.layers.grouped import EXCHANGES, grouped_experts, inverse_permutation, sort_by_expert
 from lite_tp_jax.parallel.region import STATISTIC, Layout, ParallelLayer, sequence_or_replicated
 from lite_tp_jax.sharding.padding import mask_padding
 from lite_tp_jax.sharding.rules import MEGATRON, PartitionRules
 
 default_kernel_init = nnx.initializers.lecun_normal()
+
+DISPATCHES = ("grouped", "one_hot")
 
 # Module-level so that PartitionRules.param's jitted initialiser (static ``init``) is reused across layers.
 # One fan-in per expert: the expert dimension is a batch dimension of the initialiser.
@@ -144,35 +147,28 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: flo
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def route(
-    logits: jax.Array, top_k: int, capacity_per_expert: int
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """GShard routing of each row of ``logits [B, S, E]`` (float32).
-
-    Returns ``(dispatch [B, S, E, C], gates [B, S, E], probs [B, S, E],
-    assigned [B, S, E], dropped [B, S, E])``: dispatch is 0/1; ``gates`` holds
-    each token's gate on its chosen experts (0 elsewhere); ``assigned`` and
-    ``dropped`` count (token, choice) assignments before / lost to capacity.
-    """
-    num_experts = logits.shape[-1]
+def choose(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k routing of ``logits [B, S, E]`` (float32): ``(probs [B, S, E],
+    experts [B, S, k], gates [B, S, k])``; the gates are the chosen
+    probabilities, renormalised to sum to 1 when ``top_k > 1``."""
     probs = jax.nn.softmax(logits, axis=-1)
-    top_probs, experts = jax.lax.top_k(probs, top_k)  # [B, S, k]
+    gates, experts = jax.lax.top_k(probs, top_k)
     if top_k > 1:
-        top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
-    dispatch = jnp.zeros((*logits.shape, capacity_per_expert), jnp.float32)
-    gates = jnp.zeros(logits.shape, jnp.float32)
-    assigned = jnp.zeros(logits.shape, jnp.int32)
-    dropped = jnp.zeros(logits.shape, jnp.int32)
-    taken = jnp.zeros((logits.shape[0], 1, num_experts), jnp.int32)  # slots used by earlier choices
-    for c in range(top_k):
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    return probs, experts, gates
+
+
+def slots(experts: jax.Array, num_experts: int) -> jax.Array:
+    """GShard slot order, per row of ``experts [B, S, k]``: all first choices in
+    sequence order, then all second choices, and so on; ``slot[b, s, c]`` = how
+    many earlier assignments of row b went to ``experts[b, s, c]``."""
+    taken = jnp.zeros((experts.shape[0], 1, num_experts), jnp.int32)  # slots used by earlier choices
+    out = []
+    for c in range(experts.shape[-1]):
         mask = jax.nn.one_hot(experts[..., c], num_experts, dtype=jnp.int32)  # [B, S, E]
-        slot = taken + jnp.cumsum(mask, axis=1) - 1  # this choice's slot, where mask == 1
-        kept = mask * (slot < capacity_per_expert)
-        dispatch = dispatch + kept[..., None] * jax.nn.one_hot(slot, capacity_per_expert, dtype=jnp.float32)
-        gates = gates + mask * top_probs[..., c : c + 1]
-        assigned, dropped = assigned + mask, dropped + mask - kept
+        out.append(jnp.sum(mask * (taken + jnp.cumsum(mask, axis=1) - 1), axis=-1))
         taken = taken + jnp.sum(mask, axis=1, keepdims=True)
-    return dispatch, gates, probs, assigned, dropped
+    return jnp.stack(out, axis=-1)
 
 
 class MoEMLP(ParallelLayer):
@@ -195,6 +191,8 @@ class MoEMLP(ParallelLayer):
         num_experts: int,
         top_k: int = 2,
         capacity_factor: float | None = 1.25,
+        dispatch: str = "grouped",
+        exchange: str = "auto",
         mesh: Mesh,
         sequence_parallel: bool = False,
         param_dtype: Any = jnp.float32,
@@ -204,10 +202,12 @@ class MoEMLP(ParallelLayer):
     ):
         check_positive_int("MoEMLP", features=features, hidden_features=hidden_features, num_experts=num_experts)
         check_experts(num_experts, mesh.shape)
-        if top_k not in (1, 2):
-            raise ValueError(f"MoEMLP top_k must be 1 or 2, got {top_k}.")
-        if top_k > num_experts:
-            raise ValueError(f"MoEMLP top_k ({top_k}) exceeds num_experts ({num_experts}).")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"MoEMLP top_k must be between 1 and num_experts ({num_experts}), got {top_k}.")
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"MoEMLP dispatch must be one of {DISPATCHES}, got {dispatch!r}.")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"MoEMLP exchange must be one of {EXCHANGES}, got {exchange!r}.")
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(
                 f"MoEMLP capacity_factor must be positive or None (dropless), got {capacity_factor}."
@@ -216,6 +216,7 @@ class MoEMLP(ParallelLayer):
         self.features, self.hidden_features = features, hidden_features
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = capacity_factor
+        self.dispatch, self.exchange = dispatch, exchange
         self.sequence_parallel = sequence_parallel
         e, h, f = num_experts, features, hidden_features
         param = partial(rules.param, mesh=mesh, dtype=param_dtype)
@@ -252,24 +253,67 @@ class MoEMLP(ParallelLayer):
         # Enter the tensor region once: backward, one all-reduce (or reduce-scatter) of dx.
         x = enter_tensor_parallel(x, self.sequence_parallel)
         rows, seq, _ = x.shape
-        top_k = self.top_k
-        slots = self.capacity(seq)
+        num_experts, top_k, capacity_per_expert = self.num_experts, self.top_k, self.capacity(seq)
 
         # Route: full rows on every rank, so every tensor rank routes identically. The
         # router is replicated over "tensor": its gradient, a partial sum per rank, is all-reduced.
         router = copy_to_tensor_region(self.router.kernel[...])
         logits = x.astype(jnp.float32) @ router.astype(jnp.float32)
-        dispatch, gates, probs, assigned, dropped = route(logits, top_k, slots)
-        combine = (dispatch * gates[..., None]).astype(x.dtype)
-        dispatch = dispatch.astype(x.dtype)
+        probs, experts, gates = choose(logits, top_k)
+        slot = slots(experts, num_experts) if self.capacity_factor is not None else None
+        kept = slot < capacity_per_expert if slot is not None else jnp.ones(experts.shape, bool)
+        if self.dispatch == "one_hot":
+            y = self._one_hot(x, experts, gates, kept, slot, capacity_per_expert)
+        else:
+            y = self._grouped(x, experts, gates, kept)
+        y = exit_tensor_parallel(y, self.sequence_parallel)
+        assigned = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.int32), axis=(1, 2))  # [B_l, E]
+        return y, self._row_sums(probs, assigned, jnp.sum(~kept))
 
-        # Dispatch, and send each expert's buffers to the expert rank that owns it.
+    def _experts(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """This rank's experts on ``rows [m, H]`` grouped by expert (``group_sizes``
+        rows each), on its hidden shard: partial sums over "tensor"."""
+        hidden = self.hidden_features
+        w_gate = cast_for(mask_padding(self.gate.kernel[...], 2, hidden), rows)
+        w_up = cast_for(mask_padding(self.up.kernel[...], 2, hidden), rows)
+        w_down = cast_for(mask_padding(self.down.kernel[...], 1, hidden), rows)
+        h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, group_sizes))
+        h = h * jax.lax.ragged_dot(rows, w_up, group_sizes)
+        return jax.lax.ragged_dot(h, w_down, group_sizes)
+
+    def _grouped(self, x: jax.Array, experts: jax.Array, gates: jax.Array, kept: jax.Array) -> jax.Array:
+        """Sort the kept (token, choice) rows by expert, run the experts as grouped
+        matmuls wherever they live (``layers/grouped.py``), unsort, combine."""
+        rows, seq, features = x.shape
+        keys = jnp.where(kept, experts, self.num_experts).reshape(-1)  # [B_l * S * k], dropped last
+        order, counts = sort_by_expert(keys, self.num_experts)
+        sorted_rows = x.reshape(rows * seq, features)[order // self.top_k]
+        out = grouped_experts(sorted_rows, counts, self._experts, self.exchange)
+        out = out[inverse_permutation(order)].reshape(rows, seq, self.top_k, -1)
+        weights = jnp.where(kept, gates, 0.0).astype(out.dtype)
+        return jnp.einsum("bskh,bsk->bsh", out, weights)
+
+    def _one_hot(
+        self, x: jax.Array, experts: jax.Array, gates: jax.Array, kept: jax.Array, slot: jax.Array | None, capacity_per_expert: int
+    ) -> jax.Array:
+        """The GShard dispatch: one-hot ``[B_l, S, E, C]`` einsums (``C = S``
+        dropless), every expert on ``C`` slots; kept as the reference and the
+        benchmark baseline."""
+        num_experts = self.num_experts
+        if slot is None:  # dropless: slots in GShard order, all kept
+            slot = slots(experts, num_experts)
+        dispatch = jnp.einsum(
+            "bske,bskc->bsec",
+            jax.nn.one_hot(jnp.where(kept, experts, num_experts), num_experts, dtype=jnp.float32),
+            jax.nn.one_hot(slot, capacity_per_expert, dtype=jnp.float32),
+        )
+        weights = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32) * jnp.where(kept, gates, 0.0)[..., None]
+        combine = (dispatch * jnp.sum(weights, axis=2)[..., None]).astype(x.dtype)
+        dispatch = dispatch.astype(x.dtype)
         expert_in = jnp.einsum("bsec,bsh->bech", dispatch, x)  # [B_l, E, C, H]
         expert_in = checkpoint_name(_all_to_all(expert_in, 1, 0), "moe_dispatched")  # [ep*B_l, E_l, C, H]
         local_experts = expert_in.shape[1]
         expert_in = jnp.swapaxes(expert_in, 0, 1).reshape(local_experts, -1, x.shape[-1])
-
-        # The local experts on this rank's hidden shard: partial sums over "tensor".
         hidden = self.hidden_features
         w_gate = cast_for(mask_padding(self.gate.kernel[...], 2, hidden), expert_in)
         w_up = cast_for(mask_padding(self.up.kernel[...], 2, hidden), expert_in)
@@ -277,22 +321,19 @@ class MoEMLP(ParallelLayer):
         h = jax.nn.silu(jnp.einsum("eth,ehf->etf", expert_in, w_gate))
         h = h * jnp.einsum("eth,ehf->etf", expert_in, w_up)
         expert_out = jnp.einsum("etf,efh->eth", h, w_down)  # [E_l, ep*B_l*C, H]
-
-        # Back to the rows' expert ranks, combine; then the one tensor reduction.
-        expert_out = expert_out.reshape(local_experts, -1, slots, expert_out.shape[-1])
-        expert_out = checkpoint_name(_all_to_all(jnp.swapaxes(expert_out, 0, 1), 0, 1), "moe_combined")  # [B_l, E, C, H]
-        y = jnp.einsum("bsec,bech->bsh", combine, expert_out.astype(combine.dtype))
-        y = exit_tensor_parallel(y, self.sequence_parallel)
-        return y, self._row_sums(probs, assigned, dropped)
+        expert_out = expert_out.reshape(local_experts, -1, capacity_per_expert, expert_out.shape[-1])
+        expert_out = checkpoint_name(_all_to_all(jnp.swapaxes(expert_out, 0, 1), 0, 1), "moe_combined")
+        return jnp.einsum("bsec,bech->bsh", combine, expert_out.astype(combine.dtype))
 
     def _row_sums(self, probs: jax.Array, assigned: jax.Array, dropped: jax.Array) -> dict[str, jax.Array]:
         """Statistics summed over this rank's rows: ``aux_loss`` (the sum of each
-        row's load-balancing loss), ``dropped`` and ``assignments`` (counts of
+        row's load-balancing loss; ``assigned [B_l, E]`` counts each row's (token,
+        choice) pairs per expert), ``dropped`` and ``assignments`` (counts of
         (token, choice) pairs). Every tensor rank computes the same values; the
         mean over "tensor" makes that their type (and counts the aux-loss
         gradient once). Summing over the ranks that split the rows is the caller's."""
         seq = probs.shape[1]
-        fraction = jnp.sum(assigned, axis=1).astype(jnp.float32) / (seq * self.top_k)  # [B_l, E]
+        fraction = assigned.astype(jnp.float32) / (seq * self.top_k)  # [B_l, E]
         mean_prob = jnp.mean(probs, axis=1)  # [B_l, E]
         local = jnp.stack(
             [

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lite_tp_jax.core.checks import ABOVE_ZERO, NON_NEGATIVE, POSITIVE, Range, check_heads, ranged
+from lite_tp_jax.core.checks import ABOVE_ZERO, NON_NEGATIVE, POSITIVE, check_heads, ranged
 from lite_tp_jax.core.errors import FitError
 from lite_tp_jax.sharding.table import RuleError, check_overrides
 
@@ -46,7 +46,7 @@ class ModelConfig:
     # capacity_factor * tokens * top_k / num_experts per expert (null: dropless).
     moe_every: int = ranged(0, NON_NEGATIVE)
     num_experts: int = ranged(8, POSITIVE)
-    top_k: int = ranged(2, Range(1, 2))
+    top_k: int = ranged(2, POSITIVE)
     capacity_factor: float | None = ranged(1.25, ABOVE_ZERO)
     aux_loss_weight: float = ranged(0.01, NON_NEGATIVE)
     # Pipeline: chunks of layers per pipeline stage (1: GPipe, > 1: circular schedule).
@@ -85,6 +85,11 @@ class ModelConfig:
             raise FitError(
                 "{num_layers} must be a multiple of {moe_every}: every moe_every-th layer is an MoE layer",
                 num_layers=self.num_layers, moe_every=self.moe_every,
+            )
+        if self.moe_every and self.top_k > self.num_experts:
+            raise FitError(
+                "{top_k} must be at most {num_experts}: each token picks top_k distinct experts",
+                top_k=self.top_k, num_experts=self.num_experts,
             )
         if self.moe_every and self.activation != "swiglu":
             raise FitError(
