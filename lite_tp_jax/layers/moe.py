@@ -5,18 +5,22 @@ Math, per row ``b`` of the batch (one sequence = one routing group, so routing
 never depends on the mesh and a sharded run equals the one-device run)::
 
     p[s, :]   = softmax(float32(x[s]) @ W_router)                 [S, E]
-    e_c[s]    = c-th largest expert of p[s]                        c < k, k in {1, 2}
+    e_c[s]    = c-th largest expert of p[s]                        c < k, any k <= E
     g_c[s]    = p[s, e_c]                  (k = 1, Switch)
-              = p[s, e_c] / sum_c' p[s, e_c']   (k = 2, renormalised)
-    C         = ceil(capacity_factor * S * k / E)   (capacity_factor None, dropless: C = S)
+              = p[s, e_c] / sum_c' p[s, e_c']   (k > 1, renormalised)
+    C         = ceil(capacity_factor * S * k / E)   (capacity_factor None: dropless, no cap)
     slots     : all first choices of the row in sequence order, then all second
-                choices; (s, c) gets slot n[s, c] = how many earlier assignments
-                of the row went to e_c[s]; kept iff n[s, c] < C, else dropped
-    dispatch[s, e, n] = 1 iff some kept (s, c) has e_c[s] = e and n[s, c] = n    [S, E, C]
-    combine[s, e, n]  = dispatch[s, e, n] * g_c[s]
-    expert_in[e, n]   = sum_s dispatch[s, e, n] x[s]                             [E, C, H]
-    expert_out[e, n]  = (silu(expert_in @ W_gate[e]) * (expert_in @ W_up[e])) @ W_down[e]
-    y[s]              = sum_{e, n} combine[s, e, n] expert_out[e, n]            [S, H]
+                choices, ...; (s, c) gets slot n[s, c] = how many earlier
+                assignments of the row went to e_c[s]; kept iff n[s, c] < C
+    expert(e, v) = (silu(v @ W_gate[e]) * (v @ W_up[e])) @ W_down[e]
+    y[s]      = sum over kept c of g_c[s] expert(e_c[s], x[s])
+
+Grouped dispatch (default, ``layers/grouped.py``): the kept (token, choice)
+rows are sorted by expert, each expert runs on its rows only (``ragged_dot``:
+FLOPs proportional to k·S), and the results are unsorted and combined. The
+capacity mode is the same code with the rows over capacity sorted last and left
+out. ``dispatch="one_hot"`` is GShard's ``[S, E, C]`` one-hot einsums (C = S
+dropless), kept as the reference and the benchmark baseline.
 
 A dropped (token, choice) contributes nothing (the residual connection outside
 carries the token). The load-balancing loss (Switch, per routing group as in
@@ -38,28 +42,30 @@ Parameters (``export_state`` names, logical shapes, PartitionSpecs)::
 ``e // (E / ep)``; within it, tensor rank ``t`` holds hidden shard ``t``.
 
 Where things run (region with manual axes {"expert", "tensor"}; ep = expert
-size, tp = tensor size, B_l = B / ep rows per expert rank)::
+size, tp = tensor size, B_l = B / ep rows per expert rank, n = B_l * S * k)::
 
     x [B_l, S, H]  (or [B_l, S/tp, H] with sequence_parallel)
       -> copy_to_tensor_region / gather_from_sequence_region    none / all-gather B_l*S*H over "tensor"
-      -> route, dispatch (every tensor rank identically)         local
-      -> expert_in [B_l, E, C, H] -> all_to_all over "expert"    -> [E/ep, ep*B_l*C, H]   B_l*E*C*H
-      -> local experts, hidden shard t: partial sums over "tensor"   local
-      -> all_to_all over "expert" back                           -> [B_l, E, C, H]       B_l*E*C*H
-      -> combine (linear: partial sums stay partial)             local
+      -> route, sort the n rows by expert (every tensor rank identically)   local
+      -> all-to-all over "expert" of the group sizes            E ints
+      -> exchange over "expert" (ragged GPU/TPU, padded CPU)    buffer [ep*n, H]
+      -> local experts on their groups, hidden shard t (ragged_dot): partial sums over "tensor"
+      -> the reverse exchange over "expert"                     -> [n, H]
+      -> unsort, combine (linear: partial sums stay partial)    local
       -> reduce_from_tensor_region / reduce_scatter_to_sequence_region   all-reduce (or reduce-scatter) B_l*S*H
 
-Forward collectives per layer: 2 all-to-alls over "expert" (B_l*E*C*H elements
-each) and 1 all-reduce over "tensor" of B_l*S*H (with sequence_parallel: 1
-all-gather + 1 reduce-scatter), plus the statistics: an all-reduce of 3
-floats over "tensor" (it only turns values identical on every tensor rank
-into a tensor-invariant type; dividing by tp keeps gradients through the aux
-loss counted once) and, used standalone, the same over "expert". Backward: 2
-more all-to-alls (the transpose of an all-to-all is an all-to-all), 1
-all-reduce of dx over "tensor" (or reduce-scatter), and all-reduces of the
-router kernel's gradient ``[features, E]``: over "tensor" where the router
-enters the tensor region (``copy_to_tensor_region``), and over the batch axes
-where the model's region broadcasts replicated parameters
+Forward collectives per layer: 1 small and 2 buffer-sized exchanges over
+"expert" (the padded all-to-all moves ep*n*H elements each; the ragged one only
+the rows received) and 1 all-reduce over "tensor" of B_l*S*H (with
+sequence_parallel: 1 all-gather + 1 reduce-scatter), plus the statistics: an
+all-reduce of 3 floats over "tensor" (it only turns values identical on every
+tensor rank into a tensor-invariant type; dividing by tp keeps gradients
+through the aux loss counted once) and, used standalone, the same over
+"expert". Backward: 2 more exchanges (the transpose of an exchange is the
+reverse exchange), 1 all-reduce of dx over "tensor" (or reduce-scatter), and
+all-reduces of the router kernel's gradient ``[features, E]``: over "tensor"
+where the router enters the tensor region (``copy_to_tensor_region``), and over
+the batch axes where the model's region broadcasts replicated parameters
 (``parallel/region.py``, ``broadcast_over``).
 
 Relation to the spec's "Expert Parallelism: TP operations occur inside each
@@ -71,7 +77,7 @@ ranks (TP shards) of that expert at once, since every tensor rank of a group
 dispatches the same tokens. The tensor reduction of the row-parallel down
 projection is delayed past the return all-to-all and the combine (both
 linear), so it runs once per layer, on ``[B_l, S, H]`` rather than on the
-expert buffers.
+expert rows.
 """
 
 from __future__ import annotations
