@@ -1,8 +1,10 @@
 """``lite-tp``: the command line, and the composition root of the package.
 
     lite-tp train CONFIG [--set KEY=VALUE]... [--run-dir DIR] [--profile START:END] [--peak-tflops T]
-    lite-tp generate (--run-dir DIR | --hf PATH [--tensor N]) --prompt TEXT
+                  [--resume-step N] [--skip-batches K]
+    lite-tp generate (--run-dir DIR [--step N] | --hf PATH [--tensor N]) --prompt TEXT
                      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    lite-tp checkpoints RUN_DIR [--json]    (step, time, loss, intact, set aside, suspect)
     lite-tp convert --from-hf PATH --run-dir DIR [--tensor N]   (Hugging Face -> run dir, step 0)
     lite-tp convert --to-hf PATH --run-dir DIR                  (run dir's latest checkpoint -> Hugging Face)
     lite-tp plan CONFIG [--set KEY=VALUE]... [--json] [--check]
@@ -18,8 +20,9 @@ Open MPI or ``JAX_COORDINATOR_ADDRESS`` on a cluster (docs/multi-host.md).
 Exit codes (``runtime.exit_codes.ExitCode``): 0 success; 2 bad input (a
 ``BadInput``: config, mesh, data, checkpoint, a run directory in use or not
 writable), one line on stderr and no traceback; 1 anything else, a bug or a
-failure at run time (a traceback; one line for a non-finite loss with
-``train.on_nonfinite=stop``); 3 a device failed and no spare could take its
+failure at run time (a traceback; one line for a run stopped on a spike, a
+non-finite step or a loss spike, naming the step rerunning resumes from:
+``train/divergence.py``); 3 a device failed and no spare could take its
 place: one line saying why, restart from the last checkpoint; 130
 interrupted; 143 preempted by SIGTERM after saving a checkpoint (rerun to
 continue).
@@ -51,6 +54,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(ExitCode.BAD_INPUT, f"lite-tp: error: {message}\n")
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -76,6 +89,10 @@ def _add_train(commands) -> None:
                        help="write a jax.profiler trace of steps START..END into RUN_DIR/profile")
     train.add_argument("--peak-tflops", metavar="T",
                        help="peak TFLOP/s of one device, for MFU (default: the device profile of jax's device kind)")
+    train.add_argument("--resume-step", type=_non_negative_int, metavar="N",
+                       help="resume from checkpoint N (later checkpoints and metrics lines are set aside, not deleted)")
+    train.add_argument("--skip-batches", type=_non_negative_int, default=0, metavar="K",
+                       help="skip the K batches after the checkpoint resumed from (as a rollback does)")
 
 
 def _add_generate(commands) -> None:
@@ -83,6 +100,8 @@ def _add_generate(commands) -> None:
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", help="a training run: its latest checkpoint, byte-level tokens")
     source.add_argument("--hf", metavar="PATH", help="a Hugging Face model directory (its tokenizer.json if any)")
+    generate.add_argument("--step", type=_non_negative_int, metavar="N",
+                          help="with --run-dir: checkpoint N (set aside or not) instead of the latest")
     generate.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree for --hf")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=200)
@@ -115,6 +134,12 @@ def _add_convert(commands) -> None:
                          help="TP degree to load over while converting (any mesh trains from the result)")
 
 
+def _add_checkpoints(commands) -> None:
+    checkpoints = commands.add_parser("checkpoints", help="list a run's checkpoints: loss, intact, set aside, suspect")
+    checkpoints.add_argument("run_dir", metavar="RUN_DIR")
+    checkpoints.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def _add_plan(commands) -> None:
     plan = commands.add_parser("plan", help="memory and communication of a mesh, before running it")
     plan.add_argument("config", help="YAML config, e.g. configs/llama-1b.yaml")
@@ -141,7 +166,7 @@ def _add_bench(commands) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lite-tp", description="Tensor-parallel training for JAX/Flax.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_train, _add_generate, _add_launch, _add_convert, _add_plan, _add_bench):
+    for add in (_add_train, _add_generate, _add_launch, _add_convert, _add_checkpoints, _add_plan, _add_bench):
         add(commands)
     return parser
 
@@ -198,12 +223,13 @@ def _train(args) -> int:
     from lite_tp_jax.train.loop import Trainer, is_primary
 
     peak, source = _peak_flops(peak_tflops, config.model.compute_dtype)
-    trainer = Trainer(config, args.run_dir, peak_flops=peak, profile=profile)
+    trainer = Trainer(config, args.run_dir, peak_flops=peak, profile=profile, resume_step=args.resume_step,
+                      skip_batches=args.skip_batches)
     if peak is None and is_primary():
         print(f"lite-tp: note: no MFU ({source})", file=sys.stderr)
     try:
         records = trainer.run(show_progress=not args.no_progress)
-    except NonFiniteError as error:  # train.on_nonfinite=stop: one line, the last checkpoint kept
+    except NonFiniteError as error:  # stopped on a spike: one line, the step a rerun resumes from
         print(f"lite-tp: error: {error}", file=sys.stderr)
         return ExitCode.FAILURE
     except DeviceLost as lost:
@@ -232,6 +258,8 @@ def _generate(args) -> int:
     # Every argument is checked before a model is loaded (and before jax starts).
     if args.hf is not None:
         _check_tensor(args.tensor)
+        if args.step is not None:
+            raise BadInput("--step chooses a checkpoint of a --run-dir; a --hf model has none.")
         if not (Path(args.hf) / "config.json").exists():
             raise BadInput(f"No config.json in {args.hf}; --hf takes a Hugging Face model directory.")
     config_path = None if args.hf is not None else Path(args.run_dir) / "config.yaml"
@@ -262,7 +290,7 @@ def _generate(args) -> int:
         tokenizer = load_tokenizer(args.hf, read_hf_config(args.hf).get("vocab_size", 0))
         model = from_pretrained(args.hf, mesh=make_mesh_for({"tensor": args.tensor}))
     else:
-        model, tokenizer = load_trained_model(args.run_dir), ByteTokenizer()
+        model, tokenizer = load_trained_model(args.run_dir, step=args.step), ByteTokenizer()
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     try:
@@ -335,6 +363,14 @@ def _convert(args) -> int:
     return ExitCode.OK
 
 
+def _checkpoints(args) -> int:
+    from lite_tp_jax.run.checkpoint_list import format_checkpoints, list_checkpoints
+
+    rows = list_checkpoints(args.run_dir)
+    print(json.dumps(rows, indent=1) if args.json else format_checkpoints(rows))
+    return ExitCode.OK
+
+
 def _plan(args) -> int:
     config = load_config(args.config, args.overrides)
     if args.devices is None and -1 in config.mesh.requested.values():
@@ -381,7 +417,8 @@ def _bench(args) -> int:
     return ExitCode.OK
 
 
-COMMANDS = {"train": _train, "generate": _generate, "launch": _launch, "convert": _convert, "plan": _plan, "bench": _bench}
+COMMANDS = {"train": _train, "generate": _generate, "launch": _launch, "convert": _convert, "checkpoints": _checkpoints,
+            "plan": _plan, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """A trained model to generate from: the ``model`` item of a run directory's
-latest checkpoint, restored without building an optimizer."""
+latest checkpoint (or of checkpoint ``step``, set aside or not), restored
+without building an optimizer."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from flax import nnx
 from lite_tp_jax.core.mesh import make_mesh_for
 from lite_tp_jax.models.factory import abstract_model
 from lite_tp_jax.models.transformer import Transformer
-from lite_tp_jax.run.checkpoint import CheckpointError, Checkpointer
+from lite_tp_jax.run.checkpoint import CheckpointError, Checkpointer, restore_set_aside
 from lite_tp_jax.run.config import ConfigError
 from lite_tp_jax.run.config_file import load_config
 
 
-def load_trained_model(run_dir: str | os.PathLike) -> Transformer:
-    """The model of the latest checkpoint in ``run_dir``, restored onto the run's
+def load_trained_model(run_dir: str | os.PathLike, step: int | None = None) -> Transformer:
+    """The model of the latest checkpoint in ``run_dir`` (or of checkpoint
+    ``step``, a set-aside one too), restored onto the run's
     mesh without pipeline stages and without sequence parallelism (the
     parameters are the same; the KV-cache path needs neither). Builds no
     optimizer and draws no random weights; writes nothing."""
@@ -34,7 +36,14 @@ def load_trained_model(run_dir: str | os.PathLike) -> Transformer:
     try:
         if checkpointer.latest_step() is None:
             raise CheckpointError(f"No checkpoint in {run_dir / 'checkpoints'}; train first.")
-        checkpointer.restore({"model": nnx.state(model)}, mesh)
+        if step is not None and step not in checkpointer.all_steps():
+            aside = checkpointer.set_aside_steps().get(step)
+            if not aside:
+                listed = ", ".join(map(str, checkpointer.all_steps() + sorted(checkpointer.set_aside_steps())))
+                raise CheckpointError(f"There is no checkpoint {step} in {run_dir / 'checkpoints'}; it holds {listed}.")
+            restore_set_aside(aside[-1], {"model": nnx.state(model)}, mesh)
+        else:
+            checkpointer.restore({"model": nnx.state(model)}, mesh, step=step)
     finally:
         checkpointer.close()
     return model

@@ -25,16 +25,25 @@ Guarantees:
   newest intact one. So does a checkpoint holding a NaN or infinity.
 * Finite: ``save`` refuses a state with a non-finite value.
 * Rotation keeps the newest ``keep`` checkpoints and, whatever they are, the
-  newest intact one.
+  newest intact one that is not suspect.
+* Set aside, never deleted by a decision: a checkpoint that is damaged, taken
+  after a spike (*suspect*, ``train/divergence.py``) or past the step a run
+  resumes from (``--resume-step``) is renamed ``<step>.<why>-<time>`` in the
+  same directory (``set_aside``): orbax no longer sees it, rotation never
+  deletes it, and ``resume_at`` can bring it back. A suspect checkpoint holds
+  ``lite_tp_suspect.json`` (the spike), wherever it is.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +59,8 @@ from lite_tp_jax.runtime.run_dir import atomic_write
 from lite_tp_jax.sharding.state import flat_variables, logical_sharding, logical_shape, to_logical, to_physical
 
 MANIFEST = "lite_tp_manifest.json"
+SUSPECT = "lite_tp_suspect.json"
+SET_ASIDE_NAME = re.compile(r"(\d+)\.([a-z-]+?)-(\d{8}-\d{6})(?:-(\d+))?")  # <step>.<why>-<time>[-<n>]
 FORMAT = 2
 """Checkpoint format: 1, one ``state`` item of the (model, optimizer) pair; 2, ``model`` and ``optimizer`` items."""
 ITEMS = ("model", "optimizer")
@@ -146,6 +157,31 @@ def damage(step_dir: Path) -> str | None:
     return None
 
 
+def _aside_name(directory: Path, step: int, why: str) -> Path:
+    """A free ``<step>.<why>-<time>[-<n>]`` in ``directory``."""
+    base = f"{step}.{why}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = directory / base, 1
+    while target.exists():
+        target, n = directory / f"{base}-{n}", n + 1
+    return target
+
+
+def _all_processes_here(name: str) -> None:
+    """A barrier across the processes of a multi-process run (none in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def read_progress(step_dir: Path) -> dict | None:
+    """The ``progress`` record of a checkpoint directory (live or set aside), or None."""
+    try:
+        return json.loads((step_dir / "progress" / "metadata").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 # --------------------------------------------------------------------------
 # Checkpointer
 # --------------------------------------------------------------------------
@@ -225,20 +261,80 @@ class Checkpointer:
             self.manager.close()
 
     def _set_aside(self, step: int) -> None:
-        target = self.directory / f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        target = _aside_name(self.directory, step, "damaged")
         _warn(f"moving checkpoint {self._step_dir(step)} aside to {target.name} before saving step {step} again")
         os.replace(self._step_dir(step), target)
         self.manager.reload()
 
-    def _intact(self, step: int) -> bool:
+    def set_aside(self, steps: list[int], why: str = "set-aside") -> list[Path]:
+        """Renames checkpoints ``steps`` to ``<step>.<why>-<time>`` beside the
+        others (process 0; every process calls it, and reloads the step list
+        once all are done). Returns the new paths."""
+        self.wait()
+        moved = [_aside_name(self.directory, step, why) for step in steps]
+        if jax.process_index() == 0:
+            for step, target in zip(steps, moved):
+                os.replace(self._step_dir(step), target)
+        _all_processes_here(f"lite_tp_set_aside_{'_'.join(map(str, steps))}")
+        self.manager.reload()
+        return moved
+
+    def set_aside_steps(self) -> dict[int, list[Path]]:
+        """``{step: [directory, ...]}`` of the checkpoints set aside, oldest first."""
+        found: dict[int, list[Path]] = {}
+        for path in sorted(self.directory.iterdir(), key=lambda p: p.name) if self.directory.exists() else []:
+            match = SET_ASIDE_NAME.fullmatch(path.name)
+            if match and path.is_dir():
+                found.setdefault(int(match[1]), []).append(path)
+        return found
+
+    def mark_suspect(self, steps: list[int], spike: dict) -> None:
+        """Writes ``lite_tp_suspect.json`` (the spike) into checkpoints ``steps``
+        (process 0; outside the manifest, so they stay intact)."""
+        self.wait()
+        if jax.process_index() == 0:
+            for step in steps:
+                atomic_write(self._step_dir(step) / SUSPECT, json.dumps(spike))
+
+    def resume_at(self, step: int) -> tuple[list[int], bool]:
+        """Makes checkpoint ``step`` the latest, for ``--resume-step``: the later
+        ones are set aside; a set-aside ``step`` (the newest of that step) is
+        brought back. CheckpointError, before anything moves, when there is no
+        checkpoint ``step`` or it is damaged. Returns the steps set aside."""
+        self.wait()
+        live, aside = self.all_steps(), self.set_aside_steps()
+        source = self._step_dir(step) if step in live else aside.get(step, [None])[-1]
+        if source is None:
+            listed = ", ".join(map(str, live)) or "none"
+            extra = f" (set aside: {', '.join(map(str, sorted(aside)))})" if aside else ""
+            raise CheckpointError(f"There is no checkpoint {step} in {self.directory} to resume from; it holds "
+                                  f"{listed}{extra}; `lite-tp checkpoints {self.directory.parent}` lists them.")
+        problem = damage(source) if (source / MANIFEST).exists() else "it was never sealed (no manifest)"
+        if problem is not None:
+            raise CheckpointError(f"Checkpoint {source} is damaged ({problem}); choose another step to resume from "
+                                  f"(`lite-tp checkpoints {self.directory.parent}` lists them).")
+        later = [s for s in live if s > step]
+        self.set_aside(later)
+        if step not in live:
+            if jax.process_index() == 0:
+                os.replace(source, self._step_dir(step))
+            _all_processes_here(f"lite_tp_reinstate_{step}")
+            self.manager.reload()
+        return later, step not in live
+
+    def intact(self, step: int) -> bool:
         return step in self._sealed or ((self._step_dir(step) / MANIFEST).exists() and damage(self._step_dir(step)) is None)
 
+    def _trusted(self, step: int) -> bool:
+        return self.intact(step) and not (self._step_dir(step) / SUSPECT).exists()
+
     def rotate(self) -> None:
-        """Deletes all but the newest ``keep`` checkpoints, never the newest intact one."""
+        """Deletes all but the newest ``keep`` checkpoints, never the newest
+        intact one that is not suspect."""
         steps = sorted(self.all_steps(), reverse=True)
         kept = set(steps[: self.keep])
-        if not any(self._intact(s) for s in kept):
-            newest_intact = next((s for s in steps[self.keep:] if self._intact(s)), None)
+        if not any(self._trusted(s) for s in kept):
+            newest_intact = next((s for s in steps[self.keep:] if self._trusted(s)), None)
             kept |= {newest_intact} - {None}
         for step in steps:
             if step not in kept:
@@ -360,3 +456,17 @@ class Checkpointer:
         arrays = {item: {name: state[_FIRST_FORMAT_PREFIX[item] + name] for name in target}
                   for item, target in targets.items()}
         return arrays, progress
+
+
+def restore_set_aside(step_dir: Path, items: dict[str, nnx.State], mesh: Mesh) -> dict[str, Any]:
+    """``Checkpointer.restore`` of a set-aside checkpoint directory
+    (``<step>.<why>-<time>``), read where it lies (through a link named ``<step>``
+    in a temporary directory); returns its progress record."""
+    step = int(SET_ASIDE_NAME.fullmatch(step_dir.name)[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        os.symlink(step_dir.resolve(), Path(tmp) / str(step))
+        reader = Checkpointer(tmp, keep=1)
+        try:
+            return reader.restore(items, mesh, step=step)
+        finally:
+            reader.close()

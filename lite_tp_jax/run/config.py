@@ -1,4 +1,4 @@
-"""A run's config: eight sections, each a frozen dataclass with its fields'
+"""A run's config: nine sections, each a frozen dataclass with its fields'
 ranges and its own rules, and ``Config`` with the rules between sections.
 
     model:        # lite_tp_jax.models.config.ModelConfig
@@ -11,7 +11,9 @@ ranges and its own rules, and ``Config`` with the rules between sections.
       source: stdlib
     checkpoint:   # save every N steps, keep the newest K
       every: 20
-    fault:        # inject a device failure (CPU testing of mesh.spares)
+    rollback:     # on a loss spike or non-finite step (train.on_spike / on_nonfinite: rollback)
+      skip_batches: 50
+    fault:        # inject a device failure (CPU testing of mesh.spares) or a loss spike
       fail_device: 1
       fail_step: 2
     logging:      # TensorBoard (on), Weights & Biases (a project name)
@@ -82,7 +84,8 @@ MeshConfig.__doc__ = """Axis sizes of the device mesh, one field per axis of ``c
 at most one may be -1 (inferred). ``spares`` devices are kept out of the mesh;
 one takes a failed device's place (``runtime/spares.py``)."""
 
-NonFinitePolicy = Literal["stop", "skip"]
+NonFinitePolicy = Literal["stop", "skip", "rollback"]
+SpikePolicy = Literal["stop", "rollback", "ignore"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,14 @@ class TrainConfig:
     # data-parallel ranks (gathered on use, gradients reduce-scattered).
     shard_optimizer: bool = False
     deterministic: bool = False  # reductions in fixed rank order: same bits on any process layout
-    on_nonfinite: NonFinitePolicy = "stop"  # a NaN/inf loss or gradient norm: stop (exit 1) or skip the update
+    # A NaN/inf loss, gradient norm or update: stop (exit 1), skip the update, or
+    # roll back to a checkpoint before the spike (``rollback`` section; train/divergence.py).
+    on_nonfinite: NonFinitePolicy = "stop"
+    # A loss spike: a loss above spike_factor x the median of the last spike_window
+    # finite losses (spike_factor null: no spike detection).
+    spike_window: int = ranged(20, POSITIVE)
+    spike_factor: float | None = ranged(3.0, Range(1, lo_open=True))
+    on_spike: SpikePolicy = "stop"
 
 
 DataSource = Literal["stdlib", "text", "tokens"]
@@ -151,13 +161,30 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class RollbackConfig:
+    """What a rollback does (``train.on_spike`` or ``train.on_nonfinite`` set to
+    ``rollback``): reload the newest checkpoint at least ``steps_before`` steps
+    before the spike start, skip the next ``skip_batches`` batches (null: the
+    batches from that checkpoint to the spike start, inclusive), go on; at most
+    ``max`` times per ``lite-tp train``, then stop."""
+
+    steps_before: int = ranged(0, NON_NEGATIVE)
+    skip_batches: int | None = ranged(None, NON_NEGATIVE)
+    max: int = ranged(3, NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
 class FaultConfig:
     """An injected failure of device ``fail_device`` (a device id in the mesh)
     when step ``fail_step`` starts, in the first run on a run directory only
-    (a restart does not fail again); a fake CPU device cannot fail by itself."""
+    (a restart does not fail again); a fake CPU device cannot fail by itself.
+    ``spike_step``: that step's learning rate is multiplied by 1e4, once (the
+    first time the step runs in the first run on a run directory): a loss spike
+    for testing ``train.on_spike``."""
 
     fail_device: int | None = ranged(None, NON_NEGATIVE)
     fail_step: int | None = ranged(None, POSITIVE)
+    spike_step: int | None = ranged(None, POSITIVE)
 
     def check(self) -> None:
         if (self.fail_device is None) != (self.fail_step is None):
@@ -218,6 +245,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rollback: RollbackConfig = field(default_factory=RollbackConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
@@ -236,6 +264,11 @@ class Config:
             raise ConfigError(
                 f"'fault.fail_step' ({fault.fail_step}) is past 'train.steps' ({self.train.steps}), "
                 f"so the failure would never happen; choose a step from 1 to {self.train.steps}"
+            )
+        if fault.spike_step is not None and fault.spike_step > self.train.steps:
+            raise ConfigError(
+                f"'fault.spike_step' ({fault.spike_step}) is past 'train.steps' ({self.train.steps}), "
+                f"so the spike would never happen; choose a step from 1 to {self.train.steps}"
             )
 
 

@@ -1,4 +1,5 @@
-"""The training loop's spares and its injected device failure (``fault.*``).
+"""The training loop's spares, its injected device failure and its injected
+loss spike (``fault.*``).
 
 A fake CPU device cannot fail, so a failure is injected: when step
 ``fault.fail_step`` is about to be dispatched, device ``fault.fail_device``'s
@@ -14,14 +15,25 @@ be kept (not donated, or a copy in host memory). A real detector
 It fires in the first ``lite-tp train`` on a run directory only (no
 ``metrics.jsonl`` yet): the same command run again, as a restart after exit 3
 is, resumes without failing again.
+
+A loss spike (``fault.spike_step = k``, ``InjectedSpike``) multiplies step k's
+learning rate by 1e4: the parameters after the step are ``before + 1e4 *
+(after - before)``, exactly AdamW's update at 1e4 times the learning rate
+(its moments do not depend on the rate; the decoupled weight decay scales
+with it). The compiled step is the same as without the fault, so the metrics'
+``lr`` shows the scheduled rate. It fires once, the first time step k runs in
+the first ``lite-tp train`` on a run directory (a rollback that runs step k
+again does not spike again).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from lite_tp_jax.run.config import Config, ConfigError
@@ -68,3 +80,36 @@ class Spares:
             return None
         failed, self.failure = self.failure[0], None
         return failed
+
+
+SPIKE_LR_FACTOR = 1e4
+
+
+class InjectedSpike:
+    """``fault.spike_step``: that step's learning rate times ``SPIKE_LR_FACTOR``, once."""
+
+    def __init__(self, spike_step: int | None, run_dir: Path):
+        fresh = not (Path(run_dir) / METRICS_FILE).exists()
+        self.step = spike_step if fresh else None
+
+    def run(self, step: int, model: nnx.Module, train_step: Callable[[], dict]) -> dict:
+        """Runs ``train_step()`` (step ``step``), blowing its update up if it is the injected one."""
+        if step != self.step:
+            return train_step()
+        self.step = None
+        params = [v for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+        before = _copy([v.get_value() for v in params])  # the step donates the originals
+        metrics = train_step()
+        for variable, value in zip(params, _blow_up(before, [v.get_value() for v in params]), strict=True):
+            variable.set_value(value)
+        return metrics
+
+
+@jax.jit
+def _copy(arrays: list[jax.Array]) -> list[jax.Array]:
+    return [x.copy() for x in arrays]
+
+
+@jax.jit
+def _blow_up(before: list[jax.Array], after: list[jax.Array]) -> list[jax.Array]:
+    return [old + SPIKE_LR_FACTOR * (new - old) for old, new in zip(before, after, strict=True)]

@@ -17,9 +17,12 @@ shards; only process 0 prints progress and writes ``config.yaml`` and
 Before the first step the run directory is claimed: both directories must
 take a file and no other process may train in it (``runtime/run_dir.py``; a
 second ``lite-tp train`` exits 2). During the run, a step whose update was
-dropped as non-finite stops the run (``train.on_nonfinite=stop``,
-NonFiniteError) or is counted (``skip``: ``skipped`` and ``skipped_steps`` in
-the metrics); a SIGTERM checkpoints the step just finished and stops
+dropped as non-finite is counted (``skip``: ``skipped`` and ``skipped_steps``
+in the metrics); a non-finite step or a loss spike stops the run, its suspect
+checkpoints set aside, or rolls back past it (``train/divergence.py``, hooked
+in as ``self.divergence``: the batch each step reads, the spike check, the
+rollback); ``resume_step`` resumes from that checkpoint (later ones and their
+metrics lines set aside) and ``skip_batches`` skips batches after it; a SIGTERM checkpoints the step just finished and stops
 (``preempted_at``); a failed device (injected: ``train/faults.py``) is
 replaced by a spare (``_take_over``) or ends the run with DeviceLost.
 
@@ -33,7 +36,6 @@ event and line.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -44,11 +46,11 @@ from flax import nnx
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lite_tp_jax.core.mesh import make_mesh_for
-from lite_tp_jax.run.checkpoint import Checkpointer, NonFiniteError
+from lite_tp_jax.run.checkpoint import Checkpointer
 from lite_tp_jax.run.config import Config
 from lite_tp_jax.run.config_file import config_to_dict, dump_config
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
-from lite_tp_jax.runtime.metrics import METRICS_FILE, MetricsLog
+from lite_tp_jax.runtime.metrics import METRICS_FILE, MetricsLog, bring_back_records, set_aside_records
 from lite_tp_jax.runtime.devices import device_memory_in_use
 from lite_tp_jax.runtime.preemption import PreemptionWatch
 from lite_tp_jax.runtime.run_dir import RunLock, check_writable
@@ -56,7 +58,8 @@ from lite_tp_jax.runtime.spares import DeviceLost, take_over
 from lite_tp_jax.sharding.rules import batch_sharding
 from lite_tp_jax.sharding.state import rebind_mesh
 from lite_tp_jax.train.data import Batches, device_batch, load_tokens
-from lite_tp_jax.train.faults import Spares, poisoned
+from lite_tp_jax.train.divergence import Divergence, RollBack
+from lite_tp_jax.train.faults import InjectedSpike, Spares, poisoned
 from lite_tp_jax.train.fit import check_run_fits
 from lite_tp_jax.train.goodput import Goodput, summary
 from lite_tp_jax.train.profiling import StepTrace
@@ -70,28 +73,14 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def check_finite_step(record: dict, policy: str, last_checkpoint: int | None) -> None:
-    """``train.on_nonfinite=stop``: NonFiniteError naming the step and the value
-    when the step was skipped for a non-finite loss or gradient norm."""
-    if not record["skipped"] or policy != "stop":
-        return
-    what = next(
-        (f"{name} is {record[name]}" for name in ("loss", "grad_norm") if not math.isfinite(record[name])),
-        f"the update made parameters non-finite (loss {record['loss']:.4g}, grad_norm {record['grad_norm']:.4g})",
-    )
-    kept = f"checkpoint {last_checkpoint} is intact" if last_checkpoint is not None else "no checkpoint was saved"
-    raise NonFiniteError(
-        f"step {record['step']}: {what} (train.on_nonfinite=stop); {kept}; "
-        f"lower train.lr, or set train.on_nonfinite=skip to drop such updates."
-    )
-
-
 class Trainer:
     """``peak_flops``: the peak FLOP/s of one device, for MFU (none: no ``mfu``);
-    ``profile``: steps ``(first, last)`` to trace (``train/profiling.py``)."""
+    ``profile``: steps ``(first, last)`` to trace (``train/profiling.py``);
+    ``resume_step``: resume from that checkpoint (``--resume-step``), then skip
+    ``skip_batches`` batches (``--skip-batches``)."""
 
     def __init__(self, config: Config, run_dir: str | os.PathLike, *, peak_flops: float | None = None,
-                 profile: tuple[int, int] | None = None):
+                 profile: tuple[int, int] | None = None, resume_step: int | None = None, skip_batches: int = 0):
         self.goodput = Goodput()
         self.config = config
         self.run_dir = Path(run_dir)
@@ -99,6 +88,8 @@ class Trainer:
         self.mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
         check_run_fits(config, self.mesh.shape)
         self.spares = Spares(config, self.mesh, self.run_dir)
+        self.divergence, self.injected_spike = Divergence(config), InjectedSpike(config.fault.spike_step, self.run_dir)
+        self.records, set_aside, brought_back = [], [], False
         train = config.train
         self.batches = Batches(load_tokens(config.data, config.model.vocab_size), train.global_batch, train.seq_len, train.seed)
         self.lock, self.checkpointer = None, None
@@ -108,10 +99,10 @@ class Trainer:
             self.model, self.optimizer = create_model_and_optimizer(config.model, train, self.mesh)
             self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=config.checkpoint.keep)
             self.start_step, self.skipped_steps = 0, 0
+            if resume_step is not None:
+                set_aside, brought_back = self.checkpointer.resume_at(resume_step)
             if self.checkpointer.latest_step() is not None:
-                progress = self.checkpointer.restore(self._items(), self.mesh)
-                self.start_step = int(progress["step"])
-                self.skipped_steps = int(progress.get("skipped_steps", 0))
+                self.take_up(self.checkpointer.restore(self._items(), self.mesh, step=resume_step))
         except BaseException:
             self.close()
             if fresh:
@@ -119,10 +110,18 @@ class Trainer:
             raise
         self.last_checkpoint = self.start_step if self.start_step else None
         self.metrics = None
+        self.divergence.skips.add(self.start_step, skip_batches)
         if is_primary():
             dump_config(config, self.run_dir / "config.yaml")
+            if resume_step is not None:  # the later steps' lines go aside with their checkpoints, or come back
+                set_aside_records(self.run_dir / METRICS_FILE, self.start_step)
+                if brought_back:
+                    bring_back_records(self.run_dir / METRICS_FILE, self.start_step)
             self.metrics = RunLog.open(MetricsLog(self.run_dir / METRICS_FILE, self.start_step), config.logging,
                                        self.run_dir, self.start_step, config_to_dict(config))
+            if resume_step is not None or skip_batches:
+                self.metrics.append({"event": "resume", "step": self.start_step, "set_aside": set_aside,
+                                     "skip_batches": skip_batches, "data_skips": self.divergence.skips.skips})
         self.step = TrainStep(self.model, self.optimizer, train)
         self.cost = StepCost(config, self.mesh.size, peak_flops)
         self.trace = StepTrace(profile, self.run_dir)
@@ -152,12 +151,20 @@ class Trainer:
         """What a checkpoint holds, as live states (restoring fills them in place)."""
         return {"model": nnx.state(self.model), "optimizer": nnx.state(self.optimizer)}
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int, loss: float | None = None) -> None:
         with self.goodput.measure("checkpoint_s"):
-            self.checkpointer.save(
-                step, self._items(), {"step": step, "data_position": step, "skipped_steps": self.skipped_steps},
-            )
+            self.checkpointer.save(step, self._items(), {
+                "step": step, "skipped_steps": self.skipped_steps, **self.divergence.progress(step), "loss": loss,
+                "time": time.time(),
+            })
         self.last_checkpoint = step
+
+    def take_up(self, progress: dict) -> None:
+        """A restored checkpoint's progress: its step, skipped updates, data skips and spike detector."""
+        self.start_step = self.last_step = int(progress["step"])
+        self.last_checkpoint = self.start_step or None
+        self.skipped_steps = int(progress.get("skipped_steps", 0))
+        self.divergence.restore(progress)
 
     def _take_over(self, failed: jax.Device, step: int) -> None:
         """Device ``failed`` fails as ``step`` starts (injected: its shards become
@@ -203,7 +210,12 @@ class Trainer:
         metrics. Stops early, after a checkpoint, when preempted (SIGTERM)."""
         try:
             with PreemptionWatch() as preemption:
-                return self._run(preemption, show_progress)
+                while True:
+                    try:
+                        self._run(preemption, show_progress)
+                        return self.records
+                    except RollBack as rollback:
+                        self.divergence.roll_back(rollback.spike, self)
         finally:
             with self.goodput.measure("checkpoint_s"):
                 self.close()
@@ -231,8 +243,8 @@ class Trainer:
 
     def _run(self, preemption: PreemptionWatch, show_progress: bool) -> list[dict]:
         train, every = self.config.train, self.config.checkpoint.every
-        records = []
-        if self.start_step < train.steps:
+        records = self.records
+        if self.start_step < train.steps and not self.compiled:
             self._compile_first_step()
         progress = Progress(
             TextColumn("step {task.completed}/{task.total}"), BarColumn(),
@@ -246,10 +258,10 @@ class Trainer:
                 if failed is not None:  # an injected device failure: a spare takes over
                     self._take_over(failed, position + 1)
                 with self.goodput.measure("data_s"):
-                    inputs, targets = device_batch(self.batches, position, batch_sharding(self.mesh))
+                    inputs, targets = device_batch(self.batches, self.divergence.position(position), batch_sharding(self.mesh))
                 self.trace.before(position + 1)
                 started = time.perf_counter()
-                metrics = jax.device_get(self.step(inputs, targets))
+                metrics = jax.device_get(self.injected_spike.run(position + 1, self.model, lambda: self.step(inputs, targets)))
                 elapsed = time.perf_counter() - started
                 self.trace.after(position + 1)
                 self.last_step = position + 1
@@ -262,7 +274,7 @@ class Trainer:
                 self.goodput.add("skipped_step_s" if record["skipped"] else "productive_step_s", elapsed)
                 if (memory := device_memory_in_use()) is not None:
                     record["memory_in_use_bytes"] = memory
-                check_finite_step(record, train.on_nonfinite, self.last_checkpoint)
+                self.divergence.observe(record, self)
                 self.skipped_steps += int(record["skipped"])
                 record["skipped_steps"] = self.skipped_steps
                 if self.metrics is not None:
@@ -270,9 +282,9 @@ class Trainer:
                 records.append(record)
                 progress.update(task, completed=position + 1, loss=record["loss"], tokens_per_s=record["tokens_per_s"])
                 if preemption.reached(position + 1):
-                    self._save(position + 1)
+                    self._save(position + 1, record["loss"])
                     self.preempted_at = position + 1
                     break
                 if (position + 1) % every == 0 or position + 1 == train.steps:
-                    self._save(position + 1)
+                    self._save(position + 1, record["loss"])
         return records
