@@ -34,7 +34,7 @@ def test_empty_mapping_gives_defaults():
     assert config.train.lr == 3e-3 and config.train.steps == 100
     assert config.data == DataConfig(source="stdlib", path=None)
     assert config.checkpoint == CheckpointConfig(every=50, keep=2)
-    assert list(SECTIONS) == ["model", "mesh", "train", "data", "checkpoint", "fault", "logging", "compile"]
+    assert list(SECTIONS) == ["model", "mesh", "train", "data", "checkpoint", "rollback", "fault", "logging", "compile"]
 
 
 def test_configs_are_frozen():
@@ -156,8 +156,8 @@ def test_overrides_do_not_mutate_the_mapping():
             r"num_layers, .*virtual_stages, ",
         ),
         ({}, ["model.hiden_size=3"], r"^unknown key 'model\.hiden_size'; allowed keys in 'model': "),
-        ({"modle": {}}, (), r"^unknown section 'modle'; allowed: model, mesh, train, data, checkpoint, fault, logging, compile$"),
-        ({}, ["modle.hidden_size=3"], r"^unknown section 'modle'; allowed: model, mesh, train, data, checkpoint, fault, logging, compile$"),
+        ({"modle": {}}, (), r"^unknown section 'modle'; allowed: model, mesh, train, data, checkpoint, rollback, fault, logging, compile$"),
+        ({}, ["modle.hidden_size=3"], r"^unknown section 'modle'; allowed: model, mesh, train, data, checkpoint, rollback, fault, logging, compile$"),
         ({"model": {"remat": "some"}}, (), r"^'model\.remat' must be one of none, full, selective, got 'some'$"),
         ({}, ["train.steps=-3"], r"^'train\.steps' must be an integer >= 1, got -3$"),
         ({}, ["mesh.tensor=x"], r"^'mesh\.tensor' must be an integer >= 1 \(or -1\), got 'x'$"),
@@ -249,7 +249,7 @@ def test_directory_is_not_a_config(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("- a\n- b\n", r"must hold a YAML mapping of sections \(model, mesh, train, data, checkpoint, fault, logging, compile\), got a list$"),
+        ("- a\n- b\n", r"must hold a YAML mapping of sections \(model, mesh, train, data, checkpoint, rollback, fault, logging, compile\), got a list$"),
         ("just words\n", r"must hold a YAML mapping of sections .*, got a str$"),
         ("model: [\n", r"is not valid YAML: .* at line \d+$"),
     ],

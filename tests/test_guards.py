@@ -202,6 +202,16 @@ CASES = [
     ("compile-cache-dir-unwritable", None, None, ["compile.cache_dir=/proc/lite_tp_cache"], 2,
      "the compilation cache directory '/proc/lite_tp_cache' cannot be made", ["."]),
     ("compile-cache-dir-blank", None, None, ["compile.cache_dir=' '"], 2, "'compile.cache_dir' is empty", ["."]),
+    ("resume-step-missing", TRAINED, None, {"argv": ["--resume-step", "3"]}, 2,
+     "There is no checkpoint 3 in", ALL),
+    ("resume-step-damaged", TRAINED, truncate_latest, {"argv": ["--resume-step", "4"]}, 2,
+     "checkpoints/4 is damaged (", ALL),
+    ("spike-factor-not-above-one", None, None, ["train.spike_factor=1"], 2,
+     "'train.spike_factor' must be a number > 1 or null, got 1", ["."]),
+    ("negative-batch-skip", None, None, ["rollback.skip_batches=-1"], 2,
+     "'rollback.skip_batches' must be an integer >= 0 or null, got -1", ["."]),
+    ("spike-policy-typo", None, None, ["train.on_spike=skip"], 2, "'train.on_spike' must be one of stop, rollback, ignore", ["."]),
+    ("spike-step-past-the-end", None, None, ["fault.spike_step=5"], 2, "'fault.spike_step' (5) is past 'train.steps' (4)", ["."]),
     ("diverges-stop", None, None, ["train.lr=1e30", "checkpoint.every=1"], 1,
      "step 2: the update made parameters non-finite (loss ", ["checkpoints"]),
     ("diverges-skip", None, None, ["train.lr=1e30", "train.on_nonfinite=skip"], 0, "3 updates were skipped", []),
@@ -255,9 +265,12 @@ def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchan
     if code == 1:  # stopped at step 2: checkpoint 1 is the last, nothing non-finite saved or logged
         assert "(train.on_nonfinite=stop); checkpoint 1 is intact" in err
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1"]
-        assert [step for step, _ in losses(run)] == [1]
+        assert [r["step"] for r in steps_of(run)] == [1]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["step"], r["start"]) for r in records if r.get("event") == "spike"] == [(2, 2)]  # the spike is an event
     assert not (run / ".lock").exists() or fault == "hold_lock"
-    if fault in (truncate_latest, flip_a_byte_in_latest, delete_half_of_latest, unreadable_manifest_in_latest, nan_in_latest):
+    if code == 0 and fault in (truncate_latest, flip_a_byte_in_latest, delete_half_of_latest, unreadable_manifest_in_latest,
+                               nan_in_latest):
         finished = [r["step"] for r in steps_of(run)]
         assert finished == list(range(1, len(finished) + 1))  # each step once
         assert any(re.fullmatch(r"4\.damaged-\d+-\d+", p.name) for p in (run / "checkpoints").iterdir())
