@@ -201,7 +201,7 @@ def check_resume_step(a: Path, c: Path) -> None:
     assert_same_bits(parameters(c, step=8), parameters(a))  # a set-aside checkpoint is still readable
 
     trainer = Trainer(load_config(TINY, RUN), c, resume_step=8)
-    assert trainer.start_step == 8 and trainer.skips.skips == [(4, 2)]
+    assert trainer.start_step == 8 and trainer.divergence.skips.skips == [(4, 2)]
     assert trainer.run(show_progress=False) == []  # all 8 steps done
     assert sorted(p.name for p in (c / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4", "8"]
     assert steps(c) == steps(a)  # each step once, in metrics.jsonl again
