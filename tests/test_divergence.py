@@ -117,6 +117,20 @@ def test_rollback_goes_to_the_newest_checkpoint_before_the_suspect_ones():
     assert skip_after_rollback(2, spike, DataSkips([[4, 3]]), DataSkips(), 4) == 5
 
 
+def test_checkpoints_taken_within_a_spike_episode_are_marked_suspect():
+    """Under train.on_spike=ignore the run goes on; a checkpoint taken within
+    spike_window steps of the last spike records the spike start."""
+    from lite_tp_jax.run.config_file import parse_config
+    from lite_tp_jax.train.divergence import Divergence
+
+    divergence = Divergence(parse_config({}, ["train.spike_window=3", "train.on_spike=ignore"]))
+    suspect_since = []
+    for step, loss in [(1, 2.0), (2, 2.0), (3, 9.0), (4, 2.0), (5, 2.0), (6, 2.0), (7, 2.0)]:
+        divergence.detector.observe(record(step, loss))
+        suspect_since.append(divergence.progress(step)["suspect_since"])
+    assert suspect_since == [None, None, 3, 3, 3, 3, None]
+
+
 # ---- the new user's try (issue 22) ------------------------------------------------
 
 

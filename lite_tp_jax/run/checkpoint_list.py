@@ -3,8 +3,9 @@
 One row per checkpoint directory: its step, when it was saved, the loss at
 that step, whether it is intact (its manifest's sizes and checksums hold),
 damaged or never sealed, whether it is set aside (``<step>.<why>-<time>``,
-``run/checkpoint.py``) and whether it is suspect (taken after a spike
-started: it holds ``lite_tp_suspect.json``). Reads files only; writes nothing.
+``run/checkpoint.py``) and whether it is suspect (its state came from a
+spike: it holds ``lite_tp_suspect.json``, or was saved within a spike's
+episode under ``train.on_spike: ignore``). Reads files only; writes nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[dict]:
         sealed = (path / MANIFEST).exists()
         problem = damage(path) if sealed else None
         saved = progress.get("time") or (path / MANIFEST if sealed else path).stat().st_mtime
-        spike = None
+        spike = {"start": progress["suspect_since"]} if progress.get("suspect_since") is not None else None
         if (path / SUSPECT).exists():
             try:
                 spike = json.loads((path / SUSPECT).read_text())

@@ -213,8 +213,12 @@ class Divergence:
         return self.skips.position(position)
 
     def progress(self, step: int) -> dict[str, Any]:
+        """For a checkpoint of ``step``: the next batch, the skips, the detector,
+        and the spike start when taken within a spike's episode (suspect)."""
+        episode = self.detector.episode
+        open_spike = episode is not None and step - episode[2] <= self.detector.window
         return {"data_position": self.skips.position(step), "data_skips": self.skips.skips,
-                "spike_detector": self.detector.state()}
+                "spike_detector": self.detector.state(), "suspect_since": episode[0] if open_spike else None}
 
     def restore(self, progress: dict) -> None:
         self.skips = DataSkips(progress.get("data_skips"))
@@ -253,7 +257,8 @@ class Divergence:
         moves files from process 0)."""
         started = time.perf_counter()
         checkpointer, abandoned = trainer.checkpointer, self.skips
-        target = rollback_target(checkpointer.all_steps(), spike, self.config.rollback.steps_before)
+        intact = [s for s in checkpointer.all_steps() if checkpointer.intact(s)]
+        target = rollback_target(intact, spike, self.config.rollback.steps_before)
         later = [s for s in checkpointer.all_steps() if s > target]
         checkpointer.set_aside([s for s in later if s < spike.suspect_from], "set-aside")
         checkpointer.set_aside([s for s in later if s >= spike.suspect_from], "suspect")
