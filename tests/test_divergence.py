@@ -168,6 +168,15 @@ def test_a_blown_up_run_reruns_with_a_lower_learning_rate_as_the_message_says(tm
     assert rows[1][3] == f"{lines(run, aside.name)[1]['loss']:.4f}"
     assert [r[0] for r in rows[2:]] == ["10", "12"] and all(r[4:] == ["intact", "no", "no"] for r in rows[2:])
 
+    err = io.StringIO()  # a step that is not there: one line, exit 2, before any model is built
+    with contextlib.redirect_stderr(err):
+        assert main(["generate", "--run-dir", str(run), "--step", "4", "--prompt", "x"]) == 2
+        assert main(["checkpoints", str(tmp_path)]) == 2
+    assert err.getvalue().splitlines() == [
+        f"lite-tp: error: There is no checkpoint 4 in {run / 'checkpoints'}; it holds 2, 10, 12.",
+        f"lite-tp: error: No checkpoint directory in {tmp_path}; `lite-tp checkpoints` takes a run directory.",
+    ]
+
 
 # ---- rollback against resuming by hand; --resume-step; launch -------------------------
 # One test (one xdist worker): the runs build on each other.

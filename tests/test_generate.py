@@ -214,6 +214,7 @@ def test_left_pad_rejects_empty_prompts():
         (["--hf", "{tmp}/no-model"], "No config.json in"),
         (["--hf", "{tmp}/no-model", "--tensor", "0"], "--tensor must be a positive integer"),
         (["--hf", "{tmp}/no-model", "--run-dir", "{tmp}/run"], "not allowed with argument"),
+        (["--hf", "{tmp}/no-model", "--step", "3"], "--step chooses a checkpoint of a --run-dir; a --hf model has none."),
     ],
 )
 def test_cli_generate_checks_its_arguments_before_loading(flags, message, capsys, tmp_path):
@@ -271,6 +272,9 @@ def test_cli_generate_streams_and_writes_nothing(tmp_path, monkeypatch, capsys):
     assert len(writes) >= 3  # the prompt, at least one piece, the newline
     assert all(recorder.events[i + 1] == ("flush", None) for i, (k, _) in enumerate(recorder.events[:-1]) if k == "write")
     assert _snapshot(run) == before
+    recorder.events.clear()  # --step 1 names the same (latest) checkpoint: the same greedy text
+    assert main(["generate", "--run-dir", str(run), "--step", "1", "--prompt", "ab", "--max-new-tokens", "5"]) == 0
+    assert [text for kind, text in recorder.events if kind == "write"] == writes
 
     # Only a checkpoint whose parameters are NaN (Checkpointer.save refuses to
     # write one, so its guard is bypassed here): restore skips it with a

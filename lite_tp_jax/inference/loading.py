@@ -34,14 +34,14 @@ def load_trained_model(run_dir: str | os.PathLike, step: int | None = None) -> T
     model = abstract_model(replace(config.model, sequence_parallel=False), mesh)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep)
     try:
-        if checkpointer.latest_step() is None:
+        live, aside = checkpointer.all_steps(), checkpointer.set_aside_steps()
+        if step is None and not live:
             raise CheckpointError(f"No checkpoint in {run_dir / 'checkpoints'}; train first.")
-        if step is not None and step not in checkpointer.all_steps():
-            aside = checkpointer.set_aside_steps().get(step)
-            if not aside:
-                listed = ", ".join(map(str, checkpointer.all_steps() + sorted(checkpointer.set_aside_steps())))
-                raise CheckpointError(f"There is no checkpoint {step} in {run_dir / 'checkpoints'}; it holds {listed}.")
-            restore_set_aside(aside[-1], {"model": nnx.state(model)}, mesh)
+        if step is not None and step not in live:
+            if step not in aside:
+                held = ", ".join(map(str, sorted({*live, *aside}))) or "none"
+                raise CheckpointError(f"There is no checkpoint {step} in {run_dir / 'checkpoints'}; it holds {held}.")
+            restore_set_aside(aside[step][-1], {"model": nnx.state(model)}, mesh)
         else:
             checkpointer.restore({"model": nnx.state(model)}, mesh, step=step)
     finally:
