@@ -2,6 +2,7 @@
 forced router, its communication read from HLO, and bad input."""
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from lite_tp_jax.core.hlo import collectives
 from lite_tp_jax.layers.moe import MoEMLP
 
 B, S, H, F, E = 4, 8, 12, 20, 16  # F = 20: uneven over tensor 3 (7, 7, 6), stored padded to 21
-AUX_WEIGHT = 0.1
+AUX_WEIGHT, Z_WEIGHT = 0.1, 0.01
 
 
 def mesh_of(expert, tensor):
@@ -42,23 +43,34 @@ def reference_routing(probs, top_k, slots):
     return experts, kept
 
 
-def reference(weights, x, experts, kept):
-    """y and aux loss for fixed routing decisions; every expert runs on every
-    token and each token sums its kept choices (no dispatch, no sorting)."""
+def reference(weights, x, experts, kept, routing):
+    """y, aux loss and z-loss for fixed routing decisions; every expert runs on
+    every token and each token sums its kept choices (no dispatch, no sorting)."""
     top_k = experts.shape[-1]
-    probs = jax.nn.softmax(x @ weights["router.kernel"], axis=-1)
-    gates = jnp.take_along_axis(probs, experts, axis=-1)
-    if top_k > 1:
+    logits = x @ weights["router.kernel"]
+    if routing.scoring == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    else:
+        scores = probs = jax.nn.softmax(logits, axis=-1)
+    gates = jnp.take_along_axis(scores, experts, axis=-1)
+    if (top_k > 1) if routing.norm_topk_prob is None else routing.norm_topk_prob:
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
     gate = jnp.einsum("bsh,ehf->bsef", x, weights["gate.kernel"])
     up = jnp.einsum("bsh,ehf->bsef", x, weights["up.kernel"])
     every_expert = jnp.einsum("bsef,efh->bseh", jax.nn.silu(gate) * up, weights["down.kernel"])
     chosen = jnp.take_along_axis(every_expert, experts[..., None], axis=2)  # [B, S, k, H]
     y = jnp.sum((gates * kept)[..., None] * chosen, axis=2)
+    if routing.shared:
+        shared = (jax.nn.silu(x @ weights["shared.gate.kernel"]) * (x @ weights["shared.up.kernel"])) @ weights["shared.down.kernel"]
+        if routing.gate:
+            shared = shared * jax.nn.sigmoid(x @ weights["shared_gate.kernel"])
+        y = y + shared
     # per routing group (row): aux_b = E * sum_e f_be P_be; the loss is their mean
     fraction = np.stack([np.bincount(row.ravel(), minlength=E) / row.size for row in experts])  # [B, E]
     aux = jnp.mean(E * jnp.sum(fraction * jnp.mean(probs, axis=1), axis=-1))
-    return y, aux
+    z_loss = jnp.mean(jax.scipy.special.logsumexp(logits, axis=-1) ** 2)
+    return y, aux, z_loss
 
 
 def capacity_of(seq, top_k, capacity_factor):
@@ -86,8 +98,30 @@ def poison_padding(layer):
     return padded
 
 
-# (top_k, capacity_factor): top-k 1, 2 and 8 of 16 dropless, and top-2 at capacity 1.0 (drops).
-ROUTINGS = [(1, None), (2, None), (8, None), (2, 1.0)]
+class Routing(NamedTuple):
+    top_k: int
+    capacity_factor: float | None
+    scoring: str = "softmax"
+    norm_topk_prob: bool | None = None
+    shared: int = 0  # shared expert hidden size (10: uneven over tensor 3)
+    gate: bool = False  # its sigmoid gate
+
+    def layer(self, **kwargs):
+        return MoEMLP(
+            H, F, num_experts=E, top_k=self.top_k, capacity_factor=self.capacity_factor, scoring=self.scoring,
+            norm_topk_prob=self.norm_topk_prob, shared_hidden_features=self.shared, shared_gate=self.gate,
+            rngs=nnx.Rngs(0), **kwargs,
+        )
+
+
+# Top-k 1, 2 and 8 of 16 dropless with a shared expert (softmax and sigmoid scores, gated
+# and not), and top-2 at capacity 1.0 (drops) without renormalised gates.
+ROUTINGS = [
+    Routing(1, None, shared=10),
+    Routing(2, None, shared=10, gate=True),
+    Routing(8, None, "sigmoid", True, shared=10, gate=True),
+    Routing(2, 1.0, norm_topk_prob=False),
+]
 # name: (expert, tensor, sequence_parallel, dispatch)
 MESHES = {
     "ep2-tp2": (2, 2, False, "grouped"),
@@ -100,23 +134,21 @@ MESHES = {
 
 @pytest.fixture(scope="module")
 def references(data):
-    """Per routing: (weights, kept, y, aux loss, gradients) of the one-device
-    reference, with the weights every mesh's layer is initialised to."""
+    """Per routing: (weights, experts, kept, y, aux loss, z-loss, gradients) of the
+    one-device reference, with the weights every mesh's layer is initialised to."""
     x, cotangent = data
     out = {}
-    for top_k, capacity_factor in ROUTINGS:
-        layer = MoEMLP(H, F, num_experts=E, top_k=top_k, capacity_factor=capacity_factor, mesh=mesh_of(1, 1),
-                       rngs=nnx.Rngs(0))
-        weights = {k: jnp.asarray(v) for k, v in export_state(layer).items()}
-        probs = jax.nn.softmax(x @ weights["router.kernel"], axis=-1)
-        experts, kept = reference_routing(probs, top_k, capacity_of(S, top_k, capacity_factor))
+    for routing in ROUTINGS:
+        weights = {k: jnp.asarray(v) for k, v in export_state(routing.layer(mesh=mesh_of(1, 1))).items()}
+        probs = jax.nn.softmax(x @ weights["router.kernel"], axis=-1)  # the same order as sigmoid scores
+        experts, kept = reference_routing(probs, routing.top_k, capacity_of(S, routing.top_k, routing.capacity_factor))
 
-        def reference_loss(weights, x, experts=experts, kept=kept):
-            y, aux = reference(weights, x, experts, kept)
-            return jnp.sum(cotangent * y) + AUX_WEIGHT * aux, (y, aux)
+        def reference_loss(weights, x, experts=experts, kept=kept, routing=routing):
+            y, aux, z_loss = reference(weights, x, experts, kept, routing)
+            return jnp.sum(cotangent * y) + AUX_WEIGHT * aux + Z_WEIGHT * z_loss, (y, aux, z_loss)
 
-        (_, (y, aux)), grads = jax.value_and_grad(reference_loss, argnums=(0, 1), has_aux=True)(weights, x)
-        out[(top_k, capacity_factor)] = (weights, kept, y, aux, grads)
+        (_, (y, aux, z_loss)), grads = jax.value_and_grad(reference_loss, argnums=(0, 1), has_aux=True)(weights, x)
+        out[routing] = (weights, experts, kept, y, aux, z_loss, grads)
     return out
 
 
@@ -127,36 +159,37 @@ def test_matches_reference(mesh, data, references):
     expert, tensor, sequence_parallel, dispatch = MESHES[mesh]
     x, cotangent = data
     layers = [
-        MoEMLP(
-            H, F, num_experts=E, top_k=top_k, capacity_factor=capacity_factor, dispatch=dispatch,
-            sequence_parallel=sequence_parallel, mesh=mesh_of(expert, tensor), rngs=nnx.Rngs(0),
-        )
-        for top_k, capacity_factor in ROUTINGS
+        routing.layer(dispatch=dispatch, sequence_parallel=sequence_parallel, mesh=mesh_of(expert, tensor))
+        for routing in ROUTINGS
     ]
     if tensor == 3:
         assert all(poison_padding(layer) > 0 for layer in layers)
 
     def layer_loss(layer, x):
         y, stats = layer(x)
-        return jnp.sum(cotangent * y) + AUX_WEIGHT * stats["aux_loss"], (y, stats)
+        return jnp.sum(cotangent * y) + AUX_WEIGHT * stats["aux_loss"] + Z_WEIGHT * stats["z_loss"], (y, stats)
 
     step = nnx.value_and_grad(layer_loss, argnums=(0, 1), has_aux=True)
     results = nnx.jit(lambda layers, x: [step(layer, x) for layer in layers])(layers, x)
 
     for layer, routing, ((_, (y, stats)), grads) in zip(layers, ROUTINGS, results, strict=True):
-        case = "top{}-cf{}".format(*routing)
-        weights, kept, y_ref, aux_ref, grads_ref = references[routing]
+        case = str(routing)
+        weights, experts, kept, y_ref, aux_ref, z_ref, grads_ref = references[routing]
         for name, value in export_state(layer).items():  # the reference's weights: initialisation is mesh-independent
             np.testing.assert_array_equal(value, weights[name])
         assert max_relative_error(y, y_ref) <= 1e-5, f"forward {case}"
         assert abs(float(stats["aux_loss"]) - float(aux_ref)) <= 1e-5 * abs(float(aux_ref)), f"aux_loss {case}"
+        assert abs(float(stats["z_loss"]) - float(z_ref)) <= 1e-5 * abs(float(z_ref)), f"z_loss {case}"
+        load = np.bincount(experts.ravel(), minlength=E)  # assignments per expert, before dropping
+        assert float(stats["load_max"]) == pytest.approx(load.max() / load.mean(), rel=1e-6), case
+        assert float(stats["load_min"]) == pytest.approx(load.min() / load.mean(), rel=1e-6), case
         dropped = int((~kept).sum())
-        assert (dropped > 0) == (routing[1] is not None), case  # the capacity case does drop
+        assert (dropped > 0) == (routing.capacity_factor is not None), case  # the capacity case does drop
         assert float(stats["dropped"]) == dropped, case
         assert float(stats["dropped_fraction"]) == pytest.approx(dropped / kept.size, rel=1e-6), case
         assert all(v.dtype == jnp.float32 and v.shape == () for v in stats.values())
         weight_grads = export_state(grads[0])
-        assert weight_grads.keys() == grads_ref[0].keys() == {"router.kernel", "gate.kernel", "up.kernel", "down.kernel"}
+        assert weight_grads.keys() == grads_ref[0].keys()
         for name, g in weight_grads.items():
             assert max_relative_error(g, grads_ref[0][name]) <= 1e-5, f"gradient of {name} {case}"
         assert max_relative_error(grads[1], grads_ref[1]) <= 1e-5, f"gradient of x {case}"

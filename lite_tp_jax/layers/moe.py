@@ -112,6 +112,7 @@ from lite_tp_jax.sharding.rules import MEGATRON, PartitionRules
 default_kernel_init = nnx.initializers.lecun_normal()
 
 DISPATCHES = ("grouped", "one_hot")
+SCORINGS = ("softmax", "sigmoid")
 
 # Module-level so that PartitionRules.param's jitted initialiser (static ``init``) is reused across layers.
 # One fan-in per expert: the expert dimension is a batch dimension of the initialiser.
@@ -123,6 +124,13 @@ class _Weights(nnx.Module):
 
     def __init__(self, kernel: nnx.Param):
         self.kernel = kernel
+
+
+class _SharedExpert(nnx.Module):
+    """``shared.gate``, ``shared.up`` ``[features, shared_hidden]`` and ``shared.down``."""
+
+    def __init__(self, gate: _Weights, up: _Weights, down: _Weights):
+        self.gate, self.up, self.down = gate, up, down
 
 
 def _all_to_all(x: jax.Array, split_axis: int, concat_axis: int) -> jax.Array:
@@ -153,13 +161,21 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: flo
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def choose(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def choose(
+    logits: jax.Array, top_k: int, scoring: str = "softmax", norm_topk_prob: bool | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Top-k routing of ``logits [B, S, E]`` (float32): ``(probs [B, S, E],
-    experts [B, S, k], gates [B, S, k])``; the gates are the chosen
-    probabilities, renormalised to sum to 1 when ``top_k > 1``."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    gates, experts = jax.lax.top_k(probs, top_k)
-    if top_k > 1:
+    experts [B, S, k], gates [B, S, k])``. Scores: ``softmax(logits)``, or
+    ``sigmoid(logits)`` (DeepSeek-V3); the gates are the chosen scores,
+    renormalised to sum to 1 with ``norm_topk_prob`` (None: when ``top_k > 1``).
+    ``probs``, for the load-balancing loss, are the scores normalised per token."""
+    if scoring == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    else:
+        scores = probs = jax.nn.softmax(logits, axis=-1)
+    gates, experts = jax.lax.top_k(scores, top_k)
+    if top_k > 1 if norm_topk_prob is None else norm_topk_prob:
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
     return probs, experts, gates
 
@@ -177,15 +193,28 @@ def slots(experts: jax.Array, num_experts: int) -> jax.Array:
     return jnp.stack(out, axis=-1)
 
 
+STANDALONE_STATS = ("aux_loss", "z_loss", "dropped", "dropped_fraction", "load_max", "load_min")
+
+
+def load_extremes(load: jax.Array) -> dict[str, jax.Array]:
+    """The busiest and the idlest expert's share of ``load [E]`` (assignments
+    per expert, before dropping), relative to the mean: 1 and 1 when balanced."""
+    mean = jnp.maximum(jnp.mean(load), 1e-9)
+    return {"load_max": jnp.max(load) / mean, "load_min": jnp.min(load) / mean}
+
+
 class MoEMLP(ParallelLayer):
     """A mixture of ``num_experts`` SwiGLU experts; ``__call__(x)`` returns ``(y, stats)``.
 
     ``x``: ``[batch, seq, features]``. ``stats`` from ordinary jit code: float32
     scalars, identical on every rank: ``aux_loss`` (the load-balancing loss,
-    mean over rows), ``dropped`` (number of (token, choice) assignments over
-    capacity) and ``dropped_fraction`` (``dropped`` / all assignments). Inside
-    a region (``local``): sums over this rank's rows of ``aux_loss``,
-    ``dropped`` and ``assignments``, for the caller to reduce over its batch
+    mean over rows), ``z_loss`` (the router z-loss, mean over rows of the
+    tokens' mean squared logsumexp of the router logits), ``dropped`` (number
+    of (token, choice) assignments over capacity), ``dropped_fraction``
+    (``dropped`` / all assignments), ``load_max`` / ``load_min`` (the busiest /
+    idlest expert's assignments over the mean). Inside a region (``local``):
+    sums over this rank's rows of ``aux_loss``, ``z_loss``, ``dropped``,
+    ``assignments`` and ``load [E]``, for the caller to reduce over its batch
     axes. See the module docstring.
     """
 
@@ -199,6 +228,10 @@ class MoEMLP(ParallelLayer):
         capacity_factor: float | None = 1.25,
         dispatch: str = "grouped",
         exchange: str = "auto",
+        scoring: str = "softmax",
+        norm_topk_prob: bool | None = None,
+        shared_hidden_features: int = 0,
+        shared_gate: bool = False,
         mesh: Mesh,
         sequence_parallel: bool = False,
         param_dtype: Any = jnp.float32,
@@ -214,6 +247,13 @@ class MoEMLP(ParallelLayer):
             raise ValueError(f"MoEMLP dispatch must be one of {DISPATCHES}, got {dispatch!r}.")
         if exchange not in EXCHANGES:
             raise ValueError(f"MoEMLP exchange must be one of {EXCHANGES}, got {exchange!r}.")
+        if scoring not in SCORINGS:
+            raise ValueError(f"MoEMLP scoring must be one of {SCORINGS}, got {scoring!r}.")
+        if shared_hidden_features < 0 or (shared_gate and not shared_hidden_features):
+            raise ValueError(
+                f"MoEMLP shared_hidden_features must be >= 0 (0: no shared expert) and > 0 with shared_gate, "
+                f"got {shared_hidden_features}."
+            )
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(
                 f"MoEMLP capacity_factor must be positive or None (dropless), got {capacity_factor}."
@@ -223,6 +263,8 @@ class MoEMLP(ParallelLayer):
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = capacity_factor
         self.dispatch, self.exchange = dispatch, exchange
+        self.scoring, self.norm_topk_prob = scoring, norm_topk_prob
+        self.shared_hidden_features = shared_hidden_features
         self.sequence_parallel = sequence_parallel
         e, h, f = num_experts, features, hidden_features
         param = partial(rules.param, mesh=mesh, dtype=param_dtype)
@@ -230,6 +272,22 @@ class MoEMLP(ParallelLayer):
         self.gate = _Weights(param(f"{role}.gate", _expert_kernel_init, rngs.params(), (e, h, f), ("experts", "in", "out")))
         self.up = _Weights(param(f"{role}.up", _expert_kernel_init, rngs.params(), (e, h, f), ("experts", "in", "out")))
         self.down = _Weights(param(f"{role}.down", _expert_kernel_init, rngs.params(), (e, f, h), ("experts", "in", "out")))
+        # The shared expert: a SwiGLU MLP on every token, tensor-parallel like ParallelMLP
+        # (column gate/up, row down); its partial sums join the experts' before the one reduction.
+        fs = shared_hidden_features
+        self.shared = (
+            _SharedExpert(
+                *(_Weights(param(f"{role}.shared.{name}", default_kernel_init, rngs.params(), shape, ("in", "out")))
+                  for name, shape in (("gate", (h, fs)), ("up", (h, fs)), ("down", (fs, h))))
+            )
+            if fs
+            else None
+        )
+        self.shared_gate = (
+            _Weights(param(f"{role}.shared_gate", default_kernel_init, rngs.params(), (h, 1), ("in", None)))
+            if shared_gate
+            else None
+        )
 
     def capacity(self, seq_len: int) -> int:
         """Slots per expert per row (routing group) of ``seq_len`` tokens."""
@@ -245,7 +303,7 @@ class MoEMLP(ParallelLayer):
 
     def layout(self, x: jax.Array) -> Layout:
         placement = sequence_or_replicated(self.sequence_parallel)
-        stats = {name: STATISTIC for name in ("aux_loss", "dropped", "dropped_fraction")}
+        stats = {name: STATISTIC for name in STANDALONE_STATS}
         return Layout((placement,), (placement.of(x.ndim), stats), required=(EXPERT,))
 
     def check(self, x: jax.Array) -> None:
@@ -265,16 +323,32 @@ class MoEMLP(ParallelLayer):
         # router is replicated over "tensor": its gradient, a partial sum per rank, is all-reduced.
         router = copy_to_tensor_region(self.router.kernel[...])
         logits = x.astype(jnp.float32) @ router.astype(jnp.float32)
-        probs, experts, gates = choose(logits, top_k)
+        probs, experts, gates = choose(logits, top_k, self.scoring, self.norm_topk_prob)
         slot = slots(experts, num_experts) if self.capacity_factor is not None else None
         kept = slot < capacity_per_expert if slot is not None else jnp.ones(experts.shape, bool)
         if self.dispatch == "one_hot":
             y = self._one_hot(x, experts, gates, kept, slot, capacity_per_expert)
         else:
             y = self._grouped(x, experts, gates, kept)
+        if self.shared is not None:
+            y = y + self._shared(x)
         y = exit_tensor_parallel(y, self.sequence_parallel)
         assigned = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.int32), axis=(1, 2))  # [B_l, E]
-        return y, self._row_sums(probs, assigned, jnp.sum(~kept))
+        z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)), axis=1)  # [B_l]: router z-loss per row
+        return y, self._row_sums(probs, assigned, jnp.sum(~kept), z)
+
+    def _shared(self, x: jax.Array) -> jax.Array:
+        """The shared expert on this rank's hidden shard (partial sums over
+        "tensor"), times ``sigmoid(x @ shared_gate)`` where there is a gate."""
+        hidden = self.shared_hidden_features
+        w_gate = cast_for(mask_padding(self.shared.gate.kernel[...], 1, hidden), x)
+        w_up = cast_for(mask_padding(self.shared.up.kernel[...], 1, hidden), x)
+        w_down = cast_for(mask_padding(self.shared.down.kernel[...], 0, hidden), x)
+        y = (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+        if self.shared_gate is not None:
+            gate = copy_to_tensor_region(self.shared_gate.kernel[...])
+            y = y * jax.nn.sigmoid(x.astype(jnp.float32) @ gate.astype(jnp.float32)).astype(y.dtype)
+        return y
 
     def _experts(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """This rank's experts on ``rows [m, H]`` grouped by expert (``group_sizes``
@@ -331,25 +405,32 @@ class MoEMLP(ParallelLayer):
         expert_out = checkpoint_name(_all_to_all(jnp.swapaxes(expert_out, 0, 1), 0, 1), "moe_combined")
         return jnp.einsum("bsec,bech->bsh", combine, expert_out.astype(combine.dtype))
 
-    def _row_sums(self, probs: jax.Array, assigned: jax.Array, dropped: jax.Array) -> dict[str, jax.Array]:
-        """Statistics summed over this rank's rows: ``aux_loss`` (the sum of each
-        row's load-balancing loss; ``assigned [B_l, E]`` counts each row's (token,
-        choice) pairs per expert), ``dropped`` and ``assignments`` (counts of
-        (token, choice) pairs). Every tensor rank computes the same values; the
-        mean over "tensor" makes that their type (and counts the aux-loss
-        gradient once). Summing over the ranks that split the rows is the caller's."""
+    def _row_sums(self, probs: jax.Array, assigned: jax.Array, dropped: jax.Array, z: jax.Array) -> dict[str, jax.Array]:
+        """Statistics summed over this rank's rows: ``aux_loss`` (each row's
+        load-balancing loss; ``assigned [B_l, E]`` counts each row's (token,
+        choice) pairs per expert), ``z_loss`` (each row's mean squared
+        logsumexp of the router logits, ``z [B_l]``), ``dropped`` and
+        ``assignments`` (counts of (token, choice) pairs), and ``load [E]``
+        (pairs per expert). Every tensor rank computes the same values; the
+        mean over "tensor" makes that their type (and counts the losses'
+        gradients once). Summing over the ranks that split the rows is the caller's."""
         seq = probs.shape[1]
         fraction = assigned.astype(jnp.float32) / (seq * self.top_k)  # [B_l, E]
         mean_prob = jnp.mean(probs, axis=1)  # [B_l, E]
-        local = jnp.stack(
+        local = jnp.concatenate(
             [
-                self.num_experts * jnp.sum(fraction * mean_prob),
-                jnp.sum(dropped).astype(jnp.float32),
-                jnp.float32(probs.shape[0] * seq * self.top_k),
+                jnp.stack([
+                    self.num_experts * jnp.sum(fraction * mean_prob),
+                    jnp.sum(z),
+                    jnp.sum(dropped).astype(jnp.float32),
+                    jnp.float32(probs.shape[0] * seq * self.top_k),
+                ]),
+                jnp.sum(assigned, axis=0).astype(jnp.float32),
             ]
         )
-        aux_loss, dropped_count, assignments = all_reduce(local, TENSOR) / jax.lax.axis_size(TENSOR)
-        return {"aux_loss": aux_loss, "dropped": dropped_count, "assignments": assignments}
+        local = all_reduce(local, TENSOR) / jax.lax.axis_size(TENSOR)
+        names = ("aux_loss", "z_loss", "dropped", "assignments")
+        return {**{name: local[i] for i, name in enumerate(names)}, "load": local[len(names):]}
 
     def standalone(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``local``, with its row sums turned into batch means (standalone use)."""
@@ -360,6 +441,8 @@ class MoEMLP(ParallelLayer):
         rows = x.shape[0] * math.prod(jax.lax.axis_size(axis) for axis in row_axes)
         return y, {
             "aux_loss": sums["aux_loss"] / rows,
+            "z_loss": sums["z_loss"] / rows,
             "dropped": sums["dropped"],
             "dropped_fraction": sums["dropped"] / sums["assignments"],
+            **load_extremes(sums["load"]),
         }

@@ -45,10 +45,12 @@ def rope_scaling(config: ModelConfig) -> RopeScaling | None:
     )
 
 
-def zero_stats() -> dict[str, jax.Array]:
-    """Per-layer MoE statistics, summed over batch rows: the load-balancing loss,
-    dropped and all (token, choice) assignments. Zero for a dense layer."""
-    return {name: jnp.zeros((), jnp.float32) for name in ("aux_loss", "dropped", "assignments")}
+def zero_stats(num_experts: int) -> dict[str, jax.Array]:
+    """Per-layer MoE statistics, summed over batch rows: the load-balancing and
+    router z-losses, dropped and all (token, choice) assignments, and the
+    assignments per expert ``load [num_experts]``. Zero for a dense layer."""
+    scalars = {name: jnp.zeros((), jnp.float32) for name in ("aux_loss", "z_loss", "dropped", "assignments")}
+    return {**scalars, "load": jnp.zeros((num_experts,), jnp.float32)}
 
 
 class Block(ParallelLayer):
@@ -59,6 +61,7 @@ class Block(ParallelLayer):
     ):
         rules = rules or PartitionRules(dict(config.partition_rules))
         self.mesh, self.sequence_parallel = mesh, config.sequence_parallel
+        self.num_experts = config.num_experts
         self.attention_norm = make_norm(config, mesh=mesh, rules=rules, rngs=rngs)
         self.attention = ParallelAttention(
             config.hidden_size,
@@ -80,7 +83,9 @@ class Block(ParallelLayer):
         self.mlp = (
             MoEMLP(
                 config.hidden_size, config.ffn_hidden_size, num_experts=config.num_experts,
-                top_k=config.top_k, capacity_factor=config.capacity_factor, **mlp,
+                top_k=config.top_k, capacity_factor=config.capacity_factor, scoring=config.router_scoring,
+                norm_topk_prob=config.norm_topk_prob, shared_hidden_features=config.shared_expert_size,
+                shared_gate=config.shared_expert_gate, **mlp,
             )
             if moe
             else ParallelMLP(
@@ -102,7 +107,7 @@ class Block(ParallelLayer):
         if isinstance(self.mlp, MoEMLP):
             y, stats = self.mlp(h)
             return x + y, stats
-        return x + self.mlp(h), zero_stats()
+        return x + self.mlp(h), zero_stats(self.num_experts)
 
     def decode(self, x, cache: KVCache, layer: tuple, cursor, start) -> tuple[jax.Array, KVCache]:
         """``local`` with the attention extending and reading the KV cache (its buffers ``cache.key[layer]``)."""
@@ -126,7 +131,7 @@ class LayerGroup(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        stats = zero_stats()
+        stats = zero_stats(self.blocks[0].num_experts)
         for i, block in enumerate(self.blocks):
             if i:  # kept, or the backward would rerun the previous block's reduction to get it back
                 x = checkpoint_name(x, "block_input")

@@ -18,6 +18,7 @@ Norm = Literal["rms", "layer"]
 MLPActivation = Literal["swiglu", "gelu"]
 Position = Literal["rope", "learned"]
 RopeScalingKind = Literal["none", "linear", "llama3"]
+RouterScoring = Literal["softmax", "sigmoid"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,16 @@ class ModelConfig:
     top_k: int = ranged(2, POSITIVE)
     capacity_factor: float | None = ranged(1.25, ABOVE_ZERO)
     aux_loss_weight: float = ranged(0.01, NON_NEGATIVE)
+    # Routers: scores softmax or sigmoid (DeepSeek-V3); norm_topk_prob renormalises
+    # the top_k gates to sum to 1 (null: when top_k > 1); router_z_loss_weight
+    # times the router z-loss (mean squared logsumexp of the router logits) joins
+    # the loss. A shared expert (Qwen2-MoE): a SwiGLU MLP of shared_expert_size
+    # (0: none) on every token, times sigmoid(x @ w) with shared_expert_gate.
+    router_scoring: RouterScoring = "softmax"
+    norm_topk_prob: bool | None = None
+    router_z_loss_weight: float = ranged(0.0, NON_NEGATIVE)
+    shared_expert_size: int = ranged(0, NON_NEGATIVE)
+    shared_expert_gate: bool = False
     # Pipeline: chunks of layers per pipeline stage (1: GPipe, > 1: circular schedule).
     virtual_stages: int = ranged(1, POSITIVE)
     # Overrides of the partitioning rule table (lite_tp_jax/sharding/table.py), written in
@@ -90,6 +101,11 @@ class ModelConfig:
             raise FitError(
                 "{top_k} must be at most {num_experts}: each token picks top_k distinct experts",
                 top_k=self.top_k, num_experts=self.num_experts,
+            )
+        if self.shared_expert_gate and not self.shared_expert_size:
+            raise FitError(
+                "{shared_expert_gate.name} needs a shared expert: set {shared_expert_size.name} > 0",
+                shared_expert_gate=self.shared_expert_gate, shared_expert_size=self.shared_expert_size,
             )
         if self.moe_every and self.activation != "swiglu":
             raise FitError(

@@ -8,7 +8,7 @@ The convention (model FLOPs, not hardware FLOPs):
   the activations and of the weights, each as large as the forward), so each
   parameter that does a matmul costs ``6`` FLOPs per token: ``6 N`` per token,
   N counting the projections of attention, the MLPs (for a mixture of experts:
-  the router and ``top_k`` experts, not all of them) and the output head, but
+  the router, ``top_k`` experts, not all of them, and the shared expert) and the output head, but
   not the input embedding (a lookup), norms or biases;
 * attention adds, per token and layer, the scores ``Q Kᵀ`` and the weighted
   values ``P V``: ``2 x 2 x heads x head_dim x keys`` forward. **Causal
@@ -37,6 +37,7 @@ def matmul_params(model: ModelConfig) -> int:
     mlp = (3 if model.activation == "swiglu" else 2) * H * F
     moe_layers = model.num_layers // model.moe_every if model.moe_every else 0
     moe = model.top_k * mlp + H * model.num_experts  # top_k experts and the router, per token
+    moe += 3 * H * model.shared_expert_size + H * model.shared_expert_gate  # the shared expert and its gate
     blocks = attention * model.num_layers + mlp * (model.num_layers - moe_layers) + moe * moe_layers
     return blocks + H * model.vocab_size  # + the output head
 

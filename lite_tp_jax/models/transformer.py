@@ -49,6 +49,7 @@ from lite_tp_jax.core.errors import BadInput
 from lite_tp_jax.layers.attention import KVCache
 from lite_tp_jax.layers.cross_entropy import vocab_parallel_cross_entropy
 from lite_tp_jax.layers.embedding import VocabParallelEmbedding
+from lite_tp_jax.layers.moe import load_extremes
 from lite_tp_jax.layers.positions import LearnedPositions
 from lite_tp_jax.models.blocks import LayerGroup, make_norm
 from lite_tp_jax.models.config import ModelConfig
@@ -248,12 +249,19 @@ class Transformer(nnx.Module):
         rows = tokens.shape[0] * math.prod(self.mesh.shape[axis] for axis in self.batch_axes)
         cross_entropy = sums["cross_entropy"] / (rows * tokens.shape[1])
         aux_loss = sums["aux_loss"] / (rows * max(self.moe_layers, 1))
+        z_loss = sums["z_loss"] / (rows * max(self.moe_layers, 1))
         metrics = {
             "cross_entropy": cross_entropy,
             "aux_loss": aux_loss,
             "dropped_fraction": sums["dropped"] / jnp.maximum(sums["assignments"], 1.0),
         }
-        return cross_entropy + self.config.aux_loss_weight * aux_loss, metrics
+        if self.moe_layers:  # the expert loads summed over the MoE layers
+            extremes = load_extremes(sums["load"])
+            metrics.update(z_loss=z_loss, expert_load_max=extremes["load_max"], expert_load_min=extremes["load_min"])
+        loss = cross_entropy + self.config.aux_loss_weight * aux_loss
+        if self.config.router_z_loss_weight:
+            loss = loss + self.config.router_z_loss_weight * z_loss
+        return loss, metrics
 
     def local_logits(self, tokens, microbatches):
         """This rank's vocabulary slice of the logits for its batch rows, and MoE stats."""

@@ -14,6 +14,9 @@ says which dims are split over which mesh axes. Megatron-LM's defaults::
     mlp.gate, mlp.up         column          out (hidden) over "tensor"
     mlp.down                 row             in (hidden) over "tensor"
     moe.router               replicated      -
+    moe.shared.gate, .up     column          out (hidden) over "tensor"   (the shared expert)
+    moe.shared.down          row             in (hidden) over "tensor"
+    moe.shared_gate          replicated      -
     moe.gate, moe.up         expert-column   experts over "expert", out (hidden) over "tensor"
     moe.down                 expert-row      experts over "expert", in (hidden) over "tensor"
     *norm                    replicated      -
@@ -65,6 +68,10 @@ MEGATRON_RULES: tuple[tuple[str, str], ...] = (
     ("mlp.up", "column"),
     ("mlp.down", "row"),
     ("moe.router", "replicated"),
+    ("moe.shared.gate", "column"),
+    ("moe.shared.up", "column"),
+    ("moe.shared.down", "row"),
+    ("moe.shared_gate", "replicated"),
     ("moe.gate", "expert-column"),
     ("moe.up", "expert-column"),
     ("moe.down", "expert-row"),
