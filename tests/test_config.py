@@ -205,6 +205,17 @@ def test_overrides_do_not_mutate_the_mapping():
             r"^'model\.hidden_size' \(64\) must be a multiple of 'model\.num_heads' \(5\) while 'model\.head_dim' is null",
         ),
         (
+            {"model": {"moe_every": 1, "num_experts": 4, "top_k": 5}},
+            (),
+            r"^'model\.top_k' \(5\) must be at most 'model\.num_experts' \(4\): each token picks top_k distinct experts$",
+        ),
+        (
+            {},
+            ["model.shared_expert_gate=true"],
+            r"^'model\.shared_expert_gate' needs a shared expert: set 'model\.shared_expert_size' > 0$",
+        ),
+        ({}, ["model.router_scoring=tanh"], r"^'model\.router_scoring' must be one of softmax, sigmoid, got 'tanh'$"),
+        (
             {"mesh": {"data": -1, "tensor": -1}},
             (),
             r"^at most one mesh axis may be -1 .*, got -1 for 'mesh\.data' and 'mesh\.tensor'$",
