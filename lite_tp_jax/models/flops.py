@@ -13,10 +13,11 @@ The convention (model FLOPs, not hardware FLOPs):
 * attention adds, per token and layer, the scores ``Q Kᵀ`` and the weighted
   values ``P V``: ``2 x 2 x heads x head_dim x keys`` forward. **Causal
   attention counts half**: a query sees on average ``seq_len / 2`` keys, so
-  ``keys = seq_len / 2``, as MaxText counts it since its PR #1988 (PaLM's
-  appendix B and Megatron count the full ``seq_len``; an attention kernel that
-  computes the whole square and masks it does the full amount of hardware
-  work, which MFU does not credit);
+  ``keys = seq_len / 2``, as MaxText counts it since its PR #1988 ("Divide
+  FLOPs by two due to causal masks", July 2025) and as Megatron-LM's
+  ``num_floating_point_operations`` does (PaLM's appendix B counts the full
+  ``seq_len``; an attention kernel that computes the whole square and masks it
+  does that full hardware work, which MFU does not credit);
 * recomputation under ``model.remat`` is not counted: it is hardware work the
   model does not need.
 
