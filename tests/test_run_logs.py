@@ -139,6 +139,8 @@ def test_a_second_identical_run_loads_its_step_from_the_compilation_cache(runs):
     assert cold["cache_hits"] + cold["cache_misses"] >= 1  # the cache was asked (an earlier test may have filled it)
     assert warm["cache_hits"] >= 1 and warm["cache_misses"] == 0  # the same program: loaded, not compiled
     assert "training step loaded from the compilation cache" in second
+    for event in (cold, warm):
+        assert 0 < event["trace_lower_s"] + event["xla_compile_s"] <= event["compile_s"]
     assert records(root / "second")[0][-1]["loss"] == records(root / "first")[0][-1]["loss"]
 
 

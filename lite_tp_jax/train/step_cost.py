@@ -13,6 +13,8 @@ device profile the CLI matched, ``analysis/profiles.py``), ``mfu``:
 
 from __future__ import annotations
 
+import time
+
 import jax
 
 from lite_tp_jax.models.flops import training_flops_per_step
@@ -47,9 +49,13 @@ def compile_step(step: TrainStep, batch: tuple, mesh) -> dict:
     the compiled program's bytes per device (``memory_analysis``)."""
     hits, misses = CacheHits.get().counts()
     tokens, targets = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(mesh)) for a in batch)
-    compiled = step.lower(tokens, targets).compile()
+    started = time.perf_counter()
+    lowered = step.lower(tokens, targets)  # tracing and lowering: Python, never cached
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()  # XLA, or a load from the persistent cache
     now_hits, now_misses = CacheHits.get().counts()
-    figures = {"cache_hits": now_hits - hits, "cache_misses": now_misses - misses}
+    figures = {"trace_lower_s": round(lowered_at - started, 3), "xla_compile_s": round(time.perf_counter() - lowered_at, 3),
+               "cache_hits": now_hits - hits, "cache_misses": now_misses - misses}
     memory = compiled.memory_analysis()
     if memory is not None:
         figures.update(argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
@@ -59,8 +65,10 @@ def compile_step(step: TrainStep, batch: tuple, mesh) -> dict:
 
 def describe(event: dict, seconds: float, cost: StepCost) -> str:
     """The line printed before step 1."""
-    cache = "loaded from the compilation cache" if event["cache_hits"] and not event["cache_misses"] else "compiled"
-    line = f"training step {cache} in {seconds:.2f} s"
+    loaded = event["cache_hits"] and not event["cache_misses"]
+    line = (f"training step {'loaded from the compilation cache' if loaded else 'compiled'} in {seconds:.2f} s "
+            f"(tracing and lowering {event['trace_lower_s']:.2f} s, {'loading' if loaded else 'XLA'} "
+            f"{event['xla_compile_s']:.2f} s)")
     if "temp_bytes" in event:
         peak = event["argument_bytes"] + event["output_bytes"] - event["alias_bytes"] + event["temp_bytes"]
         line += (f"; memory per device {peak / MIB:.1f} MiB (arguments {event['argument_bytes'] / MIB:.1f}, "
