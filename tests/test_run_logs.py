@@ -203,3 +203,17 @@ def test_wandb_asked_for_but_not_installed_is_bad_input(tmp_path, monkeypatch, c
     assert main(["train", str(TINY), "--no-progress", "--run-dir", str(run), "--set", "logging.wandb_project=p"]) == 2
     assert "logging.wandb_project' is 'p' but the wandb package is not installed" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_the_cache_directory_is_the_config_s_then_the_environment_s_then_the_user_s(tmp_path, monkeypatch):
+    from lite_tp_jax.runtime.compile_cache import default_cache_dir
+
+    # conftest.py's cache: the suite never writes to the user's cache directory.
+    assert default_cache_dir() == Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    assert Path.home() / ".cache" not in default_cache_dir().parents
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "lite_tp_jax" / "jax"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "lite_tp_jax" / "jax"
+    assert load_config(TINY, ["compile.cache_dir=/some/dir"]).compile.cache_dir == "/some/dir"  # wins when set
