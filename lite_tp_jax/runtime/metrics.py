@@ -2,13 +2,15 @@
 
 Two kinds of line: a step record (``{"step": 7, "loss": ..., ...}``, written by
 the training loop) and an event (``{"event": "restart" | "spare_takeover" |
-"spike" | "rollback" | "resume", "step": ..., ...}``, written by the restart
-supervisor or the trainer). On resume, step records past the checkpoint's step
-(steps that will run again) are dropped, as is a last line torn by a crash;
-events stay. A resume to an earlier checkpoint (``--resume-step``, a rollback)
-moves those records to ``metrics.set-aside-<time>.jsonl`` first
-(``set_aside_records``), so each step is logged once and none is lost. No jax
-here: the restart supervisor reads and appends to the same file.
+"spike" | "rollback" | "resume" | "goodput", "step": ..., ...}``, written by
+the restart supervisor or the trainer; TensorBoard and W&B are written from
+the same records, ``train/sinks.py``). On resume, step records past the
+checkpoint's step (steps that will run again) are dropped, as is a last line
+torn by a crash; events stay. A resume to an earlier checkpoint
+(``--resume-step``, a rollback) moves those records to
+``metrics.set-aside-<time>.jsonl`` first (``set_aside_records``), so each step
+is logged once and none is lost. No jax here: the restart supervisor reads and
+appends to the same file.
 """
 
 from __future__ import annotations
