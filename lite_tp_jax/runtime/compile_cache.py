@@ -8,6 +8,14 @@ launch --max-restarts``, ``lite-tp generate`` and a spare takeover's step
 out; on CPU it includes it, so a takeover onto other devices compiles anew)
 load it instead of compiling.
 
+Several processes (``lite-tp launch``, a cluster): JAX writes entries from
+process 0 only (``jax._src.compiler._cache_write``), and on CPU the key of
+the same program differs per process (its compile options and accelerator
+fingerprint, as jax's ``cache_key`` debug log shows), so only process 0
+loads its programs; the others compile again, and a restarted job waits for
+them (``benchmarks/fault_injection.py --kill-cache off,on``). On GPU JAX
+leaves the device assignment out of the key for this reason.
+
 Where (``compile`` section of the config): ``compile.cache_dir`` if given, else
 ``$JAX_COMPILATION_CACHE_DIR`` if set (the test suite points it at the
 repository's ``.jax_cache``), else ``$XDG_CACHE_HOME/lite_tp_jax/jax``

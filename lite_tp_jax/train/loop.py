@@ -235,11 +235,12 @@ class Trainer:
 
     def _compile_first_step(self) -> None:
         """Before step 1: the step compiled (or loaded from the compilation cache),
-        its memory per device and model FLOPs printed (and logged with the goodput)."""
+        its memory per device and model FLOPs printed (and, by process 0, logged with the goodput)."""
         with self.goodput.measure("compile_s"):
             self.compiled = compile_step(self.step, self.batches.batch(self.start_step), self.mesh)
-        if is_primary():
-            print(describe(self.compiled, self.goodput.seconds["compile_s"], self.cost), flush=True)
+        # Every process: whether the cache served it is per process (``runtime/compile_cache.py``).
+        who = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+        print(who + describe(self.compiled, self.goodput.seconds["compile_s"], self.cost), flush=True)
 
     def _run(self, preemption: PreemptionWatch, show_progress: bool) -> list[dict]:
         train, every = self.config.train, self.config.checkpoint.every
