@@ -131,6 +131,20 @@ def test_checkpoints_taken_within_a_spike_episode_are_marked_suspect():
     assert suspect_since == [None, None, 3, 3, 3, 3, None]
 
 
+def test_a_restart_does_not_go_back_to_the_resume_step_again(tmp_path):
+    """`lite-tp launch --max-restarts` reruns the worker's command: once the
+    run logged its resume, --resume-step and --skip-batches are dropped."""
+    from lite_tp_jax.runtime.restart import once_resumed
+
+    metrics = tmp_path / "metrics.jsonl"
+    argv = ["python", "-m", "lite_tp_jax.cli", "train", "c.yaml", "--resume-step", "4", "--skip-batches=2", "--no-progress"]
+    assert once_resumed(argv, metrics) == argv  # the first attempt failed before resuming
+    metrics.write_text(json.dumps({"event": "resume", "step": 2}) + "\n")
+    assert once_resumed(argv, metrics) == argv  # an earlier resume, to another step
+    metrics.write_text(json.dumps({"event": "resume", "step": 4, "skip_batches": 2}) + "\n")
+    assert once_resumed(argv, metrics) == ["python", "-m", "lite_tp_jax.cli", "train", "c.yaml", "--no-progress"]
+
+
 # ---- the new user's try (issue 22) ------------------------------------------------
 
 

@@ -10,6 +10,10 @@ resumes from its last good checkpoint by itself, so the run continues exactly;
 the steps redone after a restart replace their earlier lines in
 ``metrics.jsonl``, so each step is recorded once.
 
+A restart drops ``--resume-step N`` and ``--skip-batches K`` once the run
+has logged that resume (``once_resumed``): it continues from the last
+checkpoint rather than going back to N again.
+
 At most K restarts, then the last failure's exit code. Bad input (exit 2) is
 never retried, nor a preempted run (exit 143: it saved a checkpoint; rerun the
 same command when the machines are back). When the first step after a restart completes, one event line
@@ -88,6 +92,33 @@ class _Attempt:
         return None
 
 
+ONCE_FLAGS = ("--resume-step", "--skip-batches")
+
+
+def once_resumed(argv: Sequence[str], metrics: Path) -> list[str]:
+    """``argv`` without ``--resume-step N`` and ``--skip-batches K`` once the run
+    has logged that resume (a ``resume`` event at step N): a restart continues
+    from the last checkpoint instead of going back to N again."""
+    argv = list(argv)
+    flags: dict[str, tuple[int, int]] = {}  # flag -> (index, number of argv items)
+    for i, item in enumerate(argv):
+        name = item.split("=", 1)[0]
+        if name in ONCE_FLAGS:
+            flags[name] = (i, 1 if "=" in item else 2)
+    if "--resume-step" not in flags:
+        return argv
+    i, n = flags["--resume-step"]
+    step = argv[i].split("=", 1)[1] if n == 1 else (argv[i + 1] if i + 1 < len(argv) else "")
+    resumed = any(
+        record is not None and record.get("event") == "resume" and str(record["step"]) == step.strip()
+        for record in map(parse_record, whole_lines(metrics))
+    )
+    if not resumed:
+        return argv
+    drop = {j for i, n in flags.values() for j in range(i, i + n)}
+    return [item for j, item in enumerate(argv) if j not in drop]
+
+
 def supervise(
     command: Sequence[str],
     processes: int,
@@ -123,4 +154,5 @@ def supervise(
             "event": "restart", "cause": outcome.cause, "rank": outcome.rank,
             "step": StepWatch(metrics).last_step() or 0, "restart": restarts,
         }
+        argv = once_resumed(argv, metrics)
         print(f"lite-tp launch: restart {restarts}/{max_restarts} from the last checkpoint", file=sys.stderr, flush=True)
