@@ -31,13 +31,14 @@ from lite_tp_jax.run.checkpoint import Checkpointer
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 
 DATA = Path(__file__).resolve().parent / "data" / "hf"
-FAMILIES = ("llama3", "llama2", "mistral", "qwen2", "mixtral", "gpt2")
+FAMILIES = ("llama3", "llama2", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2")
 # (data, tensor): TP 1, 2, 4, uneven 3, and data 2 x tensor 2
 MESHES = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 2))
 
 
-def mesh_of(data: int, tensor: int, pipeline: int = 1):
-    return make_mesh(data=data, pipeline=pipeline, tensor=tensor, devices=jax.devices()[: data * pipeline * tensor])
+def mesh_of(data: int, tensor: int, pipeline: int = 1, expert: int = 1):
+    devices = jax.devices()[: data * pipeline * expert * tensor]
+    return make_mesh(data=data, pipeline=pipeline, expert=expert, tensor=tensor, devices=devices)
 
 
 def reference(family: str) -> tuple[np.ndarray, np.ndarray]:
@@ -51,20 +52,27 @@ def reference(family: str) -> tuple[np.ndarray, np.ndarray]:
 # of them without compiling: the layers' math is tested at every degree in
 # their own tests, the loader's slicing here.
 FORWARD_MESH = {
-    "llama2": (1, 1),
-    "mistral": (1, 2),  # 3 kv heads over 2: kv groups padded to 4
-    "llama3": (1, 4),  # 2 kv heads over 4: kv replicated, vocab 101 padded to 104
-    "mixtral": (1, 3),  # experts' hidden 40 padded to 42
-    "gpt2": (1, 3),
-    "qwen2": (2, 2),
+    "llama2": [(1, 1)],
+    "mistral": [(1, 2)],  # 3 kv heads over 2: kv groups padded to 4
+    "llama3": [(1, 4)],  # 2 kv heads over 4: kv replicated, vocab 101 padded to 104
+    "mixtral": [(1, 3)],  # experts' hidden 40 padded to 42
+    "gpt2": [(1, 3)],
+    "qwen2": [(2, 2)],
+    # (data, tensor, pipeline, expert). Qwen3: q/k norms, head_dim 12 != 48 / 6.
+    "qwen3": [(1, 1), (1, 3)],
+    # top-3 of 8 experts of hidden 20 (7, 7, 6 at tensor 3); Qwen2-MoE: layer 0 dense, layer 1
+    # experts (not renormalised) and a gated shared expert of hidden 28.
+    "qwen3_moe": [(1, 2), (1, 2, 1, 2)],
+    "qwen2_moe": [(1, 3), (1, 2, 1, 2)],
 }
+FORWARD_CASES = [(family, mesh) for family in FAMILIES for mesh in FORWARD_MESH[family]]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_logits_equal_transformers_reference(family):
+@pytest.mark.parametrize("family,mesh", FORWARD_CASES, ids=[f"{f}-{'x'.join(map(str, m))}" for f, m in FORWARD_CASES])
+def test_logits_equal_transformers_reference(family, mesh):
     """Logits of the loaded model equal transformers' (stored) within 1e-4."""
     tokens, expected = reference(family)
-    model = from_pretrained(DATA / family, mesh=mesh_of(*FORWARD_MESH[family]))
+    model = from_pretrained(DATA / family, mesh=mesh_of(*mesh))
     logits = model(jnp.asarray(tokens))
     assert logits.shape == expected.shape  # logical vocab 101, no padding
     assert max_relative_error(logits, expected) <= 1e-4

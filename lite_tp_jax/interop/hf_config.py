@@ -1,11 +1,12 @@
 """Hugging Face ``config.json`` <-> ``ModelConfig``.
 
-Families: Llama 2/3, Mistral, Qwen2, Mixtral and GPT-2 (``FAMILIES``). A
+Families: Llama 2/3, Mistral, Qwen2, Qwen3 (q/k norm), Mixtral, Qwen2-MoE
+(gated shared expert), Qwen3-MoE and GPT-2 (``FAMILIES``). A
 Mistral-shaped model is written back as "llama" (``family_of``).
 
 Not supported (a one-line ``HFError``): other ``model_type``s, RoPE scalings
 other than "linear" and "llama3", activations other than SiLU (GPT-2: tanh
-GeLU), Mixtral with 1 expert per token. Mistral's and Mixtral's
+GeLU), Mixtral with 1 expert per token, Qwen-MoE ``mlp_only_layers``. Mistral's and Mixtral's
 ``sliding_window`` is not applied: attention is causal over the whole
 sequence, equal to Hugging Face's for sequences no longer than the window.
 """
@@ -22,7 +23,11 @@ import jax.numpy as jnp
 from lite_tp_jax.interop.errors import HFError
 from lite_tp_jax.models.config import ModelConfig
 
-FAMILIES = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2")
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 
 
 def _rope(hf: dict[str, Any]) -> dict[str, Any]:
@@ -77,8 +82,8 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         )
     if hf.get("hidden_act", "silu") != "silu":
         raise HFError(f"hidden_act {hf['hidden_act']!r} is not supported for {family}; supported: silu.")
-    if family == "qwen2" and hf.get("use_sliding_window"):
-        raise HFError("Qwen2 with use_sliding_window: true is not supported.")
+    if family.startswith("qwen") and hf.get("use_sliding_window"):
+        raise HFError(f"{family} with use_sliding_window: true is not supported.")
     heads = hf["num_attention_heads"]
     fields: dict[str, Any] = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
@@ -90,8 +95,13 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if family == "llama":
         bias = bool(hf.get("attention_bias", False))
         fields.update(qkv_bias=bias, out_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)))
-    if family == "qwen2":
+    if family in ("qwen2", "qwen2_moe"):
         fields.update(qkv_bias=True)
+    if family in ("qwen3", "qwen3_moe"):
+        fields.update(qkv_bias=bool(hf.get("attention_bias", False)), out_bias=bool(hf.get("attention_bias", False)),
+                      qk_norm=True)
+    if family in ("qwen2_moe", "qwen3_moe"):
+        fields.update(_qwen_moe(family, hf))
     if family == "mixtral":
         top_k = hf.get("num_experts_per_tok", 2)
         if not 2 <= top_k <= hf["num_local_experts"]:
@@ -106,6 +116,34 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def _qwen_moe(family: str, hf: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2-MoE / Qwen3-MoE: experts of moe_intermediate_size in every
+    decoder_sparse_step-th layer (the last of each group, as ``moe_every``),
+    softmax routing, norm_topk_prob; Qwen2-MoE's gated shared expert."""
+    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    if experts is None:
+        raise KeyError("num_experts")
+    if hf.get("mlp_only_layers"):
+        raise HFError(
+            f"{family} mlp_only_layers={hf['mlp_only_layers']} is not supported; supported: [] (dense layers only "
+            "as every decoder_sparse_step-th pattern)."
+        )
+    step = hf.get("decoder_sparse_step", 1)
+    if step < 1 or hf["num_hidden_layers"] % step:
+        raise HFError(f"{family} decoder_sparse_step={step} must divide num_hidden_layers ({hf['num_hidden_layers']}).")
+    top_k = hf["num_experts_per_tok"]
+    if not 1 <= top_k <= experts:
+        raise HFError(f"{family} num_experts_per_tok={top_k} must be between 1 and num_experts ({experts}).")
+    fields = dict(
+        moe_every=step, num_experts=experts, top_k=top_k, capacity_factor=None,
+        moe_ffn_hidden_size=hf["moe_intermediate_size"], norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        aux_loss_weight=hf.get("router_aux_loss_coef", 0.001),
+    )
+    if family == "qwen2_moe" and hf.get("shared_expert_intermediate_size", 0):
+        fields.update(shared_expert_size=hf["shared_expert_intermediate_size"], shared_expert_gate=True)
+    return fields
+
+
 def family_of(config: ModelConfig) -> str:
     """The Hugging Face family that represents ``config`` (Mistral's shape is
     Llama's: it is written as "llama")."""
@@ -114,12 +152,31 @@ def family_of(config: ModelConfig) -> str:
         return "gpt2"
     if config.norm != "rms" or config.activation != "swiglu" or config.position != "rope":
         raise HFError("this model's mix of norm, activation and position type matches no Hugging Face family.")
+    if config.router_scoring != "softmax" or config.router_z_loss_weight:
+        raise HFError("sigmoid router scores and the router z-loss have no Hugging Face family here.")
     if config.moe_every:
-        if config.moe_every != 1:
-            raise HFError(f"moe_every={config.moe_every} has no Hugging Face family (Mixtral: every layer, moe_every=1).")
-        if config.qkv_bias or config.out_bias or config.mlp_bias:
-            raise HFError("Mixtral has no biases; this model has some.")
+        if config.mlp_bias or config.out_bias:
+            raise HFError("the Hugging Face MoE families have no MLP or output biases; this model has some.")
+        if config.shared_expert_size:
+            if config.qk_norm or not config.qkv_bias or not config.shared_expert_gate:
+                raise HFError("a shared expert is Qwen2-MoE's: gated, with q/k/v biases and no q/k norm.")
+            return "qwen2_moe"
+        if config.qk_norm:
+            return "qwen3_moe"
+        if config.qkv_bias:
+            return "qwen2_moe"
+        if config.moe_every != 1 or config.norm_topk_prob is False or config.moe_ffn_hidden_size not in (
+            None, config.ffn_hidden_size
+        ):
+            raise HFError(
+                f"moe_every={config.moe_every}, norm_topk_prob={config.norm_topk_prob} and a separate expert size "
+                "are Qwen-MoE's (with q/k norm or q/k/v biases); Mixtral has experts in every layer, renormalised."
+            )
         return "mixtral"
+    if config.qk_norm:
+        if config.mlp_bias or config.qkv_bias != config.out_bias:
+            raise HFError("Qwen3 biases its q, k, v and output projections together and has no MLP bias.")
+        return "qwen3"
     if config.qkv_bias and not config.out_bias and not config.mlp_bias:
         return "qwen2"
     if config.qkv_bias != config.out_bias:
@@ -140,7 +197,7 @@ def config_to_hf(config: ModelConfig, dtype: Any = jnp.float32) -> dict[str, Any
             "tie_word_embeddings": config.tie_embeddings, "dtype": dtype_name,
         }
     hf: dict[str, Any] = {
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}[family]],
+        "architectures": [ARCHITECTURES[family]],
         "model_type": family, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
         "num_key_value_heads": config.num_kv_heads, "head_dim": config.resolved_head_dim,
@@ -163,8 +220,19 @@ def config_to_hf(config: ModelConfig, dtype: Any = jnp.float32) -> dict[str, Any
             num_local_experts=config.num_experts, num_experts_per_tok=config.top_k,
             router_aux_loss_coef=config.aux_loss_weight, sliding_window=None,
         )
-    if family == "qwen2":
+    if family.startswith("qwen"):
         hf.update(use_sliding_window=False, sliding_window=None)
+    if family == "qwen3" or family == "qwen3_moe":
+        hf.update(attention_bias=config.qkv_bias)
+    if family in ("qwen2_moe", "qwen3_moe"):
+        hf.update(
+            num_experts=config.num_experts, num_experts_per_tok=config.top_k, decoder_sparse_step=config.moe_every,
+            mlp_only_layers=[], moe_intermediate_size=config.expert_ffn_size,
+            norm_topk_prob=bool(config.top_k > 1 if config.norm_topk_prob is None else config.norm_topk_prob),
+            router_aux_loss_coef=config.aux_loss_weight,
+        )
+    if family == "qwen2_moe":
+        hf.update(shared_expert_intermediate_size=config.shared_expert_size)
     return hf
 
 

@@ -30,7 +30,10 @@ With ``use_bias``: ``query.bias [num_heads, head_dim]``, ``key.bias`` and
 ``value.bias [num_kv_heads, head_dim]`` split like their kernels, and
 ``out.bias [features]`` replicated, added once after the reduction
 (``out_bias`` overrides ``use_bias`` for ``out.bias`` alone: Qwen2 has q/k/v
-biases and none on the output).
+biases and none on the output). With ``qk_norm_eps`` (Qwen3): ``query_norm.scale``
+and ``key_norm.scale [head_dim]``, replicated: each query and key head is
+RMS-normalised over head_dim before RoPE (local; backward, an all-reduce of the
+two scales' gradients over "tensor").
 
 The unit of sharding is a kv group: one kv head and the ``num_heads //
 num_kv_heads`` query heads that attend with it (query head ``j`` uses kv head
@@ -171,6 +174,13 @@ def _projection(name, heads, padded_heads, *, rules, role, mesh, dtype, rngs, us
     return _Projection(kernel, bias)
 
 
+class _Norm(nnx.Module):
+    """Holds one norm scale, so that it is named ``query_norm.scale``."""
+
+    def __init__(self, scale: nnx.Param):
+        self.scale = scale
+
+
 class ParallelAttention(ParallelLayer):
     """Causal multi-head (or grouped-query) self-attention, heads split over "tensor"."""
 
@@ -188,6 +198,7 @@ class ParallelAttention(ParallelLayer):
         rope_theta: float | None = None,
         rope_scaling: RopeScaling | None = None,
         kernel: AttentionKernel = "auto",
+        qk_norm_eps: float | None = None,
         param_dtype: Any = jnp.float32,
         role: str = "attention",
         rules: PartitionRules = MEGATRON,
@@ -213,6 +224,15 @@ class ParallelAttention(ParallelLayer):
         self.query = projection("query", num_heads, heads_padded)
         self.key = projection("key", num_kv_heads, kv_padded, strategy=kv_override)
         self.value = projection("value", num_kv_heads, kv_padded, strategy=kv_override)
+        # Qwen3: an RMSNorm over head_dim of every query and key head, its scale shared by the heads.
+        self.qk_norm_eps = qk_norm_eps
+        norm_scale = partial(rules.param, mesh=mesh, dtype=param_dtype, init=nnx.initializers.ones_init())
+        self.query_norm, self.key_norm = (
+            (_Norm(norm_scale(f"{role}.{name}_norm", key=rngs.params(), shape=(self.head_dim,), dims=(None,)))
+             for name in ("query", "key"))
+            if qk_norm_eps is not None
+            else (None, None)
+        )
         out = partial(rules.param, f"{role}.out", mesh=mesh, dtype=param_dtype)
         self.out = _Projection(
             out(
@@ -245,6 +265,7 @@ class ParallelAttention(ParallelLayer):
             k, v = (self._project(p, x, self.num_kv_heads) for p in (self.key, self.value))
         else:  # [B, S, local heads, D]: each local query head's kv head (a group of 1)
             k, v = (self._project_per_query_head(p, x, q.shape[2]) for p in (self.key, self.value))
+        q, k = self._qk_norm(q, k)
         if self.rope_theta is not None:
             positions = jnp.arange(seq)
             q = apply_rotary(q, positions, self.rope_theta, self.rope_scaling)
@@ -259,6 +280,23 @@ class ParallelAttention(ParallelLayer):
             bias = cast_for(self.out.bias[...], y)
             y = y + (copy_to_tensor_region(bias) if self.sequence_parallel else bias)
         return y
+
+    def _qk_norm(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """RMSNorm over head_dim of each query and key head (with ``qk_norm_eps``).
+        The scales are replicated over "tensor" and used per rank: their
+        gradients are all-reduced (``copy_to_tensor_region``)."""
+        if self.qk_norm_eps is None:
+            return q, k
+
+        def norm(t, scale):
+            scale = scale[...]
+            if TENSOR in jax.typeof(t).mat.varying:
+                scale = copy_to_tensor_region(scale)
+            t32 = t.astype(jnp.float32)
+            normed = t32 * jax.lax.rsqrt(jnp.mean(t32 * t32, axis=-1, keepdims=True) + self.qk_norm_eps)
+            return (normed * scale).astype(t.dtype)
+
+        return norm(q, self.query_norm.scale), norm(k, self.key_norm.scale)
 
     # --- generation with a KV cache ---------------------------------------------
 
@@ -297,6 +335,7 @@ class ParallelAttention(ParallelLayer):
             k, v = self._project(self.key, x, self.num_kv_heads), self._project(self.value, x, self.num_kv_heads)
         else:  # all kv heads, the same on every rank: kept invariant, so the cache is stored replicated
             k, v = self._project_replicated(self.key, x), self._project_replicated(self.value, x)
+        q, k = self._qk_norm(q, k)
         if self.rope_theta is not None:
             q = apply_rotary(q, positions, self.rope_theta, self.rope_scaling)
             k = apply_rotary(k, positions, self.rope_theta, self.rope_scaling)

@@ -74,6 +74,7 @@ class Block(ParallelLayer):
             sequence_parallel=config.sequence_parallel,
             rope_theta=config.rope_theta if config.position == "rope" else None,
             rope_scaling=rope_scaling(config),
+            qk_norm_eps=config.norm_eps if config.qk_norm else None,
             kernel=config.attention,
             rules=rules,
             rngs=rngs,
@@ -82,7 +83,7 @@ class Block(ParallelLayer):
         mlp = dict(mesh=mesh, sequence_parallel=config.sequence_parallel, rules=rules, rngs=rngs)
         self.mlp = (
             MoEMLP(
-                config.hidden_size, config.ffn_hidden_size, num_experts=config.num_experts,
+                config.hidden_size, config.expert_ffn_size, num_experts=config.num_experts,
                 top_k=config.top_k, capacity_factor=config.capacity_factor, scoring=config.router_scoring,
                 norm_topk_prob=config.norm_topk_prob, shared_hidden_features=config.shared_expert_size,
                 shared_gate=config.shared_expert_gate, **mlp,

@@ -55,6 +55,7 @@ class ModelConfig:
     # times the router z-loss (mean squared logsumexp of the router logits) joins
     # the loss. A shared expert (Qwen2-MoE): a SwiGLU MLP of shared_expert_size
     # (0: none) on every token, times sigmoid(x @ w) with shared_expert_gate.
+    moe_ffn_hidden_size: int | None = ranged(None, POSITIVE)  # the experts' hidden size (null: ffn_hidden_size)
     router_scoring: RouterScoring = "softmax"
     norm_topk_prob: bool | None = None
     router_z_loss_weight: float = ranged(0.0, NON_NEGATIVE)
@@ -78,6 +79,7 @@ class ModelConfig:
     norm: Norm = "rms"
     activation: MLPActivation = "swiglu"
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
     out_bias: bool = False
     mlp_bias: bool = False
     position: Position = "rope"
@@ -118,6 +120,11 @@ class ModelConfig:
         except RuleError as error:
             raise FitError("{partition_rules.name}: " + str(error).replace("{", "{{").replace("}", "}}"),
                            partition_rules=self.partition_rules) from None
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """The hidden size of each routed expert."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def resolved_head_dim(self) -> int:

@@ -37,7 +37,7 @@ def matmul_params(model: ModelConfig) -> int:
     attention = H * hd * (2 * model.num_heads + 2 * model.num_kv_heads)  # q, o; k, v
     mlp = (3 if model.activation == "swiglu" else 2) * H * F
     moe_layers = model.num_layers // model.moe_every if model.moe_every else 0
-    moe = model.top_k * mlp + H * model.num_experts  # top_k experts and the router, per token
+    moe = model.top_k * 3 * H * model.expert_ffn_size + H * model.num_experts  # top_k experts and the router
     moe += 3 * H * model.shared_expert_size + H * model.shared_expert_gate  # the shared expert and its gate
     blocks = attention * model.num_layers + mlp * (model.num_layers - moe_layers) + moe * moe_layers
     return blocks + H * model.vocab_size  # + the output head

@@ -4,7 +4,7 @@ family (``save_pretrained``) and its float32 logits on a few token ids.
 Needs ``transformers`` and ``torch`` (the ``hf`` extra; torch's CPU build is
 enough) and is run by hand, not by the tests:
 
-    python tests/data/make_hf_references.py
+    python tests/data/make_hf_references.py [FAMILY ...]
 
 Each family directory holds ``config.json``, ``model.safetensors`` and
 ``reference.npz`` with ``tokens [2, 8]`` (int32) and ``logits [2, 8, vocab]``
@@ -50,6 +50,15 @@ FAMILIES = {
     "mixtral": (transformers.MixtralConfig, dict(
         _DECODER, intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
     )),
+    "qwen3": (transformers.Qwen3Config, dict(_DECODER, head_dim=12, use_sliding_window=False)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
+        _DECODER, head_dim=12, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=20, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
+    )),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, dict(  # layers 0, 2 dense; 1, 3 experts + gated shared expert
+        _DECODER, num_hidden_layers=4, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=20,
+        shared_expert_intermediate_size=28, norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[], use_sliding_window=False,
+    )),
     "gpt2": (transformers.GPT2Config, dict(
         vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=32,
         n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
@@ -70,17 +79,22 @@ def build(family: str):
     return model.to(stored).to(torch.float32), stored
 
 
-def main() -> None:
-    for family in FAMILIES:
+def main(families: list[str]) -> None:
+    for family in families:
         model, stored = build(family)
-        with torch.no_grad():
-            logits = model(torch.from_numpy(TOKENS).long()).logits.float().numpy()
         target = HERE / family
         shutil.rmtree(target, ignore_errors=True)
         model.to(stored).save_pretrained(target)
+        # The logits of the model as saved, loaded back in float32: casting a live model also
+        # rounds its buffers (RoPE's inverse frequencies), which a loaded model recomputes.
+        saved = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = saved(torch.from_numpy(TOKENS).long()).logits.float().numpy()
         np.savez_compressed(target / "reference.npz", tokens=TOKENS, logits=logits.astype(np.float32))
         print(f"{family}: logits {logits.shape}, {sum(p.numel() for p in model.parameters())} parameters")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:] or list(FAMILIES))  # e.g. ``python tests/data/make_hf_references.py qwen3``
