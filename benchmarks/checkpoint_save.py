@@ -48,7 +48,7 @@ from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.train.data import Batches, load_tokens
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.sharding.rules import batch_sharding
-from lite_tp_jax.train.step import TrainStep
+from lite_tp_jax.train.decoder_step import decoder_step
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = [
@@ -70,7 +70,7 @@ def main() -> None:
     config = load_config(REPO / "configs" / "tiny.yaml", [*OVERRIDES, f"mesh.tensor={args.tensor}"])
     mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
     model, optimizer = create_model_and_optimizer(config.model, config.train, mesh)
-    step = TrainStep(model, optimizer, config.train)
+    step = decoder_step(model, optimizer, config.train)
     batches = Batches(load_tokens(config.data, config.model.vocab_size), config.train.global_batch,
                       config.train.seq_len, config.train.seed)
     inputs, targets = (jax.device_put(a, batch_sharding(mesh)) for a in batches.batch(0))
@@ -78,7 +78,7 @@ def main() -> None:
 
     def train(n):
         for _ in range(n):
-            jax.block_until_ready(step(inputs, targets))
+            jax.block_until_ready(step((inputs, targets)))
 
     counter = iter(range(1, 1 << 30))
 

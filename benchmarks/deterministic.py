@@ -34,7 +34,7 @@ from lite_tp_jax.runtime.devices import provide_cpu_devices
 from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.sharding.rules import batch_sharding
-from lite_tp_jax.train.step import TrainStep
+from lite_tp_jax.train.decoder_step import decoder_step
 from report import machine, write_report  # benchmarks/report.py
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny.yaml")
@@ -86,19 +86,19 @@ def main(argv=None) -> None:
         config = load_config(CONFIG, (*mesh_sets, *overrides))
         mesh = make_mesh_for({"data": args.data, "pipeline": 1, "expert": 1, "tensor": args.tensor})
         model, optimizer = create_model_and_optimizer(config.model, config.train, mesh)
-        steps = {det: TrainStep(model, optimizer, dataclasses.replace(config.train, deterministic=det))
+        steps = {det: decoder_step(model, optimizer, dataclasses.replace(config.train, deterministic=det))
                  for det in (False, True)}
         tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (8, 65), dtype=np.int32)
         batch = jax.device_put((tokens[:, :-1], tokens[:, 1:]), batch_sharding(mesh))
-        traffic = {det: per_step(step.lower(*batch).compile().as_text(), args.data * args.tensor) for det, step in steps.items()}
+        traffic = {det: per_step(step.lower(batch).compile().as_text(), args.data * args.tensor) for det, step in steps.items()}
         for step in steps.values():
             for _ in range(3):
-                jax.block_until_ready(step(*batch))
+                jax.block_until_ready(step(batch))
         times = {det: [] for det in steps}
         for _ in range(args.repeats):
             for det, step in steps.items():
                 start = time.perf_counter()
-                jax.block_until_ready(step(*batch))
+                jax.block_until_ready(step(batch))
                 times[det].append(time.perf_counter() - start)
         median = {det: statistics.median(t) * 1e3 for det, t in times.items()}
         wire = {det: sum(v[2] for v in traffic[det].values()) for det in steps}

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from lite_tp_jax.run.config import TrainConfig
     from lite_tp_jax.run.optimizer import create_model_and_optimizer
     from lite_tp_jax.sharding.rules import batch_sharding
-    from lite_tp_jax.train.step import TrainStep
+    from lite_tp_jax.train.decoder_step import decoder_step
 
     config = ModelConfig(
         vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
@@ -83,16 +83,16 @@ def main(argv=None) -> int:
     tokens_per_step = args.batch * args.seq
     flops = 6 * matmul_params * tokens_per_step + 12 * config.num_layers * config.hidden_size * args.seq * tokens_per_step
 
-    step = TrainStep(model, optimizer, train)
+    step = decoder_step(model, optimizer, train)
     rng = np.random.default_rng(0)
     batch = rng.integers(0, config.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
     inputs, targets = (jax.device_put(a, batch_sharding(mesh)) for a in (batch[:, :-1], batch[:, 1:]))
     for _ in range(2):  # compile, warm up
-        jax.block_until_ready(step(inputs, targets))
+        jax.block_until_ready(step((inputs, targets)))
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        metrics = jax.block_until_ready(step(inputs, targets))
+        metrics = jax.block_until_ready(step((inputs, targets)))
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     achieved = flops / seconds / 1e12

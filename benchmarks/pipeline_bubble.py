@@ -57,7 +57,7 @@ from lite_tp_jax.parallel.pipeline import bubble_fraction
 from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.sharding.rules import batch_sharding
-from lite_tp_jax.train.step import TrainStep
+from lite_tp_jax.train.decoder_step import decoder_step
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny.yaml")
 MICROBATCH_ROWS = 2
@@ -111,16 +111,16 @@ class Case:
                      f"train.microbatches={m}", *extra)
         self.config = load_config(CONFIG, overrides)
         model, optimizer = create_model_and_optimizer(self.config.model, self.config.train, mesh)
-        self.step = TrainStep(model, optimizer, self.config.train)
+        self.step = decoder_step(model, optimizer, self.config.train)
         seq, vocab = self.config.train.seq_len, self.config.model.vocab_size
         tokens = np.random.default_rng(m).integers(0, vocab, (MICROBATCH_ROWS * m, seq + 1), dtype=np.int32)
         self.batch = jax.device_put((tokens[:, :-1], tokens[:, 1:]), batch_sharding(mesh))
 
     def __call__(self):
-        return self.step(*self.batch)
+        return self.step(self.batch)
 
     def hlo(self) -> str:
-        return self.step.lower(*self.batch).compile().as_text()
+        return self.step.lower(self.batch).compile().as_text()
 
 
 # --- collectives per step from the HLO (loop bodies times their trip counts) ---------

@@ -121,13 +121,13 @@ def train_steps(model_config, train, mesh, steps: int):
     seeded random batches: ``(losses, step, (inputs, targets) of the last step)``."""
     from lite_tp_jax.run.optimizer import create_model_and_optimizer
     from lite_tp_jax.sharding.rules import batch_sharding
-    from lite_tp_jax.train.step import TrainStep
+    from lite_tp_jax.train.decoder_step import decoder_step
 
-    step = TrainStep(*create_model_and_optimizer(model_config, train, mesh), train)
+    step = decoder_step(*create_model_and_optimizer(model_config, train, mesh), train)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(steps):
         batch = rng.integers(0, model_config.vocab_size, (train.global_batch, train.seq_len + 1)).astype(np.int32)
         inputs, targets = (jax.device_put(a, batch_sharding(mesh)) for a in (batch[:, :-1], batch[:, 1:]))
-        losses.append(float(step(inputs, targets)["loss"]))
+        losses.append(float(step((inputs, targets))["loss"]))
     return np.array(losses), step, (inputs, targets)

@@ -17,7 +17,7 @@ from lite_tp_jax.core.mesh import make_mesh_for
 from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.sharding.rules import batch_sharding
-from lite_tp_jax.train.step import TrainStep
+from lite_tp_jax.train.decoder_step import decoder_step
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("jax", "jaxlib", "flax", "orbax", "optax")
@@ -103,10 +103,10 @@ def test_the_training_step_lowers_for_gpu_and_tpu(config, overrides, collectives
     config = load_config(REPO / "configs" / config, [*overrides, "model.attention=xla", "train.global_batch=8",
                                                      "train.seq_len=16"])
     mesh = make_mesh_for(config.mesh.requested)
-    step = TrainStep(*create_model_and_optimizer(config.model, config.train, mesh), config.train)
+    step = decoder_step(*create_model_and_optimizer(config.model, config.train, mesh), config.train)
     tokens = jax.ShapeDtypeStruct((config.train.global_batch, config.train.seq_len), np.int32,
                                   sharding=batch_sharding(mesh))
-    exported = step.export(tokens, tokens, platforms=("cuda", "tpu"))
+    exported = step.export((tokens, tokens), platforms=("cuda", "tpu"))
     assert exported.platforms == ("cuda", "tpu")
     text = exported.mlir_module()
     for collective in collectives:  # the explicit collectives survive lowering for both

@@ -120,15 +120,15 @@ def test_every_sum_of_the_training_step_is_switched():
     from lite_tp_jax.run.config_file import load_config
     from lite_tp_jax.run.optimizer import create_model_and_optimizer
     from lite_tp_jax.sharding.rules import batch_sharding
-    from lite_tp_jax.train.step import TrainStep
+    from lite_tp_jax.train.decoder_step import decoder_step
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     config = load_config(tiny, ["mesh.data=2", "mesh.tensor=4", "model.sequence_parallel=true",
                                                "train.deterministic=true"])
     mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
-    step = TrainStep(*create_model_and_optimizer(config.model, config.train, mesh), config.train)
+    step = decoder_step(*create_model_and_optimizer(config.model, config.train, mesh), config.train)
     tokens = jax.device_put(np.zeros((8, 64), np.int32), batch_sharding(mesh))
-    hlo = step.lower(tokens, tokens).compile().as_text()
+    hlo = step.lower((tokens, tokens)).compile().as_text()
     kinds = {c.kind for c in collectives(hlo)}
     assert kinds == {"all-to-all", "all-gather", "all-reduce"}, kinds
     reductions = [line for line in hlo.splitlines() if re.search(r" (all-reduce|reduce-scatter)(-start)?\(", line)]

@@ -35,7 +35,7 @@ from lite_tp_jax.train.data import Batches, load_tokens
 from lite_tp_jax.runtime.run_dir import RunLock
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.sharding.rules import batch_sharding
-from lite_tp_jax.train.step import TrainStep
+from lite_tp_jax.train.decoder_step import decoder_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -288,7 +288,7 @@ def tiny_step():
     config = load_config(TINY, ["mesh.tensor=2", "train.on_nonfinite=skip"])
     mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
     model, optimizer = create_model_and_optimizer(config.model, config.train, mesh)
-    step = TrainStep(model, optimizer, config.train)
+    step = decoder_step(model, optimizer, config.train)
     batches = Batches(load_tokens(config.data, 256), 8, config.train.seq_len, 0)
     batch = [jax.device_put(a, batch_sharding(mesh)) for a in batches.batch(0)]
     return model, optimizer, step, batch
@@ -297,18 +297,18 @@ def tiny_step():
 def test_a_non_finite_update_is_dropped_inside_the_compiled_step(tiny_step):
     model, optimizer, step, batch = tiny_step
     for _ in range(2):  # the first call's inputs come from initialisation, later ones from a step
-        assert float(step(*batch)["skipped"]) == 0.0
+        assert float(step(batch)["skipped"]) == 0.0
     compiled = step._step._cache_size()
     scale = model.final_norm.scale[...]
     model.final_norm.scale[...] = jax.device_put(np.full(scale.shape, np.nan, np.float32), scale.sharding)
     before = export_state(nnx.state((model, optimizer)))
-    metrics = step(*batch)
+    metrics = step(batch)
     assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
     after = export_state(nnx.state((model, optimizer)))
     for name in before:  # parameters, moments and the step counter as they were
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
     model.final_norm.scale[...] = scale
-    assert float(step(*batch)["skipped"]) == 0.0
+    assert float(step(batch)["skipped"]) == 0.0
     assert step._step._cache_size() == compiled  # no recompile: one step for both outcomes
 
 
@@ -421,15 +421,22 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_continues_exactl
     run = tmp_path / "run"
     calls = []
 
-    class SignalledAfterFirstStep(TrainStep):
-        def __call__(self, *batch):
-            metrics = super().__call__(*batch)
+    class SignalledAfterFirstStep:
+        def __init__(self, step):
+            self.step = step
+
+        def __getattr__(self, name):
+            return getattr(self.step, name)
+
+        def __call__(self, batch):
+            metrics = self.step(batch)
             calls.append(1)
             if len(calls) == 1:  # a real SIGTERM to this process, during training
                 os.kill(os.getpid(), __import__("signal").SIGTERM)
             return metrics
 
-    monkeypatch.setattr(loop, "TrainStep", SignalledAfterFirstStep)
+    real_step = loop.decoder_step
+    monkeypatch.setattr(loop, "decoder_step", lambda *args: SignalledAfterFirstStep(real_step(*args)))
     argv = ["train", str(TINY), "--no-progress", "--run-dir", str(run), "--set", *BASE]
     assert main(argv) == 143
     assert "preempted (SIGTERM): checkpoint 1 saved" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from lite_tp_jax.run.config import DataConfig, TrainConfig
 from lite_tp_jax.train.data import Batches, load_tokens
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.sharding.rules import batch_sharding
-from lite_tp_jax.train.step import TrainStep
+from lite_tp_jax.train.decoder_step import decoder_step
 
 MODEL = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=40)
 TRAIN = TrainConfig(steps=50, global_batch=8, seq_len=16, warmup_steps=5)
@@ -29,12 +29,12 @@ BF16 = dataclasses.replace(MODEL, compute_dtype="bfloat16")
 
 def losses(model_config, mesh):
     model, optimizer = create_model_and_optimizer(model_config, TRAIN, mesh)
-    step = TrainStep(model, optimizer, TRAIN)
+    step = decoder_step(model, optimizer, TRAIN)
     batches = Batches(load_tokens(DataConfig(), 256), TRAIN.global_batch, TRAIN.seq_len, TRAIN.seed)
     out = []
     for position in range(TRAIN.steps):
         inputs, targets = (jax.device_put(a, batch_sharding(mesh)) for a in batches.batch(position))
-        out.append(float(step(inputs, targets)["loss"]))
+        out.append(float(step((inputs, targets))["loss"]))
     return np.array(out)
 
 
@@ -59,9 +59,9 @@ def test_activation_collectives_are_bfloat16_and_gradient_sums_float32():
     moments = [v for path, v in nnx.to_flat_state(nnx.state(optimizer)) if any(p in ("mu", "nu") for p in path)]
     assert moments and {v.dtype for v in moments} == {np.dtype("float32")}
 
-    step = TrainStep(model, optimizer, TRAIN)
+    step = decoder_step(model, optimizer, TRAIN)
     tokens = jax.device_put(np.zeros((TRAIN.global_batch, TRAIN.seq_len), np.int32), batch_sharding(mesh))
-    found = collectives(step.lower(tokens, tokens).as_text(dialect="hlo"))
+    found = collectives(step.lower((tokens, tokens)).as_text(dialect="hlo"))
     activation = (TRAIN.global_batch // 2, TRAIN.seq_len, MODEL.hidden_size)
     activations = [c.dtype for c in found if c.shape == activation]
     others = {c.dtype for c in found if c.shape != activation}

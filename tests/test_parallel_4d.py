@@ -15,7 +15,7 @@ from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.train.data import Batches, load_tokens
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.sharding.rules import batch_sharding
-from lite_tp_jax.train.step import TrainStep
+from lite_tp_jax.train.decoder_step import decoder_step
 
 TINY_MOE = Path(__file__).resolve().parents[1] / "configs" / "tiny-moe.yaml"
 STEPS = 3
@@ -37,10 +37,10 @@ def run(overrides, tokens):
         return model.loss(*batch, config.train.microbatches)[0]
 
     first_grads = export_state(nnx.jit(nnx.grad(loss))(model))
-    step = TrainStep(model, optimizer, config.train)
+    step = decoder_step(model, optimizer, config.train)
     history = []
     for position in range(STEPS):
-        metrics = step(*(jax.device_put(a, batch_sharding(mesh)) for a in batches.batch(position)))
+        metrics = step(tuple(jax.device_put(a, batch_sharding(mesh)) for a in batches.batch(position)))
         history.append({name: float(value) for name, value in metrics.items()})
     return history, first_grads
 

@@ -32,7 +32,7 @@ def train(mesh, shard_optimizer: bool, **fields):
     """Losses of STEPS steps, the final weights, and the step's collectives."""
     train = dataclasses.replace(TRAIN, shard_optimizer=shard_optimizer, **fields)
     losses, step, last_batch = train_steps(MODEL, train, mesh, STEPS)
-    hlo = step.lower(*last_batch).compile().as_text()
+    hlo = step.lower(tuple(last_batch)).compile().as_text()
     return losses, export_state(step.model), collectives_per_step(hlo), (step.model, step.optimizer)
 
 

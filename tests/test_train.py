@@ -25,7 +25,7 @@ from lite_tp_jax.inference.text import generate
 from lite_tp_jax.runtime.metrics import MetricsLog
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.sharding.rules import batch_sharding
-from lite_tp_jax.train.step import TrainStep
+from lite_tp_jax.train.decoder_step import decoder_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -45,12 +45,12 @@ def tiny_losses(tokens, overrides):
     config = load_config(TINY, [f"train.steps={STEPS}", *overrides])
     mesh = mesh_for(config)
     model, optimizer = create_model_and_optimizer(config.model, config.train, mesh)
-    step = TrainStep(model, optimizer, config.train)
+    step = decoder_step(model, optimizer, config.train)
     batches = Batches(tokens, config.train.global_batch, config.train.seq_len, config.train.seed)
     losses = []
     for position in range(STEPS):
         inputs, targets = (jax.device_put(a, batch_sharding(mesh)) for a in batches.batch(position))
-        losses.append(float(step(inputs, targets)["loss"]))
+        losses.append(float(step((inputs, targets))["loss"]))
     return np.array(losses)
 
 

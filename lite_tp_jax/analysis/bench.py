@@ -52,7 +52,7 @@ from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.runtime.run_dir import atomic_write
 from lite_tp_jax.sharding.rules import batch_sharding
 from lite_tp_jax.sharding.state import export_state, flat_variables, logical_shape, logical_sharding
-from lite_tp_jax.train.step import TrainStep
+from lite_tp_jax.train.decoder_step import decoder_step
 
 VARIANTS = ("lite_tp_jax", "gspmd", "one_device")
 
@@ -102,7 +102,7 @@ class _Variants:
     def __init__(self, config: Config, mesh):
         model_cfg, train = config.model, config.train
         self.model, self.optimizer = create_model_and_optimizer(model_cfg, train, mesh)
-        self.ours = TrainStep(self.model, self.optimizer, train)
+        self.ours = decoder_step(self.model, self.optimizer, train)
         rng = np.random.default_rng(1)
         tokens = rng.integers(0, model_cfg.vocab_size, (train.global_batch, train.seq_len + 1), dtype=np.int32)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -122,13 +122,13 @@ class _Variants:
         self.batches["lite_tp_jax"] = jax.device_put((inputs, targets), batch_sharding(mesh))
         self.compiled, self.compile_s = {}, {}
         for name in VARIANTS:
-            lower = (lambda: self.ours.lower(*self.batches[name])) if name == "lite_tp_jax" else (
+            lower = (lambda: self.ours.lower(self.batches[name])) if name == "lite_tp_jax" else (
                 lambda name=name: self.steps[name].lower(self.states[name], *self.batches[name]))
             self.compiled[name], self.compile_s[name] = _timed(lambda: lower().compile())
 
     def run(self, name: str):
         if name == "lite_tp_jax":
-            return self.ours(*self.batches[name])
+            return self.ours(self.batches[name])
         self.states[name], metrics = self.compiled[name](self.states[name], *self.batches[name])
         return metrics
 
@@ -142,7 +142,7 @@ def compile_seconds_vs_depth(config: Config, mesh, depths: list[int]) -> list[di
     for layers in depths:
         cfg = dataclasses.replace(config.model, num_layers=layers)
         model, optimizer = abstract_model_and_optimizer(cfg, config.train, mesh)
-        _, ours = _timed(lambda: TrainStep(model, optimizer, config.train).lower(tokens, tokens).compile())
+        _, ours = _timed(lambda: decoder_step(model, optimizer, config.train).lower((tokens, tokens)).compile())
         variables = flat_variables(model)
         shardings = nested({n: logical_sharding(v, mesh) for n, v in variables.items()})
         params = nested({n: jax.ShapeDtypeStruct(logical_shape(v), v.dtype, sharding=logical_sharding(v, mesh))

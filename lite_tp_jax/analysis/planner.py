@@ -67,7 +67,7 @@ from lite_tp_jax.run.config import Config, ConfigError, TrainConfig
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.sharding.rules import batch_sharding
 from lite_tp_jax.train.fit import check_run_fits
-from lite_tp_jax.train.step import TrainStep
+from lite_tp_jax.train.decoder_step import decoder_step
 
 F32 = 4
 
@@ -449,7 +449,7 @@ def compiled_bytes_by_axis(config: Config, sizes: dict[str, int]) -> dict[str, i
     model_obj, optimizer = abstract_model_and_optimizer(config.model, config.train, mesh)
     tokens = jax.ShapeDtypeStruct((config.train.global_batch, config.train.seq_len), np.int32,
                                   sharding=batch_sharding(mesh))
-    text = TrainStep(model_obj, optimizer, config.train).lower(tokens, tokens).compile().as_text()
+    text = decoder_step(model_obj, optimizer, config.train).lower((tokens, tokens)).compile().as_text()
     return hlo.bytes_by_axis(text, mesh)
 
 

@@ -43,7 +43,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.core.axes import AXES, BATCH_AXES, PIPELINE, TENSOR
+from lite_tp_jax.core.axes import PIPELINE
 from lite_tp_jax.core.collectives import sum_over
 from lite_tp_jax.core.errors import BadInput
 from lite_tp_jax.layers.attention import KVCache
@@ -54,9 +54,17 @@ from lite_tp_jax.layers.positions import LearnedPositions
 from lite_tp_jax.models.blocks import LayerGroup, make_norm
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.fit import batch_ranks, check_batch, check_layers_fit
-from lite_tp_jax.models.remat import remat_policy
+from lite_tp_jax.models.stack import scan_states, stack_blocks
 from lite_tp_jax.parallel.pipeline import run_pipeline
-from lite_tp_jax.parallel.region import run_in_region
+from lite_tp_jax.parallel.region import (
+    STATISTIC,
+    enter_region,
+    features,
+    model_axes,
+    model_row_axes,
+    region,
+    run_in_region,
+)
 from lite_tp_jax.sharding.rules import PartitionRules, vocab_axes
 
 
@@ -66,12 +74,6 @@ def _head_init(hidden_size: int):
     return nnx.initializers.normal(hidden_size**-0.5)
 
 
-def region_axes(config: ModelConfig, mesh: Mesh) -> frozenset[str]:
-    """The axes manual in the model's region: "tensor" and those of size > 1.
-    (Axes of size 1 are left out, so no trivial collectives over them appear.)"""
-    return frozenset({TENSOR, *(axis for axis in AXES if mesh.shape[axis] > 1)})
-
-
 def partition_rules(config: ModelConfig, *, shard_over_data: bool = False) -> PartitionRules:
     """The rule table for ``config``: its ``partition_rules`` overrides before Megatron's defaults."""
     return PartitionRules(dict(config.partition_rules), shard_over_data=shard_over_data)
@@ -79,29 +81,11 @@ def partition_rules(config: ModelConfig, *, shard_over_data: bool = False) -> Pa
 
 def _stack_groups(config: ModelConfig, mesh: Mesh, rules: PartitionRules, rngs: nnx.Rngs) -> LayerGroup:
     """``[virtual_stages, groups / virtual_stages, ...]`` stacked layer groups, split
-    as the rule table's "stacked" strategy says (dim 1 over "pipeline").
-    Initialised as ``[groups, ...]`` and reshaped, so the values do not depend on
-    the pipeline layout."""
-    groups, laps = config.num_layers // config.layers_per_group, config.virtual_stages
-
-    @nnx.split_rngs(splits=groups)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
-    def create(rngs: nnx.Rngs) -> LayerGroup:
-        return LayerGroup(config, mesh=mesh, rules=rules, rngs=rngs)
-
-    stacked = create(rngs)
-    variables = [variable for _, variable in nnx.to_flat_state(nnx.state(stacked))]
-    shapes = [(laps, groups // laps, *v.shape[1:]) for v in variables]
-    # vmap put a None in front of each spec for the stacking dim; the table replaces it
-    stacking = [rules.stack(tuple(v.get_metadata()["out_sharding"])[1:], shape, mesh) for v, shape in zip(variables, shapes)]
-    reshaped = jax.jit(
-        lambda values: [v.reshape(shape) for v, shape in zip(values, shapes)],
-        out_shardings=[jax.sharding.NamedSharding(mesh, P(*spec)) for spec, _ in stacking],
-    )([v[...] for v in variables])
-    for variable, value, (spec, data_dim) in zip(variables, reshaped, stacking):
-        variable.set_value(value)
-        variable.set_metadata(out_sharding=spec, data_dim=data_dim)
-    return stacked
+    as the rule table's "stacked" strategy says (dim 1 over "pipeline")."""
+    return stack_blocks(
+        lambda rngs: LayerGroup(config, mesh=mesh, rules=rules, rngs=rngs),
+        config.num_layers // config.layers_per_group, mesh=mesh, rules=rules, laps=config.virtual_stages, rngs=rngs,
+    )
 
 
 class Transformer(nnx.Module):
@@ -112,8 +96,7 @@ class Transformer(nnx.Module):
         check_layers_fit(config, mesh.shape)
         rules = rules or partition_rules(config)
         self.config, self.mesh = config, mesh
-        self.axes = region_axes(config, mesh)
-        self.batch_axes = tuple(axis for axis in BATCH_AXES if axis in self.axes)
+        self.axes, self.batch_axes = model_axes(mesh), model_row_axes(mesh)
         self.vocab_axes = vocab_axes(mesh)
         sp = config.sequence_parallel
         dtype = jnp.dtype(config.compute_dtype)  # of every activation, from the embedding lookup on
@@ -144,12 +127,8 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Logits ``[B, S, vocab]`` for int tokens ``[B, S]`` (B split over "data" x "expert")."""
         self._check(tokens, tokens)
-        logits = run_in_region(
-            self, lambda self, t: self.local_logits(t, 1)[0], tokens, mesh=self.mesh,
-            arg_specs=(self._rows,), out_specs=P(self.batch_axes, None, self.vocab_axes),
-            row_axes=self.batch_axes, axes=self.axes,
-        )
-        return logits[..., : self.config.vocab_size]
+        output = features(self.config.vocab_size, self.vocab_axes).of(3)
+        return enter_region(self, lambda self, tokens: self.local_logits(tokens, 1)[0], tokens, output=output)
 
     def loss(self, tokens: jax.Array, targets: jax.Array, microbatches: int = 1) -> tuple[jax.Array, dict]:
         """Mean next-token cross-entropy plus ``aux_loss_weight`` x the MoE
@@ -158,15 +137,7 @@ class Transformer(nnx.Module):
         data-parallel rank (no effect without pipeline parallelism). The
         result does not depend on the mesh."""
         self._check(tokens, targets, microbatches)
-        return run_in_region(
-            self, lambda self, t, y: self.local_loss(t, y, microbatches), tokens, targets, mesh=self.mesh,
-            arg_specs=(self._rows, self._rows), out_specs=(P(), P()), row_axes=self.batch_axes, axes=self.axes,
-        )
-
-    @property
-    def _rows(self) -> P:
-        """Token batches: rows split over the batch axes in use."""
-        return P(self.batch_axes)
+        return self.local_loss(tokens, targets, microbatches)
 
     # --- generation with a KV cache ----------------------------------------------
 
@@ -240,6 +211,7 @@ class Transformer(nnx.Module):
 
     # --- one rank's math --------------------------------------------------------
 
+    @region(output=(STATISTIC, STATISTIC))
     def local_loss(self, tokens, targets, microbatches):
         logits, stats = self.local_logits(tokens, microbatches)
         token_losses = vocab_parallel_cross_entropy(logits, targets, self.config.vocab_size, vocab_axes=self.vocab_axes)
@@ -276,14 +248,8 @@ class Transformer(nnx.Module):
     def _run_layers(self, x, microbatches):
         graphdef, stacked = nnx.split(self.layers)
 
-        def one_group(x, group_state):
-            return nnx.merge(graphdef, group_state)(x)
-
-        one_group = jax.checkpoint(one_group, policy=remat_policy(self.config.remat), prevent_cse=False)
-
         def run_chunk(chunk, x):
-            x, stats = jax.lax.scan(one_group, x, chunk)
-            return x, jax.tree.map(lambda s: s.sum(0), stats)
+            return scan_states(graphdef, chunk, x, self.config.remat)
 
         if self.mesh.shape[PIPELINE] == 1:  # all layers here, in order: [v, G/v] -> [G]
             return run_chunk(jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stacked), x)

@@ -27,6 +27,7 @@ So every reduction of a training step goes through ``core/collectives.py``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -39,8 +40,13 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.core.axes import AXES, BATCH_AXES, DATA, TENSOR, entry_axes
-from lite_tp_jax.core.collectives import broadcast_over, gather_over, gather_replicated_over
-from lite_tp_jax.core.errors import FitError
+from lite_tp_jax.core.collectives import (
+    broadcast_over,
+    gather_over,
+    gather_replicated_over,
+    sum_over,
+)
+from lite_tp_jax.core.errors import BadInput, FitError
 from lite_tp_jax.sharding.rules import padded_size
 
 
@@ -90,7 +96,7 @@ def run_in_region(
     if module is None:
         return jax.shard_map(fn, mesh=mesh, in_specs=tuple(arg_specs), out_specs=out_specs, axis_names=set(axes))(*args)
     graphdef, state = nnx.split(module)
-    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    is_variable = lambda x: isinstance(x, nnx.Variable)
     specs = jax.tree.map(lambda v: _spec(v, axes), state, is_leaf=is_variable)
     data_dims = jax.tree.map(lambda v: v.get_metadata().get("data_dim"), state, is_leaf=is_variable)
     used_rows = tuple(axis for axis in row_axes if mesh.shape[axis] > 1)
@@ -218,7 +224,7 @@ def run_standalone(module: nnx.Module | None, fn: Callable[..., Any], layout: La
         arg_specs.append(_placement_spec(placement, jnp.ndim(x), row_axes))
         laid_out.append(x)
 
-    is_placement = lambda a: isinstance(a, Placement)  # noqa: E731
+    is_placement = lambda a: isinstance(a, Placement)
     for placement in jax.tree.leaves(layout.output, is_leaf=is_placement):
         if placement.split == "sequence" and first is not None:  # its sequence is the input's
             _check_sequence(first, mesh, name, dim=placement.ndim - 2)
@@ -268,3 +274,122 @@ class ParallelLayer(nnx.Module):
         if in_region():
             return method(self, *args)
         return run_standalone(self, method, layout, *args, mesh=self.mesh, name=type(self).__name__)
+
+
+# --- a model's region: the public entry -------------------------------------------
+
+
+def model_axes(mesh: Mesh) -> frozenset[str]:
+    """The axes manual in a model's region: "tensor" and every axis of size > 1
+    (axes of size 1 are left out, so no trivial collectives over them appear)."""
+    return frozenset({TENSOR, *(axis for axis in AXES if mesh.shape[axis] > 1)})
+
+
+def model_row_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The batch axes a model's region splits the rows over: those of size > 1."""
+    return tuple(axis for axis in BATCH_AXES if mesh.shape[axis] > 1)
+
+
+def _region_row_axes() -> tuple[str, ...]:
+    manual = jax.sharding.get_abstract_mesh().manual_axes
+    if TENSOR not in manual:
+        raise NameError("batch_sum / batch_mean run inside a region (a method decorated with @region).")
+    return tuple(axis for axis in BATCH_AXES if axis in manual)
+
+
+def batch_sum(x: jax.Array) -> jax.Array:
+    """Inside a model's region: the sum of ``x`` over this rank's rows and every
+    other data-parallel rank's (``sum_over`` the batch axes: one all-reduce)."""
+    axes, total = _region_row_axes(), jnp.sum(x)
+    return sum_over(total, axes) if axes else total
+
+
+def batch_mean(x: jax.Array) -> jax.Array:
+    """Inside a model's region: the mean of ``x`` over the whole batch (all ranks' rows)."""
+    axes = _region_row_axes()
+    ranks = math.prod(jax.lax.axis_size(axis) for axis in axes)
+    return batch_sum(x) / (x.size * ranks)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array) or hasattr(x, "__array__") and hasattr(x, "shape")
+
+
+def _output_spec(placement: Placement, rows: tuple[str, ...]) -> P:
+    if placement.split == "replicated" and placement.ndim == 0:  # a prefix: rows on dim 0, or a statistic
+        return P(rows or None) if placement.rows else P()
+    return _placement_spec(placement, placement.ndim, rows)
+
+
+def enter_region(module: nnx.Module, fn: Callable[..., Any], *args: Any, output: Any = STATISTIC) -> Any:
+    """``fn(module, *args)`` as one region of ``module.mesh`` (what ``@region`` runs).
+
+    Every array in ``args`` (pytrees too) holds rows on dim 0, split over the
+    batch axes of size > 1; anything else (ints, strings, None) is passed as is.
+    ``output``: a pytree of ``Placement``s, a prefix of the result's:
+    ``STATISTIC`` (the same on every rank: a loss, metrics), ``ROWS`` (rows
+    split like the inputs, replicated over "tensor"), or ``features(n).of(ndim)``
+    (the last dim split over "tensor", trimmed to ``n``). Parameters enter as
+    their shards; those replicated over the batch axes get their gradients
+    summed over them once (``run_in_region``).
+    """
+    mesh = module.mesh
+    rows = model_row_axes(mesh)
+    ranks = math.prod(mesh.shape[axis] for axis in rows)
+    leaves, structure = jax.tree.flatten(args)
+    arrays = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+    for i in arrays:
+        if jnp.ndim(leaves[i]) and leaves[i].shape[0] % ranks:
+            raise BadInput(
+                f"{type(module).__name__}: batch size {leaves[i].shape[0]} must be divisible by the "
+                f"batch axes' ranks ({' x '.join(f'{a} {mesh.shape[a]}' for a in rows)} = {ranks})."
+            )
+
+    def body(module, *values):
+        full = list(leaves)
+        for i, value in zip(arrays, values):
+            full[i] = value
+        return fn(module, *jax.tree.unflatten(structure, full))
+
+    is_placement = lambda a: isinstance(a, Placement)
+    result = run_in_region(
+        module, body, *(leaves[i] for i in arrays), mesh=mesh,
+        arg_specs=[P(rows) if jnp.ndim(leaves[i]) else P() for i in arrays],
+        out_specs=jax.tree.map(lambda a: _output_spec(a, rows), output, is_leaf=is_placement),
+        row_axes=rows, axes=model_axes(mesh),
+    )
+    trim = lambda a, y: y[..., : a.logical] if a.split == "last" else y
+    return jax.tree.map(trim, output, result, is_leaf=is_placement)
+
+
+ROWS = REPLICATED
+"""A region's result with rows on dim 0 (split like the batch), replicated over "tensor"."""
+
+
+def region(output: Any = STATISTIC) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Marks a method of a model (an ``nnx.Module`` with a ``mesh``) as its region.
+
+    Called from ordinary jit code, the method runs once inside one shard_map of
+    the model's mesh (``enter_region``): every layer in it runs its local math
+    with the collectives it spells out, and no layer enters a region of its
+    own. Called inside a region it is the plain method. ``output``: how the
+    result lies (``STATISTIC``, ``ROWS``, ``features(n).of(ndim)``; a pytree
+    prefix of the result)::
+
+        class Classifier(nnx.Module):
+            @tp.region()
+            def loss(self, images, labels):          # this rank's rows
+                logits = self.head(self.blocks(self.embed(images)))
+                return tp.batch_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), {}
+    """
+
+    def decorate(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def entered(self, *args):
+            if in_region():
+                return method(self, *args)
+            return enter_region(self, method, *args, output=output)
+
+        return entered
+
+    return decorate

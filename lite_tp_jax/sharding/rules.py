@@ -138,11 +138,15 @@ class PartitionRules:
                 return (*spec[:dim], entry, *spec[dim + 1:]), dim
         return spec, None
 
-    def stack(self, inner: Sequence[Any], stacked_shape: Sequence[int], mesh: Mesh) -> tuple[tuple, int | None]:
+    def stack(
+        self, inner: Sequence[Any], stacked_shape: Sequence[int], mesh: Mesh, *, pipelined: bool = True
+    ) -> tuple[tuple, int | None]:
         """The spec (and data dim) of a layer parameter with spec ``inner`` once the
         layer groups are stacked in front of it, ``[virtual_stages, groups / v, ...]``
-        (the "stacked" strategy; with ``shard_over_data`` the data dim is chosen anew)."""
-        stacking = (None, *self.split_axes(self.strategy("layers"), "stages", mesh))
+        (the "stacked" strategy), or ``[count, ...]`` unsplit when not ``pipelined``
+        (with ``shard_over_data`` the data dim is chosen anew)."""
+        stages = self.split_axes(self.strategy("layers"), "stages", mesh) if pipelined else ()
+        stacking = (None, *stages)
         inner = tuple(inner) + (None,) * (len(stacked_shape) - len(stacking) - len(inner))
         inner = tuple(spec_entry(tuple(n for n in entry_axes(e) if n != DATA)) for e in inner)
         spec, data_dim = self._over_data((*stacking, *inner), stacked_shape, mesh, skip=len(stacking))

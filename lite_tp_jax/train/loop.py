@@ -58,13 +58,13 @@ from lite_tp_jax.runtime.spares import DeviceLost, take_over
 from lite_tp_jax.sharding.rules import batch_sharding
 from lite_tp_jax.sharding.state import rebind_mesh
 from lite_tp_jax.train.data import Batches, device_batch, load_tokens
+from lite_tp_jax.train.decoder_step import decoder_step
 from lite_tp_jax.train.divergence import Divergence, RollBack
 from lite_tp_jax.train.faults import InjectedSpike, Spares, poisoned
 from lite_tp_jax.train.fit import check_run_fits
 from lite_tp_jax.train.goodput import Goodput, summary
 from lite_tp_jax.train.profiling import StepTrace
 from lite_tp_jax.train.sinks import RunLog, check_wandb
-from lite_tp_jax.train.step import TrainStep
 from lite_tp_jax.train.step_cost import StepCost, compile_step, describe
 
 
@@ -122,7 +122,7 @@ class Trainer:
             if resume_step is not None or skip_batches:
                 self.metrics.append({"event": "resume", "step": self.start_step, "set_aside": set_aside,
                                      "skip_batches": skip_batches, "data_skips": self.divergence.skips.skips})
-        self.step = TrainStep(self.model, self.optimizer, train)
+        self.step = decoder_step(self.model, self.optimizer, train)
         self.cost = StepCost(config, self.mesh.size, peak_flops)
         self.trace = StepTrace(profile, self.run_dir)
         self.goodput_line: str | None = None
@@ -191,13 +191,13 @@ class Trainer:
             variable.set_value(array)
         rebind_mesh((self.model, self.optimizer), self.mesh, takeover.mesh)
         self.mesh = takeover.mesh
-        self.step = TrainStep(self.model, self.optimizer, self.config.train)
+        self.step = decoder_step(self.model, self.optimizer, self.config.train)
         compile_started = time.perf_counter()
         tokens, targets = (
             jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(self.mesh))
             for a in self.batches.batch(step - 1)
         )
-        self.step.lower(tokens, targets).compile()  # jit reuses it for the replayed step
+        self.step.lower((tokens, targets)).compile()  # jit reuses it for the replayed step
         finished = time.perf_counter()
         event = {"event": "spare_takeover", "step": step, **takeover.event}
         event.update(seconds=finished - started, compile_seconds=finished - compile_started)
@@ -262,7 +262,7 @@ class Trainer:
                     inputs, targets = device_batch(self.batches, self.divergence.position(position), batch_sharding(self.mesh))
                 self.trace.before(position + 1)
                 started = time.perf_counter()
-                metrics = jax.device_get(self.injected_spike.run(position + 1, self.model, lambda: self.step(inputs, targets)))
+                metrics = jax.device_get(self.injected_spike.run(position + 1, self.model, lambda: self.step((inputs, targets))))
                 elapsed = time.perf_counter() - started
                 self.trace.after(position + 1)
                 self.last_step = position + 1

@@ -1,34 +1,41 @@
-"""One jit-compiled training step: loss, gradients, AdamW update.
+"""One jit-compiled training step of any model: loss, gradients, optimizer update.
+
+``TrainStep(model, optimizer, loss_fn)``: ``loss_fn(model, batch) -> (loss,
+metrics)``, ``batch`` any pytree of arrays with rows on dim 0, split over the
+batch axes ("data" x "expert"). The model is one whose parameters carry their
+specs (built from the parallel layers) and whose loss runs in one region
+(``parallel/region.region``); the optimizer is an ``nnx.Optimizer`` over any
+optax transformation (``run/optimizer.py`` builds the decoder's AdamW).
 
 Sharding. Parameters and optimizer state keep their PartitionSpecs (the
-optimizer's moments carry their parameter's spec); the batch rows are split
-over "data" x "expert". The model runs in one region where every axis in use
-is manual: gradients of parameters replicated across a TP group are summed
+optimizer's moments carry their parameter's spec). In the model's region
+gradients of parameters replicated across a TP group are summed
 over "tensor" where the group's partial results meet (``copy_to_tensor_region``
 backward, inside the layers), then gradients of parameters replicated across
 data-parallel ranks are summed over "data" (and "expert") once, by the
 backward of ``broadcast_over`` at region entry (``parallel/region.py``).
-The global gradient norm for clipping is computed over the sharded gradients
-with one all-reduce (``parallel/grads.py``; padding is zero, so it adds nothing).
+The global gradient norm (for clipping with ``grad_clip``) is computed over the
+sharded gradients with one all-reduce (``parallel/grads.py``; padding is zero,
+so it adds nothing).
 A step whose loss, gradient norm or updated parameters (their global norm: one
-more scalar all-reduce) are not finite reports ``skipped = 1``. Under
-``train.on_nonfinite: skip`` it also leaves parameters and optimizer state as
-they were (a select per array, inside the compiled step); under ``stop`` the
+more scalar all-reduce) are not finite reports ``skipped = 1``. With
+``on_nonfinite="skip"`` it also leaves parameters and optimizer state as
+they were (a select per array, inside the compiled step); with ``"stop"`` the
 loop ends the run at that step, so the step does not pay for that select (12%
 of its memory traffic on a 256-wide model) and the state it leaves in memory
 is never saved or used again.
 
-Gradient accumulation (``train.grad_accum = k``): each rank's rows are split
-into k micro-steps (rows i, i+k, i+2k, ...: a local reshape), run one after
+Gradient accumulation (``grad_accum = k``): each rank's rows of every batch
+array are split into k micro-steps (rows i, i+k, i+2k, ...: a local reshape), run one after
 the other by ``jax.lax.scan``; their gradients are summed in float32 and
 divided by k, then one optimizer update. The loss and update equal those of
-the whole batch, with the activation memory of 1/k of it. Pipeline
-microbatches split each micro-step again.
+the whole batch (for a loss that is a mean over rows), with the activation memory of 1/k of it.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -38,12 +45,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lite_tp_jax.core.axes import BATCH_AXES
 from lite_tp_jax.core.collectives import deterministic_collectives
-from lite_tp_jax.models.transformer import Transformer
+from lite_tp_jax.core.errors import BadInput
 from lite_tp_jax.parallel.grads import clip_by_norm, global_norm
-from lite_tp_jax.run.config import TrainConfig
-from lite_tp_jax.run.optimizer import learning_rate_schedule
-from lite_tp_jax.sharding.rules import batch_sharding, batch_spec, param_shardings
+from lite_tp_jax.sharding.rules import param_shardings
+
+LossFn = Callable[[nnx.Module, Any], tuple[jax.Array, dict[str, jax.Array]]]
+"""``loss_fn(model, batch) -> (loss, metrics)``: a scalar and a dict of scalars."""
 
 
 def keep_where_finite(finite: jax.Array, updated: Any, previous: list[jax.Array]) -> Any:
@@ -56,22 +65,37 @@ def keep_where_finite(finite: jax.Array, updated: Any, previous: list[jax.Array]
 
 
 class TrainStep:
-    """``step(tokens, targets) -> metrics``: updates ``model`` and ``optimizer`` in place.
+    """``step(batch) -> metrics``: updates ``model`` and ``optimizer`` in place.
 
+    ``grad_clip``: the global norm gradients are clipped to (None: no clipping).
+    ``schedule``: the learning rate schedule, reported as the ``lr`` metric.
     The step is compiled once; state buffers are donated so parameters and
     optimizer moments are updated without a second copy in device memory.
-    With ``train.deterministic`` it is traced (and cached) in deterministic
+    With ``deterministic`` it is traced (and cached) in deterministic
     mode: every reduction in fixed rank order (``collectives.py``).
     """
 
-    def __init__(self, model: Transformer, optimizer: nnx.Optimizer, train: TrainConfig):
-        self.model, self.optimizer = model, optimizer
-        self.schedule = learning_rate_schedule(train)
-        self.grad_clip = train.grad_clip
-        self.microbatches, self.grad_accum = train.microbatches, train.grad_accum
-        self.deterministic = train.deterministic
-        self.drop_nonfinite = train.on_nonfinite == "skip"
-        mesh = model.mesh
+    def __init__(
+        self,
+        model: nnx.Module,
+        optimizer: nnx.Optimizer,
+        loss_fn: LossFn,
+        *,
+        grad_clip: float | None = None,
+        grad_accum: int = 1,
+        deterministic: bool = False,
+        on_nonfinite: str = "stop",
+        schedule: Callable[[jax.Array], jax.Array] | None = None,
+    ):
+        if on_nonfinite not in ("stop", "skip"):
+            raise BadInput(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
+        if not (isinstance(grad_accum, int) and grad_accum >= 1):
+            raise BadInput(f"grad_accum must be a positive integer, got {grad_accum!r}.")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.schedule, self.grad_clip = schedule, grad_clip
+        self.grad_accum, self.deterministic = grad_accum, deterministic
+        self.drop_nonfinite = on_nonfinite == "skip"
+        self.mesh = mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
         # The step reads and writes the Variables' arrays as a flat list: walking the
         # module graph (nnx.state / nnx.update) on every call costs milliseconds of Python.
@@ -80,81 +104,90 @@ class TrainStep:
         shardings = jax.tree.leaves(param_shardings(state, mesh))
         self._step: Callable = jax.jit(
             self._flat_step,
-            in_shardings=(shardings, batch_sharding(mesh), batch_sharding(mesh)),
+            in_shardings=(shardings, NamedSharding(mesh, P(BATCH_AXES))),  # a prefix: every batch array's rows
             out_shardings=(shardings, None),
             donate_argnums=0,
         )
 
-    def _flat_step(self, arrays, tokens, targets):
-        new_state, metrics = self._pure_step(jax.tree.unflatten(self._structure, arrays), tokens, targets)
+    def _flat_step(self, arrays, batch):
+        new_state, metrics = self._pure_step(jax.tree.unflatten(self._structure, arrays), batch)
         return jax.tree.leaves(new_state), metrics
 
-    def _pure_step(self, state, tokens, targets):
+    def _pure_step(self, state, batch):
         previous = jax.tree.leaves(state)  # the arrays; merge's Variables are updated in place
         model, optimizer = nnx.merge(self.graphdef, state)
-        (loss, metrics), grads = self._loss_and_grads(model, tokens, targets)
-        grad_norm = global_norm(grads, model.mesh)  # one all-reduce
-        lr = self.schedule(optimizer.step[...])
-        optimizer.update(model, clip_by_norm(grads, grad_norm, self.grad_clip))
-        param_norm = global_norm(nnx.state(model, nnx.Param), model.mesh)  # one all-reduce
+        (loss, metrics), grads = self._loss_and_grads(model, batch)
+        grad_norm = global_norm(grads, self.mesh)  # one all-reduce
+        lr = None if self.schedule is None else self.schedule(optimizer.step[...])
+        optimizer.update(model, grads if self.grad_clip is None else clip_by_norm(grads, grad_norm, self.grad_clip))
+        param_norm = global_norm(nnx.state(model, nnx.Param), self.mesh)  # one all-reduce
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
         new_state = nnx.state((model, optimizer))
         if self.drop_nonfinite:
             new_state = keep_where_finite(finite, new_state, previous)
-        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "param_norm": param_norm, "lr": lr,
-                   "skipped": (~finite).astype(jnp.float32)}
+        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "param_norm": param_norm,
+                   **({} if lr is None else {"lr": lr}), "skipped": (~finite).astype(jnp.float32)}
         return new_state, metrics
 
-    def _loss_and_grads(self, model: Transformer, tokens: jax.Array, targets: jax.Array):
+    def _loss_and_grads(self, model: nnx.Module, batch: Any):
         """``((loss, metrics), grads)`` of the whole batch, as the mean over
         ``grad_accum`` scanned micro-steps."""
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-        def loss_fn(params, tokens, targets):
-            return nnx.merge(graphdef, params, rest).loss(tokens, targets, self.microbatches)
+        def loss_fn(params, batch):
+            return self.loss_fn(nnx.merge(graphdef, params, rest), batch)
 
         value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
         k = self.grad_accum
         if k == 1:
-            return value_and_grad(params, tokens, targets)
+            return value_and_grad(params, batch)
 
-        micro_rows = NamedSharding(model.mesh, P(None, *batch_spec()))
+        micro_rows = NamedSharding(self.mesh, P(None, BATCH_AXES))
 
-        def micro_steps(rows):  # [B, S] -> [k, B/k, S]; step i: rows i, i+k, ... (local on every rank)
-            rows = rows.reshape(rows.shape[0] // k, k, rows.shape[1]).swapaxes(0, 1)
+        def micro_steps(rows):  # [B, ...] -> [k, B/k, ...]; step i: rows i, i+k, ... (local on every rank)
+            rows = rows.reshape(rows.shape[0] // k, k, *rows.shape[1:]).swapaxes(0, 1)
             return jax.lax.with_sharding_constraint(rows, micro_rows)
 
         def accumulate(total, batch):
-            (loss, metrics), grads = value_and_grad(params, *batch)
+            (loss, metrics), grads = value_and_grad(params, batch)
             return jax.tree.map(jnp.add, total, grads), (loss, metrics)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        total, (losses, metrics) = jax.lax.scan(accumulate, zeros, (micro_steps(tokens), micro_steps(targets)))
+        total, (losses, metrics) = jax.lax.scan(accumulate, zeros, jax.tree.map(micro_steps, batch))
         mean = functools.partial(jnp.mean, axis=0)
         return (mean(losses), jax.tree.map(mean, metrics)), jax.tree.map(lambda g: g / k, total)
 
     def _arrays(self) -> list:
         return [variable.get_raw_value() for variable in self._variables]
 
-    def lower(self, tokens: jax.Array, targets: jax.Array):
-        """The lowered step (for HLO inspection) without running it."""
-        with deterministic_collectives(self.deterministic):
-            return self._step.lower(self._arrays(), tokens, targets)
+    def _check(self, batch: Any) -> None:
+        ranks = math.prod(self.mesh.shape[axis] for axis in BATCH_AXES) * self.grad_accum
+        for leaf in jax.tree.leaves(batch):
+            if not jnp.ndim(leaf) or leaf.shape[0] % ranks:
+                raise BadInput(
+                    f"every batch array needs rows on dim 0 divisible by data x expert x grad_accum = {ranks}; "
+                    f"got shape {tuple(jnp.shape(leaf))}."
+                )
 
-    def export(self, tokens: jax.Array, targets: jax.Array, *, platforms: tuple[str, ...]) -> jax.export.Exported:
+    def lower(self, batch: Any):
+        """The lowered step (for HLO inspection) without running it."""
+        self._check(batch)
+        with deterministic_collectives(self.deterministic):
+            return self._step.lower(self._arrays(), batch)
+
+    def export(self, batch: Any, *, platforms: tuple[str, ...]) -> jax.export.Exported:
         """The step lowered for ``platforms`` (``"cuda"``, ``"tpu"``, ...) with
         ``jax.export``; no device of those platforms is needed. The MoE exchange's
         ``ragged_all_to_all`` (GPU, TPU) lowers to a custom call that ``jax.export``
         gives no compatibility guarantee for; it is allowed here."""
         allowed = [jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")]
         with deterministic_collectives(self.deterministic):
-            return jax.export.export(self._step, platforms=platforms, disabled_checks=allowed)(
-                self._arrays(), tokens, targets
-            )
+            return jax.export.export(self._step, platforms=platforms, disabled_checks=allowed)(self._arrays(), batch)
 
-    def __call__(self, tokens: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+    def __call__(self, batch: Any) -> dict[str, jax.Array]:
+        self._check(batch)
         with deterministic_collectives(self.deterministic):
-            new_arrays, metrics = self._step(self._arrays(), tokens, targets)
+            new_arrays, metrics = self._step(self._arrays(), batch)
         for variable, array in zip(self._variables, new_arrays, strict=True):
             variable.set_raw_value(array)
         return metrics

@@ -50,7 +50,7 @@ def compile_step(step: TrainStep, batch: tuple, mesh) -> dict:
     hits, misses = CacheHits.get().counts()
     tokens, targets = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(mesh)) for a in batch)
     started = time.perf_counter()
-    lowered = step.lower(tokens, targets)  # tracing and lowering: Python, never cached
+    lowered = step.lower((tokens, targets))  # tracing and lowering: Python, never cached
     lowered_at = time.perf_counter()
     compiled = lowered.compile()  # XLA, or a load from the persistent cache
     now_hits, now_misses = CacheHits.get().counts()

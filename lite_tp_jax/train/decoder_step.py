@@ -1,0 +1,30 @@
+"""The built-in path: a ``TrainStep`` for the decoder (``models/transformer.py``)
+with the run config's gradient clipping, accumulation, guard and schedule.
+
+Its batch is ``(tokens, targets)``, both ``[global_batch, seq]``; its loss is
+``Transformer.loss`` with the config's pipeline microbatches.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from lite_tp_jax.models.transformer import Transformer
+from lite_tp_jax.run.config import TrainConfig
+from lite_tp_jax.run.optimizer import learning_rate_schedule
+from lite_tp_jax.train.step import TrainStep
+
+
+def decoder_step(model: Transformer, optimizer: nnx.Optimizer, train: TrainConfig) -> TrainStep:
+    """``step((tokens, targets)) -> metrics`` for ``model``, as ``train`` configures it."""
+    microbatches = train.microbatches
+
+    def loss_fn(model: Transformer, batch):
+        tokens, targets = batch
+        return model.loss(tokens, targets, microbatches)
+
+    return TrainStep(
+        model, optimizer, loss_fn,
+        grad_clip=train.grad_clip, grad_accum=train.grad_accum, deterministic=train.deterministic,
+        on_nonfinite=train.on_nonfinite, schedule=learning_rate_schedule(train),
+    )
