@@ -30,6 +30,19 @@ _PUBLIC: dict[str, str] = {
     "RMSNorm": "lite_tp_jax.layers.norm",
     "LayerNorm": "lite_tp_jax.layers.norm",
     "MoEMLP": "lite_tp_jax.layers.moe",
+    "LearnedPositions": "lite_tp_jax.layers.positions",
+    "region": "lite_tp_jax.parallel.region",
+    "enter_region": "lite_tp_jax.parallel.region",
+    "batch_sum": "lite_tp_jax.parallel.region",
+    "batch_mean": "lite_tp_jax.parallel.region",
+    "STATISTIC": "lite_tp_jax.parallel.region",
+    "ROWS": "lite_tp_jax.parallel.region",
+    "features": "lite_tp_jax.parallel.region",
+    "PartitionRules": "lite_tp_jax.sharding.rules",
+    "stack_blocks": "lite_tp_jax.models.stack",
+    "scan_blocks": "lite_tp_jax.models.stack",
+    "create_optimizer": "lite_tp_jax.run.optimizer",
+    "TrainStep": "lite_tp_jax.train.step",
     "ModelConfig": "lite_tp_jax.models.config",
     "Transformer": "lite_tp_jax.models.transformer",
     "from_pretrained": "lite_tp_jax.interop.hf",
@@ -61,6 +74,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from lite_tp_jax.layers.linear import ColumnParallelLinear, RowParallelLinear
     from lite_tp_jax.layers.mlp import ParallelMLP
     from lite_tp_jax.layers.moe import MoEMLP
+    from lite_tp_jax.layers.positions import LearnedPositions
+    from lite_tp_jax.models.stack import scan_blocks, stack_blocks
+    from lite_tp_jax.parallel.region import ROWS, STATISTIC, batch_mean, batch_sum, enter_region, features, region
+    from lite_tp_jax.run.optimizer import create_optimizer
+    from lite_tp_jax.sharding.rules import PartitionRules
+    from lite_tp_jax.train.step import TrainStep
     from lite_tp_jax.layers.norm import LayerNorm, RMSNorm
     from lite_tp_jax.models.config import ModelConfig
     from lite_tp_jax.models.transformer import Transformer

@@ -43,6 +43,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax._src import config as _jax_config
+from jax.ad_checkpoint import checkpoint_name
 
 from lite_tp_jax.core.axes import TENSOR
 
@@ -369,7 +370,8 @@ def enter_tensor_parallel(x: jax.Array, sequence_parallel: bool, axis: Axis = TE
 def exit_tensor_parallel(partial_sums: jax.Array, sequence_parallel: bool, axis: Axis = TENSOR) -> jax.Array:
     """Exit of a block: partial sums all-reduced (``reduce_from_tensor_region``), or,
     with sequence parallelism, reduce-scattered into sequence shards (dim -2)
-    (``reduce_scatter_to_sequence_region``). Backward: identity / all-gather."""
+    (``reduce_scatter_to_sequence_region``). Backward: identity / all-gather.
+    The result is named ``tensor_exit``: a remat policy that keeps it never reruns the reduction."""
     if sequence_parallel:
-        return reduce_scatter_to_sequence_region(partial_sums, axis, -2)
-    return reduce_from_tensor_region(partial_sums, axis)
+        return checkpoint_name(reduce_scatter_to_sequence_region(partial_sums, axis, -2), "tensor_exit")
+    return checkpoint_name(reduce_from_tensor_region(partial_sums, axis), "tensor_exit")

@@ -26,7 +26,7 @@ from lite_tp_jax.models.factory import abstract_model
 from lite_tp_jax.run.checkpoint import Checkpointer
 from lite_tp_jax.run.config import Config, MeshConfig, TrainConfig
 from lite_tp_jax.run.config_file import dump_config, load_config
-from lite_tp_jax.run.optimizer import create_optimizer
+from lite_tp_jax.run.optimizer import create_optimizer, make_optimizer
 
 
 def hf_to_run_dir(hf_path: str | os.PathLike, run_dir: str | os.PathLike, *, tensor: int = 1) -> Config:
@@ -41,7 +41,7 @@ def hf_to_run_dir(hf_path: str | os.PathLike, run_dir: str | os.PathLike, *, ten
     config = Config(model=model_config, mesh=MeshConfig(tensor=tensor), train=train)
     mesh = make_mesh_for({"tensor": tensor})
     model = from_pretrained(hf_path, mesh=mesh)
-    optimizer = create_optimizer(model, config.train, mesh)
+    optimizer = create_optimizer(model, make_optimizer(config.train))
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep)
     checkpointer.save(0, {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, {"step": 0, "data_position": 0})
     checkpointer.close()  # saves are asynchronous: finish and seal it

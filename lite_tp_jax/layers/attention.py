@@ -85,8 +85,11 @@ AttentionKernel = Literal["auto", "xla", "cudnn", "reference"]
 ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 
 
-def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, kernel: AttentionKernel = "auto") -> jax.Array:
-    """``softmax(causal(q k^T / sqrt(D))) v`` per head, one rank's heads, no communication.
+def attention_core(
+    q: jax.Array, k: jax.Array, v: jax.Array, kernel: AttentionKernel = "auto", causal: bool = True
+) -> jax.Array:
+    """``softmax(causal(q k^T / sqrt(D))) v`` per head, one rank's heads, no communication
+    (``causal=False``: every position attends to every other, as in an encoder).
 
     ``q``: ``[B, S, N, D]``; ``k``, ``v``: ``[B, S, K, D]`` with ``K`` dividing
     ``N`` (query head ``n`` attends with kv head ``n // (N / K)``). Scores and
@@ -100,14 +103,14 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, kernel: AttentionKe
     """
     if kernel != "reference":
         implementation = None if kernel == "auto" else kernel
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
     seq, head_dim = q.shape[1], q.shape[-1]
     group = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(head_dim))
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    if causal:
+        logits = jnp.where(jnp.tril(jnp.ones((seq, seq), dtype=bool)), logits, jnp.finfo(jnp.float32).min)
     weights = checkpoint_name(jax.nn.softmax(logits, axis=-1).astype(v.dtype), "attention_weights")
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
@@ -182,7 +185,8 @@ class _Norm(nnx.Module):
 
 
 class ParallelAttention(ParallelLayer):
-    """Causal multi-head (or grouped-query) self-attention, heads split over "tensor"."""
+    """Causal multi-head (or grouped-query) self-attention, heads split over "tensor";
+    bidirectional (an encoder's) with ``causal=False``."""
 
     def __init__(
         self,
@@ -199,6 +203,7 @@ class ParallelAttention(ParallelLayer):
         rope_scaling: RopeScaling | None = None,
         kernel: AttentionKernel = "auto",
         qk_norm_eps: float | None = None,
+        causal: bool = True,
         param_dtype: Any = jnp.float32,
         role: str = "attention",
         rules: PartitionRules = MEGATRON,
@@ -206,7 +211,7 @@ class ParallelAttention(ParallelLayer):
     ):
         if kernel not in ATTENTION_KERNELS:
             raise ValueError(f"ParallelAttention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}.")
-        self.attention_kernel = kernel
+        self.attention_kernel, self.causal = kernel, causal
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta)
         features, num_heads, num_kv_heads = int(features), int(num_heads), int(num_kv_heads)
@@ -271,7 +276,7 @@ class ParallelAttention(ParallelLayer):
             q = apply_rotary(q, positions, self.rope_theta, self.rope_scaling)
             k = apply_rotary(k, positions, self.rope_theta, self.rope_scaling)
         q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query", "key", "value")))
-        o = checkpoint_name(attention_core(q, k, v, self.attention_kernel), "attention_output")  # [B, S, local heads, D]
+        o = checkpoint_name(attention_core(q, k, v, self.attention_kernel, self.causal), "attention_output")  # [B, S, local heads, D]
 
         out_kernel = cast_for(mask_padding(self.out.kernel[...], 0, self.num_heads), o)
         partial_sums = jnp.einsum("bqhd,hdf->bqf", o, out_kernel)

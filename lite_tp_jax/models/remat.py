@@ -38,8 +38,11 @@ REMAT_SAVES: dict[str, tuple[str, ...]] = {
 """The named tensors each remat setting keeps per layer for the backward."""
 
 
-def remat_policy(remat: Remat):
-    """The ``jax.checkpoint`` policy for a layer group: keep ``REMAT_SAVES[remat]``, recompute the rest."""
+def remat_policy(remat: Remat, *, keep_exits: bool = False):
+    """The ``jax.checkpoint`` policy for a layer group: keep ``REMAT_SAVES[remat]``, recompute the rest.
+    ``keep_exits``: also keep each tensor-parallel exit's reduced output (``tensor_exit``,
+    ``collectives.exit_tensor_parallel``), for a user's block that names no residual:
+    its backward then reruns no all-reduce or reduce-scatter either."""
     if remat not in REMAT_SAVES:
         raise ValueError(f"remat must be one of {', '.join(REMAT_SAVES)}, got {remat!r}.")
-    return jax.checkpoint_policies.save_only_these_names(*REMAT_SAVES[remat])
+    return jax.checkpoint_policies.save_only_these_names(*REMAT_SAVES[remat], *(("tensor_exit",) if keep_exits else ()))

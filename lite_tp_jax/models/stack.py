@@ -66,11 +66,9 @@ def stack_blocks(
     return stacked
 
 
-def scan_states(graphdef: nnx.GraphDef, states: Any, x: Any, remat: str | Callable = "full") -> Any:
+def scan_states(graphdef: nnx.GraphDef, states: Any, x: Any, policy: Callable) -> Any:
     """The blocks ``states`` (stacked on dim 0) of ``graphdef`` applied to ``x`` in
-    order, each under ``jax.checkpoint`` with ``remat`` (a ``remat.REMAT_SAVES``
-    name or a ``jax.checkpoint_policies`` policy)."""
-    policy = remat if callable(remat) else remat_policy(remat)
+    order, each under ``jax.checkpoint`` with the remat ``policy``."""
 
     def one_block(x, state):
         out = nnx.merge(graphdef, state)(x)
@@ -80,6 +78,8 @@ def scan_states(graphdef: nnx.GraphDef, states: Any, x: Any, remat: str | Callab
     return x if aux is None else (x, jax.tree.map(lambda s: s.sum(0), aux))
 
 
-def scan_blocks(blocks: nnx.Module, x: Any, *, remat: str | Callable = "full") -> Any:
-    """``stack_blocks``'s ``[count, ...]`` blocks applied to ``x`` in order (inside a region)."""
-    return scan_states(*nnx.split(blocks), x, remat)
+def scan_blocks(blocks: nnx.Module, x: Any, *, remat: str = "full") -> Any:
+    """``stack_blocks``'s ``[count, ...]`` blocks applied to ``x`` in order (inside a
+    region). ``remat``: a ``remat.REMAT_SAVES`` setting; each block's tensor-parallel
+    exits are kept too, so the backward reruns no reduction."""
+    return scan_states(*nnx.split(blocks), x, remat_policy(remat, keep_exits=True))

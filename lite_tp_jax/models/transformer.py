@@ -54,6 +54,7 @@ from lite_tp_jax.layers.positions import LearnedPositions
 from lite_tp_jax.models.blocks import LayerGroup, make_norm
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.fit import batch_ranks, check_batch, check_layers_fit
+from lite_tp_jax.models.remat import remat_policy
 from lite_tp_jax.models.stack import scan_states, stack_blocks
 from lite_tp_jax.parallel.pipeline import run_pipeline
 from lite_tp_jax.parallel.region import (
@@ -249,7 +250,7 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
 
         def run_chunk(chunk, x):
-            return scan_states(graphdef, chunk, x, self.config.remat)
+            return scan_states(graphdef, chunk, x, remat_policy(self.config.remat))
 
         if self.mesh.shape[PIPELINE] == 1:  # all layers here, in order: [v, G/v] -> [G]
             return run_chunk(jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stacked), x)

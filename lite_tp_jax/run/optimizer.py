@@ -1,5 +1,6 @@
-"""The optimizer factory: AdamW with warmup and cosine decay, its state sharded
-like the parameters; and the model + optimizer pair a run starts from.
+"""The optimizer factory: any optax transformation over a model's parameters,
+its state sharded like them; the run config's AdamW with warmup and cosine
+decay (the built-in path); and the model + optimizer pair a run starts from.
 
 The optimizer's moments carry their parameter's PartitionSpec (``nnx.Optimizer``
 copies the metadata), so they are split exactly as the parameters are; the
@@ -58,11 +59,12 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def create_optimizer(model: nnx.Module, train: TrainConfig, mesh: Mesh) -> nnx.Optimizer:
-    """AdamW for ``model``'s parameters, its state on ``mesh`` sharded like them."""
-    optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
+def create_optimizer(model: nnx.Module, tx: optax.GradientTransformation) -> nnx.Optimizer:
+    """Any optax transformation ``tx`` (AdamW: ``make_optimizer``) over ``model``'s
+    parameters, its state on ``model.mesh`` sharded like them."""
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     state = nnx.state(optimizer)  # step counts start on one device: put them on the mesh, replicated
-    nnx.update(optimizer, jax.device_put(state, param_shardings(state, mesh)))
+    nnx.update(optimizer, jax.device_put(state, param_shardings(state, model.mesh)))
     return optimizer
 
 
@@ -72,4 +74,4 @@ def create_model_and_optimizer(
     """A sharded model (initialised from ``train.seed``, identically for any mesh)
     and its optimizer; parameters split over "data" too with ``train.shard_optimizer``."""
     model = create_model(model_config, mesh, seed=train.seed, shard_over_data=train.shard_optimizer)
-    return model, create_optimizer(model, train, mesh)
+    return model, create_optimizer(model, make_optimizer(train))
