@@ -43,6 +43,7 @@ _PUBLIC: dict[str, str] = {
     "scan_blocks": "lite_tp_jax.models.stack",
     "create_optimizer": "lite_tp_jax.run.optimizer",
     "TrainStep": "lite_tp_jax.train.step",
+    "plan": "lite_tp_jax.analysis.model_plan",
     "ModelConfig": "lite_tp_jax.models.config",
     "Transformer": "lite_tp_jax.models.transformer",
     "from_pretrained": "lite_tp_jax.interop.hf",
@@ -74,6 +75,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from lite_tp_jax.layers.linear import ColumnParallelLinear, RowParallelLinear
     from lite_tp_jax.layers.mlp import ParallelMLP
     from lite_tp_jax.layers.moe import MoEMLP
+    from lite_tp_jax.analysis.model_plan import plan
     from lite_tp_jax.layers.positions import LearnedPositions
     from lite_tp_jax.models.stack import scan_blocks, stack_blocks
     from lite_tp_jax.parallel.region import ROWS, STATISTIC, batch_mean, batch_sum, enter_region, features, region

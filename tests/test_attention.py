@@ -32,9 +32,9 @@ def rope_reference(x, theta):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-@partial(jax.jit, static_argnames="rope_theta")  # one compilation per case, shared by its TP degrees
-def attention_reference(weights, x, rope_theta=None):
-    """Causal (grouped-query) self-attention of x [B, S, F]; head counts read from the weights."""
+@partial(jax.jit, static_argnames=("rope_theta", "causal"))  # one compilation per case, shared by its TP degrees
+def attention_reference(weights, x, rope_theta=None, causal=True):
+    """Causal (or bidirectional) grouped-query self-attention of x [B, S, F]; head counts read from the weights."""
     num_heads, head_dim = weights["query.kernel"].shape[1:]
     num_kv_heads = weights["key.kernel"].shape[1]
 
@@ -49,7 +49,8 @@ def attention_reference(weights, x, rope_theta=None):
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
     seq = x.shape[1]
-    scores = jnp.where(np.tril(np.ones((seq, seq), bool)), scores, -jnp.inf)
+    if causal:
+        scores = jnp.where(np.tril(np.ones((seq, seq), bool)), scores, -jnp.inf)
     o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
     y = jnp.einsum("bqhd,hdf->bqf", o, weights["out.kernel"])
     return y + weights["out.bias"] if "out.bias" in weights else y
@@ -96,6 +97,8 @@ CASES = [
         dict(num_heads=6, num_kv_heads=3, head_dim=D, use_bias=True, rope_theta=THETA, sequence_parallel=True),
         (2, 4),
     ),
+    # Bidirectional (an encoder's), the reference kernel, TP 3 with kv replicated.
+    ("bidirectional", dict(num_heads=6, num_kv_heads=2, head_dim=D, causal=False, kernel="reference"), (3,)),
 ]
 
 
@@ -108,7 +111,8 @@ def test_matches_reference(kwargs, tp):
     features = kwargs.pop("features", F)
     layer = randomize(ParallelAttention(features, mesh=tp_mesh(tp), rngs=nnx.Rngs(0), **kwargs))
     x = np.random.default_rng(1).standard_normal((B, S, features)).astype(np.float32)
-    assert_matches_reference(layer, partial(attention_reference, rope_theta=kwargs.get("rope_theta")), x)
+    reference = partial(attention_reference, rope_theta=kwargs.get("rope_theta"), causal=kwargs.get("causal", True))
+    assert_matches_reference(layer, reference, x)
 
 
 def logical_slice(variable):

@@ -89,7 +89,6 @@ def test_override_replicates_kv_heads_and_keeps_the_math(tokens, reference):
     "overrides, message",
     [
         ({"mlp.up": "diagonal"}, "unknown strategy 'diagonal'; choose one of column, row, vocab"),
-        ({"mlp.upp": "column"}, "partition rule 'mlp.upp' matches no role"),
         ({"mlp.up": "row"}, "'mlp.up' cannot be 'row'; its layer supports column"),
     ],
 )
@@ -103,3 +102,28 @@ def test_config_names_the_key_of_a_bad_override():
         parse_config({"model": {"partition_rules": {"mlp.up": "row"}}})
     config = parse_config({}, ["model.partition_rules={attention.key: replicated, attention.value: replicated}"])
     assert dict(config.model.partition_rules) == {"attention.key": "replicated", "attention.value": "replicated"}
+
+
+def test_a_decoder_config_refuses_a_pattern_that_matches_no_role():
+    with pytest.raises(ConfigError, match=r"partition rule 'mlp\.upp' matches no role"):
+        parse_config({"model": {"partition_rules": {"mlp.upp": "column"}}})
+
+
+def test_user_roles_take_their_layers_strategy_and_overrides_are_checked_against_it():
+    """A user's role no rule matches takes the strategy its layer is written for;
+    an override may name it (kv heads replicated), and one its layer cannot
+    take is one sentence naming the role, the strategy and what it supports."""
+    from lite_tp_jax import ColumnParallelLinear, ParallelAttention
+    from lite_tp_jax.sharding.table import RuleError
+
+    mesh = tp_mesh(2)
+    patch = ColumnParallelLinear(8, 6, role="vit.patch", mesh=mesh, rngs=nnx.Rngs(0))
+    assert patch.kernel.get_metadata()["strategy"] == "column"
+    rules = PartitionRules({"enc.*.key": "replicated", "enc.*.value": "replicated", "vit.*": "row"})
+    attention = ParallelAttention(8, 2, role="enc.attention", mesh=mesh, rules=rules, rngs=nnx.Rngs(0))
+    assert attention.key.kernel.get_metadata()["strategy"] == "replicated" and not attention.kv_sharded
+    assert attention.query.kernel.get_metadata()["out_sharding"] == (None, "tensor", None)
+    with pytest.raises(RuleError, match=r"^partition rule 'vit\.\*': 'vit\.patch' cannot be 'row'; its layer supports column"):
+        ColumnParallelLinear(8, 6, role="vit.patch", mesh=mesh, rules=rules, rngs=nnx.Rngs(0))
+    with pytest.raises(RuleError, match=r"^no partition rule matches role 'mine'; add \{'mine': strategy\} to partition_rules"):
+        MEGATRON.param("mine", nnx.initializers.zeros_init(), jax.random.key(0), (4,), (None,), mesh)

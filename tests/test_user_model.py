@@ -5,8 +5,6 @@ same model's on one device, at data 2 x tensor 4, tensor 3 (uneven: heads,
 ffn, vocab and classes are padded, the padding NaN) and tensor 2 with sequence
 parallelism; the encoder's step has exactly the decoder's per-block collectives."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,7 +134,7 @@ def poison_padding(model) -> int:
 
 
 def train(name, mesh, sequence_parallel=False):
-    """Losses, logical gradients per step, and the step of 3 SGD steps of model ``name`` on ``mesh``."""
+    """Losses, logical gradients per step, the step and its last batch: 3 SGD steps of model ``name`` on ``mesh``."""
     make, batch_of = MODELS[name]
     model = make(mesh, sequence_parallel, rngs=nnx.Rngs(0))
     padded = poison_padding(model)
@@ -145,11 +143,28 @@ def train(name, mesh, sequence_parallel=False):
     rng = np.random.default_rng(0)
     losses, grads = [], []
     for _ in range(STEPS):
-        metrics = step(batch_of(rng))
+        batch = batch_of(rng)
+        metrics = step(batch)
         losses.append(float(metrics["loss"]))
         grads.append(tp.export_state(optimizer.opt_state["grads"]))
         assert np.isfinite(float(metrics["grad_norm"]))
-    return np.array(losses), grads, step, padded
+    return np.array(losses), grads, (step, batch), padded
+
+
+MESHES = {
+    "data2-tensor4": (lambda: tp.make_mesh(data=2, tensor=4), False),
+    "tensor3": (lambda: tp_mesh(3), False),
+    "tensor2-sp": (lambda: tp_mesh(2), True),
+}
+_RUNS: dict = {}
+
+
+def trained(name: str, mesh_name: str):
+    """``train`` of ``name`` on ``MESHES[mesh_name]``, once per test process."""
+    if (name, mesh_name) not in _RUNS:
+        make_mesh, sequence_parallel = MESHES[mesh_name]
+        _RUNS[name, mesh_name] = train(name, make_mesh(), sequence_parallel)
+    return _RUNS[name, mesh_name]
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -158,18 +173,10 @@ def one_device(request):
     return request.param, losses, grads
 
 
-MESHES = {
-    "data2-tensor4": (lambda: tp.make_mesh(data=2, tensor=4), False),
-    "tensor3": (lambda: tp_mesh(3), False),
-    "tensor2-sp": (lambda: tp_mesh(2), True),
-}
-
-
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_user_model_trains_like_one_device(one_device, mesh_name):
     name, expected_losses, expected_grads = one_device
-    make_mesh, sequence_parallel = MESHES[mesh_name]
-    losses, grads, _, padded = train(name, make_mesh(), sequence_parallel)
+    losses, grads, _, padded = trained(name, mesh_name)
     if mesh_name == "tensor3":  # heads stay whole (6), ffn (40), vocab (37) and classes (10) are padded
         assert padded > 0
     assert max_relative_error(losses, expected_losses) <= 1e-5, (losses, expected_losses)
@@ -180,47 +187,51 @@ def test_user_model_trains_like_one_device(one_device, mesh_name):
             assert np.abs(want[key]).max() > 0, (step, key)  # every parameter learns
 
 
-def per_block(step, batch) -> list:
-    """(kind, shape) of the collectives the step runs once per block (in the layer scan);
-    and no reshard anywhere in the step (all-to-all, collective-permute)."""
+@pytest.mark.parametrize("mesh_name", ["data2-tensor4", "tensor2-sp"])
+def test_encoder_step_has_the_decoders_per_block_collectives(mesh_name):
+    """The encoder's training step, per block: the decoder's collectives of
+    [rows, seq, dim] activations (tests/test_model.py, test_remat.py): 2
+    all-reduces per direction, or with sequence parallelism all-gathers and
+    reduce-scatters (the backward regathering, as Megatron does); nothing
+    else, and no reshard anywhere in the step."""
+    step, batch = trained("encoder", mesh_name)[2]
     text = step.lower(batch).compile().as_text()
-    assert not {c.kind for c, _ in collectives_per_step(text)} & {"all-to-all", "collective-permute"}
-    return sorted((c.kind, c.shape) for c, runs in collectives_per_step(text) for _ in range(runs // DEPTH) if runs >= DEPTH)
-
-
-@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
-def test_encoder_step_has_the_decoders_per_block_collectives(sequence_parallel):
-    """The encoder's training step at tensor 2: per block and step, the decoder's
-    collectives of [rows, seq, dim] activations (2 all-reduces per direction; with
-    sequence parallelism all-gathers and reduce-scatters, the backward regathering
-    as Megatron does), and nothing else: no boundary reshards between layers."""
-    from lite_tp_jax.models.config import ModelConfig
-    from lite_tp_jax.run.config import TrainConfig
-    from lite_tp_jax.run.optimizer import create_model_and_optimizer
-    from lite_tp_jax.train.decoder_step import decoder_step
-
-    mesh = tp_mesh(2)
-    encoder = Encoder(mesh, sequence_parallel, rngs=nnx.Rngs(0))
-    step = tp.TrainStep(encoder, tp.create_optimizer(encoder, optax.sgd(LR)), lambda model, batch: model.loss(batch))
-    ours = per_block(step, encoder_batch(np.random.default_rng(0)))
-
-    config = ModelConfig(
-        vocab_size=VOCAB, hidden_size=DIM, num_layers=DEPTH, num_heads=HEADS, ffn_hidden_size=FFN,
-        norm="layer", activation="gelu", position="learned", max_positions=SEQ, sequence_parallel=sequence_parallel,
-    )
-    train_config = dataclasses.replace(TrainConfig(), global_batch=ROWS, seq_len=SEQ, steps=1, warmup_steps=0)
-    decoder = decoder_step(*create_model_and_optimizer(config, train_config, mesh), train_config)
-    tokens = jnp.zeros((ROWS, SEQ), jnp.int32)
-    theirs = per_block(decoder, (tokens, tokens))
-
-    assert ours == theirs
-    full, shard = (ROWS, SEQ, DIM), (ROWS, SEQ // 2, DIM)
-    if sequence_parallel:  # 2 gathers forward, 2 again in the backward (Megatron's choice), 2 for the scatters'
-        # backward; 2 reduce-scatters each way; the LayerNorms' scale and bias gradients summed over shards
+    found = collectives_per_step(text)
+    assert not {c.kind for c, _ in found} & {"all-to-all", "collective-permute"}
+    ours = sorted((c.kind, c.shape) for c, runs in found for _ in range(runs // DEPTH) if runs >= DEPTH)
+    if mesh_name == "tensor2-sp":  # 2 gathers forward, 2 again in the backward, 2 for the scatters' backward;
+        # 2 reduce-scatters each way; the LayerNorms' scale and bias gradients summed over sequence shards
+        full, shard = (ROWS, SEQ, DIM), (ROWS, SEQ // 2, DIM)
         expected = [("all-gather", full)] * 6 + [("all-reduce", (DIM,))] * 4 + [("reduce-scatter", shard)] * 4
-    else:  # 2 forward, 2 backward
-        expected = [("all-reduce", full)] * 4
+    else:  # 2 forward, 2 backward, over "tensor", of this data rank's rows
+        expected = [("all-reduce", (ROWS // 2, SEQ, DIM))] * 4
     assert ours == expected
+
+
+def test_plan_counts_parameter_bytes_and_the_steps_collectives():
+    """``tp.plan`` on a user model: the bytes per device are those each device holds
+    (its addressable shards, measured), and the collectives are the compiled
+    step's, with the mesh axes they span: per block and direction two all-reduces
+    over "tensor" of this data rank's activations."""
+    mesh = tp.make_mesh(data=2, tensor=4)
+    encoder = Encoder(mesh, rngs=nnx.Rngs(0))
+    plan = tp.plan(encoder, lambda model, batch: model.loss(batch), encoder_batch(np.random.default_rng(0)))
+    device = mesh.devices.flat[5]
+    held = sum(
+        shard.data.nbytes for variable in flat_variables(encoder).values()
+        for shard in variable[...].addressable_shards if shard.device == device
+    )
+    assert plan.parameter_bytes_per_device == held
+    by_kind = {(c.kind, c.shape, c.axes): c.runs for c in plan.collectives}
+    assert by_kind[("all-reduce", (ROWS // 2, SEQ, DIM), ("tensor",))] >= 4 * DEPTH
+    assert {axes for _, _, axes in by_kind} <= {("data",), ("tensor",), ("data", "tensor")}
+    assert "blocks.attention.query.kernel" in str(plan)
+
+
+class NoMesh(nnx.Module):
+    @tp.region()
+    def loss(self, batch):
+        return batch.sum(), {}
 
 
 def test_region_refuses_rows_that_do_not_split():
@@ -228,3 +239,24 @@ def test_region_refuses_rows_that_do_not_split():
     batch = {key: value[:3] for key, value in encoder_batch(np.random.default_rng(0)).items()}
     with pytest.raises(tp.BadInput, match=r"Encoder: batch size 3 must be divisible by the batch axes' ranks \(data 2 = 2\)"):
         encoder.loss(batch)
+    with pytest.raises(tp.BadInput, match=r"NoMesh has no mesh: a model entering a region keeps its mesh as self\.mesh"):
+        NoMesh().loss(np.zeros((2, 2)))
+
+
+BAD_STEPS = [
+    ("rows", dict(), {"tokens": np.zeros((3, SEQ), np.int32)},
+     r"every batch array needs rows on dim 0 divisible by data x expert x grad_accum = 2; got shape \(3, 8\)"),
+    ("scalar", dict(), {"scale": np.float32(1.0)}, r"every batch array needs rows on dim 0 .* got shape \(\)"),
+    ("accumulation", dict(grad_accum=2), {"tokens": np.zeros((2, SEQ), np.int32)},
+     r"divisible by data x expert x grad_accum = 4; got shape \(2, 8\)"),
+    ("policy", dict(on_nonfinite="ignore"), None, r"on_nonfinite must be 'stop' or 'skip', got 'ignore'"),
+    ("grad_accum", dict(grad_accum=0), None, r"grad_accum must be a positive integer, got 0"),
+]
+
+
+@pytest.mark.parametrize("options, batch, message", [case[1:] for case in BAD_STEPS], ids=[case[0] for case in BAD_STEPS])
+def test_bad_step_input_is_one_sentence(options, batch, message):
+    model = Encoder(tp.make_mesh(data=2, tensor=4), rngs=nnx.Rngs(0))
+    optimizer = tp.create_optimizer(model, optax.sgd(LR))
+    with pytest.raises(tp.BadInput, match=message):
+        tp.TrainStep(model, optimizer, lambda model, batch: model.loss(batch), **options)(batch)

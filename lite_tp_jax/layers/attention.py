@@ -144,16 +144,19 @@ def _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta) -> Non
     check_heads(num_heads, num_kv_heads, features, head_dim, rope=rope_theta is not None)
 
 
+_KV_SUPPORTS = ("column", "replicated")
+
+
 def _kv_layout(rules: PartitionRules, role: str, num_heads: int, num_kv_heads: int, tp: int) -> tuple[bool, int, int]:
     """``(kv_sharded, padded kv heads, padded query heads)``. kv heads are split
     whole over "tensor" with their query groups (padded in whole groups), or
     replicated when there are fewer of them than ranks (or the rules say so),
     and then only the query heads are split (padded alone)."""
-    kv_strategy = rules.strategy(f"{role}.key")
-    if kv_strategy != rules.strategy(f"{role}.value"):
+    kv_strategy = rules.strategy(f"{role}.key", _KV_SUPPORTS)
+    if kv_strategy != rules.strategy(f"{role}.value", _KV_SUPPORTS):
         raise ValueError(
             f"ParallelAttention needs one strategy for {role}.key and {role}.value, got "
-            f"{kv_strategy!r} and {rules.strategy(f'{role}.value')!r}; set both in partition_rules."
+            f"{kv_strategy!r} and {rules.strategy(f'{role}.value', _KV_SUPPORTS)!r}; set both in partition_rules."
         )
     if kv_strategy == "column" and num_kv_heads >= tp:
         kv_padded = padded_size(num_kv_heads, tp)
@@ -164,7 +167,8 @@ def _kv_layout(rules: PartitionRules, role: str, num_heads: int, num_kv_heads: i
 def _projection(name, heads, padded_heads, *, rules, role, mesh, dtype, rngs, use_bias, features, head_dim, strategy=None):
     """The ``[features, heads, head_dim]`` kernel (and ``[heads, head_dim]`` bias) of
     one of q, k, v, split over "tensor" on the heads (padded to ``padded_heads``)."""
-    param = partial(rules.param, f"{role}.{name}", mesh=mesh, dtype=dtype, strategy=strategy)
+    supports = ("column",) if name == "query" else _KV_SUPPORTS
+    param = partial(rules.param, f"{role}.{name}", mesh=mesh, dtype=dtype, strategy=strategy, supports=supports)
     kernel = param(
         _projection_kernel_init, rngs.params(), (features, heads, head_dim), ("in", "out", None),
         padded_shape=(features, padded_heads, head_dim),
@@ -231,14 +235,16 @@ class ParallelAttention(ParallelLayer):
         self.value = projection("value", num_kv_heads, kv_padded, strategy=kv_override)
         # Qwen3: an RMSNorm over head_dim of every query and key head, its scale shared by the heads.
         self.qk_norm_eps = qk_norm_eps
-        norm_scale = partial(rules.param, mesh=mesh, dtype=param_dtype, init=nnx.initializers.ones_init())
+        norm_scale = partial(
+            rules.param, mesh=mesh, dtype=param_dtype, init=nnx.initializers.ones_init(), supports=("replicated",)
+        )
         self.query_norm, self.key_norm = (
             (_Norm(norm_scale(f"{role}.{name}_norm", key=rngs.params(), shape=(self.head_dim,), dims=(None,)))
              for name in ("query", "key"))
             if qk_norm_eps is not None
             else (None, None)
         )
-        out = partial(rules.param, f"{role}.out", mesh=mesh, dtype=param_dtype)
+        out = partial(rules.param, f"{role}.out", mesh=mesh, dtype=param_dtype, supports=("row",))
         self.out = _Projection(
             out(
                 _out_kernel_init, rngs.params(), (num_heads, self.head_dim, features), ("in", None, "out"),

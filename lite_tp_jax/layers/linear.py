@@ -77,7 +77,7 @@ class ColumnParallelLinear(ParallelLayer):
         self.mesh = mesh
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
-        param = partial(rules.param, role, mesh=mesh, dtype=param_dtype)
+        param = partial(rules.param, role, mesh=mesh, dtype=param_dtype, supports=("column",))
         self.kernel = param(kernel_init, rngs.params(), (in_features, out_features), ("in", "out"))
         self.bias = param(bias_init, rngs.params(), (out_features,), ("out",)) if use_bias else None
 
@@ -136,7 +136,7 @@ class RowParallelLinear(ParallelLayer):
         self.mesh = mesh
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
-        param = partial(rules.param, role, mesh=mesh, dtype=param_dtype)
+        param = partial(rules.param, role, mesh=mesh, dtype=param_dtype, supports=("row",))
         self.kernel = param(kernel_init, rngs.params(), (in_features, out_features), ("in", "out"))
         self.in_padded = self.kernel.shape[0]
         self.bias = param(bias_init, rngs.params(), (out_features,), ("out",)) if use_bias else None

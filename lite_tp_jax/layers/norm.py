@@ -44,7 +44,9 @@ class RMSNorm(ParallelLayer):
         check_positive_int("RMSNorm", features=features)
         self.mesh, self.features, self.eps = mesh, features, eps
         self.sequence_parallel = sequence_parallel
-        self.scale = rules.param(role, ones_init, rngs.params(), (features,), (None,), mesh, dtype=param_dtype)
+        self.scale = rules.param(
+            role, ones_init, rngs.params(), (features,), (None,), mesh, dtype=param_dtype, supports=("replicated",)
+        )
 
     def layout(self, x: jax.Array) -> Layout:
         placement = sequence_or_replicated(self.sequence_parallel)
@@ -82,7 +84,9 @@ class LayerNorm(RMSNorm):
             features, mesh=mesh, eps=eps, sequence_parallel=sequence_parallel, param_dtype=param_dtype,
             role=role, rules=rules, rngs=rngs,
         )
-        self.bias = rules.param(role, zeros_init, rngs.params(), (features,), (None,), mesh, dtype=param_dtype)
+        self.bias = rules.param(
+            role, zeros_init, rngs.params(), (features,), (None,), mesh, dtype=param_dtype, supports=("replicated",)
+        )
 
     def local(self, x: jax.Array) -> jax.Array:
         scale, bias = self.scale[...], self.bias[...]

@@ -45,7 +45,8 @@ class LearnedPositions(ParallelLayer):
         self.mesh, self.max_positions, self.features = mesh, max_positions, features
         self.sequence_parallel = sequence_parallel
         self.embedding = rules.param(
-            role, _position_init, rngs.params(), (max_positions, features), (None, None), mesh, dtype=param_dtype
+            role, _position_init, rngs.params(), (max_positions, features), (None, None), mesh, dtype=param_dtype,
+            supports=("replicated",),
         )
 
     def layout(self, x: jax.Array) -> Layout:

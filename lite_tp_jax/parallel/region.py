@@ -312,7 +312,7 @@ def batch_mean(x: jax.Array) -> jax.Array:
 
 
 def _is_array(x: Any) -> bool:
-    return isinstance(x, jax.Array) or hasattr(x, "__array__") and hasattr(x, "shape")
+    return isinstance(x, jax.Array) or (hasattr(x, "__array__") and hasattr(x, "shape"))
 
 
 def _output_spec(placement: Placement, rows: tuple[str, ...]) -> P:
@@ -333,7 +333,9 @@ def enter_region(module: nnx.Module, fn: Callable[..., Any], *args: Any, output:
     their shards; those replicated over the batch axes get their gradients
     summed over them once (``run_in_region``).
     """
-    mesh = module.mesh
+    mesh = getattr(module, "mesh", None)
+    if not isinstance(mesh, Mesh):
+        raise BadInput(f"{type(module).__name__} has no mesh: a model entering a region keeps its mesh as self.mesh.")
     rows = model_row_axes(mesh)
     ranks = math.prod(mesh.shape[axis] for axis in rows)
     leaves, structure = jax.tree.flatten(args)

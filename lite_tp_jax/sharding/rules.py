@@ -65,14 +65,15 @@ class PartitionRules:
     shard_over_data: bool = False
 
     def __post_init__(self):
-        check_overrides(self.overrides)
+        check_overrides(self.overrides, builtin_only=False)  # user models name roles of their own
 
     @property
     def rules(self) -> tuple[tuple[str, str], ...]:
         return (*self.overrides.items(), *MEGATRON_RULES)
 
-    def strategy(self, role: str) -> str:
-        return strategy_of(role, self.overrides)
+    def strategy(self, role: str, supports: tuple[str, ...] = ()) -> str:
+        """``role``'s strategy (``table.strategy_of``); ``supports``: those its layer is written for."""
+        return strategy_of(role, self.overrides, supports)
 
     def split_axes(self, strategy: str, dim: str, mesh: Mesh) -> tuple[str, ...]:
         """The mesh axes that dim role ``dim`` is split over under ``strategy``."""
@@ -95,6 +96,7 @@ class PartitionRules:
         padded_shape: Sequence[int] | None = None,
         dtype: Any = jnp.float32,
         strategy: str | None = None,
+        supports: tuple[str, ...] = (),
     ) -> nnx.Param:
         """An ``nnx.Param`` of logical ``shape``, stored padded and sharded by the table.
 
@@ -105,10 +107,12 @@ class PartitionRules:
         spec), ``role``, ``strategy``, ``logical_shape``, ``mesh`` and
         ``data_dim`` (the dim split over "data" with ``shard_over_data``).
         ``strategy`` replaces the table's where the math forces it (k/v
-        replicated when there are fewer kv heads than TP ranks).
+        replicated when there are fewer kv heads than TP ranks). ``supports``:
+        the strategies the layer's math is written for, the first its own (a
+        role no rule matches takes it; a rule giving another is a RuleError).
         """
         shape = tuple(int(s) for s in shape)
-        strategy = strategy or self.strategy(role)
+        strategy = strategy or self.strategy(role, supports)
         spec = tuple(self.spec(strategy, dims, mesh))
         if padded_shape is None:
             padded_shape = tuple(

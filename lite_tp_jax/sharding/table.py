@@ -30,8 +30,14 @@ with the outputs, a row bias is replicated and added once after the reduction.
 
 Overrides (``model.partition_rules`` in a config, ``{role pattern: strategy}``)
 take precedence over the defaults. A layer supports only the strategies its
-math is written for (``SUPPORTED``); ``check_overrides`` refuses anything else
-in one sentence. ``rules.PartitionRules`` applies the table to parameters.
+math is written for (``SUPPORTED`` for the built-in roles; each layer states
+its own when it creates a parameter, ``PartitionRules.param``'s ``supports``);
+``check_overrides`` refuses anything else in one sentence.
+
+A user's model names its own roles (``ColumnParallelLinear(..., role="patch")``):
+a role no rule matches takes the strategy its layer is written for, and an
+override pattern may name such roles (``{"vit.*.key": "replicated"}``); it is
+checked against the layer when the parameter is created. ``rules.PartitionRules`` applies the table to parameters.
 No jax here: configs are checked against the table before jax starts.
 """
 
@@ -98,9 +104,10 @@ def default_strategy(role: str) -> str:
     return next(s for pattern, s in MEGATRON_RULES if fnmatch.fnmatchcase(role, pattern))
 
 
-def check_overrides(overrides: Mapping[str, str]) -> None:
-    """RuleError for an unknown strategy, a pattern that matches no role, or a
-    strategy a matched role's layer does not support."""
+def check_overrides(overrides: Mapping[str, str], *, builtin_only: bool = True) -> None:
+    """RuleError for an unknown strategy, a pattern that matches no built-in role
+    (with ``builtin_only``: a config of the decoder), or a strategy a matched
+    built-in role's layer does not support."""
     for pattern, strategy in overrides.items():
         if strategy not in STRATEGIES:
             raise RuleError(
@@ -108,7 +115,7 @@ def check_overrides(overrides: Mapping[str, str]) -> None:
                 f"choose one of {', '.join(STRATEGIES)}."
             )
         roles = [role for role, _ in MEGATRON_RULES if fnmatch.fnmatchcase(role, pattern)]
-        if not roles:
+        if not roles and builtin_only:
             raise RuleError(
                 f"partition rule {pattern!r} matches no role; roles are "
                 f"{', '.join(role for role, _ in MEGATRON_RULES)}."
@@ -122,9 +129,18 @@ def check_overrides(overrides: Mapping[str, str]) -> None:
                 )
 
 
-def strategy_of(role: str, overrides: Mapping[str, str]) -> str:
-    """The strategy of ``role``: the first matching override, else Megatron's default."""
+def strategy_of(role: str, overrides: Mapping[str, str], supports: tuple[str, ...] = ()) -> str:
+    """The strategy of ``role``: the first matching override, else Megatron's
+    default, else the first of ``supports`` (what its layer is written for).
+    RuleError where the rule gives one ``supports`` does not list."""
     for pattern, strategy in (*overrides.items(), *MEGATRON_RULES):
         if fnmatch.fnmatchcase(role, pattern):
+            if supports and strategy not in supports:
+                raise RuleError(
+                    f"partition rule {pattern!r}: {role!r} cannot be {strategy!r}; "
+                    f"its layer supports {', '.join(supports)} (rename the role or add an override)."
+                )
             return strategy
-    raise KeyError(f"no partition rule matches role {role!r}; add one to MEGATRON_RULES.")
+    if supports:
+        return supports[0]
+    raise RuleError(f"no partition rule matches role {role!r}; add {{{role!r}: strategy}} to partition_rules.")

@@ -163,10 +163,10 @@ class TrainStep:
     def _check(self, batch: Any) -> None:
         ranks = math.prod(self.mesh.shape[axis] for axis in BATCH_AXES) * self.grad_accum
         for leaf in jax.tree.leaves(batch):
-            if not jnp.ndim(leaf) or leaf.shape[0] % ranks:
+            if not leaf.shape or leaf.shape[0] % ranks:
                 raise BadInput(
                     f"every batch array needs rows on dim 0 divisible by data x expert x grad_accum = {ranks}; "
-                    f"got shape {tuple(jnp.shape(leaf))}."
+                    f"got shape {tuple(leaf.shape)}."
                 )
 
     def lower(self, batch: Any):
