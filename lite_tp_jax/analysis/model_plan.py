@@ -1,29 +1,26 @@
-"""``plan(model, loss_fn, batch)``: where each parameter of any model built from
-the layers lives, and what one training step of it communicates.
+"""``plan(step, batch)``: where each parameter of any model built from the
+layers lives, and what one training step of it communicates.
 
 Parameters: each one's logical shape, the spec it carries (``out_sharding``,
 from the rule table) and its bytes per device, from its stored (padded) shape
 divided over the axes that split it; exact, and the same on every device. The
-collectives: those of the compiled ``TrainStep`` of ``loss_fn`` on ``batch``
-(``hlo.collectives_per_step``: per device, as often as one step runs them;
-the mesh axes each spans). ``lite-tp plan`` predicts the decoder's with
-formulas (``planner.py``); for a user's model the compiled step is the source.
+collectives: those of the ``TrainStep`` compiled for ``batch`` (a step already
+run on such batches is not compiled again; ``hlo.collectives_per_step``: per
+device, as often as one step runs them, and the mesh axes each spans).
+``lite-tp plan`` predicts the decoder's with formulas (``planner.py``); for a
+user's model the compiled step is the source.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import jax
-import optax
 from flax import nnx
 
 from lite_tp_jax.core import hlo
 from lite_tp_jax.core.axes import entry_axes
-from lite_tp_jax.run.optimizer import create_optimizer
 from lite_tp_jax.sharding.state import flat_variables, logical_shape
 from lite_tp_jax.train.step import TrainStep
 
@@ -84,12 +81,10 @@ def _bytes_per_device(variable: nnx.Variable, mesh) -> int:
     return math.prod(variable.shape) // parts * variable.dtype.itemsize
 
 
-def plan(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], tuple], batch: Any) -> ModelPlan:
-    """The placement of ``model``'s parameters on ``model.mesh`` and the collectives
-    of one ``TrainStep(model, optimizer, loss_fn)`` on ``batch`` (arrays, or
-    ``jax.ShapeDtypeStruct``s), compiled but not run (SGD: the optimizer adds no
-    collective beyond the step's two scalar norms)."""
-    mesh = model.mesh
+def plan(step: TrainStep, batch: Any) -> ModelPlan:
+    """The placement of ``step.model``'s parameters on its mesh and the collectives
+    of one run of ``step`` on ``batch`` (arrays, or ``jax.ShapeDtypeStruct``s)."""
+    model, mesh = step.model, step.mesh
     parameters = [
         ParameterPlacement(
             name, logical_shape(variable),
@@ -97,7 +92,6 @@ def plan(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], tuple], batch: 
         )
         for name, variable in flat_variables(model).items()
     ]
-    step = TrainStep(model, create_optimizer(model, optax.sgd(0.0)), loss_fn)
     text = step.lower(batch).compile().as_text()
     counted: dict[tuple, int] = {}
     for collective, runs in hlo.collectives_per_step(text, mesh):
