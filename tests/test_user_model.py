@@ -156,50 +156,36 @@ MESHES = {
     "tensor3": (lambda: tp_mesh(3), False),
     "tensor2-sp": (lambda: tp_mesh(2), True),
 }
-_RUNS: dict = {}
 
 
-def trained(name: str, mesh_name: str):
-    """``train`` of ``name`` on ``MESHES[mesh_name]``, once per test process."""
-    if (name, mesh_name) not in _RUNS:
-        make_mesh, sequence_parallel = MESHES[mesh_name]
-        _RUNS[name, mesh_name] = train(name, make_mesh(), sequence_parallel)
-    return _RUNS[name, mesh_name]
+def check_trains_like_one_device(name: str) -> dict:
+    """Losses and every gradient of 3 steps at each of ``MESHES`` equal one device's
+    within 1e-5; returns each mesh's (step, last batch)."""
+    expected_losses, expected_grads, _, _ = train(name, tp_mesh(1))
+    steps = {}
+    for mesh_name, (make_mesh, sequence_parallel) in MESHES.items():
+        losses, grads, steps[mesh_name], padded = train(name, make_mesh(), sequence_parallel)
+        if mesh_name == "tensor3":  # heads stay whole (6), ffn (40), vocab (37) and classes (10) are padded
+            assert padded > 0
+        assert max_relative_error(losses, expected_losses) <= 1e-5, (mesh_name, losses, expected_losses)
+        for step, (got, want) in enumerate(zip(grads, expected_grads)):
+            assert got.keys() == want.keys()
+            for key in want:
+                assert max_relative_error(got[key], want[key]) <= 1e-5, (mesh_name, step, key)
+                assert np.abs(want[key]).max() > 0, (step, key)  # every parameter learns
+    return steps
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
-def one_device(request):
-    losses, grads, _, _ = train(request.param, tp_mesh(1))
-    return request.param, losses, grads
-
-
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_user_model_trains_like_one_device(one_device, mesh_name):
-    name, expected_losses, expected_grads = one_device
-    losses, grads, _, padded = trained(name, mesh_name)
-    if mesh_name == "tensor3":  # heads stay whole (6), ffn (40), vocab (37) and classes (10) are padded
-        assert padded > 0
-    assert max_relative_error(losses, expected_losses) <= 1e-5, (losses, expected_losses)
-    for step, (got, want) in enumerate(zip(grads, expected_grads)):
-        assert got.keys() == want.keys()
-        for key in want:
-            assert max_relative_error(got[key], want[key]) <= 1e-5, (step, key)
-            assert np.abs(want[key]).max() > 0, (step, key)  # every parameter learns
-
-
-@pytest.mark.parametrize("mesh_name", ["data2-tensor4", "tensor2-sp"])
-def test_encoder_step_has_the_decoders_per_block_collectives(mesh_name):
-    """The encoder's training step, per block: the decoder's collectives of
-    [rows, seq, dim] activations (tests/test_model.py, test_remat.py): 2
-    all-reduces per direction, or with sequence parallelism all-gathers and
-    reduce-scatters (the backward regathering, as Megatron does); nothing
-    else, and no reshard anywhere in the step."""
-    step, batch = trained("encoder", mesh_name)[2]
-    text = step.lower(batch).compile().as_text()
-    found = collectives_per_step(text)
+def check_per_block_collectives(step, batch, sequence_parallel: bool) -> None:
+    """Per block (the collectives in the layer scan): the decoder's collectives of
+    [rows, seq, dim] activations (tests/test_model.py, test_remat.py): 2 all-reduces
+    per direction, or with sequence parallelism all-gathers and reduce-scatters (the
+    backward regathering, as Megatron does); nothing else, and no reshard anywhere
+    in the step (all-to-all, collective-permute)."""
+    found = collectives_per_step(step.lower(batch).compile().as_text())
     assert not {c.kind for c, _ in found} & {"all-to-all", "collective-permute"}
     ours = sorted((c.kind, c.shape) for c, runs in found for _ in range(runs // DEPTH) if runs >= DEPTH)
-    if mesh_name == "tensor2-sp":  # 2 gathers forward, 2 again in the backward, 2 for the scatters' backward;
+    if sequence_parallel:  # 2 gathers forward, 2 again in the backward, 2 for the scatters' backward;
         # 2 reduce-scatters each way; the LayerNorms' scale and bias gradients summed over sequence shards
         full, shard = (ROWS, SEQ, DIM), (ROWS, SEQ // 2, DIM)
         expected = [("all-gather", full)] * 6 + [("all-reduce", (DIM,))] * 4 + [("reduce-scatter", shard)] * 4
@@ -208,17 +194,13 @@ def test_encoder_step_has_the_decoders_per_block_collectives(mesh_name):
     assert ours == expected
 
 
-def test_plan_counts_parameter_bytes_and_the_steps_collectives():
-    """``tp.plan`` on a user model: the bytes per device are those each device holds
-    (its addressable shards, measured), and the collectives are the compiled
-    step's, with the mesh axes they span: per block and direction two all-reduces
-    over "tensor" of this data rank's activations."""
-    step, batch = trained("encoder", "data2-tensor4")[2]
-    encoder, mesh = step.model, step.mesh
+def check_plan(step, batch) -> None:
+    """``tp.plan``: the bytes per device are those a device holds (its addressable
+    shards, measured); the collectives are the compiled step's, with their axes."""
     plan = tp.plan(step, batch)  # the step compiled for this batch already: no new compile
-    device = mesh.devices.flat[5]
+    device = step.mesh.devices.flat[5]
     held = sum(
-        shard.data.nbytes for variable in flat_variables(encoder).values()
+        shard.data.nbytes for variable in flat_variables(step.model).values()
         for shard in variable[...].addressable_shards if shard.device == device
     )
     assert plan.parameter_bytes_per_device == held
@@ -226,6 +208,20 @@ def test_plan_counts_parameter_bytes_and_the_steps_collectives():
     assert by_kind[("all-reduce", (ROWS // 2, SEQ, DIM), ("tensor",))] >= 4 * DEPTH
     assert {axes for _, _, axes in by_kind} <= {("data",), ("tensor",), ("data", "tensor")}
     assert "blocks.attention.query.kernel" in str(plan)
+
+
+def test_user_encoder_trains_like_one_device_and_communicates_like_the_decoder():
+    """The encoder at data 2 x tensor 4, tensor 3 and tensor 2 with sequence
+    parallelism (one test, so each program compiles once under xdist): equal to
+    one device; its steps' per-block collectives are the decoder's; tp.plan."""
+    steps = check_trains_like_one_device("encoder")
+    check_per_block_collectives(*steps["data2-tensor4"], sequence_parallel=False)
+    check_per_block_collectives(*steps["tensor2-sp"], sequence_parallel=True)
+    check_plan(*steps["data2-tensor4"])
+
+
+def test_user_vit_trains_like_one_device():
+    check_trains_like_one_device("vit")
 
 
 class NoMesh(nnx.Module):
