@@ -8,7 +8,8 @@ after the embedding (GPT-2), RoPE scaling (Llama 3). The blocks are
 ``blocks.py``; what they keep for the backward, ``remat.py``.
 
 One region, every axis in use manual. ``loss`` enters a single shard_map
-(``parallel/region.run_in_region``) in which every mesh axis of size > 1, and
+through the public ``@region`` (``parallel/region.py``, as a user's model
+does) in which every mesh axis of size > 1, and
 always "tensor", is manual, so every collective is one the code asks for:
 
 * "data" and "expert" split the batch rows. Parameters replicated over them

@@ -3,8 +3,9 @@
 Every layer is written once, as one rank's math on its shards (its ``local``
 method), with its collectives spelled out. That math runs inside a *region*: a
 ``jax.shard_map`` over the layer's mesh in which every mesh axis is manual, so
-every collective is one the code asks for. The model enters one region for all
-its layers (``models/transformer.py``). A layer called from ordinary jit code
+every collective is one the code asks for. A model (the decoder, or a user's
+own ``nnx.Module`` of the layers) enters one region for all its layers: a
+method marked ``@region`` (bottom of this file). A layer called from ordinary jit code
 enters one for itself: ``ParallelLayer.__call__`` hands the call to
 ``run_standalone`` with the ``Layout`` the layer declares (a ``Placement`` of
 each input and output over the mesh); no layer writes shard_map specs.
