@@ -182,6 +182,18 @@ def test_a_blown_up_run_reruns_with_a_lower_learning_rate_as_the_message_says(tm
     assert rows[1][3] == f"{lines(run, aside.name)[1]['loss']:.4f}"
     assert [r[0] for r in rows[2:]] == ["10", "12"] and all(r[4:] == ["intact", "no", "no"] for r in rows[2:])
 
+    # rollback instead: no checkpoint before the spike, so back to the initial state (drawn from the
+    # seed again), batches 0..2 skipped; at the same lr it spikes again and rollback.max=1 stops it
+    again = tmp_path / "again"
+    code, err = train(again, *command, "train.lr=1e4", "train.on_spike=rollback", "rollback.max=1")
+    assert code == 1 and "(train.on_spike=rollback, after 1 rollbacks (rollback.max))" in err, err
+    (rollback,) = events(again, "rollback")
+    assert (rollback["checkpoint"], rollback["skipped_batches"], rollback["set_aside"]) == (None, [0, 3], [2])
+    assert [e["step"] for e in events(again, "spike")] == [3, 3]
+    lineages = [lines(again, p.name) for p in sorted(again.glob("metrics.set-aside-*.jsonl"))]
+    restarted = [r for lineage in lineages for r in lineage if r["step"] == 1]
+    assert len(restarted) == 2 and abs(restarted[1]["loss"] - restarted[0]["loss"]) < 0.5  # fresh weights on batch 3 (the dead state: 5.545)
+
     err = io.StringIO()  # a step that is not there: one line, exit 2, before any model is built
     with contextlib.redirect_stderr(err):
         assert main(["generate", "--run-dir", str(run), "--step", "4", "--prompt", "x"]) == 2

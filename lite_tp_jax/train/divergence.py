@@ -186,6 +186,8 @@ def stop_message(spike: Spike, record: dict, config: Config, set_aside: list[int
         text += f"; checkpoint {resume_from} is intact: rerunning with a lower train.lr resumes from step {resume_from}"
     else:
         text += "; no checkpoint before it: rerunning with a lower train.lr starts afresh from step 0"
+    if rollbacks:
+        return f"{text}, or raise rollback.skip_batches (or rollback.max) to go further past the spike."
     hint = "train.on_nonfinite=rollback (or skip)" if spike.non_finite else "train.on_spike=rollback"
     return f"{text}, or set {hint} to go back past such spikes automatically."
 
