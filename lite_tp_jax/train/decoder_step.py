@@ -26,5 +26,6 @@ def decoder_step(model: Transformer, optimizer: nnx.Optimizer, train: TrainConfi
     return TrainStep(
         model, optimizer, loss_fn,
         grad_clip=train.grad_clip, grad_accum=train.grad_accum, deterministic=train.deterministic,
-        on_nonfinite=train.on_nonfinite, schedule=learning_rate_schedule(train),
+        # rollback (train/divergence.py) restores a checkpoint: the step itself behaves as under stop
+        on_nonfinite="skip" if train.on_nonfinite == "skip" else "stop", schedule=learning_rate_schedule(train),
     )
