@@ -215,6 +215,8 @@ CASES = [
     ("diverges-stop", None, None, ["train.lr=1e30", "checkpoint.every=1"], 1,
      "step 2: the update made parameters non-finite (loss ", ["checkpoints"]),
     ("diverges-skip", None, None, ["train.lr=1e30", "train.on_nonfinite=skip"], 0, "3 updates were skipped", []),
+    ("diverges-rollback", None, None, ["train.lr=1e30", "checkpoint.every=1", "train.on_nonfinite=rollback", "rollback.max=1"],
+     1, "step 2: the update made parameters non-finite (loss ", []),
 ]
 
 
@@ -262,7 +264,11 @@ def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchan
         assert snapshot(run, unchanged) == before
     elif code == 2:  # bad input on a fresh run directory writes nothing at all
         assert sorted(p.name for p in tmp_path.iterdir()) == listing
-    if code == 1:  # stopped at step 2: checkpoint 1 is the last, nothing non-finite saved or logged
+    if "train.on_nonfinite=rollback" in overrides:  # back to checkpoint 1, batch 1 skipped; at lr 1e30 again
+        assert "(train.on_nonfinite=rollback, after 1 rollbacks (rollback.max)); checkpoint 1 is intact" in err
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["checkpoint"], r["skipped_batches"]) for r in records if r.get("event") == "rollback"] == [(1, [1, 2])]
+    elif code == 1:  # stopped at step 2: checkpoint 1 is the last, nothing non-finite saved or logged
         assert "(train.on_nonfinite=stop); checkpoint 1 is intact" in err
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1"]
         assert [r["step"] for r in steps_of(run)] == [1]
