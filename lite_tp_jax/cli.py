@@ -19,13 +19,14 @@ Open MPI or ``JAX_COORDINATOR_ADDRESS`` on a cluster (docs/multi-host.md).
 
 Exit codes (``runtime.exit_codes.ExitCode``): 0 success; 2 bad input (a
 ``BadInput``: config, mesh, data, checkpoint, a run directory in use or not
-writable), one line on stderr and no traceback; 1 anything else, a bug or a
-failure at run time (a traceback; one line for a run stopped on a spike, a
-non-finite step or a loss spike, naming the step rerunning resumes from:
-``train/divergence.py``); 3 a device failed and no spare could take its
-place: one line saying why, restart from the last checkpoint; 130
-interrupted; 143 preempted by SIGTERM after saving a checkpoint (rerun to
-continue).
+writable, a folder that is not a run directory, a step or a KV cache beyond a
+device's memory, a full disk), one line on stderr and no traceback; 1 anything
+else, a bug or a failure at run time (a traceback); 3 a device failed and no
+spare could take its place: one line saying why, restart from the last
+checkpoint; 4 a run stopped on a non-finite step or a loss spike (one line
+naming the step a rerun resumes from: ``train/divergence.py``; ``launch
+--max-restarts`` never restarts it); 130 interrupted by Ctrl-C and 143
+preempted by SIGTERM, each after saving a checkpoint (rerun to continue).
 
 The commands that compute import jax and the model stack inside their bodies:
 ``launch`` is a supervisor that must stay light (no jax, flax or orbax), and
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import traceback
@@ -47,6 +49,7 @@ from lite_tp_jax.run.config import ConfigError
 from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.runtime.exit_codes import ExitCode
 from lite_tp_jax.runtime.restart import supervise
+from lite_tp_jax.runtime.run_dir import RunLock, check_run_dir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,13 +78,53 @@ def _positive_int(text: str) -> int:
 
 
 def _add_overrides(command: argparse.ArgumentParser) -> None:
+    command.add_argument("config", nargs="?", help="YAML config, e.g. configs/tiny.yaml")
     command.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                          help="override config values, e.g. --set mesh.tensor=4 model.sequence_parallel=true")
 
 
+def _config_argument(args) -> str:
+    """CONFIG, also where ``--set`` took it (``train --set a=b CONFIG``: a word without
+    '=' after --set's values is the config file, never an override)."""
+    words = [item for item in args.overrides if "=" not in item]
+    if args.config is None and len(words) == 1 and args.overrides[-1] == words[0]:
+        args.config, args.overrides = words[0], args.overrides[:-1]
+    if args.config is None:
+        raise ConfigError(f"lite-tp {args.command} needs a CONFIG file, e.g. lite-tp {args.command} configs/tiny.yaml")
+    return args.config
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _depths(text: str) -> list[int]:
+    try:
+        depths = [int(d) for d in text.split(",") if d.strip()]
+    except ValueError:
+        depths = [0]
+    if any(d < 1 for d in depths):
+        raise argparse.ArgumentTypeError(f"must be layer counts separated by commas, e.g. 2,8,32; got {text!r}")
+    return depths
+
+
+def _utf8(text: str) -> str:
+    """Text the terminal gave that encodes as UTF-8 (a stray byte arrives as a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text; check the terminal's encoding") from None
+    return text
+
+
 def _add_train(commands) -> None:
     train = commands.add_parser("train", help="train a model from a YAML config")
-    train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     _add_overrides(train)
     train.add_argument("--run-dir", default="runs/latest", help="where config, metrics and checkpoints go")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -103,7 +146,7 @@ def _add_generate(commands) -> None:
     generate.add_argument("--step", type=_non_negative_int, metavar="N",
                           help="with --run-dir: checkpoint N (set aside or not) instead of the latest")
     generate.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree for --hf")
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--prompt", required=True, type=_utf8)
     generate.add_argument("--max-new-tokens", type=int, default=200)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     generate.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
@@ -142,24 +185,23 @@ def _add_checkpoints(commands) -> None:
 
 def _add_plan(commands) -> None:
     plan = commands.add_parser("plan", help="memory and communication of a mesh, before running it")
-    plan.add_argument("config", help="YAML config, e.g. configs/llama-1b.yaml")
     _add_overrides(plan)
     plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
     plan.add_argument("--check", action="store_true",
                       help="also compile the training step (abstractly) and compare its collective bytes")
     plan.add_argument("--devices", type=_positive_int, help="rank every mesh of N devices")
-    plan.add_argument("--memory-gb", type=float,
+    plan.add_argument("--memory-gb", type=_positive_float,
                       help="memory per device in GB (10^9 bytes) for the ranking (default: the profile's)")
     plan.add_argument("--device-profile", choices=sorted(PROFILES), default="h100")
 
 
 def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="time a training step: lite_tp_jax vs GSPMD vs one device")
-    bench.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     _add_overrides(bench)
     bench.add_argument("--json", action="store_true", help="print JSON instead of tables")
     bench.add_argument("--steps", type=_positive_int, default=20, help="timed interleaved rounds (>= 2)")
-    bench.add_argument("--depths", default="2,8,32", help="layer counts for compile time vs depth ('' for none)")
+    bench.add_argument("--depths", type=_depths, default=[],
+                       help="also time compiling at these layer counts, e.g. 2,8,32 (default: none)")
     bench.add_argument("--out", help="also write the JSON (and a PNG plot beside it) to this path")
 
 
@@ -207,8 +249,37 @@ def _check_tensor(tensor: int) -> None:
 # --- the commands ---------------------------------------------------------------------
 
 
+def _check_step_fits(config) -> None:
+    """Before any work: PreflightError when the planner's memory for one training
+    step (parameters, gradients, optimizer state, activations) exceeds a device's.
+    One process only: the planner lays the model out on this process's devices."""
+    import jax
+
+    from lite_tp_jax.analysis import planner
+    from lite_tp_jax.runtime.devices import check_fits_memory
+
+    if jax.process_count() > 1:
+        return
+
+    planned = planner.plan(config, config.mesh.sizes())
+    parameters = planned["param_bytes_per_device"]  # and as many bytes of gradients
+    needed = 2 * parameters + planned["optimizer_bytes_per_device"] + planned["activation_bytes_per_device"]
+    check_fits_memory(needed, "a training step of this config (lite-tp plan shows the parts)",
+                      "lower train.seq_len or train.global_batch, set model.remat=full, or split over more devices")
+
+
+def _check_kernel(config) -> None:
+    """The attention kernel runs on this backend (jax has started)."""
+    import jax
+
+    from lite_tp_jax.models.fit import check_kernel_backend
+
+    check_kernel_backend(config.model, jax.default_backend())
+
+
 def _train(args) -> int:
-    config = load_config(args.config, args.overrides)
+    config = load_config(_config_argument(args), args.overrides)
+    check_run_dir(args.run_dir)
     peak_tflops = _parse_peak_tflops(args.peak_tflops)
     # Deferred: devices are chosen before jax starts, and the training stack loads jax.
     from lite_tp_jax.runtime.compile_cache import use_compile_cache
@@ -218,6 +289,8 @@ def _train(args) -> int:
     profile = parse_steps(args.profile, config.train.steps) if args.profile is not None else None
     prepare_devices(config.mesh.devices_needed(), deterministic=config.train.deterministic)
     use_compile_cache(config.compile.cache, config.compile.cache_dir)
+    _check_step_fits(config)
+    _check_kernel(config)
     from lite_tp_jax.run.checkpoint import NonFiniteError
     from lite_tp_jax.runtime.spares import DeviceLost
     from lite_tp_jax.train.loop import Trainer, is_primary
@@ -229,18 +302,19 @@ def _train(args) -> int:
         print(f"lite-tp: note: no MFU ({source})", file=sys.stderr)
     try:
         records = trainer.run(show_progress=not args.no_progress)
-    except NonFiniteError as error:  # stopped on a spike: one line, the step a rerun resumes from
+    except NonFiniteError as error:  # stopped on a non-finite step or a spike: one line; never restarted
         print(f"lite-tp: error: {error}", file=sys.stderr)
-        return ExitCode.FAILURE
+        return ExitCode.DIVERGED
     except DeviceLost as lost:
         print(f"lite-tp: {lost}", file=sys.stderr)
         return ExitCode.DEVICE_LOST
     if trainer.goodput_line is not None:  # process 0
         print(trainer.goodput_line)
     if trainer.preempted_at is not None:
-        print(f"lite-tp: preempted (SIGTERM): checkpoint {trainer.preempted_at} saved in {args.run_dir}; "
+        how = "interrupted (Ctrl-C)" if trainer.stopped_by == "SIGINT" else "preempted (SIGTERM)"
+        print(f"lite-tp: {how}: checkpoint {trainer.preempted_at} saved in {args.run_dir}; "
               f"rerun the same command to continue", file=sys.stderr)
-        return ExitCode.PREEMPTED
+        return ExitCode.INTERRUPTED if trainer.stopped_by == "SIGINT" else ExitCode.PREEMPTED
     if not is_primary():
         return ExitCode.OK
     if trainer.skipped_steps:
@@ -256,6 +330,8 @@ def _train(args) -> int:
 
 def _generate(args) -> int:
     # Every argument is checked before a model is loaded (and before jax starts).
+    if args.run_dir is not None:
+        check_run_dir(args.run_dir)
     if args.hf is not None:
         _check_tensor(args.tensor)
         if args.step is not None:
@@ -275,6 +351,7 @@ def _generate(args) -> int:
         prepare_devices(args.tensor)
     elif config is not None:
         prepare_devices(config.mesh.devices_needed(), deterministic=config.train.deterministic)
+        _check_kernel(config)
     else:
         start_cluster()
     cache = config.compile if config is not None else None
@@ -321,7 +398,9 @@ def _launch(args) -> int:
     if worker_args.command == "generate" and worker_args.run_dir is None:
         raise ConfigError("launch runs generate from a training run's --run-dir (not --hf)")
     run_dir = Path(worker_args.run_dir)
-    config = (load_config(worker_args.config, worker_args.overrides) if worker_args.command == "train"
+    check_run_dir(run_dir)
+    RunLock(run_dir).check_free()  # before any log is opened: a refused launch touches nothing of the running one
+    config = (load_config(_config_argument(worker_args), worker_args.overrides) if worker_args.command == "train"
               else load_config(run_dir / "config.yaml"))
     if config.mesh.spares:
         raise ConfigError(f"'mesh.spares' ({config.mesh.spares}) replaces devices within one process; "
@@ -346,6 +425,7 @@ def _convert(args) -> int:
 
     if args.from_hf is not None:
         _check_tensor(args.tensor)
+        check_run_dir(args.run_dir)
         provide_cpu_devices(args.tensor)
         from lite_tp_jax.interop.convert import hf_to_run_dir
 
@@ -372,7 +452,7 @@ def _checkpoints(args) -> int:
 
 
 def _plan(args) -> int:
-    config = load_config(args.config, args.overrides)
+    config = load_config(_config_argument(args), args.overrides)
     if args.devices is None and -1 in config.mesh.requested.values():
         raise BadInput("the config's mesh has an inferred axis (-1); give --devices N to fix its size")
     sizes = config.mesh.sizes(args.devices)
@@ -402,15 +482,15 @@ def _plan(args) -> int:
 
 
 def _bench(args) -> int:
-    config = load_config(args.config, args.overrides)
+    config = load_config(_config_argument(args), args.overrides)
     # Deferred: fake CPU devices before jax starts; the benchmark loads the training stack.
     from lite_tp_jax.runtime.devices import provide_cpu_devices
 
     provide_cpu_devices(config.mesh.devices_needed())
+    _check_kernel(config)
     from lite_tp_jax.analysis import bench
 
-    depths = [int(d) for d in args.depths.split(",") if d.strip()]
-    result = bench.run(config, steps=args.steps, depths=depths, config_name=args.config)
+    result = bench.run(config, steps=args.steps, depths=args.depths, config_name=args.config)
     print(bench.to_json(result) if args.json else bench.format_result(result))
     if args.out:
         bench.write(result, args.out)
@@ -421,8 +501,16 @@ COMMANDS = {"train": _train, "generate": _generate, "launch": _launch, "convert"
             "plan": _plan, "bench": _bench}
 
 
+def _quiet_library_logs() -> None:
+    """orbax and jax log through absl: their warnings and errors would appear on
+    the terminal beside lite-tp's own one-line messages, which already say what
+    happened (a damaged checkpoint set aside, a full disk). Only critical records pass."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_library_logs()
     try:
         return COMMANDS[args.command](args)
     except BadInput as error:

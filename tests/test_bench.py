@@ -43,3 +43,18 @@ def test_bench_refuses_what_its_baseline_cannot_run(tmp_path, capsys):
     assert "mesh.pipeline=1" in capsys.readouterr().err
     assert cli.main(["bench", TINY, "--steps", "1"]) == 2
     assert "at least 2 timed steps" in capsys.readouterr().err
+
+
+def test_bench_names_what_gspmd_keeps_whole():
+    """At tensor 8 the tiny model's 4 heads and 172 hidden units do not divide: GSPMD
+    replicates those kernels (fewer bytes), lite_tp_jax pads and splits them."""
+    from lite_tp_jax.analysis.bench import gspmd_replicated
+    from lite_tp_jax.core.mesh import make_mesh_for
+    from lite_tp_jax.models.factory import abstract_model
+    from lite_tp_jax.run.config_file import load_config
+
+    config = load_config(TINY)
+    for tensor, expected in ((8, {"attention.query.kernel", "attention.out.kernel", "mlp.up.kernel"}), (2, set())):
+        mesh = make_mesh_for({"tensor": tensor})
+        names = {n.split(".", 3)[-1] for n in gspmd_replicated(abstract_model(config.model, mesh), mesh)}
+        assert expected <= names and (expected or not names), names

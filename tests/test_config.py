@@ -51,8 +51,12 @@ def test_missing_keys_take_defaults(tmp_path):
     assert config.mesh == MeshConfig(tensor=4)
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    assert load_config(write(tmp_path, "# nothing here\n")) == Config()
+def test_an_empty_file_is_refused_and_an_empty_mapping_gives_defaults(tmp_path):
+    """An empty config file is a mistake (it would train 100 steps of defaults
+    without a word); the defaults stay one call away in code."""
+    with pytest.raises(ConfigError, match="is empty; give at least one section"):
+        load_config(write(tmp_path, "# nothing here\n"))
+    assert parse_config({}) == Config()
 
 
 def test_round_trip(tmp_path):

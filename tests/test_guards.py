@@ -146,6 +146,23 @@ def write_bad_yaml(run: Path) -> None:
     (run.parent / "bad.yaml").write_text("model: [unclosed\n")
 
 
+def foreign_folder(run: Path) -> None:
+    """A folder of the user's own (``--run-dir .`` in a project): files, no run."""
+    run.mkdir(parents=True)
+    (run / "notes.txt").write_text("my notes\n")
+    (run / "config.yaml").write_text("not: ours\n")
+
+
+def write_empty_yaml(run: Path) -> None:
+    run.parent.mkdir(parents=True, exist_ok=True)
+    (run.parent / "empty.yaml").write_text("# nothing but a comment\n")
+
+
+def make_fifo(run: Path) -> None:
+    run.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(run.parent / "fifo.npy")
+
+
 # ---- the table --------------------------------------------------------------
 
 TRAINED = "trained"  # the case starts from a copy of the trained run
@@ -212,11 +229,21 @@ CASES = [
      "'rollback.skip_batches' must be an integer >= 0 or null, got -1", ["."]),
     ("spike-policy-typo", None, None, ["train.on_spike=skip"], 2, "'train.on_spike' must be one of stop, rollback, ignore", ["."]),
     ("spike-step-past-the-end", None, None, ["fault.spike_step=5"], 2, "'fault.spike_step' (5) is past 'train.steps' (4)", ["."]),
-    ("diverges-stop", None, None, ["train.lr=1e30", "checkpoint.every=1"], 1,
+    ("diverges-stop", None, None, ["train.lr=1e30", "checkpoint.every=1"], 4,
      "step 2: the update made parameters non-finite (loss ", ["checkpoints"]),
     ("diverges-skip", None, None, ["train.lr=1e30", "train.on_nonfinite=skip"], 0, "3 updates were skipped", []),
     ("diverges-rollback", None, None, ["train.lr=1e30", "checkpoint.every=1", "train.on_nonfinite=rollback", "rollback.max=1"],
-     1, "step 2: the update made parameters non-finite (loss ", []),
+     4, "step 2: the update made parameters non-finite (loss ", []),
+    # round two: a new user's probe
+    ("run-dir-foreign-folder", None, foreign_folder, [], 2, "is not a lite-tp run directory", ["notes.txt", "config.yaml"]),
+    ("run-dir-empty-string", None, None, {"run_dir": ""}, 2, "--run-dir is empty", ["."]),
+    ("empty-config-file", None, write_empty_yaml, {"config": "empty.yaml"}, 2, "is empty; give at least one section", ["."]),
+    ("seq-len-beyond-memory", None, None, ["train.seq_len=100000"], 2, "needs about", ["."]),
+    ("batch-beyond-memory", None, None, ["train.global_batch=100000000"], 2, "lower train.seq_len or train.global_batch", ["."]),
+    ("cudnn-without-gpu", None, None, ["model.attention=cudnn"], 2, "'model.attention' is cudnn, which needs an NVIDIA GPU", ["."]),
+    ("text-path-is-a-fifo", None, make_fifo, ["data.source=text", "data.path={tmp}/fifo.npy"], 2, "is not a regular file or a directory", ["."]),
+    ("token-file-is-a-fifo", None, make_fifo, ["data.source=tokens", "data.path={tmp}/fifo.npy"], 2, "is not a regular file", ["."]),
+    ("fewer-steps-than-done", TRAINED, None, ["train.steps=2", "train.lr=0.5"], 0, "", ALL),
 ]
 
 
@@ -228,16 +255,17 @@ def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchan
     if run_from == TRAINED:
         shutil.copytree(request.getfixturevalue("trained_run"), run)
     options = overrides if isinstance(overrides, dict) else {}
-    overrides = [] if isinstance(overrides, dict) else overrides
-    config = str(tmp_path / options["config"]) if "config" in options and options["config"] == "bad.yaml" else options.get("config", str(TINY))
+    overrides = [] if isinstance(overrides, dict) else [o.format(tmp=tmp_path) for o in overrides]
     run_dir = options.get("run_dir", "run")
-    run_dir = run_dir if os.path.isabs(run_dir) else str(tmp_path / run_dir)
+    run_dir = run_dir if os.path.isabs(run_dir) or not run_dir else str(tmp_path / run_dir)
     lock = None
     if fault == "hold_lock":
         lock = RunLock(run)
         lock.acquire()
     elif fault is not None:
         fault(run)
+    config = options.get("config", str(TINY))
+    config = str(tmp_path / config) if (tmp_path / config).is_file() else config  # one the fault wrote
     before = snapshot(run, unchanged) if run.is_dir() else None
     listing = sorted(p.name for p in tmp_path.iterdir())
     capsys.readouterr()
@@ -250,6 +278,7 @@ def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchan
     err = capsys.readouterr().err
     assert got == code, err
     assert "Traceback" not in err
+    assert all(line.startswith("lite-tp: ") for line in err.splitlines()), err  # no library log lines
     assert fragment.format(pid=os.getpid()) in err
     if fault is damage_metrics_line:  # the damaged line is dropped, the rest kept
         assert [step for step, _ in losses(run)] == [1, 3, 4]
@@ -268,7 +297,7 @@ def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchan
         assert "(train.on_nonfinite=rollback, after 1 rollbacks (rollback.max)); checkpoint 1 is intact" in err
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [(r["checkpoint"], r["skipped_batches"]) for r in records if r.get("event") == "rollback"] == [(1, [1, 2])]
-    elif code == 1:  # stopped at step 2: checkpoint 1 is the last, nothing non-finite saved or logged
+    elif code == 4:  # stopped at step 2: checkpoint 1 is the last, nothing non-finite saved or logged
         assert "(train.on_nonfinite=stop); checkpoint 1 is intact" in err
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1"]
         assert [r["step"] for r in steps_of(run)] == [1]
@@ -282,8 +311,99 @@ def test_bad_input_and_faults(run_from, fault, overrides, code, fragment, unchan
         assert any(re.fullmatch(r"4\.damaged-\d+-\d+", p.name) for p in (run / "checkpoints").iterdir())
 
 
-def test_table_has_at_least_30_cases():
-    assert len(CASES) >= 30
+# ---- the other commands: the same promises --------------------------------------
+
+HF = REPO / "tests" / "data" / "hf" / "llama2"
+
+
+def hf_copy(tmp: Path, change=None) -> None:
+    """A copy of a small Hugging Face model at ``tmp/hf``, then ``change(dir)``."""
+    shutil.copytree(HF, tmp / "hf")
+    if change is not None:
+        change(tmp / "hf")
+
+
+def edit_json(path: Path, **changes) -> None:
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+def extra_layer_tensor(hf: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"model.layers.2.mlp.up_proj.weight": np.zeros((70, 48), np.float32)}, str(hf / "extra.safetensors"))
+
+
+COMMAND_CASES = [
+    # (id, setup(tmp) or None, argv ({tmp}, {tiny}, {trained}: a copy of the trained run in tmp), code, stderr fragment)
+    ("set-before-config", None, ["train", "--set", "model.hiden_size=8", "{tiny}", "--run-dir", "{tmp}/run"], 2,
+     "unknown key 'model.hiden_size'"),
+    ("train-without-config", None, ["train", "--set", "train.steps=1", "--run-dir", "{tmp}/run"], 2, "needs a CONFIG file"),
+    ("plan-huge-fake-mesh", None, ["plan", "{tiny}", "--set", "mesh.tensor=100000"], 2, "plausibly hosts at most"),
+    ("plan-negative-memory", None, ["plan", "{tiny}", "--devices", "8", "--memory-gb", "-1"], 2,
+     "--memory-gb: must be a positive number"),
+    ("plan-nan-memory", None, ["plan", "{tiny}", "--devices", "8", "--memory-gb", "nan"], 2, "--memory-gb"),
+    ("plan-empty-config", lambda t: write_empty_yaml(t / "run"), ["plan", "{tmp}/empty.yaml"], 2, "is empty"),
+    ("bench-depths-not-numbers", None, ["bench", "{tiny}", "--depths", "abc"], 2, "--depths: must be layer counts"),
+    ("bench-depth-zero", None, ["bench", "{tiny}", "--depths", "2,0"], 2, "--depths: must be layer counts"),
+    ("bench-cudnn-without-gpu", None, ["bench", "{tiny}", "--set", "model.attention=cudnn"], 2, "needs an NVIDIA GPU"),
+    ("convert-huge-tensor", hf_copy, ["convert", "--from-hf", "{tmp}/hf", "--run-dir", "{tmp}/run", "--tensor", "100000"], 2,
+     "plausibly hosts at most"),
+    ("convert-into-foreign-folder", lambda t: (hf_copy(t), foreign_folder(t / "run")),
+     ["convert", "--from-hf", "{tmp}/hf", "--run-dir", "{tmp}/run"], 2, "is not a lite-tp run directory"),
+    ("convert-unused-tensors", lambda t: hf_copy(t, extra_layer_tensor),
+     ["convert", "--from-hf", "{tmp}/hf", "--run-dir", "{tmp}/run"], 2,
+     "holds tensors its config.json does not use ('model.layers.2.mlp.up_proj.weight')"),
+    ("convert-missing-field", lambda t: hf_copy(t, lambda d: edit_json(d / "config.json", num_attention_heads=None)),
+     ["convert", "--from-hf", "{tmp}/hf", "--run-dir", "{tmp}/run"], 2, "hf/config.json (model_type 'llama') lacks the field 'num_attention_heads'"),
+    ("convert-config-not-json", lambda t: hf_copy(t, lambda d: (d / "config.json").write_text("{oops")),
+     ["convert", "--from-hf", "{tmp}/hf", "--run-dir", "{tmp}/run"], 2, "hf/config.json is not valid JSON"),
+    ("convert-to-existing-file", lambda t: (t / "out.bin").write_text("mine"),
+     ["convert", "--to-hf", "{tmp}/out.bin", "--run-dir", "{trained}"], 2, "out.bin is an existing file"),
+    ("convert-to-nonempty-dir", lambda t: foreign_folder(t / "out"),
+     ["convert", "--to-hf", "{tmp}/out", "--run-dir", "{trained}"], 2, "out exists and is not empty"),
+    ("generate-empty-run-dir", None, ["generate", "--run-dir", "", "--prompt", "x"], 2, "--run-dir is empty"),
+    ("generate-foreign-folder", lambda t: foreign_folder(t / "run"), ["generate", "--run-dir", "{tmp}/run", "--prompt", "x"], 2,
+     "is not a lite-tp run directory"),
+    ("generate-prompt-not-utf8", None, ["generate", "--run-dir", "{trained}", "--prompt", "caf\udce9"], 2,
+     "--prompt: is not valid UTF-8 text"),
+    ("generate-cache-beyond-memory", None, ["generate", "--run-dir", "{trained}", "--prompt", "x", "--max-new-tokens", "1000000000"],
+     2, "a KV cache for 1000000000 new tokens needs about"),
+    ("generate-hf-huge-tensor", hf_copy, ["generate", "--hf", "{tmp}/hf", "--tensor", "100000", "--prompt", "x"], 2,
+     "plausibly hosts at most"),
+    ("generate-hf-bad-tokenizer", lambda t: hf_copy(t, lambda d: (d / "tokenizer.json").write_text("{not a tokenizer")),
+     ["generate", "--hf", "{tmp}/hf", "--prompt", "x", "--max-new-tokens", "1"], 2, "is not a tokenizer the tokenizers package can read"),
+    ("launch-into-foreign-folder", lambda t: foreign_folder(t / "run"),
+     ["launch", "--processes", "2", "--", "train", "{tiny}", "--run-dir", "{tmp}/run"], 2, "is not a lite-tp run directory"),
+]
+
+
+@pytest.mark.parametrize("setup, argv, code, fragment", [c[1:] for c in COMMAND_CASES], ids=[c[0] for c in COMMAND_CASES])
+def test_bad_input_of_every_command(setup, argv, code, fragment, request, tmp_path, capsys):
+    if any("{trained}" in a for a in argv):
+        shutil.copytree(request.getfixturevalue("trained_run"), tmp_path / "trained")
+    if setup is not None:
+        setup(tmp_path)
+    before = snapshot(tmp_path, ["."])
+    capsys.readouterr()
+    try:
+        got = main([a.format(tmp=tmp_path, tiny=TINY, trained=tmp_path / "trained") for a in argv])
+    except SystemExit as exit:  # argparse's own errors
+        got = exit.code
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert "Traceback" not in err and err.count("lite-tp: error:") == 1, err
+    assert fragment in err, err
+    assert snapshot(tmp_path, ["."]) == before  # nothing written, nothing overwritten
+
+
+def test_table_has_at_least_60_cases():
+    assert len(CASES) + len(COMMAND_CASES) >= 60
 
 
 # ---- the behaviours under the table ------------------------------------------
@@ -416,40 +536,60 @@ def losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in steps_of(run)]
 
 
-def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_continues_exactly(tmp_path, monkeypatch, capsys):
-    """Compared with an uninterrupted run in this same process: XLA's CPU kernels
-    may sum in another order in a process holding 8 fake devices than in the
-    one-device subprocess of ``trained_run`` (that comparison was flaky)."""
+def test_ctrl_c_and_sigterm_checkpoint_at_the_step_boundary_and_the_rerun_continues_exactly(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after step 1 (exit 130), then SIGTERM after step 2 (exit 143): each
+    saves the step just finished, and the reruns continue bitwise. Compared with
+    an uninterrupted run in this same process: XLA's CPU kernels may sum in
+    another order in a process holding 8 fake devices than in the one-device
+    subprocess of ``trained_run`` (that comparison was flaky)."""
+    import signal
+
     from lite_tp_jax.train import loop
 
     uninterrupted = tmp_path / "uninterrupted"
     assert main(["train", str(TINY), "--no-progress", "--run-dir", str(uninterrupted), "--set", *BASE]) == 0
     run = tmp_path / "run"
-    calls = []
-
-    class SignalledAfterFirstStep:
-        def __init__(self, step):
-            self.step = step
-
-        def __getattr__(self, name):
-            return getattr(self.step, name)
-
-        def __call__(self, batch):
-            metrics = self.step(batch)
-            calls.append(1)
-            if len(calls) == 1:  # a real SIGTERM to this process, during training
-                os.kill(os.getpid(), __import__("signal").SIGTERM)
-            return metrics
-
-    real_step = loop.decoder_step
-    monkeypatch.setattr(loop, "decoder_step", lambda *args: SignalledAfterFirstStep(real_step(*args)))
     argv = ["train", str(TINY), "--no-progress", "--run-dir", str(run), "--set", *BASE]
-    assert main(argv) == 143
-    assert "preempted (SIGTERM): checkpoint 1 saved" in capsys.readouterr().err
-    assert Checkpointer(run / "checkpoints", keep=2).latest_step() == 1  # not a multiple of checkpoint.every
-    monkeypatch.undo()
+    for number, code, message, saved in ((signal.SIGINT, 130, "interrupted (Ctrl-C): checkpoint 1 saved", 1),
+                                         (signal.SIGTERM, 143, "preempted (SIGTERM): checkpoint 2 saved", 2)):
+        calls = []
+
+        class SignalledAfterFirstStep:
+            def __init__(self, step):
+                self.step = step
+
+            def __getattr__(self, name):
+                return getattr(self.step, name)
+
+            def __call__(self, batch):
+                metrics = self.step(batch)
+                calls.append(1)
+                if len(calls) == 1:  # a real signal to this process, during training
+                    os.kill(os.getpid(), number)
+                return metrics
+
+        real_step = loop.decoder_step
+        monkeypatch.setattr(loop, "decoder_step", lambda *args, real=real_step, wrap=SignalledAfterFirstStep: wrap(real(*args)))
+        assert main(argv) == code
+        err = capsys.readouterr().err
+        assert message in err and "rerun the same command to continue" in err, err
+        assert Checkpointer(run / "checkpoints", keep=2).latest_step() == saved  # 1: not a multiple of checkpoint.every
+        monkeypatch.undo()
     assert main(argv) == 0
     assert losses(run) == losses(uninterrupted)  # bitwise, each step once
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    import signal
+
+    from lite_tp_jax.runtime.preemption import PreemptionWatch
+
+    with PreemptionWatch() as watch:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert watch.reached(1) and watch.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_kill_during_an_async_save_resumes_exactly(trained_run, tmp_path):
@@ -487,3 +627,94 @@ def test_model_mismatch_in_a_fresh_process_is_one_line(trained_run, tmp_path):
         f"'model.layers.blocks.0.attention.key.kernel' is [2, 64, 2, 16] in the checkpoint but [2, 64, 4, 16] "
         f"in this model (a different model config? use another --run-dir to start afresh)."
     ]
+
+
+def _disk_full_checks(run: Path, err: str, failed_step: int) -> None:
+    """One line naming the directory and the bytes; the previous checkpoint intact; no temporary left."""
+    assert "Traceback" not in err and err.count("lite-tp: error:") == 1, err
+    assert f"checkpoint {failed_step} could not be written: {run / 'checkpoints'} has" in err
+    assert "but a checkpoint needs about" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]  # no 4, no 4.orbax-checkpoint-tmp-*
+    assert Checkpointer(run / "checkpoints", keep=2).latest_step() == 2
+    assert not (run / ".lock").exists()
+
+
+def test_a_disk_that_fills_up_stops_the_run_at_the_failed_save(tmp_path, monkeypatch, capsys):
+    """Free space checked before each save: the save of step 4 finds the disk full."""
+    from collections import namedtuple
+
+    from lite_tp_jax.runtime import run_dir
+
+    usage, real, calls = namedtuple("usage", "total used free"), shutil.disk_usage, []
+
+    def filling(path):
+        calls.append(path)
+        return usage(1 << 30, 1 << 30, 0) if len(calls) > 2 else real(path)  # preflight, save 2: room; save 4: none
+
+    monkeypatch.setattr(run_dir.shutil, "disk_usage", filling)
+    run = tmp_path / "run"
+    assert main(["train", str(TINY), "--no-progress", "--run-dir", str(run), "--set", *BASE]) == 2
+    _disk_full_checks(run, capsys.readouterr().err, 4)
+
+
+def test_a_save_that_fails_for_a_full_disk_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    """The asynchronous write itself fails (ENOSPC, as tensorstore reports it): its
+    temporary directory is removed and the run stops with one line."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    real_wait = ocp.CheckpointManager.wait_until_finished
+    waits = []
+
+    def failing_wait(self):
+        real_wait(self)
+        final = Path(self.directory) / "4"
+        if final.is_dir() and not waits:  # the write of step 4, as if it ran out of space before its rename
+            waits.append(1)
+            final.rename(final.with_name("4.orbax-checkpoint-tmp-1234"))
+            raise ValueError("Error writing: [OSError] No space left on device") from OSError(errno.ENOSPC, "No space")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", failing_wait)
+    run = tmp_path / "run"
+    assert main(["train", str(TINY), "--no-progress", "--run-dir", str(run), "--set", *BASE]) == 2
+    _disk_full_checks(run, capsys.readouterr().err, 4)
+
+
+def test_a_checkpoint_rotated_away_while_read_is_not_called_damaged(trained_run, tmp_path, capsys):
+    """A reader beside a running writer: checkpoint 4 vanishes (rotation) during its
+    read; the reader retries and restores the newest that is there, with no warning."""
+    from lite_tp_jax.models.factory import abstract_model
+
+    shutil.copytree(trained_run, tmp_path / "run")
+    config = load_config(TINY, BASE)
+    mesh = make_mesh_for(config.mesh.requested)
+    model = abstract_model(config.model, mesh)
+    reader = Checkpointer(tmp_path / "run" / "checkpoints", keep=2)
+    real_read, reads = reader._read, []
+
+    def read_while_rotating(step, variables, mesh):
+        reads.append(step)
+        if step == 4:
+            shutil.rmtree(reader.directory / "4")  # the writer's rotation, mid-read
+            raise FileNotFoundError("tensorstore: NOT_FOUND")
+        return real_read(step, variables, mesh)
+
+    reader._read = read_while_rotating
+    capsys.readouterr()
+    progress = reader.restore({"model": nnx.state(model)}, mesh)
+    reader.close()
+    assert progress["step"] == 2 and reads == [4, 2]
+    assert "damaged" not in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_run_draws_no_bar_and_changes_nothing(trained_run, tmp_path, capsys):
+    """The progress bar is on (no --no-progress): nothing to do shows one line, not a
+    bar reading 'loss nan 0 tok/s'; a lower train.steps leaves config.yaml as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = snapshot(run, ALL)
+    assert main(["train", str(TINY), "--run-dir", str(run), "--set", *BASE, "train.steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert out == f"nothing to do: {run} already holds step 4\n", out
+    assert snapshot(run, ALL) == before

@@ -226,7 +226,7 @@ def test_damaged_hugging_face_files_are_bad_input_not_a_traceback(tmp_path, caps
     config = json.loads((lacking / "config.json").read_text())
     del config["hidden_size"]
     (lacking / "config.json").write_text(json.dumps(config))
-    with pytest.raises(HFError, match=r"config.json of model_type 'llama' lacks the field 'hidden_size'"):
+    with pytest.raises(HFError, match=r"lacking/config.json \(model_type 'llama'\) lacks the field 'hidden_size'"):
         from_pretrained(lacking, mesh=mesh_of(1, 1))
     garbled = copy_model("llama3", tmp_path / "garbled")
     data = (garbled / "model.safetensors").read_bytes()
@@ -296,3 +296,14 @@ def test_live_transformers_parity(family, tmp_path):
     with torch.no_grad():
         again = reloaded(torch.from_numpy(tokens).long()).logits.numpy()
     assert max_relative_error(again, expected) <= 1e-5
+
+
+def test_the_docs_name_every_config_json_key_that_is_read():
+    """docs/huggingface.md stays true: each key hf_config.py reads is listed there."""
+    import re
+
+    repo = DATA.parents[2]
+    source = (repo / "lite_tp_jax" / "interop" / "hf_config.py").read_text()
+    keys = set(re.findall(r'hf(?:\.get\(|\[)"([a-z_]+)"', source))
+    docs = (repo / "docs" / "huggingface.md").read_text()
+    assert keys and not sorted(k for k in keys if f"`{k}`" not in docs)

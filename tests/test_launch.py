@@ -207,6 +207,56 @@ def test_bad_launch_arguments_exit_2(argv, message, capsys):
     assert message in err and len(err.splitlines()) == 1, err
 
 
+def test_a_launch_refused_for_a_run_in_use_is_quick_and_touches_nothing(tmp_path, capsys):
+    from lite_tp_jax.runtime.run_dir import RunLock
+
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    (run / "logs" / "rank-0.log").write_text("the running job's log\n")
+    (run / "metrics.jsonl").write_text("")
+    started = time.monotonic()
+    with RunLock(run):
+        assert cli.main(["launch", "--processes", "2", "--", "train", str(TINY), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "is in use by process" in err and len(err.splitlines()) == 1, err
+    assert (run / "logs" / "rank-0.log").read_text() == "the running job's log\n"
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["rank-0.log"]
+    assert time.monotonic() - started < 30  # no worker was started (it took 49 s to be refused)
+
+
+ORPHAN = r"""
+import sys
+from lite_tp_jax.runtime.launch import run_processes, worker_environment
+pid_file, logs = sys.argv[1], sys.argv[2]
+worker = f"import os, time; open({pid_file!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+run_processes([sys.executable, "-c", worker], [worker_environment(0, 1, 1, 1)], logs)
+"""
+
+
+def test_workers_die_with_their_launcher(tmp_path):
+    """kill -9 of the launcher: its workers do not train on as orphans."""
+    pid_file = tmp_path / "worker.pid"
+    launcher = subprocess.Popen([sys.executable, "-c", ORPHAN, str(pid_file), str(tmp_path / "logs")])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited
+
+
 # --- training across processes ------------------------------------------------------
 
 DATA2_TENSOR4 = ["mesh.data=2", "mesh.tensor=4", "checkpoint.every=2", "checkpoint.keep=3"]

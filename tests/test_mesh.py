@@ -30,6 +30,12 @@ def test_one_axis_inferred(sizes, expected):
         assert mesh.shape[name] == size
 
 
+def test_a_mesh_smaller_than_the_devices_takes_the_first_ones():
+    """As the CLI does: ``make_mesh(tensor=4)`` on 8 devices is the README's first line."""
+    assert list(make_mesh(tensor=4).devices.flat) == jax.devices()[:4]
+    assert list(make_mesh(data=3, tensor=2).devices.flat) == jax.devices()[:6]
+
+
 def test_explicit_devices():
     mesh = make_mesh(tensor=3, devices=jax.devices()[:3])
     assert mesh.devices.size == 3
@@ -38,7 +44,7 @@ def test_explicit_devices():
 @pytest.mark.parametrize(
     "sizes, message",
     [
-        (dict(data=3, tensor=2), r"needs 6 devices but 8 are available"),
+        (dict(data=3, tensor=4), r"needs 12 devices but 8 are available"),
         (dict(tensor=0), r"'tensor' has size 0"),
         (dict(pipeline=-2), r"'pipeline' has size -2"),
         (dict(data=-1, tensor=-1), r"Only one mesh axis may be -1"),

@@ -31,6 +31,9 @@ WORKER = textwrap.dedent(
             lines = [l for l in open(metrics).read().split("\\n") if l]
             kept = [l for l in lines if "event" in json.loads(l) or json.loads(l)["step"] <= 2]
             open(metrics, "w").write("".join(l + "\\n" for l in kept))
+    if mode == "nan":
+        print("lite-tp: error: step 3: grad_norm is nan (train.on_nonfinite=stop)", file=sys.stderr)
+        sys.exit(4)
     if mode == "bad":
         print("lite-tp: error: 'train.steps' must be an integer >= 1, got 0", file=sys.stderr)
         sys.exit(2)
@@ -72,8 +75,10 @@ def test_a_dead_process_restarts_the_job_and_each_step_is_recorded_once(tmp_path
     (event,) = [r for r in lines if "event" in r]
     assert event["event"] == "restart" and event["rank"] == 1 and event["restart"] == 1
     assert "process 1 exited with code 1: worker 1 lost its device" in event["cause"]
-    assert event["step"] >= 3 and event["seconds_to_first_step"] > 0  # rank 0 does not wait for rank 1
+    assert event["step"] >= 4 and event["seconds_to_first_step"] > 0  # rank 0 does not wait for rank 1
     assert "restart 1/2 from the last checkpoint" in capsys.readouterr().err
+    assert "worker 1 lost its device" in (run / "logs" / "rank-1.log").read_text()  # attempt 0's log kept
+    assert (run / "logs" / "rank-1.attempt-1.log").exists()
 
 
 def test_a_hang_restarts_the_job(tmp_path, worker):
@@ -121,3 +126,12 @@ def test_bad_restart_flags_exit_2(flags, message, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_non_finite_stop_is_not_restarted(tmp_path, worker, capsys):
+    """Exit 4: the same checkpoint and batches would meet the same NaN."""
+    run = tmp_path / "run"
+    run.mkdir()
+    assert supervise([str(run), "nan"], 2, 1, run, max_restarts=3, argv_prefix=worker) == 4
+    assert (run / "attempt-0").read_text() == "1"
+    assert "not restarted: the run stopped on a non-finite value" in capsys.readouterr().err

@@ -3,6 +3,8 @@ device's slot, its shards copied from a data-parallel replica, and training
 goes on bit for bit as if nothing failed; without a replica or a spare the
 CLI exits 3 saying why."""
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -41,7 +43,9 @@ def shards(array: jax.Array) -> list[np.ndarray]:
 
 def train(tmp_path: Path, name: str, overrides: list[str]) -> tuple[Trainer, list[dict], dict[str, list]]:
     trainer = Trainer(load_config(TINY, [*SMALL, *overrides]), tmp_path / name)
-    trainer.run(show_progress=False)
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        trainer.run(show_progress=False)
+    trainer.terminal = err.getvalue()  # what the user saw
     lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     state = {
         ".".join(map(str, path)): shards(variable.get_value())
@@ -89,6 +93,7 @@ def test_takeover_puts_the_spare_in_the_failed_slot_and_logs_it(taken_over):
     assert event["slot"] == {"data": 0, "pipeline": 0, "expert": 0, "tensor": 1}
     assert event["seconds"] >= event["compile_seconds"] > 0 and event["copied_bytes"] > 0
     assert trainer.spares.devices == [jax.devices()[5]]  # one spare left
+    assert trainer.terminal.startswith("lite-tp: device 1 failed at step 2; spare device 4 took its place in ")
 
 
 # ---------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from lite_tp_jax.run.config import Config
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.runtime.run_dir import atomic_write
 from lite_tp_jax.sharding.rules import batch_sharding
-from lite_tp_jax.sharding.state import export_state, flat_variables, logical_shape, logical_sharding
+from lite_tp_jax.sharding.state import export_state, flat_variables, logical_shape, logical_sharding, spec_of
 from lite_tp_jax.train.decoder_step import decoder_step
 
 VARIANTS = ("lite_tp_jax", "gspmd", "one_device")
@@ -191,6 +191,7 @@ def run(config: Config, *, steps: int = 20, depths: list[int] = (2, 8, 32), warm
             "collective_bytes_by_axis": by_axis,
             "memory_bytes_per_device": memory_bytes(compiled),
         }
+    replicated = gspmd_replicated(variants.model, mesh)
     ratio = lambda a, b: quartiles([x / y for x, y in zip(times[a], times[b])])  # noqa: E731
     return {
         "config": config_name,
@@ -204,10 +205,27 @@ def run(config: Config, *, steps: int = 20, depths: list[int] = (2, 8, 32), warm
         "warmup_rounds": warmup,
         "same_work_max_rel_err": max_rel_err(history["lite_tp_jax"], history["gspmd"]),
         "variants": per_variant,
+        "gspmd_replicated_parameters": replicated,
         "ratios": {"lite_tp_jax/gspmd": ratio("lite_tp_jax", "gspmd"),
                    "lite_tp_jax/one_device": ratio("lite_tp_jax", "one_device")},
         "compile_vs_depth": compile_seconds_vs_depth(config, mesh, list(depths)),
     }
+
+
+def gspmd_replicated(model, mesh) -> list[str]:
+    """The parameters lite_tp_jax splits (padded) that the GSPMD baseline keeps whole
+    on some dim: a ``NamedSharding`` splits only dims the axes divide, so GSPMD
+    replicates an uneven dim (4 heads at tensor 8), moving fewer bytes and
+    computing that part on every rank."""
+    names = []
+    for name, variable in flat_variables(model).items():
+        trailing = len(variable.get_metadata().get("logical_shape", variable.shape))
+        stored = (tuple(spec_of(variable)) + (None,) * len(variable.shape))[: len(variable.shape)][-trailing:]
+        logical = tuple(logical_sharding(variable, mesh).spec)
+        logical = (logical + (None,) * len(logical_shape(variable)))[: len(logical_shape(variable))][-trailing:]
+        if any(s is not None and l is None for s, l in zip(stored, logical)):
+            names.append(name)
+    return sorted(names)
 
 
 # --- reporting ---------------------------------------------------------------------------
@@ -246,6 +264,11 @@ def format_result(result: dict) -> str:
     for name, v in result["variants"].items():
         lines.append(f"{name:12s} {v['median_step_s'] * 1e3:15.2f} {v['compile_s']:10.2f} "
                      f"{_mib(v['collective_bytes_per_step_per_device']):>19s} {_mib(v['memory_bytes_per_device']):>14s}")
+    replicated = result.get("gspmd_replicated_parameters")
+    if replicated:
+        lines.append(f"note: gspmd keeps {len(replicated)} parameters whole where their dims do not divide by the "
+                     f"mesh (e.g. {', '.join(replicated[:3])}): it moves fewer bytes for them and computes them on "
+                     f"every rank; lite_tp_jax pads and splits them")
     lines.append("")
     for key, q in r.items():
         lines.append(f"{key}: {q['median']:.3f} (IQR {q['q1']:.3f}-{q['q3']:.3f})")

@@ -25,15 +25,24 @@ from lite_tp_jax.core.errors import BadInput
 def make_mesh(
     sizes: Mapping[str, int] | None = None, /, *, devices: Sequence[jax.Device] | None = None, **axis_sizes: int
 ) -> Mesh:
-    """A Mesh over ``devices`` (default: all) with every axis of ``AXES``.
+    """A Mesh over ``devices`` with every axis of ``AXES``.
 
     Sizes come as a mapping (``make_mesh({"tensor": 4})``) or as keywords
     (``make_mesh(data=2, tensor=4)``); missing axes are 1, one may be -1
-    (inferred from the device count). Axes use ``AxisType.Auto`` so that
-    plain ``jax.jit`` code (GSPMD) handles the axes a layer does not drive by hand.
+    (inferred from the device count). ``devices`` defaults to the first N
+    devices of this process when the sizes fix N (``make_mesh(tensor=4)`` with
+    8 devices: devices 0-3), else to all of them; a run of several processes
+    always spans every device. Axes use ``AxisType.Auto`` so that plain
+    ``jax.jit`` code (GSPMD) handles the axes a layer does not drive by hand.
     """
-    devices = list(jax.devices() if devices is None else devices)
-    shape = resolve_sizes({**(sizes or {}), **axis_sizes}, len(devices))
+    requested = {**(sizes or {}), **axis_sizes}
+    if devices is None:
+        devices = jax.devices()
+        wanted = math.prod(requested.values())
+        if jax.process_count() == 1 and -1 not in requested.values() and 0 < wanted < len(devices):
+            devices = devices[:wanted]
+    devices = list(devices)
+    shape = resolve_sizes(requested, len(devices))
     total = math.prod(shape.values())
     if total != len(devices):
         layout = " x ".join(f"{n}={s}" for n, s in shape.items())

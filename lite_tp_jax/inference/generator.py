@@ -38,6 +38,7 @@ from lite_tp_jax.core.errors import BadInput
 from lite_tp_jax.inference.sampling import Sampling, check_max_new_tokens, pick
 from lite_tp_jax.models.transformer import Transformer
 from lite_tp_jax.parallel.region import run_in_region
+from lite_tp_jax.runtime.devices import check_fits_memory
 from lite_tp_jax.sharding.rules import padded_size
 
 SLOT_ROUNDING = 64
@@ -109,6 +110,12 @@ class Generator:
         head = model.embed if model.head is None else model.head
         self._step = _compiled_step(graphdef, sampling, head.embedding.shape[0])
 
+    def _check_cache_fits(self, batch: int, slots: int, max_new_tokens: int) -> None:
+        check_fits_memory(
+            _cache_bytes_per_device(self.model, batch, slots), f"a KV cache for {max_new_tokens} new tokens",
+            "generate fewer tokens (--max-new-tokens) or split the model over more devices (--tensor)",
+        )
+
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int = 0) -> Iterator[np.ndarray]:
         """Yields ``max_new_tokens`` times the next token of every prompt, ``[len(prompts)]``."""
         max_new_tokens = check_max_new_tokens(max_new_tokens)
@@ -123,6 +130,7 @@ class Generator:
                 f"model's {limit} learned positions; shorten the prompt or generate fewer tokens."
             )
         slots = padded_size(width + max_new_tokens, SLOT_ROUNDING)
+        self._check_cache_fits(batch, slots, max_new_tokens)
         sharding = NamedSharding(self.model.mesh, P(self.model.batch_axes))
         start = jax.device_put(start, sharding)
         cache = self.model.new_cache(batch, slots)
@@ -142,6 +150,13 @@ class Generator:
                     f"the model's logits are not finite at new token {step}; its parameters hold NaN or inf."
                 )
             yield _on_host(previous)[: len(prompts)]
+
+
+def _cache_bytes_per_device(model: Transformer, batch: int, slots: int) -> int:
+    """Bytes of the KV cache (keys and values) each device holds, from the cache's own sharding."""
+    sharding = NamedSharding(model.mesh, model.cache_spec)
+    abstract = jax.eval_shape(lambda: model.new_cache(batch, slots))
+    return sum(math.prod(sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in abstract)
 
 
 def _on_host(x: jax.Array) -> np.ndarray:

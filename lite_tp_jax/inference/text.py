@@ -21,7 +21,12 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike):
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # noqa: BLE001 - the tokenizers package raises a bare Exception
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise BadInput(f"{path} is not a tokenizer the tokenizers package can read ({reason}); "
+                           f"give the model's own tokenizer.json.") from None
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids

@@ -20,21 +20,23 @@ from flax import nnx
 
 from lite_tp_jax.core.mesh import make_mesh_for
 from lite_tp_jax.interop.errors import HFError
-from lite_tp_jax.interop.hf import from_pretrained, save_pretrained
+from lite_tp_jax.interop.hf import check_new_model_dir, from_pretrained, save_pretrained
 from lite_tp_jax.interop.hf_config import config_from_hf, read_hf_config
 from lite_tp_jax.models.factory import abstract_model
 from lite_tp_jax.run.checkpoint import Checkpointer
 from lite_tp_jax.run.config import Config, MeshConfig, TrainConfig
 from lite_tp_jax.run.config_file import dump_config, load_config
 from lite_tp_jax.run.optimizer import create_optimizer, make_optimizer
+from lite_tp_jax.runtime.run_dir import check_run_dir
 
 
 def hf_to_run_dir(hf_path: str | os.PathLike, run_dir: str | os.PathLike, *, tensor: int = 1) -> Config:
     """Writes ``run_dir/config.yaml`` and a step-0 checkpoint from ``hf_path``; returns the config."""
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise HFError(f"{run_dir} already holds checkpoints; convert into a new run directory.")
-    model_config = config_from_hf(read_hf_config(hf_path))
+    model_config = config_from_hf(read_hf_config(hf_path), Path(hf_path) / "config.json")
     train = TrainConfig()
     if model_config.position == "learned":
         train = replace(train, seq_len=min(train.seq_len, model_config.max_positions))
@@ -54,6 +56,7 @@ def run_dir_to_hf(run_dir: str | os.PathLike, hf_path: str | os.PathLike) -> Non
     The model is built abstractly and its checkpoint item restored: no random
     initialisation, no optimizer."""
     run_dir = Path(run_dir)
+    check_new_model_dir(hf_path)  # before the checkpoint is read
     if not (run_dir / "config.yaml").exists():
         raise HFError(f"No config.yaml in {run_dir}; convert or train into it first.")
     config = load_config(run_dir / "config.yaml")

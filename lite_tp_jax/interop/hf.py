@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -67,7 +68,21 @@ def _prefix(config: ModelConfig, checkpoint: Checkpoint) -> str | None:
     return None
 
 
+_BUFFERS = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$|^lm_head\.weight$")
+"""Tensors a Hugging Face file may hold that are no parameters: RoPE's and GPT-2's
+buffers, and a tied head saved anyway (checked only where the model ties it)."""
+
+
 def _check_present(layout: dict[str, Node], checkpoint: Checkpoint) -> None:
+    """HFError naming the first tensor the config needs that the files lack or
+    shape otherwise, or the tensors they hold that the config does not use (a
+    third layer in a two-layer config: silently dropping it would be a different model)."""
+    used = {leaf.name for node in layout.values() for leaf in node.leaves()}
+    unused = sorted(name for name in set(checkpoint.entries) - used if not _BUFFERS.search(name))
+    if unused:
+        shown = ", ".join(repr(n) for n in unused[:3]) + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")
+        raise HFError(f"{checkpoint.directory} holds tensors its config.json does not use ({shown}); "
+                      f"check num_hidden_layers and the other sizes in config.json.")
     for node in layout.values():
         for leaf in node.leaves():
             found = checkpoint.shape(leaf.name)
@@ -123,7 +138,7 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh, dtype: Any = jnp.flo
     """A ``Transformer`` on ``mesh`` holding the weights of the Hugging Face model
     directory ``path``; calling it on ``[batch, seq]`` ids gives ``[batch, seq, vocab]``
     logits. Each device reads only its shards from the safetensors files."""
-    return load_model(path, config_from_hf(read_hf_config(path)), mesh=mesh, dtype=dtype)
+    return load_model(path, config_from_hf(read_hf_config(path), Path(path) / "config.json"), mesh=mesh, dtype=dtype)
 
 
 def load_model(path: str | os.PathLike, config: ModelConfig, *, mesh: Mesh, dtype: Any = jnp.float32) -> Transformer:
@@ -151,6 +166,15 @@ def load_model(path: str | os.PathLike, config: ModelConfig, *, mesh: Mesh, dtyp
 # --------------------------------------------------------------------------
 
 
+def check_new_model_dir(path: str | os.PathLike) -> None:
+    """HFError unless ``path`` is free for a new model directory: absent, or an empty directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise HFError(f"{path} is an existing file; give a new directory for the Hugging Face model.")
+    if path.is_dir() and any(path.iterdir()):
+        raise HFError(f"{path} exists and is not empty; give a new directory (nothing is overwritten).")
+
+
 def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Writes ``model`` as a Hugging Face model directory: ``config.json`` and
     ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors`` files and
@@ -158,8 +182,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_by
     parameter at a time to the host. ``path`` must not exist or be empty; the
     directory appears complete or not at all."""
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise HFError(f"{path} exists and is not empty; save_pretrained does not overwrite.")
+    check_new_model_dir(path)
     config = model.config
     layout = hf_layout(config)
     variables = flat_variables(model)

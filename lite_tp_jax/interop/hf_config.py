@@ -53,13 +53,14 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
     raise HFError(f"RoPE scaling {kind!r} is not supported; supported: default, linear, llama3.")
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig of a Hugging Face ``config.json`` (as a dict); HFError
-    naming a missing field or an unsupported one."""
+def config_from_hf(hf: dict[str, Any], source: str | os.PathLike = "config.json") -> ModelConfig:
+    """The ModelConfig of a Hugging Face ``config.json`` (as a dict, read from
+    ``source``); HFError naming the file and a missing or unsupported field."""
     try:
         return _config_from_hf(hf)
     except KeyError as missing:
-        raise HFError(f"config.json of model_type {hf.get('model_type')!r} lacks the field {missing.args[0]!r}.") from None
+        raise HFError(f"{source} (model_type {hf.get('model_type')!r}) lacks the field {missing.args[0]!r}, "
+                      f"which this family needs.") from None
 
 
 def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:

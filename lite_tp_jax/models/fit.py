@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 
 from lite_tp_jax.core.axes import BATCH_AXES, PIPELINE, TENSOR
-from lite_tp_jax.core.errors import FitError
+from lite_tp_jax.core.errors import BadInput, FitError
 from lite_tp_jax.layers.moe import check_experts
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.parallel.pipeline import check_schedule
@@ -63,3 +63,16 @@ def check_batch(config: ModelConfig, sizes: Mapping[str, int], rows: int, seq_le
                 global_batch=rows, microbatches=microbatches,
             )
         check_schedule(sizes[PIPELINE], microbatches, config.virtual_stages)
+
+
+def check_kernel_backend(config: ModelConfig, backend: str) -> None:
+    """BadInput when ``model.attention=cudnn`` cannot run here: cuDNN's flash kernel
+    needs an NVIDIA GPU and 16-bit inputs (``backend``: ``jax.default_backend()``)."""
+    if config.attention != "cudnn":
+        return
+    if backend != "gpu":
+        raise BadInput(f"'model.attention' is cudnn, which needs an NVIDIA GPU with cuDNN, but this run's devices "
+                       f"are {backend}; use auto (cudnn where it applies), xla or reference.")
+    if config.compute_dtype not in ("bfloat16", "float16"):
+        raise BadInput(f"'model.attention' is cudnn, which takes 16-bit inputs, but 'model.compute_dtype' is "
+                       f"{config.compute_dtype}; set model.compute_dtype=bfloat16 or use model.attention=auto.")

@@ -24,6 +24,9 @@ Guarantees:
   *damaged*; ``restore`` warns in one line naming it and falls back to the
   newest intact one. So does a checkpoint holding a NaN or infinity.
 * Finite: ``save`` refuses a state with a non-finite value.
+* Room: ``save`` refuses (RunDirError, one line) to start a checkpoint the
+  file system cannot hold, and a save that fails for a full disk leaves no
+  temporary directory behind: the previous checkpoint stays the latest.
 * Rotation keeps the newest ``keep`` checkpoints and, whatever they are, the
   newest intact one that is not suspect.
 * Set aside, never deleted by a decision: a checkpoint that is damaged, taken
@@ -36,9 +39,12 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -55,7 +61,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lite_tp_jax.core.errors import BadInput
-from lite_tp_jax.runtime.run_dir import atomic_write
+from lite_tp_jax.runtime.run_dir import RunDirError, atomic_write, check_free_space, disk_full_message
 from lite_tp_jax.sharding.state import flat_variables, logical_sharding, logical_shape, to_logical, to_physical
 
 MANIFEST = "lite_tp_manifest.json"
@@ -69,6 +75,31 @@ _FIRST_FORMAT_PREFIX = {"model": "0/", "optimizer": "1/"}  # format 1's names wi
 
 class CheckpointError(BadInput):
     """A checkpoint that does not fit the model being restored, or none usable."""
+
+
+class _RotatedAway(Exception):
+    """The checkpoint being read was deleted by the run writing it (rotation)."""
+
+
+_ROTATION_RETRIES = 20
+
+
+@contextlib.contextmanager
+def _quiet_aborted_reads():
+    """While restoring: a read that a writer's rotation cut short leaves orbax's
+    worker threads calling into its closed event loop, and each prints a
+    traceback through ``sys.excepthook``; those are dropped (the read is retried)."""
+    previous = sys.excepthook
+
+    def hook(kind, error, tb):
+        if not (kind is RuntimeError and str(error) == "Event loop is closed"):
+            previous(kind, error, tb)
+
+    sys.excepthook = hook
+    try:
+        yield
+    finally:
+        sys.excepthook = previous
 
 
 class NonFiniteError(FloatingPointError):
@@ -104,6 +135,26 @@ def first_non_finite(arrays: dict[str, jax.Array]) -> str | None:
     finite = jax.device_get(_finite_flags([arrays[n] for n in names]))
     bad = np.flatnonzero(~np.asarray(finite))
     return names[bad[0]] if bad.size else None
+
+
+def bytes_to_save(arrays: dict[str, dict[str, jax.Array]]) -> int:
+    """About the bytes this process writes for one checkpoint of ``arrays``
+    (``{item: {name: logical array}}``): its share of every array, plus a margin
+    for orbax's metadata."""
+    total = sum(a.size * a.dtype.itemsize for item_arrays in arrays.values() for a in item_arrays.values())
+    return int(total / jax.process_count() * 1.05) + (1 << 20)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """True when ``error``, or one it wraps, is ENOSPC (orbax and tensorstore wrap
+    the OSError, or report it only as text)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 # --------------------------------------------------------------------------
@@ -200,6 +251,7 @@ class Checkpointer:
             item_handlers={**handlers, "progress": ocp.JsonCheckpointHandler()},
         )
         self._pending: int | None = None  # a save started but not yet sealed
+        self._last_size = 0  # bytes of the last save started
         self._sealed: set[int] = set()  # sealed by this process: known good without re-reading
 
     def _step_dir(self, step: int) -> Path:
@@ -234,9 +286,16 @@ class Checkpointer:
         if step in self.all_steps():  # a damaged checkpoint that resuming skipped
             self._set_aside(step)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._last_size = bytes_to_save(arrays)
+        check_free_space(self.directory, self._last_size, f"checkpoint {step} could not be written")
         saves = {item: ocp.args.StandardSave(item_arrays) for item, item_arrays in arrays.items()}
         self.manager.save(step, args=ocp.args.Composite(**saves, progress=ocp.args.JsonSave(progress)), force=True)
         self._pending = step
+
+    def check_space(self, items: dict[str, nnx.State]) -> None:
+        """Before the first step: RunDirError unless the checkpoint directory has room for one checkpoint."""
+        arrays = {item: {name: to_logical(v) for name, v in flat_variables(state, "/").items()} for item, state in items.items()}
+        check_free_space(self.directory, bytes_to_save(arrays), "no checkpoint could be written")
 
     def wait(self) -> None:
         """Finishes the save in flight, seals it and rotates old checkpoints.
@@ -247,8 +306,11 @@ class Checkpointer:
         the manifest."""
         if self._pending is None:
             return
-        self.manager.wait_until_finished()
         step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001 - the write failed: nothing of it is kept
+            self._failed(step, error)
         if jax.process_index() == 0:
             write_manifest(self._step_dir(step))
         self._sealed.add(step)
@@ -259,6 +321,27 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+    def check(self) -> None:
+        """After each step: raises at once if the save in flight has failed
+        (RunDirError for a full disk), not at the next save."""
+        if self._pending is None:
+            return
+        try:
+            self.manager.check_for_errors()
+        except Exception as error:  # noqa: BLE001
+            step, self._pending = self._pending, None
+            self._failed(step, error)
+
+    def _failed(self, step: int, error: Exception):
+        """A save of ``step`` failed: its temporary directory is removed (the
+        previous checkpoints stay as they were); a full disk is one line."""
+        for leftover in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.manager.reload()
+        if _is_disk_full(error):
+            raise RunDirError(f"checkpoint {step} could not be written: {disk_full_message(self.directory, self._last_size)}") from None
+        raise error
 
     def _set_aside(self, step: int) -> None:
         target = _aside_name(self.directory, step, "damaged")
@@ -354,13 +437,46 @@ class Checkpointer:
         raises CheckpointError naming the first mismatching parameter.
         """
         self.wait()
-        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-        if not steps:
-            raise CheckpointError(f"No checkpoint found in {self.directory}.")
         variables = {item: flat_variables(state, "/") for item, state in items.items()}
+        with _quiet_aborted_reads():
+            return self._restore_retrying(variables, mesh, step)
+
+    def _restore_retrying(self, variables, mesh: Mesh, step: int | None) -> dict[str, Any]:
+        for _ in range(_ROTATION_RETRIES):
+            steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+            if not steps:
+                raise CheckpointError(f"No checkpoint found in {self.directory}.")
+            if step is not None and not self._step_dir(step).is_dir():
+                raise CheckpointError(f"Checkpoint {self._step_dir(step)} does not exist.")
+            try:
+                return self._restore_newest(steps, variables, mesh, one=step is not None)
+            except _RotatedAway:  # a writer rotated it out while it was read: look again
+                self.manager.reload()
+        raise CheckpointError(
+            f"the checkpoints in {self.directory} were rotated away {_ROTATION_RETRIES} times while being read; "
+            f"read them when the run pauses, or train with a larger checkpoint.keep."
+        )
+
+    def _gone(self, step: int) -> bool:
+        """True when checkpoint ``step`` is vanishing: rotated away by the run writing
+        it (a deletion in progress is given a moment to finish)."""
+        for _ in range(5):
+            if not self._step_dir(step).is_dir():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _restore_newest(self, steps: list[int], variables, mesh: Mesh, *, one: bool) -> dict[str, Any]:
+        """Restores the first usable of ``steps`` into ``variables``; _RotatedAway when
+        one vanished under the reader (never called damaged)."""
         skipped = []
         for candidate in steps:
-            problem = damage(self._step_dir(candidate))
+            try:
+                problem = damage(self._step_dir(candidate))
+            except OSError:
+                problem = "its files vanished while being checked"
+            if problem is not None and self._gone(candidate):
+                raise _RotatedAway(candidate)
             restored = None
             if problem is None:
                 try:
@@ -372,8 +488,12 @@ class Checkpointer:
                         self._check_matches(candidate, item, item_variables, saved[item])
                     restored = self._read(candidate, variables, mesh)
                 except CheckpointError:
+                    if self._gone(candidate):
+                        raise _RotatedAway(candidate) from None
                     raise
                 except Exception as error:  # noqa: BLE001 - any failure to read means damaged
+                    if self._gone(candidate):
+                        raise _RotatedAway(candidate) from None
                     problem = f"orbax cannot read it: {type(error).__name__}: {_first_line(error)}"
             if restored is not None:
                 arrays, progress = restored
@@ -384,7 +504,7 @@ class Checkpointer:
                         break
             if restored is None:
                 skipped.append(candidate)
-                if step is not None:
+                if one:
                     raise CheckpointError(f"Checkpoint {self._step_dir(candidate)} is unusable: {problem}.")
                 _warn(f"checkpoint {self._step_dir(candidate)} is damaged ({problem}); trying an older one")
                 continue
@@ -393,8 +513,8 @@ class Checkpointer:
                     variable.set_value(to_physical(variable, arrays[item][name], mesh))
             return dict(progress)
         raise CheckpointError(
-            f"No intact checkpoint in {self.directory}: steps {', '.join(map(str, skipped))} are all damaged; "
-            f"move the directory away to start afresh."
+            f"No intact checkpoint in {self.directory}: steps {', '.join(map(str, skipped))} are all damaged "
+            f"(each was checked and left in place); train into a new --run-dir to start afresh."
         )
 
     def _is_first_format(self, step: int) -> bool:

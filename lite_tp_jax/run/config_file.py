@@ -218,7 +218,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
         mark = getattr(error, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"config file {where} is not valid YAML: {problem}{at}") from None
-    if mapping is not None and not isinstance(mapping, dict):
+    if mapping is None:
+        raise ConfigError(f"config file {where} is empty; give at least one section ({', '.join(SECTIONS)}), "
+                          f"e.g. start from configs/tiny.yaml")
+    if not isinstance(mapping, dict):
         raise ConfigError(
             f"config file {where} must hold a YAML mapping of sections "
             f"({', '.join(SECTIONS)}), got a {type(mapping).__name__}"

@@ -9,7 +9,9 @@ operation), because that is when XLA reads its flags and device count:
 * ``provide_cpu_devices`` otherwise makes jax expose the mesh's devices as fake
   CPU devices, after ``check_fake_device_count`` has refused an implausible
   count (``mesh.tensor=100000``, a typo, would grow memory without bound);
-* ``use_deterministic_gpu_ops`` and ``allow_bf16_cpu_all_reduce`` set XLA flags.
+* ``use_deterministic_gpu_ops`` and ``allow_bf16_cpu_all_reduce`` set XLA flags;
+* ``check_fits_memory`` refuses, before any work, what a device cannot hold
+  (after jax has started: it asks the devices).
 """
 
 from __future__ import annotations
@@ -81,8 +83,10 @@ def provide_cpu_devices(count: int) -> None:
     """Makes jax expose ``count`` CPU devices (fake ones on a single host).
 
     Must run before jax initialises its backends (before the first jax
-    operation). Raises RuntimeError when jax already runs with fewer devices.
+    operation). PreflightError for an implausible count (``check_fake_device_count``);
+    RuntimeError when jax already runs with fewer devices.
     """
+    check_fake_device_count(count)
     if xla_bridge.backends_are_initialized():
         available = len(jax.devices())
         if available < count:
@@ -132,8 +136,36 @@ def prepare_devices(device_count: int, *, deterministic: bool = False) -> None:
     if deterministic:
         use_deterministic_gpu_ops()
     if not start_cluster():
-        check_fake_device_count(device_count)  # before jax allocates them
-        provide_cpu_devices(device_count)
+        provide_cpu_devices(device_count)  # checks the count is plausible first
+
+
+def device_memory_bytes() -> int:
+    """The memory one local device can use: its allocator's limit on GPU and TPU;
+    on CPU the host's available memory shared by the local (fake) devices."""
+    devices = jax.local_devices()
+    stats = devices[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return _host_available_bytes() // len(devices)
+
+
+def _host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits_memory(needed: int, what: str, remedy: str) -> None:
+    """PreflightError when ``needed`` bytes per device exceed ``device_memory_bytes()``."""
+    available = device_memory_bytes()
+    if needed > available:
+        raise PreflightError(
+            f"{what} needs about {needed / 2**30:,.1f} GiB per device, but a device here has "
+            f"{available / 2**30:,.1f} GiB; {remedy}."
+        )
 
 
 def device_memory_in_use() -> int | None:

@@ -14,6 +14,9 @@ class ExitCode(enum.IntEnum):
     """Input the user controls is wrong (``BadInput``): one line, no traceback, nothing half-written."""
     DEVICE_LOST = 3
     """A device failed and no spare could take its place: restart from the last checkpoint."""
+    DIVERGED = 4
+    """Stopped on a non-finite loss or gradient (``train.on_nonfinite=stop``): the same
+    command would fail the same way, so ``lite-tp launch --max-restarts`` does not retry it."""
     INTERRUPTED = 128 + signal.SIGINT
     """Ctrl-C."""
     PREEMPTED = 128 + signal.SIGTERM

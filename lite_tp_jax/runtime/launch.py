@@ -9,8 +9,10 @@ devices (default: the mesh's device count / N) and joins the others through
 they hold one global mesh, exactly as one process per host would on a cluster.
 
 Output: process 0's standard output is shown here; everything every process
-writes (standard output and error) goes to ``RUN_DIR/logs/rank-K.log``, without
-Gloo's "Rank N is connected" chatter. If a process fails to start or exits
+writes (standard output and error) goes to ``RUN_DIR/logs/rank-K.log``
+(``rank-K.attempt-N.log`` after restart N: every attempt's log is kept),
+without Gloo's "Rank N is connected" chatter. Workers die with the launcher
+(``PR_SET_PDEATHSIG``): a ``kill -9`` of the launcher leaves no orphan training on. If a process fails to start or exits
 with an error, the others are stopped (SIGKILL: JAX's preemption handler
 swallows SIGTERM) and the launcher exits non-zero (2 if that process reported
 bad input) after printing the failed process's last error line.
@@ -23,6 +25,7 @@ the launcher then exits 143 too: rerun the same command to continue.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -45,6 +48,31 @@ _GLOO_CHATTER = re.compile(  # "[Gloo] Rank N is connected to M peer ranks. ..."
     r"|(?:(?:\d+ )?is connected to )?(?:\d+ )?peer ranks\. Expected number of connected peer ranks is : \d+\n?"
 )
 _NOT_THE_ERROR = re.compile(r"^(@ |\*\*\* |RPC: )")  # a native abort's stack trace and status detail
+
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child of a fork only calls it
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with_launcher(launcher: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the worker gets SIGKILL when the launcher dies (``kill -9``
+    included), so no worker trains on as an orphan. Linux; elsewhere a no-op."""
+
+    def arm() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != launcher:  # the launcher died before the line above
+                os._exit(ExitCode.FAILURE)
+
+    return arm
+
+
+def log_name(rank: int, attempt: int = 0) -> str:
+    """``rank-K.log`` for the first attempt, ``rank-K.attempt-N.log`` for restart N: every attempt's log is kept."""
+    return f"rank-{rank}.log" if attempt == 0 else f"rank-{rank}.attempt-{attempt}.log"
 
 
 def free_port() -> int:
@@ -123,7 +151,7 @@ def run_processes(
     with 0, 143 when they were preempted (each exited 0 or 143, at least one
     143). When one fails to start or exits non-zero otherwise, the others are killed,
     one line naming it and its last error line goes to ``errors`` (default:
-    stderr), and 2 is returned if it exited with 2 (bad input), else 1.
+    stderr), and its code is returned if it was 2 (bad input) or 4 (diverged), else 1.
     """
     return run_attempt(argv, environments, log_dir, echo=echo, errors=errors, poll_s=poll_s).code
 
@@ -137,6 +165,7 @@ def run_attempt(
     errors: TextIO | None = None,
     poll_s: float = 0.05,
     watchdog: Watchdog | None = None,
+    attempt: int = 0,
 ) -> Outcome:
     """``run_processes``, returning the ``Outcome``; ``watchdog`` may declare a hang.
     SIGTERM to this process is passed on to every worker (preemption: they save
@@ -149,11 +178,11 @@ def run_attempt(
     forward = _forward_sigterm(workers)
     try:
         for rank, env in enumerate(environments):
-            log = open(log_dir / f"rank-{rank}.log", "w")
+            log = open(log_dir / log_name(rank, attempt), "w")
             try:
                 process = subprocess.Popen(
                     list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                    errors="replace", start_new_session=True,
+                    errors="replace", start_new_session=True, preexec_fn=_die_with_launcher(os.getpid()),
                 )
             except OSError as error:
                 log.close()
@@ -167,8 +196,18 @@ def run_attempt(
                 worker.readers.append(reader)
             workers.append(worker)
         failed, hang = _wait(workers, poll_s, watchdog)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: as SIGTERM, the processes save at the step boundary; again: stop now
+        print("lite-tp launch: Ctrl-C: the processes save a checkpoint at the end of this step "
+              "(Ctrl-C again to stop at once)", file=errors, flush=True)
+        try:
+            _forward_sigterm._forward(workers)
+            _wait(workers, poll_s)
+            saved = all(w.process.returncode in (0, ExitCode.PREEMPTED) for w in workers)
+        except KeyboardInterrupt:
+            saved = False
         _stop(workers)
+        print("lite-tp launch: interrupted" + ("; the processes saved a checkpoint: rerun the same command to continue"
+                                               if saved else ""), file=errors)
         return Outcome(ExitCode.INTERRUPTED, None, "interrupted")
     finally:
         forward.restore()
@@ -185,8 +224,9 @@ def run_attempt(
     code = failed.process.returncode
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     last = failed.last_error or failed.last_output or "(no output)"
-    print(f"lite-tp launch: process {failed.rank} {how}: {last}  [log: {log_dir / f'rank-{failed.rank}.log'}]", file=errors)
-    return Outcome(ExitCode.BAD_INPUT if code == ExitCode.BAD_INPUT else ExitCode.FAILURE, failed.rank, f"process {failed.rank} {how}: {last}")
+    print(f"lite-tp launch: process {failed.rank} {how}: {last}  [log: {log_dir / log_name(failed.rank, attempt)}]", file=errors)
+    kept = code if code in (ExitCode.BAD_INPUT, ExitCode.DIVERGED) else ExitCode.FAILURE
+    return Outcome(kept, failed.rank, f"process {failed.rank} {how}: {last}")
 
 
 class _forward_sigterm:

@@ -15,13 +15,15 @@ has logged that resume (``once_resumed``): it continues from the last
 checkpoint rather than going back to N again.
 
 At most K restarts, then the last failure's exit code. Bad input (exit 2) is
-never retried, nor a preempted run (exit 143: it saved a checkpoint; rerun the
+never retried, nor a run stopped on a non-finite value (exit 4: the same
+checkpoint and data would meet it again), nor a preempted run (exit 143: it saved a checkpoint; rerun the
 same command when the machines are back). When the first step after a restart completes, one event line
 goes to ``metrics.jsonl``::
 
     {"event": "restart", "cause": "...", "rank": 1, "step": 7, "restart": 1, "seconds_to_first_step": 12.3}
 
-``step`` is the last step completed before the failure; ``seconds_to_first_step``
+``step`` is the step that was running when the failure was seen (the last
+completed one plus one, the step a worker's error names); ``seconds_to_first_step``
 runs from the moment the failure was seen to the first step of the new
 attempt (stopping, start-up, restore and compilation included).
 
@@ -139,7 +141,11 @@ def supervise(
         port = free_port()
         environments = [worker_environment(rank, processes, devices_per_process, port) for rank in range(processes)]
         attempt = _Attempt(StepWatch(metrics), hang_timeout, pending, failed_at)
-        outcome = run_attempt(argv, environments, run_dir / "logs", watchdog=attempt, poll_s=0.2)
+        outcome = run_attempt(argv, environments, run_dir / "logs", watchdog=attempt, poll_s=0.2, attempt=restarts)
+        if outcome.code == ExitCode.DIVERGED:
+            print("lite-tp launch: not restarted: the run stopped on a non-finite value, which a restart "
+                  "from the same checkpoint would meet again", file=sys.stderr)
+            return outcome.code
         if outcome.code in (ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.PREEMPTED, ExitCode.INTERRUPTED):
             return outcome.code
         if restarts == max_restarts:
@@ -152,7 +158,7 @@ def supervise(
         failed_at = time.monotonic()
         pending = {
             "event": "restart", "cause": outcome.cause, "rank": outcome.rank,
-            "step": StepWatch(metrics).last_step() or 0, "restart": restarts,
+            "step": (StepWatch(metrics).last_step() or 0) + 1, "restart": restarts,
         }
         argv = once_resumed(argv, metrics)
         print(f"lite-tp launch: restart {restarts}/{max_restarts} from the last checkpoint", file=sys.stderr, flush=True)

@@ -111,6 +111,9 @@ def _text_files(path: str | os.PathLike) -> list[Path]:
         if not files:
             raise DataError(f"the glob {str(path)!r} matches no files")
         return files
+    if p.exists():
+        raise DataError(f"the text path {str(path)!r} is not a regular file or a directory (a FIFO, socket or "
+                        f"device cannot be read as a corpus); give a file, a directory or a glob")
     raise DataError(f"the text path {str(path)!r} does not exist (expected a file, a directory or a glob)")
 
 
@@ -132,6 +135,8 @@ def npy_tokens(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
     array is then read-only).
     """
     where = repr(str(path))
+    if Path(path).exists() and not Path(path).is_file():  # np.load would block on a FIFO
+        raise DataError(f"the token file {where} is not a regular file; give a 1-D .npy array file")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -53,7 +54,7 @@ from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.runtime.metrics import METRICS_FILE, MetricsLog, bring_back_records, set_aside_records
 from lite_tp_jax.runtime.devices import device_memory_in_use
 from lite_tp_jax.runtime.preemption import PreemptionWatch
-from lite_tp_jax.runtime.run_dir import RunLock, check_writable
+from lite_tp_jax.runtime.run_dir import RunLock, check_run_dir, check_writable
 from lite_tp_jax.runtime.spares import DeviceLost, take_over
 from lite_tp_jax.sharding.rules import batch_sharding
 from lite_tp_jax.sharding.state import rebind_mesh
@@ -103,6 +104,8 @@ class Trainer:
                 set_aside, brought_back = self.checkpointer.resume_at(resume_step)
             if self.checkpointer.latest_step() is not None:
                 self.take_up(self.checkpointer.restore(self._items(), self.mesh, step=resume_step))
+            if self.start_step < train.steps:
+                self.checkpointer.check_space(self._items())
         except BaseException:
             self.close()
             if fresh:
@@ -112,7 +115,8 @@ class Trainer:
         self.metrics = None
         self.divergence.skips.add(self.start_step, skip_batches)
         if is_primary():
-            dump_config(config, self.run_dir / "config.yaml")
+            if self.start_step < train.steps:  # a finished run's rerun changes nothing on disk
+                dump_config(config, self.run_dir / "config.yaml")
             if resume_step is not None:  # the later steps' lines go aside with their checkpoints, or come back
                 set_aside_records(self.run_dir / METRICS_FILE, self.start_step)
                 if brought_back:
@@ -128,10 +132,12 @@ class Trainer:
         self.goodput_line: str | None = None
         self.last_step, self.compiled = self.start_step, {}
         self.preempted_at: int | None = None
+        self.stopped_by: str | None = None  # "SIGTERM" or "SIGINT" (Ctrl-C) when preempted_at is set
 
     def _claim_run_dir(self) -> None:
         """Before anything is built: the run and checkpoint directories take
         files, and no other process trains in this run directory."""
+        check_run_dir(self.run_dir)
         check_writable(self.run_dir, "run directory")
         if jax.process_index() == 0:
             self.lock = RunLock(self.run_dir)
@@ -204,6 +210,8 @@ class Trainer:
         self.goodput.add("takeover_s", finished - started)
         if self.metrics is not None:
             self.metrics.append(event)
+            print(f"lite-tp: device {failed.id} failed at step {step}; spare device {takeover.event.get('spare')} "
+                  f"took its place in {event['seconds']:.1f} s (spare_takeover in metrics.jsonl)", file=sys.stderr, flush=True)
 
     def run(self, *, show_progress: bool = True) -> list[dict]:
         """Trains from the resumed step to ``train.steps``; returns this run's
@@ -250,7 +258,7 @@ class Trainer:
         progress = Progress(
             TextColumn("step {task.completed}/{task.total}"), BarColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tokens_per_s]:,.0f} tok/s"),
-            TimeRemainingColumn(), disable=not (show_progress and is_primary()),
+            TimeRemainingColumn(), disable=not (show_progress and is_primary() and self.start_step < train.steps),
         )
         with progress:
             task = progress.add_task("train", total=train.steps, completed=self.start_step, loss=float("nan"), tokens_per_s=0.0)
@@ -284,8 +292,9 @@ class Trainer:
                 progress.update(task, completed=position + 1, loss=record["loss"], tokens_per_s=record["tokens_per_s"])
                 if preemption.reached(position + 1):
                     self._save(position + 1, record["loss"])
-                    self.preempted_at = position + 1
+                    self.preempted_at, self.stopped_by = position + 1, preemption.signal_name
                     break
+                self.checkpointer.check()  # a save in flight that failed stops the run here
                 if (position + 1) % every == 0 or position + 1 == train.steps:
                     self._save(position + 1, record["loss"])
         return records
