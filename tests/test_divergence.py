@@ -155,7 +155,7 @@ def test_a_blown_up_run_reruns_with_a_lower_learning_rate_as_the_message_says(tm
     run = tmp_path / "R"
     command = ["train.steps=12", "train.grad_clip=1e9", "checkpoint.every=2"]
     code, err = train(run, *command, "train.lr=1e4")
-    assert code == 1 and err.count("\n") == 1, err
+    assert code == 4 and err.count("\n") == 1, err
     assert "step 3: loss 1.645e+06 is" in err and "(train.on_spike=stop)" in err
     assert "checkpoint 2 holds its state and is set aside (not deleted)" in err
     assert "rerunning with a lower train.lr starts afresh from step 0" in err

@@ -23,7 +23,7 @@ What happens (``train.on_spike``: stop | rollback | ignore for a loss spike,
 
 * ``stop``: the suspect checkpoints are set aside (renamed, not deleted) and
   the run ends with one line naming them and the step that rerunning the same
-  command (with a lower ``train.lr``) resumes from (``SpikeStop``, exit 1).
+  command (with a lower ``train.lr``) resumes from (``SpikeStop``, exit 4: ``lite-tp launch --max-restarts`` never restarts it).
 * ``rollback``: reload the newest checkpoint at least ``rollback.steps_before``
   steps before the spike start that is not suspect (none: the initial state,
   step 0), set every later checkpoint aside and move the later metrics lines
@@ -62,7 +62,7 @@ from lite_tp_jax.runtime.metrics import set_aside_records
 
 
 class SpikeStop(NonFiniteError):
-    """The run stopped on a spike (a non-finite step or a loss spike); exit 1, one line."""
+    """The run stopped on a spike (a non-finite step or a loss spike); exit 4, one line."""
 
 
 @dataclass(frozen=True)
