@@ -186,7 +186,7 @@ def test_a_blown_up_run_reruns_with_a_lower_learning_rate_as_the_message_says(tm
     # seed again), batches 0..2 skipped; at the same lr it spikes again and rollback.max=1 stops it
     again = tmp_path / "again"
     code, err = train(again, *command, "train.lr=1e4", "train.on_spike=rollback", "rollback.max=1")
-    assert code == 1 and "(train.on_spike=rollback, after 1 rollbacks (rollback.max))" in err, err
+    assert code == 4 and "(train.on_spike=rollback, after 1 rollbacks (rollback.max))" in err, err
     (rollback,) = events(again, "rollback")
     assert (rollback["checkpoint"], rollback["skipped_batches"], rollback["set_aside"]) == (None, [0, 3], [2])
     assert [e["step"] for e in events(again, "spike")] == [3, 3]
