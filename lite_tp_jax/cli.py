@@ -12,6 +12,9 @@
     lite-tp bench CONFIG [--set KEY=VALUE]... [--json] [--steps N] [--out FILE.json]
     lite-tp launch --processes N [--devices-per-process D] [--max-restarts K] [--hang-timeout S]
                    -- train|generate ARGS...
+    lite-tp tokenize SOURCE OUT [--tokenizer bytes|tokenizer.json|x.model|MODEL_DIR]
+                     [--field F | --prompt-field P --completion-field C] [--split S]
+                     (text files, JSONL or a saved Hugging Face dataset -> a corpus for data.source=tokenized)
 
 ``train`` and ``generate`` join a multi-process run (``jax.distributed``) when
 the environment describes one: ``lite-tp launch`` on one machine, or SLURM,
@@ -205,10 +208,23 @@ def _add_bench(commands) -> None:
     bench.add_argument("--out", help="also write the JSON (and a PNG plot beside it) to this path")
 
 
+def _add_tokenize(commands) -> None:
+    tokenize = commands.add_parser("tokenize", help="text, JSONL or a saved dataset -> a tokenized corpus")
+    tokenize.add_argument("source", help="a text file, directory or glob; a .jsonl file; a datasets.save_to_disk directory")
+    tokenize.add_argument("out", help="the corpus directory to write (must not exist)")
+    tokenize.add_argument("--tokenizer", default="bytes",
+                          help="bytes, a tokenizer.json, a sentencepiece .model, or a model directory holding one")
+    tokenize.add_argument("--field", default="text", help="JSONL / dataset field holding each document")
+    tokenize.add_argument("--prompt-field", help="instruction data: the prompt's field (not trained on)")
+    tokenize.add_argument("--completion-field", help="instruction data: the completion's field (trained on)")
+    tokenize.add_argument("--split", default="train", help="the split of a saved DatasetDict")
+    tokenize.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lite-tp", description="Tensor-parallel training for JAX/Flax.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_train, _add_generate, _add_launch, _add_convert, _add_checkpoints, _add_plan, _add_bench):
+    for add in (_add_train, _add_generate, _add_launch, _add_convert, _add_checkpoints, _add_plan, _add_bench, _add_tokenize):
         add(commands)
     return parser
 
@@ -497,8 +513,30 @@ def _bench(args) -> int:
     return ExitCode.OK
 
 
+def _tokenize(args) -> int:
+    import signal
+
+    from lite_tp_jax.run.tokenizer import load_tokenizer
+    from lite_tp_jax.train.tokenize import Fields, tokenize
+
+    def interrupt(signum, frame):  # SIGTERM as Ctrl-C: the partial output is removed on the way out
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        fields = Fields(args.field, args.prompt_field, args.completion_field)
+        meta = tokenize(args.source, args.out, load_tokenizer(args.tokenizer), fields=fields, split=args.split,
+                        show_progress=not args.no_progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    speed = f" ({meta['bytes'] / 1e6 / max(meta['seconds'], 1e-9):.1f} MB/s)" if meta["bytes"] else ""
+    print(f"tokenized {meta['documents']} documents into {meta['tokens']} {meta['dtype']} tokens "
+          f"(vocabulary {meta['vocab_size']}) in {meta['seconds']:.1f} s{speed}: {args.out}")
+    return ExitCode.OK
+
+
 COMMANDS = {"train": _train, "generate": _generate, "launch": _launch, "convert": _convert, "checkpoints": _checkpoints,
-            "plan": _plan, "bench": _bench}
+            "plan": _plan, "bench": _bench, "tokenize": _tokenize}
 
 
 def _quiet_library_logs() -> None:

@@ -307,3 +307,44 @@ def test_the_docs_name_every_config_json_key_that_is_read():
     keys = set(re.findall(r'hf(?:\.get\(|\[)"([a-z_]+)"', source))
     docs = (repo / "docs" / "huggingface.md").read_text()
     assert keys and not sorted(k for k in keys if f"`{k}`" not in docs)
+
+
+SLIDING_CONFIGS = [  # (family, config.json changes, the window lite_tp_jax applies, or the error)
+    ("mistral", {"sliding_window": 3}, 3),
+    ("mixtral", {"sliding_window": 5}, 5),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 0, "layer_types": None}, 3),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "layer_types": ["sliding_attention"] * 2}, 3),
+    ("qwen2", {"use_sliding_window": False, "sliding_window": 3, "max_window_layers": 0}, None),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 2, "layer_types": None}, None),  # no layer slides
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1, "layer_types": None},
+     "a sliding window on 1 of 2 layers is not supported"),
+    ("mistral", {"sliding_window": 0}, "sliding_window must be a positive integer or null, got 0"),
+]
+
+
+@pytest.mark.parametrize("family, changes, expected", SLIDING_CONFIGS)
+def test_sliding_windows_are_read_and_written_back(family, changes, expected):
+    """Sliding windows are applied (no refusal, no "equal up to the window"):
+    read from config.json, and written back so that they read the same."""
+    hf = {**json.loads((DATA / family / "config.json").read_text()), **changes}
+    if isinstance(expected, str):
+        with pytest.raises(HFError, match=expected):
+            hf_config.config_from_hf(hf)
+        return
+    config = hf_config.config_from_hf(hf)
+    assert config.sliding_window == expected
+    written = hf_config.config_to_hf(config)
+    assert written["model_type"] == ("mistral" if family == "mistral" and expected else "llama" if family == "mistral" else family)
+    assert hf_config.config_from_hf(written) == dataclasses.replace(config, head_dim=config.resolved_head_dim)
+
+
+def test_mistral_with_a_sliding_window_runs_past_it():
+    """The reference Mistral with a window of 3: positions 0-2 are the
+    full-attention reference (transformers' logits), later ones are not (the
+    mask itself is tested against dense loops at every kernel, test_masks.py)."""
+    tokens, expected = reference("mistral")
+    raw = json.loads((DATA / "mistral" / "config.json").read_text())
+    model = hf.load_model(DATA / "mistral", hf_config.config_from_hf({**raw, "sliding_window": 3}), mesh=mesh_of(1, 2))
+    logits = np.asarray(model(jnp.asarray(tokens)))
+    assert max_relative_error(logits[:, :3], expected[:, :3]) <= 1e-4
+    assert np.abs(logits[:, 3:] - expected[:, 3:]).max(axis=-1).min() > 1e-3  # every later position changed

@@ -285,13 +285,31 @@ def launch_cli(*argv, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory):
-    """data 2 x tensor 4 for 6 steps in this process; checkpoints at 2, 4, 6."""
+def mixture(tmp_path_factory) -> list[str]:
+    """Overrides that train on packed documents from a mixture of two tokenized
+    corpora (two standard-library packages, weighted 3:1), so the runs below
+    also show that packing and mixtures resume exactly across process counts."""
+    import sysconfig
+
+    from lite_tp_jax.run.tokenizer import load_tokenizer
+    from lite_tp_jax.train.tokenize import tokenize
+
+    root, stdlib = tmp_path_factory.mktemp("corpora"), Path(sysconfig.get_paths()["stdlib"])
+    for name in ("json", "email"):
+        tokenize(str(stdlib / name / "*.py"), root / name, load_tokenizer("bytes"), show_progress=False)
+    return ["data.source=tokenized", "data.packing=true",
+            f"data.sources=[{{path: {root / 'json'}, weight: 3}}, {{path: {root / 'email'}, weight: 1}}]"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, mixture):
+    """data 2 x tensor 4 for 6 steps in this process on packed documents of a
+    mixture; checkpoints at 2, 4, 6."""
     run_dir = tmp_path_factory.mktemp("one") / "run"
-    return run_dir, train_here(run_dir, [*DATA2_TENSOR4, f"train.steps={STEPS}"])
+    return run_dir, train_here(run_dir, [*DATA2_TENSOR4, *mixture, f"train.steps={STEPS}"])
 
 
-def test_two_processes_train_as_one_are_preempted_together_and_restore_in_one(one_process_run, tmp_path):
+def test_two_processes_train_as_one_are_preempted_together_and_restore_in_one(one_process_run, mixture, tmp_path):
     """`lite-tp launch --processes 2 -- train tiny data 2 x tensor 4`: the same
     losses as one process. SIGTERM to the launcher once the first step is
     recorded: both processes save the same step at a step boundary and stop,
@@ -301,7 +319,7 @@ def test_two_processes_train_as_one_are_preempted_together_and_restore_in_one(on
     run_dir = tmp_path / "two"
     launcher = subprocess.Popen(
         [sys.executable, "-m", "lite_tp_jax.cli", "launch", "--processes", "2", "--", "train", str(TINY),
-         "--run-dir", str(run_dir), "--no-progress", "--set", *DATA2_TENSOR4, f"train.steps={STEPS}"],
+         "--run-dir", str(run_dir), "--no-progress", "--set", *DATA2_TENSOR4, *mixture, f"train.steps={STEPS}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     metrics = run_dir / "metrics.jsonl"
@@ -320,11 +338,11 @@ def test_two_processes_train_as_one_are_preempted_together_and_restore_in_one(on
         assert f"checkpoint {preempted_at} saved" in (run_dir / "logs" / f"rank-{rank}.log").read_text()
     assert (run_dir / "config.yaml").exists()
 
-    resumed = train_here(run_dir, [*DATA2_TENSOR4, f"train.steps={STEPS}"])  # 2 processes -> 1
+    resumed = train_here(run_dir, [*DATA2_TENSOR4, *mixture, f"train.steps={STEPS}"])  # 2 processes -> 1
     np.testing.assert_allclose(resumed, reference[preempted_at:], rtol=1e-5)
 
 
-def test_four_processes_resume_a_one_process_checkpoint(one_process_run, tmp_path):
+def test_four_processes_resume_a_one_process_checkpoint(one_process_run, mixture, tmp_path):
     """4 processes x 2 devices (tensor spans two hosts) resume step 4 of the
     one-process run and continue it: 1 process -> 4. Keeping one checkpoint,
     all four rotate step 4 away together (orbax's delete is collective)."""
@@ -332,7 +350,7 @@ def test_four_processes_resume_a_one_process_checkpoint(one_process_run, tmp_pat
     run_dir = tmp_path / "four"
     shutil.copytree(reference_dir / "checkpoints" / "4", run_dir / "checkpoints" / "4")
     launch_cli("--processes", "4", "--", "train", str(TINY), "--run-dir", str(run_dir), "--no-progress",
-               "--set", *DATA2_TENSOR4, f"train.steps={STEPS}", "checkpoint.keep=1")
+               "--set", *DATA2_TENSOR4, *mixture, f"train.steps={STEPS}", "checkpoint.keep=1")
     np.testing.assert_allclose(losses(run_dir), reference[4:], rtol=1e-5)
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [str(STEPS)]
 

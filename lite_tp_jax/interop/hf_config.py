@@ -2,13 +2,20 @@
 
 Families: Llama 2/3, Mistral, Qwen2, Qwen3 (q/k norm), Mixtral, Qwen2-MoE
 (gated shared expert), Qwen3-MoE and GPT-2 (``FAMILIES``). A
-Mistral-shaped model is written back as "llama" (``family_of``).
+Mistral-shaped model is written back as "llama" (``family_of``), or as
+"mistral" when it has a sliding window (Llama has none).
+
+Sliding windows: Mistral's and Mixtral's ``sliding_window``, and the Qwen
+families' with ``use_sliding_window`` (on every layer: ``max_window_layers``
+0, or ``layer_types`` all "sliding_attention"), become
+``model.sliding_window``: a query attends to the ``sliding_window``
+positions ending at itself, as Hugging Face's ``kv_idx > q_idx -
+sliding_window``, at any sequence length.
 
 Not supported (a one-line ``HFError``): other ``model_type``s, RoPE scalings
 other than "linear" and "llama3", activations other than SiLU (GPT-2: tanh
-GeLU), Mixtral with 1 expert per token, Qwen-MoE ``mlp_only_layers``. Mistral's and Mixtral's
-``sliding_window`` is not applied: attention is causal over the whole
-sequence, equal to Hugging Face's for sequences no longer than the window.
+GeLU), Mixtral with 1 expert per token, Qwen-MoE ``mlp_only_layers``, a
+sliding window on some layers only.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from lite_tp_jax.models.config import ModelConfig
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2")
 ARCHITECTURES = {
-    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
     "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
@@ -83,15 +90,13 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         )
     if hf.get("hidden_act", "silu") != "silu":
         raise HFError(f"hidden_act {hf['hidden_act']!r} is not supported for {family}; supported: silu.")
-    if family.startswith("qwen") and hf.get("use_sliding_window"):
-        raise HFError(f"{family} with use_sliding_window: true is not supported.")
     heads = hf["num_attention_heads"]
     fields: dict[str, Any] = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
         ffn_hidden_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=hf.get("tie_word_embeddings", False),
-        max_positions=hf.get("max_position_embeddings", 2048), **_rope(hf),
+        max_positions=hf.get("max_position_embeddings", 2048), sliding_window=_sliding_window(family, hf), **_rope(hf),
     )
     if family == "llama":
         bias = bool(hf.get("attention_bias", False))
@@ -145,6 +150,31 @@ def _qwen_moe(family: str, hf: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def _sliding_window(family: str, hf: dict[str, Any]) -> int | None:
+    """The window every layer applies, or None; HFError for one on some layers only."""
+    window = hf.get("sliding_window")
+    if family.startswith("qwen") and not hf.get("use_sliding_window"):
+        return None
+    if window is None or family not in ("mistral", "mixtral") and not family.startswith("qwen"):
+        return None
+    if not isinstance(window, int) or window < 1:
+        raise HFError(f"sliding_window must be a positive integer or null, got {window!r}.")
+    layers = hf["num_hidden_layers"]
+    kinds = hf.get("layer_types")
+    if family.startswith("qwen") and kinds is None:  # transformers: layer i slides when i >= max_window_layers
+        first = hf.get("max_window_layers", layers)
+        kinds = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    if kinds is not None and len(set(kinds)) > 1:
+        sliding = sum(kind == "sliding_attention" for kind in kinds)
+        raise HFError(
+            f"a sliding window on {sliding} of {len(kinds)} layers is not supported (layer_types / max_window_layers); "
+            f"only on every layer or none."
+        )
+    if kinds is not None and kinds and kinds[0] != "sliding_attention":
+        return None
+    return window
+
+
 def family_of(config: ModelConfig) -> str:
     """The Hugging Face family that represents ``config`` (Mistral's shape is
     Llama's: it is written as "llama")."""
@@ -182,6 +212,10 @@ def family_of(config: ModelConfig) -> str:
         return "qwen2"
     if config.qkv_bias != config.out_bias:
         raise HFError("Llama biases its q, k, v and output projections together; this model does not.")
+    if config.sliding_window is not None:
+        if config.qkv_bias or config.mlp_bias:
+            raise HFError("Mistral (Llama's shape with a sliding window) has no biases; this model has some.")
+        return "mistral"
     return "llama"
 
 
@@ -216,13 +250,17 @@ def config_to_hf(config: ModelConfig, dtype: Any = jnp.float32) -> dict[str, Any
         }
     if family == "llama":
         hf.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
+    if family in ("mistral", "mixtral"):
+        hf.update(sliding_window=config.sliding_window)
     if family == "mixtral":
         hf.update(
             num_local_experts=config.num_experts, num_experts_per_tok=config.top_k,
-            router_aux_loss_coef=config.aux_loss_weight, sliding_window=None,
+            router_aux_loss_coef=config.aux_loss_weight,
         )
     if family.startswith("qwen"):
-        hf.update(use_sliding_window=False, sliding_window=None)
+        sliding = config.sliding_window is not None
+        hf.update(use_sliding_window=sliding, sliding_window=config.sliding_window,
+                  max_window_layers=0 if sliding else config.num_layers)
     if family == "qwen3" or family == "qwen3_moe":
         hf.update(attention_bias=config.qkv_bias)
     if family in ("qwen2_moe", "qwen3_moe"):

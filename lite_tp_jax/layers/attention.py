@@ -2,7 +2,7 @@
 
     x (replicated) -> q_i, k_i, v_i = x @ W_q[:, heads_i], x @ W_k[:, kv_i], x @ W_v[:, kv_i]   no communication
                    -> (RoPE on q_i, k_i)                                                    local
-                   -> o_i = softmax(causal(q_i k_i^T / sqrt(head_dim))) v_i                 local, per head (attention_core)
+                   -> o_i = softmax(mask(q_i k_i^T / sqrt(head_dim))) v_i                   local, per head (attention_core)
                    -> y = all-reduce(o_i @ W_out[heads_i]) + b                              one all-reduce
 
 Backward mirrors it: one all-reduce of the input gradient (the three
@@ -11,6 +11,11 @@ projections enter the region together, ``copy_to_tensor_region``). With
 all-gather on entry and a reduce-scatter on exit replace the all-reduce
 (backward: a reduce-scatter of dx and an all-gather of dy). The positions of
 RoPE are those of the full, gathered sequence.
+
+The mask (``masks.py``) is causal, with ``sliding_window`` (Mistral, Qwen2)
+keys at most ``sliding_window - 1`` positions back, and with ``segments``
+(packed documents) keys of the query's own document only; the KV cache decode
+masks with the same function.
 
 ``attention_core`` is the one place scores and softmax are computed; ``kernel``
 picks ``jax.nn.dot_product_attention``'s implementation (``auto``, ``xla``,
@@ -67,10 +72,11 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.core.collectives import cast_for, copy_to_tensor_region, enter_tensor_parallel, exit_tensor_parallel
+from lite_tp_jax.layers.masks import attention_mask, dot_product_arguments, segment_positions
 from lite_tp_jax.layers.rotary import RopeScaling, apply_rotary
 from lite_tp_jax.core.axes import TENSOR
 from lite_tp_jax.sharding.padding import mask_padding
-from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_or_replicated
+from lite_tp_jax.parallel.region import REPLICATED, Layout, ParallelLayer, sequence_or_replicated
 from lite_tp_jax.sharding.rules import MEGATRON, PartitionRules, padded_size
 from lite_tp_jax.core.checks import check_heads, check_last_dim, check_positive_int, check_rank
 
@@ -86,31 +92,39 @@ ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 
 
 def attention_core(
-    q: jax.Array, k: jax.Array, v: jax.Array, kernel: AttentionKernel = "auto", causal: bool = True
+    q: jax.Array, k: jax.Array, v: jax.Array, kernel: AttentionKernel = "auto", causal: bool = True, *,
+    window: int | None = None, segments: jax.Array | None = None,
 ) -> jax.Array:
-    """``softmax(causal(q k^T / sqrt(D))) v`` per head, one rank's heads, no communication
+    """``softmax(mask(q k^T / sqrt(D))) v`` per head, one rank's heads, no communication
     (``causal=False``: every position attends to every other, as in an encoder).
 
     ``q``: ``[B, S, N, D]``; ``k``, ``v``: ``[B, S, K, D]`` with ``K`` dividing
     ``N`` (query head ``n`` attends with kv head ``n // (N / K)``). Scores and
-    softmax are float32; the result has ``v``'s dtype.
+    softmax are float32; the result has ``v``'s dtype. The mask is
+    ``masks.attention_mask`` of positions ``0..S-1``: ``causal``, a sliding
+    ``window`` and document ``segments`` ``[B, S]`` (ids; a query sees keys of
+    its own segment only).
 
     ``kernel``: ``reference`` is the plain einsum / softmax below, whose softmax
     output is named ``attention_weights`` for the remat policies; the others
     are ``jax.nn.dot_product_attention`` with ``implementation`` ``xla``,
     ``cudnn`` (the fused flash kernel: GPU, 16-bit dtypes; ``[S, S]`` is never
-    materialised) or ``auto`` (None: cudnn where it applies, else xla).
+    materialised, except a segment mask, passed as a bias) or ``auto`` (None:
+    cudnn where it applies, else xla); causality and the window reach them as
+    ``is_causal`` and ``local_window_size`` (``masks.dot_product_arguments``).
     """
+    seq, head_dim = q.shape[1], q.shape[-1]
     if kernel != "reference":
         implementation = None if kernel == "auto" else kernel
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
-    seq, head_dim = q.shape[1], q.shape[-1]
+        masking = dot_product_arguments(seq, k.shape[1], causal=causal, window=window, segments=segments)
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation, **masking)
     group = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(head_dim))
-    if causal:
-        logits = jnp.where(jnp.tril(jnp.ones((seq, seq), dtype=bool)), logits, jnp.finfo(jnp.float32).min)
+    positions = jnp.arange(seq)
+    visible = attention_mask(positions, positions, causal=causal, window=window, q_segments=segments, k_segments=segments)
+    logits = jnp.where(visible[:, None] if visible.ndim == 3 else visible, logits, jnp.finfo(jnp.float32).min)
     weights = checkpoint_name(jax.nn.softmax(logits, axis=-1).astype(v.dtype), "attention_weights")
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
@@ -208,6 +222,7 @@ class ParallelAttention(ParallelLayer):
         kernel: AttentionKernel = "auto",
         qk_norm_eps: float | None = None,
         causal: bool = True,
+        sliding_window: int | None = None,
         param_dtype: Any = jnp.float32,
         role: str = "attention",
         rules: PartitionRules = MEGATRON,
@@ -215,7 +230,11 @@ class ParallelAttention(ParallelLayer):
     ):
         if kernel not in ATTENTION_KERNELS:
             raise ValueError(f"ParallelAttention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}.")
-        self.attention_kernel, self.causal = kernel, causal
+        if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window >= 1):
+            raise ValueError(
+                f"ParallelAttention sliding_window must be a positive int (keys within that many positions), got {sliding_window!r}."
+            )
+        self.attention_kernel, self.causal, self.sliding_window = kernel, causal, sliding_window
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta)
         features, num_heads, num_kv_heads = int(features), int(num_heads), int(num_kv_heads)
@@ -253,20 +272,25 @@ class ParallelAttention(ParallelLayer):
             out(zeros_init, rngs.params(), (features,), ("out",)) if (use_bias if out_bias is None else out_bias) else None,
         )
 
-    def layout(self, x: jax.Array) -> Layout:
+    def layout(self, x: jax.Array, segments: jax.Array | None = None) -> Layout:
         """``x`` and the result: ``[B, S, features]``, replicated over "tensor" (or
-        sharded along ``S`` with ``sequence_parallel``)."""
+        sharded along ``S`` with ``sequence_parallel``); ``segments`` ``[B, S]``
+        whole on every tensor rank."""
         placement = sequence_or_replicated(self.sequence_parallel)
-        return Layout((placement,), placement.of(x.ndim))
+        return Layout((placement,) if segments is None else (placement, REPLICATED), placement.of(x.ndim))
 
-    def check(self, x: jax.Array) -> None:
+    def check(self, x: jax.Array, segments: jax.Array | None = None) -> None:
         name = type(self).__name__
         check_last_dim(x, self.features, name)
         check_rank(x, 3, "[batch, seq, features]", name)
+        if segments is not None and (segments.ndim != 2 or segments.shape[0] != x.shape[0]):
+            raise ValueError(f"{name} segments must be [batch, seq] ids, got shape {tuple(segments.shape)} for x {tuple(x.shape)}.")
 
-    def local(self, x: jax.Array) -> jax.Array:
+    def local(self, x: jax.Array, segments: jax.Array | None = None) -> jax.Array:
         """One rank's math: ``x`` full (replicated over "tensor"), or its sequence
-        shard with ``sequence_parallel``. Returns the same."""
+        shard with ``sequence_parallel``. Returns the same. ``segments`` ``[B, S]``
+        (the whole sequence): packed documents, each attending to itself only,
+        its RoPE positions restarting at 0 (``masks.segment_positions``)."""
         # Enter the region once for q, k and v, so backward has one collective for dx.
         x = enter_tensor_parallel(x, self.sequence_parallel)
         seq = x.shape[-2]  # the full sequence, also with sequence_parallel
@@ -278,11 +302,13 @@ class ParallelAttention(ParallelLayer):
             k, v = (self._project_per_query_head(p, x, q.shape[2]) for p in (self.key, self.value))
         q, k = self._qk_norm(q, k)
         if self.rope_theta is not None:
-            positions = jnp.arange(seq)
+            positions = jnp.arange(seq) if segments is None else segment_positions(segments)
             q = apply_rotary(q, positions, self.rope_theta, self.rope_scaling)
             k = apply_rotary(k, positions, self.rope_theta, self.rope_scaling)
         q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query", "key", "value")))
-        o = checkpoint_name(attention_core(q, k, v, self.attention_kernel, self.causal), "attention_output")  # [B, S, local heads, D]
+        o = checkpoint_name(attention_core(
+            q, k, v, self.attention_kernel, self.causal, window=self.sliding_window, segments=segments
+        ), "attention_output")  # [B, S, local heads, D]
 
         out_kernel = cast_for(mask_padding(self.out.kernel[...], 0, self.num_heads), o)
         partial_sums = jnp.einsum("bqhd,hdf->bqf", o, out_kernel)
@@ -359,7 +385,12 @@ class ParallelAttention(ParallelLayer):
 
         logits = self._scores(q, keys) / jnp.sqrt(jnp.float32(self.head_dim))  # [B, local heads, S, slots]
         key_slots = jnp.arange(keys.shape[1])
-        visible = (key_slots <= new_slots[:, None]) & (key_slots >= start[:, None, None])  # [B, S, slots]
+        # slots before a row's start hold left padding: segment 0, the row's tokens segment 1
+        filled = (key_slots[None, :] >= start[:, None]).astype(jnp.int32)  # [B, slots]
+        visible = attention_mask(
+            new_slots, key_slots, window=self.sliding_window,
+            q_segments=jnp.ones((x.shape[0], new), jnp.int32), k_segments=filled,
+        )  # [B, S, slots]
         logits = jnp.where(visible[:, None], logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
         o = self._mix(weights, values)

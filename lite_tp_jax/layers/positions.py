@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from lite_tp_jax.core.collectives import copy_to_tensor_region
 from lite_tp_jax.core.axes import TENSOR
-from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_or_replicated
+from lite_tp_jax.parallel.region import REPLICATED, Layout, ParallelLayer, sequence_or_replicated
 from lite_tp_jax.sharding.rules import MEGATRON, PartitionRules
 from lite_tp_jax.core.checks import check_last_dim
 
@@ -49,21 +49,26 @@ class LearnedPositions(ParallelLayer):
             supports=("replicated",),
         )
 
-    def layout(self, x: jax.Array) -> Layout:
+    def layout(self, x: jax.Array, positions: jax.Array | None = None) -> Layout:
         placement = sequence_or_replicated(self.sequence_parallel)
-        return Layout((placement,), placement.of(x.ndim))
+        return Layout((placement,) if positions is None else (placement, REPLICATED), placement.of(x.ndim))
 
-    def check(self, x: jax.Array) -> None:
+    def check(self, x: jax.Array, positions: jax.Array | None = None) -> None:
         check_last_dim(x, self.features, type(self).__name__)
         if x.ndim < 2 or x.shape[-2] > self.max_positions:
             raise ValueError(
                 f"{type(self).__name__} holds {self.max_positions} positions; got a sequence of shape {tuple(x.shape)}."
             )
 
-    def local(self, x: jax.Array) -> jax.Array:
-        """``x``: this rank's ``[..., S (or S/tp), features]``."""
+    def local(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """``x``: this rank's ``[B, S (or S/tp), features]``. ``positions``: ``[B, S]``
+        (the whole sequence: packed documents restart at 0, ``masks.segment_positions``),
+        default ``0..S-1``; with ``sequence_parallel`` this rank adds its shard's."""
         table, seq = self.embedding[...], x.shape[-2]
         first = 0
         if self.sequence_parallel:
             table, first = copy_to_tensor_region(table), jax.lax.axis_index(TENSOR) * seq
-        return x + jax.lax.dynamic_slice_in_dim(table, first, seq, axis=0).astype(x.dtype)
+        if positions is None:
+            return x + jax.lax.dynamic_slice_in_dim(table, first, seq, axis=0).astype(x.dtype)
+        mine = jax.lax.dynamic_slice_in_dim(positions, first, seq, axis=-1)
+        return x + jnp.take(table, mine, axis=0).astype(x.dtype)

@@ -23,7 +23,7 @@ from lite_tp_jax.layers.moe import MoEMLP
 from lite_tp_jax.layers.norm import LayerNorm, RMSNorm
 from lite_tp_jax.layers.rotary import RopeScaling
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.parallel.region import Layout, ParallelLayer, sequence_or_replicated
+from lite_tp_jax.parallel.region import REPLICATED, Layout, ParallelLayer, sequence_or_replicated
 from lite_tp_jax.sharding.rules import PartitionRules
 
 
@@ -76,6 +76,7 @@ class Block(ParallelLayer):
             rope_scaling=rope_scaling(config),
             qk_norm_eps=config.norm_eps if config.qk_norm else None,
             kernel=config.attention,
+            sliding_window=config.sliding_window,
             rules=rules,
             rngs=rngs,
         )
@@ -95,14 +96,18 @@ class Block(ParallelLayer):
             )
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x``: ``[B, S, H]`` (sharded along S with sequence parallelism). Returns the block output."""
+    def __call__(self, x: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+        """``x``: ``[B, S, H]`` (sharded along S with sequence parallelism); ``segments``:
+        ``[B, S]`` document ids of packed rows (whole on every tensor rank). Returns the block output."""
         placement = sequence_or_replicated(self.sequence_parallel)
-        return self.run(lambda self, x: self.local(x)[0], Layout((placement,), placement.of(x.ndim)), x)
+        inputs = (placement,) if segments is None else (placement, REPLICATED)
+        args = (x,) if segments is None else (x, segments)
+        return self.run(lambda self, *args: self.local(*args)[0], Layout(inputs, placement.of(x.ndim)), *args)
 
-    def local(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def local(self, x: jax.Array, segments: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         # checkpoint_name: what the remat policies may keep (REMAT_SAVES)
-        x = x + self.attention(checkpoint_name(self.attention_norm(x), "attention_input"))
+        h = checkpoint_name(self.attention_norm(x), "attention_input")
+        x = x + (self.attention(h) if segments is None else self.attention(h, segments))
         x = checkpoint_name(x, "attention_residual")
         h = checkpoint_name(self.mlp_norm(x), "mlp_input")
         if isinstance(self.mlp, MoEMLP):
@@ -131,12 +136,12 @@ class LayerGroup(nnx.Module):
             ]
         )
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x: jax.Array, segments: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         stats = zero_stats(self.blocks[0].num_experts)
         for i, block in enumerate(self.blocks):
             if i:  # kept, or the backward would rerun the previous block's reduction to get it back
                 x = checkpoint_name(x, "block_input")
-            x, block_stats = block.local(x)
+            x, block_stats = block.local(x, segments)
             stats = jax.tree.map(jnp.add, stats, block_stats)
         return x, stats
 

@@ -42,6 +42,10 @@ class ModelConfig:
     # einsum "reference" (the only one whose softmax remat "none" keeps).
     compute_dtype: ComputeDtype = "float32"
     attention: AttentionKernel = "auto"
+    # Sliding-window attention (Mistral, Qwen2): a query sees the keys at most
+    # sliding_window - 1 positions back (itself included: sliding_window keys);
+    # null: the whole causal prefix (lite_tp_jax/layers/masks.py).
+    sliding_window: int | None = ranged(None, POSITIVE)
     # Mixture of experts: every moe_every-th layer (0: none) has num_experts
     # SwiGLU experts of ffn_hidden_size, top_k routing, and a capacity of
     # capacity_factor * tokens * top_k / num_experts per expert (null: dropless).

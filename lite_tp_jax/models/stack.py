@@ -66,12 +66,13 @@ def stack_blocks(
     return stacked
 
 
-def scan_states(graphdef: nnx.GraphDef, states: Any, x: Any, policy: Callable) -> Any:
+def scan_states(graphdef: nnx.GraphDef, states: Any, x: Any, policy: Callable, *constants: Any) -> Any:
     """The blocks ``states`` (stacked on dim 0) of ``graphdef`` applied to ``x`` in
-    order, each under ``jax.checkpoint`` with the remat ``policy``."""
+    order, each under ``jax.checkpoint`` with the remat ``policy``; ``constants``
+    (e.g. packed documents' segment ids) are passed to every block after ``x``."""
 
     def one_block(x, state):
-        out = nnx.merge(graphdef, state)(x)
+        out = nnx.merge(graphdef, state)(x, *constants)
         return out if isinstance(out, tuple) else (out, None)
 
     x, aux = jax.lax.scan(jax.checkpoint(one_block, policy=policy, prevent_cse=False), x, states)

@@ -51,6 +51,7 @@ from lite_tp_jax.layers.attention import KVCache
 from lite_tp_jax.layers.cross_entropy import vocab_parallel_cross_entropy
 from lite_tp_jax.layers.embedding import VocabParallelEmbedding
 from lite_tp_jax.layers.moe import load_extremes
+from lite_tp_jax.layers.masks import segment_positions
 from lite_tp_jax.layers.positions import LearnedPositions
 from lite_tp_jax.models.blocks import LayerGroup, make_norm
 from lite_tp_jax.models.config import ModelConfig
@@ -126,20 +127,32 @@ class Transformer(nnx.Module):
 
     # --- entry points ---------------------------------------------------------
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Logits ``[B, S, vocab]`` for int tokens ``[B, S]`` (B split over "data" x "expert")."""
-        self._check(tokens, tokens)
+    def __call__(self, tokens: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+        """Logits ``[B, S, vocab]`` for int tokens ``[B, S]`` (B split over "data" x "expert");
+        ``segments``: packed documents' ids, as in ``loss``."""
+        self._check(tokens, tokens, segments=segments)
         output = features(self.config.vocab_size, self.vocab_axes).of(3)
-        return enter_region(self, lambda self, tokens: self.local_logits(tokens, 1)[0], tokens, output=output)
+        return enter_region(
+            self, lambda self, tokens, segments: self.local_logits(tokens, 1, segments)[0], tokens, segments, output=output
+        )
 
-    def loss(self, tokens: jax.Array, targets: jax.Array, microbatches: int = 1) -> tuple[jax.Array, dict]:
-        """Mean next-token cross-entropy plus ``aux_loss_weight`` x the MoE
-        load-balancing loss; and metrics (``cross_entropy``, ``aux_loss``,
-        ``dropped_fraction``). ``microbatches``: pipeline microbatches per
+    def loss(
+        self, tokens: jax.Array, targets: jax.Array, microbatches: int = 1, segments: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        """Mean next-token cross-entropy over the counted targets plus
+        ``aux_loss_weight`` x the MoE load-balancing loss; and metrics
+        (``cross_entropy``, ``trained_tokens``: the counted targets,
+        ``aux_loss``, ``dropped_fraction``).
+
+        A target below 0 is not counted (padding, the target that would cross
+        a document boundary, a prompt token of instruction data). ``segments``
+        ``[B, S]``: the document id of each token of packed rows; attention
+        stays within a document and positions restart at each
+        (``layers/masks.py``). ``microbatches``: pipeline microbatches per
         data-parallel rank (no effect without pipeline parallelism). The
         result does not depend on the mesh."""
-        self._check(tokens, targets, microbatches)
-        return self.local_loss(tokens, targets, microbatches)
+        self._check(tokens, targets, microbatches, segments)
+        return self.local_loss(tokens, targets, microbatches, segments)
 
     # --- generation with a KV cache ----------------------------------------------
 
@@ -214,18 +227,33 @@ class Transformer(nnx.Module):
     # --- one rank's math --------------------------------------------------------
 
     @region(output=(STATISTIC, STATISTIC))
-    def local_loss(self, tokens, targets, microbatches):
-        logits, stats = self.local_logits(tokens, microbatches)
+    def local_loss(self, tokens, targets, microbatches, segments=None):
+        """The loss is the mean over the counted targets of the *global* batch:
+        this rank's sum of token losses and its count of counted targets are
+        summed over the batch axes ("data", "expert": ``sum_over``, one
+        all-reduce of the pair) and divided after. So every rank's
+        gradient is d(its token sum)/dθ over the global count, and the
+        gradients' sum over those axes (``broadcast_over``'s backward) is the
+        global mean's, however the counted tokens fall over the ranks."""
+        logits, stats = self.local_logits(tokens, microbatches, segments)
         token_losses = vocab_parallel_cross_entropy(logits, targets, self.config.vocab_size, vocab_axes=self.vocab_axes)
-        sums = {"cross_entropy": token_losses.sum(), **stats}  # over this rank's rows
+        counted = targets >= 0
+        # this rank's sum of token losses and its count, reduced together: one all-reduce,
+        # ordered after the forward like the statistics' (an independent one could meet
+        # the layers' collectives in another order on another rank)
+        totals = jnp.stack([jnp.where(counted, token_losses, 0.0).sum(), counted.sum().astype(jnp.float32)])
+        sums = dict(stats)  # over this rank's rows
         if self.batch_axes:
+            totals = sum_over(totals, self.batch_axes)
             sums = {name: sum_over(value, self.batch_axes) for name, value in sums.items()}
         rows = tokens.shape[0] * math.prod(self.mesh.shape[axis] for axis in self.batch_axes)
-        cross_entropy = sums["cross_entropy"] / (rows * tokens.shape[1])
+        trained_tokens = jax.lax.stop_gradient(totals[1])
+        cross_entropy = totals[0] / jnp.maximum(trained_tokens, 1.0)
         aux_loss = sums["aux_loss"] / (rows * max(self.moe_layers, 1))
         z_loss = sums["z_loss"] / (rows * max(self.moe_layers, 1))
         metrics = {
             "cross_entropy": cross_entropy,
+            "trained_tokens": trained_tokens,  # the counted targets of the global batch
             "aux_loss": aux_loss,
             "dropped_fraction": sums["dropped"] / jnp.maximum(sums["assignments"], 1.0),
         }
@@ -237,21 +265,21 @@ class Transformer(nnx.Module):
             loss = loss + self.config.router_z_loss_weight * z_loss
         return loss, metrics
 
-    def local_logits(self, tokens, microbatches):
+    def local_logits(self, tokens, microbatches, segments=None):
         """This rank's vocabulary slice of the logits for its batch rows, and MoE stats."""
         x = self.embed(tokens)
         if self.positions is not None:
-            x = self.positions(x)
-        x, stats = self._run_layers(x, microbatches)
+            x = self.positions(x) if segments is None else self.positions(x, segment_positions(segments))
+        x, stats = self._run_layers(x, microbatches, segments)
         x = self.final_norm(x)
         head = self.embed if self.head is None else self.head
         return head.local_attend(x), stats
 
-    def _run_layers(self, x, microbatches):
+    def _run_layers(self, x, microbatches, segments=None):
         graphdef, stacked = nnx.split(self.layers)
 
         def run_chunk(chunk, x):
-            return scan_states(graphdef, chunk, x, remat_policy(self.config.remat))
+            return scan_states(graphdef, chunk, x, remat_policy(self.config.remat), segments)
 
         if self.mesh.shape[PIPELINE] == 1:  # all layers here, in order: [v, G/v] -> [G]
             return run_chunk(jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stacked), x)
@@ -261,9 +289,17 @@ class Transformer(nnx.Module):
         y, stats = run_pipeline(run_chunk, stacked, x)
         return y.swapaxes(0, 1).reshape(rows, *y.shape[2:]), stats
 
-    def _check(self, tokens: jax.Array, targets: jax.Array, microbatches: int = 1) -> None:
+    def _check(self, tokens: jax.Array, targets: jax.Array, microbatches: int = 1, segments: jax.Array | None = None) -> None:
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an integer array [batch, seq], got {tokens.dtype}{list(tokens.shape)}.")
         if tokens.shape != targets.shape:
             raise ValueError(f"targets shape {targets.shape} must equal tokens shape {tokens.shape}.")
+        if segments is not None:
+            if segments.shape != tokens.shape or not jnp.issubdtype(segments.dtype, jnp.integer):
+                raise ValueError(f"segments must be integer ids shaped like tokens {tokens.shape}, got {segments.dtype}{list(segments.shape)}.")
+            if self.mesh.shape[PIPELINE] > 1:
+                raise BadInput(
+                    "packed documents (segment ids) need mesh.pipeline = 1: the pipeline stages do not "
+                    "carry the segment ids yet; set data.packing=false or mesh.pipeline=1."
+                )
         check_batch(self.config, self.mesh.shape, tokens.shape[0], tokens.shape[1], microbatches)

@@ -7,7 +7,7 @@ ranges and its own rules, and ``Config`` with the rules between sections.
       tensor: 8
     train:        # optimisation: steps, batch, learning-rate schedule, AdamW
       steps: 60
-    data:         # source: stdlib | text | tokens (the last two need path)
+    data:         # source: stdlib | text | tokens | tokenized (these need path, or sources); packing
       source: stdlib
     checkpoint:   # save every N steps, keep the newest K
       every: 20
@@ -122,7 +122,7 @@ class TrainConfig:
     on_spike: SpikePolicy = "stop"
 
 
-DataSource = Literal["stdlib", "text", "tokens"]
+DataSource = Literal["stdlib", "text", "tokens", "tokenized"]
 
 
 @dataclass(frozen=True)
@@ -132,14 +132,34 @@ class DataConfig:
     ``stdlib``: Python's own standard-library sources as bytes (no download).
     ``text``: ``path`` is a file, a directory (*.txt, *.md, *.py, recursively)
     or a glob; byte-level tokens. ``tokens``: ``path`` is a 1-D integer .npy.
+    ``tokenized``: ``path`` is a corpus directory of ``lite-tp tokenize``, or
+    ``sources`` a mixture of them, ``[{path: a, weight: 0.7}, ...]``, each
+    weight > 0 (the proportions are the weights over their sum).
+    ``packing``: whole documents packed into rows, attending within themselves
+    only (a file is a document of ``stdlib`` and ``text``; ``tokens`` is one).
     """
 
     source: DataSource = "stdlib"
     path: str | None = None
+    sources: tuple[tuple[str, float], ...] = ()
+    packing: bool = False
 
     def check(self) -> None:
-        if self.source in ("text", "tokens") and self.path is None:
-            what = "a file, a directory or a glob" if self.source == "text" else "a .npy file of token ids"
+        if self.sources:
+            if self.source != "tokenized" or self.path is not None:
+                raise ConfigError(
+                    f"'data.sources' is a mixture of tokenized corpora: set data.source=tokenized and "
+                    f"data.path=null, got data.source={self.source!r} and data.path={self.path!r}"
+                )
+            total = sum(weight for _, weight in self.sources)
+            bad = next(((i, w) for i, (_, w) in enumerate(self.sources) if not w > 0), None)
+            if bad is not None:
+                why = " (the weights sum to 0)" if total == 0 else "; remove a source rather than weigh it 0" if bad[1] == 0 else ""
+                raise ConfigError(f"'data.sources[{bad[0]}].weight' must be > 0, got {bad[1]!r}{why}")
+            return
+        if self.source in ("text", "tokens", "tokenized") and self.path is None:
+            what = {"text": "a file, a directory or a glob", "tokens": "a .npy file of token ids",
+                    "tokenized": "a corpus directory of lite-tp tokenize, or data.sources"}[self.source]
             raise ConfigError(f"'data.path' is required when 'data.source' is {self.source!r} ({what})")
         if self.source == "tokens" and not self.path.endswith(".npy"):
             raise ConfigError(

@@ -27,6 +27,7 @@ from lite_tp_jax.run.config import SECTIONS, Config, ConfigError
 from lite_tp_jax.runtime.run_dir import atomic_write
 
 _PAIRS = tuple[tuple[str, str], ...]
+_SOURCES = tuple[tuple[str, float], ...]  # data.sources: a list of {path, weight} in YAML
 
 
 def _show(value: Any) -> str:
@@ -61,6 +62,8 @@ def _expected(key: str, hint: Any, bounds) -> str:
         text = "one of " + ", ".join(str(a) for a in get_args(base))
     elif base == _PAIRS:
         text = "a mapping of strings to strings"
+    elif base == _SOURCES:
+        text = "a list of {path: <corpus directory>, weight: <number>} mappings"
     else:  # pragma: no cover - a programming error, not a user error
         raise TypeError(f"no check for the annotation {hint!r} of {key!r}")
     return text + (" or null" if optional else "")
@@ -98,11 +101,25 @@ def _check_value(key: str, value: Any, hint: Any, bounds) -> Any:
             ok = all(isinstance(k, str) and isinstance(v, str) for k, v in value)
         except (TypeError, ValueError):
             ok = False
+    elif base == _SOURCES:
+        value, ok = _sources(value)
     else:  # pragma: no cover
         raise TypeError(f"no check for the annotation {hint!r} of {key!r}")
     if not ok:
         raise ConfigError(f"{key!r} must be {_expected(key, hint, bounds)}, got {_show(value)}")
     return value
+
+
+def _sources(value: Any) -> tuple[Any, bool]:
+    """A YAML list of ``{path, weight}`` mappings as ``((path, weight), ...)`` (hashable)."""
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(item, Mapping) and set(item) == {"path", "weight"} and isinstance(item["path"], str)
+        and isinstance(item["weight"], (int, float)) and not isinstance(item["weight"], bool)
+        and math.isfinite(item["weight"])
+        for item in value
+    ):
+        return tuple((item["path"], float(item["weight"])) for item in value), True
+    return value, False
 
 
 def _unknown_section(name: Any) -> ConfigError:
@@ -236,6 +253,8 @@ def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
         for name, hint in get_type_hints(cls).items():
             if hint == _PAIRS:
                 sections[section][name] = dict(sections[section][name])
+            elif hint == _SOURCES:
+                sections[section][name] = [{"path": p, "weight": w} for p, w in sections[section][name]]
     return sections
 
 

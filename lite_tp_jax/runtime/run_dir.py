@@ -15,17 +15,20 @@ writes that are never half done.
 * ``check_free_space``: a checkpoint is not started on a file system that
   cannot hold it (one line naming the directory and the bytes needed).
 * ``atomic_write``: a file appears complete or not at all (a temporary file in
-  the same directory, fsynced, then renamed over the target).
+  the same directory, fsynced, then renamed over the target);
+  ``atomic_directory`` the same for a directory of files (a tokenized corpus).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from lite_tp_jax.core.errors import BadInput
@@ -122,6 +125,29 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int = 0o64
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_directory(out) as tmp:`` fill ``tmp`` (a hidden sibling of
+    ``out``); when the block ends normally its files are fsynced and it is
+    renamed to ``out``, else (an error, Ctrl-C) it is removed: ``out`` appears
+    complete or not at all. ``out`` must not exist yet."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0o700 would hide the corpus from other users
+        os.rename(tmp, path)  # fails if path appeared meanwhile: nothing is overwritten
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

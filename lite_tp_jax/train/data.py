@@ -1,7 +1,7 @@
-"""Corpora as byte-level tokens (``run/tokens.py``), and deterministic,
-resumable batches.
+"""Corpora as byte-level tokens (``run/tokens.py``) or tokenized corpora
+(``corpus.py``), and deterministic, resumable batches.
 
-Three sources, chosen by the ``data`` section of the config:
+Four sources, chosen by the ``data`` section of the config:
 
 * ``stdlib`` (default): the Python standard library's own ``.py`` sources,
   concatenated in sorted path order and cut at 4 MB. Present on every machine;
@@ -19,11 +19,23 @@ Three sources, chosen by the ``data`` section of the config:
 
   e.g. ``np.save("tokens.npy", np.asarray(ids, np.int32))`` after tokenising
   your documents with the tokenizer the model's vocab belongs to.
+* ``tokenized``: a corpus directory written by ``lite-tp tokenize`` (any
+  tokenizer; memory-mapped, never read whole)::
+
+      lite-tp tokenize my_docs.jsonl corpus --tokenizer path/to/model_dir
+      lite-tp train configs/llama-1b.yaml --set data.source=tokenized --set data.path=corpus
+
+  or a mixture of several: ``data.sources: [{path: a, weight: 0.7}, {path: b, weight: 0.3}]``.
 
 :class:`Batches` cuts the token stream into non-overlapping windows of
-``seq_len + 1`` tokens and visits them in a fresh random order every epoch.
-``Batches.batch(step)`` is a pure function of (seed, step), so a checkpoint
-only needs the step number to resume the data stream exactly.
+``seq_len + 1`` tokens, or with ``data.packing`` packs whole documents into
+rows (``packing.py``: segment ids, the crossing target and prompt tokens not
+trained on), and visits the rows in a fresh random order every epoch. With a
+mixture, sample ``g`` of the run is first given a source by grain's
+``MapDataset.mix`` (an exact, deterministic interleave in the weights'
+proportions, random access by index), then that source's next row in its own
+epoch order. ``Batches.batch(step)`` is a pure function of (seed, step), so a
+checkpoint only needs the step number to resume the data stream exactly.
 :func:`device_batch` puts a batch on the mesh; in a run of several processes
 each one reads only the rows its own devices hold.
 """
@@ -38,8 +50,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lite_tp_jax.run.config import DataConfig
+from lite_tp_jax.run.config import Config, DataConfig
 from lite_tp_jax.run.tokens import BYTE_VOCAB_SIZE, DataError
+from lite_tp_jax.train.corpus import TokenizedCorpus
+from lite_tp_jax.train.packing import Documents, PackedRows, StreamRows, make_rows
 
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
@@ -52,7 +66,13 @@ def _bytes_to_tokens(data: bytes) -> np.ndarray:
 
 def _concat_files(files: list[Path], max_bytes: int | None = None) -> bytes:
     """The files' bytes joined by newlines, stopping once ``max_bytes`` are read."""
+    return _joined_files(files, max_bytes)[0]
+
+
+def _joined_files(files: list[Path], max_bytes: int | None = None) -> tuple[bytes, np.ndarray]:
+    """``_concat_files`` and the document ends: file i (with the newline after it) is one document."""
     parts: list[bytes] = []
+    ends = [0]
     size = 0
     for i, file in enumerate(files):
         if max_bytes is not None and size >= max_bytes:
@@ -60,11 +80,15 @@ def _concat_files(files: list[Path], max_bytes: int | None = None) -> bytes:
         if i:
             parts.append(b"\n")
             size += 1
+            ends.append(size)
         data = file.read_bytes()
         parts.append(data)
         size += len(data)
     data = b"".join(parts)
-    return data if max_bytes is None else data[:max_bytes]
+    if max_bytes is not None and len(data) > max_bytes:
+        data = data[:max_bytes]
+    ends = np.minimum(np.asarray([*ends, len(data)], np.int64), len(data))
+    return data, np.unique(ends)
 
 
 # --------------------------------------------------------------------------
@@ -95,7 +119,8 @@ def stdlib_tokens(max_bytes: int = 4_000_000) -> np.ndarray:
     return _bytes_to_tokens(_concat_files(stdlib_files(), max_bytes))
 
 
-def _text_files(path: str | os.PathLike) -> list[Path]:
+def text_files(path: str | os.PathLike) -> list[Path]:
+    """A file, a directory's *.txt, *.md, *.py (recursive, sorted), or a glob's files (sorted)."""
     p = Path(path)
     if p.is_file():
         return [p]
@@ -122,7 +147,7 @@ def text_tokens(path: str | os.PathLike) -> np.ndarray:
 
     Several files are joined by newlines in sorted path order.
     """
-    tokens = _bytes_to_tokens(_concat_files(_text_files(path)))
+    tokens = _bytes_to_tokens(_concat_files(text_files(path)))
     if tokens.size == 0:
         raise DataError(f"the text at {str(path)!r} is empty")
     return tokens
@@ -178,7 +203,7 @@ def load_tokens(data_config: DataConfig, vocab_size: int) -> np.ndarray:
         return text_tokens(data_config.path)
     if source == "tokens":
         return npy_tokens(data_config.path, vocab_size)
-    raise DataError(f"unknown data.source {source!r}; allowed: stdlib, text, tokens")
+    raise DataError(f"data.source {source!r} has no single token array; allowed: stdlib, text, tokens")
 
 
 # --------------------------------------------------------------------------
@@ -187,74 +212,167 @@ def load_tokens(data_config: DataConfig, vocab_size: int) -> np.ndarray:
 
 
 class Batches:
-    """Deterministic batches of ``seq_len``-token windows, reshuffled every epoch.
+    """Deterministic batches of ``seq_len``-token rows, reshuffled every epoch.
 
-    The stream is cut into ``num_windows`` non-overlapping windows of
-    ``seq_len + 1`` tokens (a tail shorter than that is dropped). Sequence number
-    ``g`` (counting from 0 across epochs) is window
-    ``permutation(epoch)[g % num_windows]`` with ``epoch = g // num_windows`` and
-    ``permutation(e) = np.random.default_rng([seed, e]).permutation(num_windows)``.
-    ``batch(position)`` holds sequences ``position * global_batch`` to
-    ``(position + 1) * global_batch - 1``; a batch may straddle two epochs.
+    From ``tokens`` (a 1-D array): the stream is cut into ``num_windows``
+    non-overlapping windows of ``seq_len + 1`` tokens (a tail shorter than
+    that is dropped). Or from ``sources`` (``packing.StreamRows`` or
+    ``PackedRows``, several with ``weights``: a mixture).
+
+    Sequence number ``g`` (counting from 0 across epochs) of a single source
+    is row ``permutation(epoch)[g % num_windows]`` with ``epoch = g //
+    num_windows`` and ``permutation(e) = np.random.default_rng([seed,
+    e]).permutation(num_windows)``. In a mixture, ``g`` is first mapped to
+    (source k, its sequence number l) by ``mixture_selection``, then to row
+    ``permutation_k(l // rows_k)[l % rows_k]`` with the generator seeded
+    ``[seed, k, epoch]``. ``batch(position)`` holds sequences ``position *
+    global_batch`` to ``(position + 1) * global_batch - 1``; a batch may
+    straddle two epochs.
     """
 
-    def __init__(self, tokens: np.ndarray, global_batch: int, seq_len: int, seed: int):
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 1:
-            raise DataError(f"tokens must be a 1-D array, got shape {tokens.shape}")
+    def __init__(
+        self, tokens: np.ndarray | None, global_batch: int, seq_len: int, seed: int, *,
+        sources: list[StreamRows | PackedRows] | None = None, weights: list[float] | None = None,
+    ):
         if global_batch < 1 or seq_len < 1:
             raise DataError(f"global_batch and seq_len must be >= 1, got {global_batch} and {seq_len}")
         if seed < 0:
             raise DataError(f"seed must be >= 0, got {seed}")
-        self.tokens = tokens
+        if sources is None:
+            tokens = np.asarray(tokens)
+            if tokens.ndim != 1:
+                raise DataError(f"tokens must be a 1-D array, got shape {tokens.shape}")
+            sources = [StreamRows(Documents(tokens), seq_len)]
+        self.sources = list(sources)
+        self.weights = [1.0] * len(self.sources) if weights is None else [float(w) for w in weights]
+        self.packed = self.sources[0].packed
         self.global_batch = int(global_batch)
         self.seq_len = int(seq_len)
         self.seed = int(seed)
         self.window = self.seq_len + 1
-        self.num_windows = tokens.size // self.window
-        if self.num_windows < self.global_batch:
+        self.num_windows = sum(source.num_rows for source in self.sources)
+        single = self.sources[0]
+        if len(self.sources) == 1 and self.num_windows < self.global_batch:
+            what = f"{single.documents.tokens.size} tokens, i.e. {self.num_windows} " + (
+                f"packed rows of seq_len = {self.seq_len}" if self.packed else f"windows of seq_len + 1 = {self.window} tokens"
+            )
             raise DataError(
-                f"the corpus has {tokens.size} tokens, i.e. {self.num_windows} windows of "
-                f"seq_len + 1 = {self.window} tokens, fewer than global_batch = {self.global_batch}; "
+                f"the corpus has {what}, fewer than global_batch = {self.global_batch}; "
                 f"use more data or a smaller train.seq_len or train.global_batch"
             )
-        self._permutations: dict[int, np.ndarray] = {}
+        self._select = mixture_selection(self.weights) if len(self.sources) > 1 else None
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The order in which ``epoch`` visits the windows (cached for two epochs)."""
-        perm = self._permutations.get(epoch)
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.sources[0].documents.tokens
+
+    def permutation(self, epoch: int, source: int = 0) -> np.ndarray:
+        """The order in which ``epoch`` visits a source's rows (the last few cached)."""
+        key = (source, epoch)
+        perm = self._permutations.get(key)
         if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            if len(self._permutations) >= 2:
-                self._permutations.pop(min(self._permutations))
-            self._permutations[epoch] = perm
+            entropy = [self.seed, epoch] if self._select is None else [self.seed, source, epoch]
+            perm = np.random.default_rng(entropy).permutation(self.sources[source].num_rows)
+            if len(self._permutations) >= 2 * len(self.sources):
+                self._permutations.pop(next(iter(self._permutations)))
+            self._permutations[key] = perm
         return perm
 
-    def window_indices(self, position: int) -> np.ndarray:
-        """Which windows (by index into the stream) make up ``batch(position)``."""
+    def _rows_of(self, source: int, sequence: np.ndarray) -> np.ndarray:
+        epochs, offsets = np.divmod(sequence, self.sources[source].num_rows)
+        out = np.empty(sequence.size, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            out[mask] = self.permutation(int(epoch), source)[offsets[mask]]
+        return out
+
+    def selection(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, row of that source) of each row of ``batch(position)``."""
         position = int(position)
         if position < 0:
             raise DataError(f"batch position must be >= 0, got {position}")
         sequence = position * self.global_batch + np.arange(self.global_batch, dtype=np.int64)
-        epochs, offsets = np.divmod(sequence, self.num_windows)
-        out = np.empty(self.global_batch, dtype=np.int64)
-        for epoch in np.unique(epochs):
-            mask = epochs == epoch
-            out[mask] = self.permutation(int(epoch))[offsets[mask]]
-        return out
+        if self._select is None:
+            return np.zeros(self.global_batch, np.int64), self._rows_of(0, sequence)
+        sources, local = self._select(sequence)
+        rows = np.empty(self.global_batch, np.int64)
+        for k in np.unique(sources):
+            rows[sources == k] = self._rows_of(int(k), local[sources == k])
+        return sources, rows
 
-    def batch(self, position: int, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets): int32 ``[global_batch, seq_len]``, targets one token
-        ahead; only the batch rows ``rows`` if given."""
-        starts = self.window_indices(position)[rows] * self.window
-        rows = np.asarray(self.tokens[starts[:, None] + np.arange(self.window)], dtype=np.int32)
-        return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
+    def window_indices(self, position: int) -> np.ndarray:
+        """Which windows (by index into the stream) make up ``batch(position)`` (one source)."""
+        return self.selection(position)[1]
+
+    def batch(self, position: int, rows: slice = slice(None)) -> tuple[np.ndarray, ...]:
+        """``(inputs, targets)``, or packed ``(inputs, targets, segments)``: int32
+        ``[global_batch, seq_len]`` (only the batch rows ``rows`` if given);
+        targets one token ahead, -1 where not trained on."""
+        sources, indices = (a[rows] for a in self.selection(position))
+        parts = [np.empty((sources.size, self.seq_len), np.int32) for _ in range(3)]
+        for k in np.unique(sources):
+            for part, value in zip(parts, self.sources[int(k)].rows(indices[sources == k])):
+                part[sources == k] = value
+        return tuple(parts) if self.packed else tuple(parts[:2])
 
     def __repr__(self) -> str:
         return (
-            f"Batches(tokens={self.tokens.size}, global_batch={self.global_batch}, "
-            f"seq_len={self.seq_len}, seed={self.seed}, windows={self.num_windows})"
+            f"Batches(sources={len(self.sources)}, global_batch={self.global_batch}, "
+            f"seq_len={self.seq_len}, seed={self.seed}, rows={self.num_windows}, packed={self.packed})"
         )
+
+
+def mixture_selection(weights: list[float]):
+    """``select(g) -> (source, l)``: sample ``g`` of a run comes from source
+    ``k`` as its ``l``-th sample. grain's ``MapDataset.mix`` of one index
+    dataset per source: each source's count after n samples is within one of
+    ``n * weight / sum(weights)`` (weights rounded to integers, the smallest
+    to 100), the same for every process and any resume point."""
+    import grain
+
+    endless = 2**62
+    tagged = [grain.MapDataset.range(endless).map(lambda i, k=k: (k, i)) for k in range(len(weights))]
+    mixed = grain.MapDataset.mix(tagged, weights)
+
+    def select(sequence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pairs = np.asarray(mixed._getitems([int(g) for g in sequence]), np.int64).reshape(-1, 2)
+        return pairs[:, 0], pairs[:, 1]
+
+    return select
+
+
+def load_documents(data_config: DataConfig, vocab_size: int) -> list[tuple[str, Documents, float]]:
+    """Each source's (name, documents, weight): one, or a mixture's ``data.sources``."""
+    source = data_config.source
+    if data_config.sources:
+        return [
+            (repr(path), _corpus_documents(path, vocab_size), float(weight)) for path, weight in data_config.sources
+        ]
+    if source == "tokenized":
+        return [(repr(data_config.path), _corpus_documents(data_config.path, vocab_size), 1.0)]
+    if source in ("stdlib", "text"):  # one document per file
+        if vocab_size < BYTE_VOCAB_SIZE or (source == "text" and data_config.path is None):
+            load_tokens(data_config, vocab_size)  # raises its error
+        files = stdlib_files() if source == "stdlib" else text_files(data_config.path)
+        data, ends = _joined_files(files, 4_000_000 if source == "stdlib" else None)
+        if not data:
+            raise DataError(f"the text at {str(data_config.path)!r} is empty")
+        return [(source, Documents(_bytes_to_tokens(data), ends), 1.0)]
+    return [(repr(data_config.path), Documents(load_tokens(data_config, vocab_size)), 1.0)]
+
+
+def _corpus_documents(path: str, vocab_size: int) -> Documents:
+    corpus = TokenizedCorpus(path, vocab_size)
+    return Documents(corpus.tokens, corpus.ends, corpus.prompts)
+
+
+def make_batches(config: Config) -> Batches:
+    """The ``Batches`` that ``config``'s data and train sections describe."""
+    data, train = config.data, config.train
+    loaded = load_documents(data, config.model.vocab_size)
+    sources = [make_rows(documents, train.seq_len, data.packing, name) for name, documents, _ in loaded]
+    return Batches(None, train.global_batch, train.seq_len, train.seed, sources=sources, weights=[w for *_, w in loaded])
 
 
 def process_rows(sharding, global_shape: tuple[int, ...]) -> slice:
@@ -267,8 +385,8 @@ def process_rows(sharding, global_shape: tuple[int, ...]) -> slice:
 
 
 def device_batch(batches: Batches, position: int, sharding) -> tuple:
-    """``batches.batch(position)`` as two global arrays sharded by ``sharding``;
-    this process reads and transfers only the rows its devices hold."""
+    """``batches.batch(position)`` as global arrays (two, or three packed) sharded
+    by ``sharding``; this process reads and transfers only the rows its devices hold."""
     shape = (batches.global_batch, batches.seq_len)
     rows = process_rows(sharding, shape)
     return tuple(

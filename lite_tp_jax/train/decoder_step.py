@@ -1,8 +1,9 @@
 """The built-in path: a ``TrainStep`` for the decoder (``models/transformer.py``)
 with the run config's gradient clipping, accumulation, guard and schedule.
 
-Its batch is ``(tokens, targets)``, both ``[global_batch, seq]``; its loss is
-``Transformer.loss`` with the config's pipeline microbatches.
+Its batch is ``(tokens, targets)``, or packed ``(tokens, targets, segments)``,
+each ``[global_batch, seq]``; its loss is ``Transformer.loss`` with the config's
+pipeline microbatches.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from lite_tp_jax.train.step import TrainStep
 
 
 def decoder_step(model: Transformer, optimizer: nnx.Optimizer, train: TrainConfig) -> TrainStep:
-    """``step((tokens, targets)) -> metrics`` for ``model``, as ``train`` configures it."""
+    """``step((tokens, targets[, segments])) -> metrics`` for ``model``, as ``train`` configures it."""
     microbatches = train.microbatches
 
     def loss_fn(model: Transformer, batch):
-        tokens, targets = batch
-        return model.loss(tokens, targets, microbatches)
+        tokens, targets, *segments = batch
+        return model.loss(tokens, targets, microbatches, *segments)
 
     return TrainStep(
         model, optimizer, loss_fn,

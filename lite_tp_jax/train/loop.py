@@ -58,7 +58,7 @@ from lite_tp_jax.runtime.run_dir import RunLock, check_run_dir, check_writable
 from lite_tp_jax.runtime.spares import DeviceLost, take_over
 from lite_tp_jax.sharding.rules import batch_sharding
 from lite_tp_jax.sharding.state import rebind_mesh
-from lite_tp_jax.train.data import Batches, device_batch, load_tokens
+from lite_tp_jax.train.data import device_batch, make_batches
 from lite_tp_jax.train.decoder_step import decoder_step
 from lite_tp_jax.train.divergence import Divergence, RollBack
 from lite_tp_jax.train.faults import InjectedSpike, Spares, poisoned
@@ -92,7 +92,7 @@ class Trainer:
         self.divergence, self.injected_spike = Divergence(config), InjectedSpike(config.fault.spike_step, self.run_dir)
         self.records, set_aside, brought_back = [], [], False
         train = config.train
-        self.batches = Batches(load_tokens(config.data, config.model.vocab_size), train.global_batch, train.seq_len, train.seed)
+        self.batches = make_batches(config)
         self.lock, self.checkpointer = None, None
         fresh = not self.run_dir.exists()
         try:
@@ -199,11 +199,11 @@ class Trainer:
         self.mesh = takeover.mesh
         self.step = decoder_step(self.model, self.optimizer, self.config.train)
         compile_started = time.perf_counter()
-        tokens, targets = (
+        batch = (
             jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(self.mesh))
             for a in self.batches.batch(step - 1)
         )
-        self.step.lower((tokens, targets)).compile()  # jit reuses it for the replayed step
+        self.step.lower(tuple(batch)).compile()  # jit reuses it for the replayed step
         finished = time.perf_counter()
         event = {"event": "spare_takeover", "step": step, **takeover.event}
         event.update(seconds=finished - started, compile_seconds=finished - compile_started)
@@ -267,10 +267,10 @@ class Trainer:
                 if failed is not None:  # an injected device failure: a spare takes over
                     self._take_over(failed, position + 1)
                 with self.goodput.measure("data_s"):
-                    inputs, targets = device_batch(self.batches, self.divergence.position(position), batch_sharding(self.mesh))
+                    batch = device_batch(self.batches, self.divergence.position(position), batch_sharding(self.mesh))
                 self.trace.before(position + 1)
                 started = time.perf_counter()
-                metrics = jax.device_get(self.injected_spike.run(position + 1, self.model, lambda: self.step((inputs, targets))))
+                metrics = jax.device_get(self.injected_spike.run(position + 1, self.model, lambda: self.step(tuple(batch))))
                 elapsed = time.perf_counter() - started
                 self.trace.after(position + 1)
                 self.last_step = position + 1

@@ -30,6 +30,10 @@ array are split into k micro-steps (rows i, i+k, i+2k, ...: a local reshape), ru
 the other by ``jax.lax.scan``; their gradients are summed in float32 and
 divided by k, then one optimizer update. The loss and update equal those of
 the whole batch (for a loss that is a mean over rows), with the activation memory of 1/k of it.
+A loss that is a mean over counted tokens and reports their number as the
+metric ``trained_tokens`` (the decoder's, whose packed batches count fewer
+targets than rows x seq) has each micro-step weighted by that count instead,
+so the update is the whole batch's mean over its counted tokens.
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ def keep_where_finite(finite: jax.Array, updated: Any, previous: list[jax.Array]
     array, no recompile)."""
     leaves, structure = jax.tree.flatten(updated)
     return jax.tree.unflatten(structure, [jnp.where(finite, new, old) for new, old in zip(leaves, previous, strict=True)])
+
+
+TRAINED_TOKENS = "trained_tokens"
+"""The metric a loss that is a mean over counted tokens reports their number with."""
 
 
 class TrainStep:
@@ -150,11 +158,18 @@ class TrainStep:
 
         def accumulate(total, batch):
             (loss, metrics), grads = value_and_grad(params, batch)
+            if TRAINED_TOKENS in metrics:  # a mean over counted targets: weighted by the micro-step's count
+                n = metrics[TRAINED_TOKENS]
+                return jax.tree.map(lambda t, g: t + g * n, total, grads), (loss * n, metrics)
             return jax.tree.map(jnp.add, total, grads), (loss, metrics)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         total, (losses, metrics) = jax.lax.scan(accumulate, zeros, jax.tree.map(micro_steps, batch))
         mean = functools.partial(jnp.mean, axis=0)
+        if TRAINED_TOKENS in metrics:
+            counted = jnp.maximum(metrics[TRAINED_TOKENS].sum(), 1.0)
+            metrics = {name: value.sum() if name == TRAINED_TOKENS else value.mean(0) for name, value in metrics.items()}
+            return (losses.sum() / counted, metrics), jax.tree.map(lambda g: g / counted, total)
         return (mean(losses), jax.tree.map(mean, metrics)), jax.tree.map(lambda g: g / k, total)
 
     def _arrays(self) -> list:

@@ -48,9 +48,9 @@ def compile_step(step: TrainStep, batch: tuple, mesh) -> dict:
     loads it instead): the persistent cache's hits and misses meanwhile, and
     the compiled program's bytes per device (``memory_analysis``)."""
     hits, misses = CacheHits.get().counts()
-    tokens, targets = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(mesh)) for a in batch)
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(mesh)) for a in batch]  # 2, or 3 packed
     started = time.perf_counter()
-    lowered = step.lower((tokens, targets))  # tracing and lowering: Python, never cached
+    lowered = step.lower(tuple(shapes))  # tracing and lowering: Python, never cached
     lowered_at = time.perf_counter()
     compiled = lowered.compile()  # XLA, or a load from the persistent cache
     now_hits, now_misses = CacheHits.get().counts()
