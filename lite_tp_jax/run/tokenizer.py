@@ -69,7 +69,10 @@ class SentencePiece:
     """A sentencepiece ``.model``."""
 
     def __init__(self, path: Path):
-        import sentencepiece
+        try:
+            import sentencepiece
+        except ImportError:
+            raise DataError(f"reading the sentencepiece model {str(path)!r} needs sentencepiece: pip install 'lite_tp_jax[data]'") from None
 
         self._processor = sentencepiece.SentencePieceProcessor()
         try:

@@ -110,7 +110,10 @@ def _jsonl_records(files: list[Path], fields: Fields) -> Iterator[tuple[str, str
 
 
 def _hf_records(path: Path, fields: Fields, split: str) -> tuple[Iterator[tuple[str, str, int]], int]:
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading the saved dataset {str(path)!r} needs datasets: pip install 'lite_tp_jax[data]'") from None
 
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
