@@ -211,6 +211,44 @@ def test_parameters_and_shardings():
     }
 
 
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
+    """``jax.lax.ragged_all_to_all`` as its docstring specifies it, built from a
+    padded ``all_to_all`` (XLA:CPU cannot run the real one)."""
+    n, position = operand.shape[0], jnp.arange(operand.shape[0])
+    index = jnp.clip(input_offsets[:, None] + position, 0, n - 1)
+    chunks = jnp.where((position < send_sizes[:, None])[..., None], operand[index], 0.0)  # [ep, n, H]: for rank j
+    received = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)  # from rank j
+    offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # where rank j writes here
+    target = jnp.where(position < recv_sizes[:, None], offsets[:, None] + position, output.shape[0])
+    return output.at[target].set(received, mode="drop")
+
+
+def test_ragged_exchange_equals_padded(data, monkeypatch):
+    """The ragged exchange's offsets and sizes, run through an emulation of
+    ``ragged_all_to_all``'s documented semantics, give the padded exchange's
+    values and gradients (expert 4: uneven groups per rank; capacity drops
+    some rows). tests/test_architecture.py lowers the real one for cuda and tpu."""
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
+    x, cotangent = data
+    routings = [Routing(3, 1.0)]
+    layers = [routing.layer(exchange=exchange, mesh=mesh_of(4, 1)) for routing in routings
+              for exchange in ("padded", "ragged")]
+
+    def loss(layer, x):
+        y, stats = layer(x)
+        return jnp.sum(cotangent * y) + AUX_WEIGHT * stats["aux_loss"], y
+
+    step = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    results = nnx.jit(lambda layers, x: [step(layer, x) for layer in layers])(layers, x)
+    for padded, ragged in zip(results[::2], results[1::2]):
+        (_, y_padded), (weights_padded, x_padded) = padded
+        (_, y_ragged), (weights_ragged, x_ragged) = ragged
+        assert max_relative_error(y_ragged, y_padded) <= 1e-6
+        assert max_relative_error(x_ragged, x_padded) <= 1e-6
+        for name, g in export_state(weights_padded).items():
+            assert max_relative_error(export_state(weights_ragged)[name], g) <= 1e-6, name
+
+
 # --- exact dispatch with a forced router and identity-like experts -------------
 #
 # Token features: [0, DE) carry the routing logits (router.kernel = identity on
