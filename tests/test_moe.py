@@ -267,7 +267,8 @@ def identity_experts(layer):
     down = np.stack([(e + 1) * np.eye(DH, dtype=np.float32) for e in range(DE)])
     router = np.zeros((DH, DE), np.float32)
     router[:DE] = np.eye(DE)
-    import_state(layer, {"router.kernel": router, "gate.kernel": gate, "up.kernel": up, "down.kernel": down})
+    bias = {"expert_bias": np.zeros(DE, np.float32)} if layer.expert_bias is not None else {}
+    import_state(layer, {"router.kernel": router, "gate.kernel": gate, "up.kernel": up, "down.kernel": down, **bias})
 
 
 def tokens(logits, rng):
@@ -276,10 +277,10 @@ def tokens(logits, rng):
     return np.concatenate([logits, payload, np.ones((*logits.shape[:2], 1), np.float32)], axis=-1)
 
 
-def dispatch_layer(top_k, capacity_factor, mesh=(2, 2)):
+def dispatch_layer(top_k, capacity_factor, mesh=(2, 2), **kwargs):
     layer = MoEMLP(
         DH, DH, num_experts=DE, top_k=top_k, capacity_factor=capacity_factor,
-        mesh=mesh_of(*mesh), rngs=nnx.Rngs(0),
+        mesh=mesh_of(*mesh), rngs=nnx.Rngs(0), **kwargs,
     )
     identity_experts(layer)
     return layer
@@ -295,6 +296,24 @@ def test_dispatch_and_combine_are_exact(mesh):
     np.testing.assert_array_equal(np.asarray(y)[..., DH - 1], 100.0 * (target + 1))
     np.testing.assert_allclose(y, 100.0 * (target + 1)[..., None] * x, rtol=1e-6)
     assert float(stats["dropped"]) == 0.0
+
+
+def test_expert_bias_steers_the_choice_not_the_gate():
+    """Aux-free balancing: logits 1 on a token's target expert, 0 elsewhere
+    (probabilities 0.475 and 0.175); a bias of 0.5 on expert 3 makes it every
+    token's choice, with the unbiased 0.175 as its gate; the bias gets no
+    gradient through the layer (the trainer moves it)."""
+    rng = np.random.default_rng(5)
+    target = rng.integers(0, DE - 1, (B, S))  # never expert 3
+    x = tokens(np.eye(DE, dtype=np.float32)[target], rng)
+    layer = dispatch_layer(1, None, expert_bias=True)
+    layer.expert_bias[...] = jnp.asarray([0.0, 0.0, 0.0, 0.5])
+    y, stats = jax.jit(layer)(x)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x)[0])))(layer)
+    gate = np.exp(0.0) / (np.exp(1.0) + 3 * np.exp(0.0))
+    np.testing.assert_allclose(np.asarray(y)[..., DH - 1], 100.0 * 4 * gate, rtol=1e-5)
+    assert float(stats["load_max"]) == DE  # all assignments on expert 3: DE x the mean
+    assert not np.asarray(grads.expert_bias[...]).any()
 
 
 def test_overflow_is_dropped_and_counted():

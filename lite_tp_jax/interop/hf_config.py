@@ -183,8 +183,8 @@ def family_of(config: ModelConfig) -> str:
         return "gpt2"
     if config.norm != "rms" or config.activation != "swiglu" or config.position != "rope":
         raise HFError("this model's mix of norm, activation and position type matches no Hugging Face family.")
-    if config.router_scoring != "softmax" or config.router_z_loss_weight:
-        raise HFError("sigmoid router scores and the router z-loss have no Hugging Face family here.")
+    if config.router_scoring != "softmax" or config.router_z_loss_weight or config.bias_update_rate:
+        raise HFError("sigmoid router scores, the router z-loss and expert biases have no Hugging Face family here.")
     if config.moe_every:
         if config.mlp_bias or config.out_bias:
             raise HFError("the Hugging Face MoE families have no MLP or output biases; this model has some.")

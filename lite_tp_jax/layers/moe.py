@@ -126,6 +126,18 @@ class _Weights(nnx.Module):
         self.kernel = kernel
 
 
+class ExpertBias(nnx.Param):
+    """The per-expert routing bias of auxiliary-loss-free balancing (DeepSeek-V3).
+    Its "gradient" is the load error ``load_e - mean load`` of the step (see
+    ``MoEMLP``); ``TrainStep`` moves it by ``-bias_update_rate * sign(error)``
+    instead of the optimizer, outside the gradient norm and clipping. Stored in
+    checkpoints with the parameters."""
+
+
+def _as_expert_bias(param: nnx.Param) -> ExpertBias:
+    return ExpertBias(param.get_value(), **param.get_metadata())
+
+
 class _SharedExpert(nnx.Module):
     """``shared.gate``, ``shared.up`` ``[features, shared_hidden]`` and ``shared.down``."""
 
@@ -162,19 +174,27 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: flo
 
 
 def choose(
-    logits: jax.Array, top_k: int, scoring: str = "softmax", norm_topk_prob: bool | None = None
+    logits: jax.Array, top_k: int, scoring: str = "softmax", norm_topk_prob: bool | None = None,
+    bias: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Top-k routing of ``logits [B, S, E]`` (float32): ``(probs [B, S, E],
     experts [B, S, k], gates [B, S, k])``. Scores: ``softmax(logits)``, or
     ``sigmoid(logits)`` (DeepSeek-V3); the gates are the chosen scores,
     renormalised to sum to 1 with ``norm_topk_prob`` (None: when ``top_k > 1``).
-    ``probs``, for the load-balancing loss, are the scores normalised per token."""
+    ``probs``, for the load-balancing loss, are the scores normalised per token.
+    ``bias [E]`` (auxiliary-loss-free balancing) is added to the scores for the
+    choice of experts only: the gates are the unbiased scores, and no gradient
+    reaches the bias."""
     if scoring == "sigmoid":
         scores = jax.nn.sigmoid(logits)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     else:
         scores = probs = jax.nn.softmax(logits, axis=-1)
-    gates, experts = jax.lax.top_k(scores, top_k)
+    if bias is None:
+        gates, experts = jax.lax.top_k(scores, top_k)
+    else:
+        _, experts = jax.lax.top_k(scores + jax.lax.stop_gradient(bias), top_k)
+        gates = jnp.take_along_axis(scores, experts, axis=-1)
     if top_k > 1 if norm_topk_prob is None else norm_topk_prob:
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
     return probs, experts, gates
@@ -232,6 +252,7 @@ class MoEMLP(ParallelLayer):
         norm_topk_prob: bool | None = None,
         shared_hidden_features: int = 0,
         shared_gate: bool = False,
+        expert_bias: bool = False,
         mesh: Mesh,
         sequence_parallel: bool = False,
         param_dtype: Any = jnp.float32,
@@ -283,6 +304,9 @@ class MoEMLP(ParallelLayer):
             if fs
             else None
         )
+        self.expert_bias = _as_expert_bias(
+            param(f"{role}.expert_bias", nnx.initializers.zeros_init(), rngs.params(), (e,), (None,))
+        ) if expert_bias else None
         self.shared_gate = (
             _Weights(param(f"{role}.shared_gate", default_kernel_init, rngs.params(), (h, 1), ("in", None)))
             if shared_gate
@@ -323,7 +347,8 @@ class MoEMLP(ParallelLayer):
         # router is replicated over "tensor": its gradient, a partial sum per rank, is all-reduced.
         router = copy_to_tensor_region(self.router.kernel[...])
         logits = x.astype(jnp.float32) @ router.astype(jnp.float32)
-        probs, experts, gates = choose(logits, top_k, self.scoring, self.norm_topk_prob)
+        bias = None if self.expert_bias is None else copy_to_tensor_region(self.expert_bias[...])
+        probs, experts, gates = choose(logits, top_k, self.scoring, self.norm_topk_prob, bias)
         slot = slots(experts, num_experts) if self.capacity_factor is not None else None
         kept = slot < capacity_per_expert if slot is not None else jnp.ones(experts.shape, bool)
         if self.dispatch == "one_hot":
@@ -335,7 +360,13 @@ class MoEMLP(ParallelLayer):
         y = exit_tensor_parallel(y, self.sequence_parallel)
         assigned = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.int32), axis=(1, 2))  # [B_l, E]
         z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)), axis=1)  # [B_l]: router z-loss per row
-        return y, self._row_sums(probs, assigned, jnp.sum(~kept), z)
+        sums = self._row_sums(probs, assigned, jnp.sum(~kept), z)
+        if bias is not None:  # value 0; gradient w.r.t. the bias: this rank's load error (summed over ranks: the step's)
+            load = jnp.sum(assigned, axis=0).astype(jnp.float32)
+            error = jax.lax.stop_gradient(load - jnp.mean(load))
+            balance = jnp.sum((bias - jax.lax.stop_gradient(bias)) * error)
+            sums["balance"] = all_reduce(balance, TENSOR) / jax.lax.axis_size(TENSOR)  # as the other statistics
+        return y, sums
 
     def _shared(self, x: jax.Array) -> jax.Array:
         """The shared expert on this rank's hidden shard (partial sums over

@@ -47,9 +47,10 @@ def rope_scaling(config: ModelConfig) -> RopeScaling | None:
 
 def zero_stats(num_experts: int) -> dict[str, jax.Array]:
     """Per-layer MoE statistics, summed over batch rows: the load-balancing and
-    router z-losses, dropped and all (token, choice) assignments, and the
-    assignments per expert ``load [num_experts]``. Zero for a dense layer."""
-    scalars = {name: jnp.zeros((), jnp.float32) for name in ("aux_loss", "z_loss", "dropped", "assignments")}
+    router z-losses, dropped and all (token, choice) assignments, the
+    assignments per expert ``load [num_experts]``, and ``balance`` (0, carrying
+    the expert biases' load errors as their gradient). Zero for a dense layer."""
+    scalars = {name: jnp.zeros((), jnp.float32) for name in ("aux_loss", "z_loss", "dropped", "assignments", "balance")}
     return {**scalars, "load": jnp.zeros((num_experts,), jnp.float32)}
 
 
@@ -87,7 +88,7 @@ class Block(ParallelLayer):
                 config.hidden_size, config.expert_ffn_size, num_experts=config.num_experts,
                 top_k=config.top_k, capacity_factor=config.capacity_factor, scoring=config.router_scoring,
                 norm_topk_prob=config.norm_topk_prob, shared_hidden_features=config.shared_expert_size,
-                shared_gate=config.shared_expert_gate, **mlp,
+                shared_gate=config.shared_expert_gate, expert_bias=config.bias_update_rate > 0, **mlp,
             )
             if moe
             else ParallelMLP(
@@ -112,7 +113,7 @@ class Block(ParallelLayer):
         h = checkpoint_name(self.mlp_norm(x), "mlp_input")
         if isinstance(self.mlp, MoEMLP):
             y, stats = self.mlp(h)
-            return x + y, stats
+            return x + y, {**zero_stats(self.num_experts), **stats}
         return x + self.mlp(h), zero_stats(self.num_experts)
 
     def decode(self, x, cache: KVCache, layer: tuple, cursor, start) -> tuple[jax.Array, KVCache]:

@@ -65,6 +65,10 @@ class ModelConfig:
     router_z_loss_weight: float = ranged(0.0, NON_NEGATIVE)
     shared_expert_size: int = ranged(0, NON_NEGATIVE)
     shared_expert_gate: bool = False
+    # Auxiliary-loss-free balancing (DeepSeek-V3): > 0 gives every MoE layer a
+    # per-expert bias added to the router scores for the choice of experts only,
+    # moved after each step by -bias_update_rate * sign(load - mean load).
+    bias_update_rate: float = ranged(0.0, NON_NEGATIVE)
     # Pipeline: chunks of layers per pipeline stage (1: GPipe, > 1: circular schedule).
     virtual_stages: int = ranged(1, POSITIVE)
     # Overrides of the partitioning rule table (lite_tp_jax/sharding/table.py), written in

@@ -260,7 +260,8 @@ class Transformer(nnx.Module):
         if self.moe_layers:  # the expert loads summed over the MoE layers
             extremes = load_extremes(sums["load"])
             metrics.update(z_loss=z_loss, expert_load_max=extremes["load_max"], expert_load_min=extremes["load_min"])
-        loss = cross_entropy + self.config.aux_loss_weight * aux_loss
+        # + 0 whose gradient w.r.t. each layer's expert bias is the step's load error (aux-free balancing)
+        loss = cross_entropy + self.config.aux_loss_weight * aux_loss + sums["balance"]
         if self.config.router_z_loss_weight:
             loss = loss + self.config.router_z_loss_weight * z_loss
         return loss, metrics

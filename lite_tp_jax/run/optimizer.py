@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from lite_tp_jax.layers.moe import ExpertBias
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.factory import create_model
 from lite_tp_jax.models.transformer import Transformer
@@ -59,10 +60,14 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     )
 
 
+OPTIMIZED = nnx.All(nnx.Param, nnx.Not(ExpertBias))
+"""What the optimizer updates: the parameters but the MoE expert biases (``TrainStep`` moves those)."""
+
+
 def create_optimizer(model: nnx.Module, tx: optax.GradientTransformation) -> nnx.Optimizer:
     """Any optax transformation ``tx`` (AdamW: ``make_optimizer``) over ``model``'s
     parameters, its state on ``model.mesh`` sharded like them."""
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, tx, wrt=OPTIMIZED)
     state = nnx.state(optimizer)  # step counts start on one device: put them on the mesh, replicated
     nnx.update(optimizer, jax.device_put(state, param_shardings(state, model.mesh)))
     return optimizer

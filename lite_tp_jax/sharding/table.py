@@ -17,6 +17,7 @@ says which dims are split over which mesh axes. Megatron-LM's defaults::
     moe.shared.gate, .up     column          out (hidden) over "tensor"   (the shared expert)
     moe.shared.down          row             in (hidden) over "tensor"
     moe.shared_gate          replicated      -
+    moe.expert_bias          replicated      -   (auxiliary-loss-free balancing)
     moe.gate, moe.up         expert-column   experts over "expert", out (hidden) over "tensor"
     moe.down                 expert-row      experts over "expert", in (hidden) over "tensor"
     *norm                    replicated      -
@@ -78,6 +79,7 @@ MEGATRON_RULES: tuple[tuple[str, str], ...] = (
     ("moe.shared.up", "column"),
     ("moe.shared.down", "row"),
     ("moe.shared_gate", "replicated"),
+    ("moe.expert_bias", "replicated"),
     ("moe.gate", "expert-column"),
     ("moe.up", "expert-column"),
     ("moe.down", "expert-row"),

@@ -29,4 +29,5 @@ def decoder_step(model: Transformer, optimizer: nnx.Optimizer, train: TrainConfi
         grad_clip=train.grad_clip, grad_accum=train.grad_accum, deterministic=train.deterministic,
         # rollback (train/divergence.py) restores a checkpoint: the step itself behaves as under stop
         on_nonfinite="skip" if train.on_nonfinite == "skip" else "stop", schedule=learning_rate_schedule(train),
+        bias_update_rate=model.config.bias_update_rate,
     )

@@ -17,6 +17,10 @@ backward of ``broadcast_over`` at region entry (``parallel/region.py``).
 The global gradient norm (for clipping with ``grad_clip``) is computed over the
 sharded gradients with one all-reduce (``parallel/grads.py``; padding is zero,
 so it adds nothing).
+With ``bias_update_rate`` (auxiliary-loss-free MoE balancing, ``layers/moe.py``)
+the "gradients" of the ``ExpertBias`` variables are the step's load errors: they
+are left out of the norm and of the optimizer, and each bias moves by
+``-rate * sign(error)``.
 A step whose loss, gradient norm or updated parameters (their global norm: one
 more scalar all-reduce) are not finite reports ``skipped = 1``. With
 ``on_nonfinite="skip"`` it also leaves parameters and optimizer state as
@@ -52,6 +56,7 @@ from jax.sharding import PartitionSpec as P
 from lite_tp_jax.core.axes import BATCH_AXES
 from lite_tp_jax.core.collectives import deterministic_collectives
 from lite_tp_jax.core.errors import BadInput
+from lite_tp_jax.layers.moe import ExpertBias
 from lite_tp_jax.parallel.grads import clip_by_norm, global_norm
 from lite_tp_jax.sharding.rules import param_shardings
 
@@ -94,6 +99,7 @@ class TrainStep:
         deterministic: bool = False,
         on_nonfinite: str = "stop",
         schedule: Callable[[jax.Array], jax.Array] | None = None,
+        bias_update_rate: float = 0.0,
     ):
         if on_nonfinite not in ("stop", "skip"):
             raise BadInput(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
@@ -103,6 +109,7 @@ class TrainStep:
         self.schedule, self.grad_clip = schedule, grad_clip
         self.grad_accum, self.deterministic = grad_accum, deterministic
         self.drop_nonfinite = on_nonfinite == "skip"
+        self.bias_update_rate = bias_update_rate
         self.mesh = mesh = model.mesh
         self.graphdef, state = nnx.split((model, optimizer))
         # The step reads and writes the Variables' arrays as a flat list: walking the
@@ -125,9 +132,13 @@ class TrainStep:
         previous = jax.tree.leaves(state)  # the arrays; merge's Variables are updated in place
         model, optimizer = nnx.merge(self.graphdef, state)
         (loss, metrics), grads = self._loss_and_grads(model, batch)
+        load_errors, grads = nnx.split_state(grads, ExpertBias, ...) if self.bias_update_rate else (None, grads)
         grad_norm = global_norm(grads, self.mesh)  # one all-reduce
         lr = None if self.schedule is None else self.schedule(optimizer.step[...])
         optimizer.update(model, grads if self.grad_clip is None else clip_by_norm(grads, grad_norm, self.grad_clip))
+        if load_errors is not None:  # auxiliary-loss-free balancing: overloaded experts' biases go down
+            biases = nnx.state(model, ExpertBias)
+            nnx.update(model, jax.tree.map(lambda b, e: b - self.bias_update_rate * jnp.sign(e), biases, load_errors))
         param_norm = global_norm(nnx.state(model, nnx.Param), self.mesh)  # one all-reduce
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
         new_state = nnx.state((model, optimizer))
