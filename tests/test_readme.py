@@ -3,7 +3,9 @@ commands run in order, in one temporary directory, and all succeed.
 
 What stands for what a reader supplies: ``path/to/...`` model directories are
 the tiny config's model saved as a Hugging Face Llama (byte vocabulary, so the
-README's fine-tuning on text fits it), ``my_texts/`` a folder holding one text file. Sizes are made small where a flag allows:
+README's fine-tuning on text fits it), ``my_texts/`` a folder holding one text file,
+``docs.jsonl`` and ``sft.jsonl`` the README's paragraphs, ``path/to/model_dir`` a
+directory holding a 200-id BPE ``tokenizer.json`` trained on them. Sizes are made small where a flag allows:
 ``train.steps=2``, ``--max-new-tokens 4``, ``--steps 2`` for bench, ``--devices 8``
 for plan. ``make demo`` and ``make test`` are what CI itself runs, so they are
 left out (``make test`` would run this test again).
@@ -15,6 +17,7 @@ since they choose the number of fake devices before jax starts.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -45,7 +48,7 @@ def commands() -> list[list[str]]:
     (comments dropped), with a reader's paths and small sizes filled in."""
     out = []
     for block in blocks("bash"):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continued lines joined
             words = shlex.split(line, comments=True)
             if words[:1] == ["lite-tp"]:
                 out.append(small(words[1:]))
@@ -53,7 +56,7 @@ def commands() -> list[list[str]]:
 
 
 def small(argv: list[str]) -> list[str]:
-    argv = [word.replace("path/to/model", "hf-model") for word in argv]
+    argv = [word.replace("path/to/model_dir", "tokenizer-dir").replace("path/to/model", "hf-model") for word in argv]
     if "--max-new-tokens" in argv:
         argv[argv.index("--max-new-tokens") + 1] = "4"
     if argv[0] == "plan" and "--devices" in argv:
@@ -80,8 +83,21 @@ def reader_dir(tmp_path, monkeypatch):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     tiny = load_config(REPO / "configs" / "tiny.yaml").model
     save_pretrained(create_model(tiny, make_mesh_for({"tensor": 1})), tmp_path / "hf-model")
+    text = (REPO / "README.md").read_text()
     (tmp_path / "my_texts").mkdir()
-    (tmp_path / "my_texts" / "notes.txt").write_text((REPO / "README.md").read_text())
+    (tmp_path / "my_texts" / "notes.txt").write_text(text)
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": p}) + "\n" for p in paragraphs)
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": a, "completion": b}) + "\n" for a, b in zip(paragraphs, paragraphs[1:]))
+    (tmp_path / "tokenizer-dir").mkdir()  # a tokenizer.json whose vocabulary fits the tiny model's 256
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(paragraphs, trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]"]))
+    tokenizer.save(str(tmp_path / "tokenizer-dir" / "tokenizer.json"))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
