@@ -356,6 +356,10 @@ def _generate(args) -> int:
             raise BadInput(f"No config.json in {args.hf}; --hf takes a Hugging Face model directory.")
     config_path = None if args.hf is not None else Path(args.run_dir) / "config.yaml"
     config = load_config(config_path) if config_path is not None and config_path.exists() else None
+    if config is not None and config.mesh.context != 1:
+        raise BadInput(f"lite-tp generate does not run on a context mesh, but {config_path} has mesh.context = "
+                       f"{config.mesh.context}; context parallelism is for training long sequences, so set "
+                       f"mesh.context: 1 there (the checkpoint restores onto any mesh).")
     # Deferred: devices are chosen before jax starts, and generation loads jax and the model.
     from lite_tp_jax.inference.sampling import Sampling, check_max_new_tokens
     from lite_tp_jax.runtime.compile_cache import use_compile_cache

@@ -17,7 +17,11 @@ from collections.abc import Iterable, Mapping
 from lite_tp_jax.core.errors import BadInput
 
 DATA, PIPELINE, EXPERT, TENSOR = "data", "pipeline", "expert", "tensor"
-AXES: tuple[str, ...] = (DATA, PIPELINE, EXPERT, TENSOR)
+CONTEXT = "context"
+"""Context parallelism: splits the sequence of every activation, token and
+position for the whole model; just outside "tensor", so a context group is
+made of the next-fastest links (``parallel/context.py``)."""
+AXES: tuple[str, ...] = (DATA, PIPELINE, EXPERT, CONTEXT, TENSOR)
 """Every mesh axis, outermost first."""
 
 BATCH_AXES: tuple[str, ...] = (DATA, EXPERT)

@@ -116,6 +116,13 @@ def reduce_scatter(x: jax.Array, axis: Axis = TENSOR, *, dim: int = -1) -> jax.A
     return _ordered_reduce_scatter(to_varying(x, axis), axis, dim % x.ndim)
 
 
+def all_to_all(x: jax.Array, axis: Axis, *, split_dim: int, concat_dim: int) -> jax.Array:
+    """Rank i sends the j-th of ``axis_size`` slices of ``split_dim`` to rank j,
+    which concatenates what it receives along ``concat_dim``, in rank order.
+    Its transpose (autodiff's backward) is the reverse exchange."""
+    return jax.lax.all_to_all(x, check_axis(axis), split_dim % x.ndim, concat_dim % x.ndim, tiled=True)
+
+
 # --- the fixed-order (deterministic) reductions ---------------------------------
 
 

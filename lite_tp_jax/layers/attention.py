@@ -71,12 +71,21 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.core.collectives import cast_for, copy_to_tensor_region, enter_tensor_parallel, exit_tensor_parallel
+from lite_tp_jax.core.collectives import (
+    all_gather,
+    all_to_all,
+    cast_for,
+    copy_to_tensor_region,
+    enter_tensor_parallel,
+    exit_tensor_parallel,
+    gather_over,
+)
 from lite_tp_jax.layers.masks import attention_mask, dot_product_arguments, segment_positions
 from lite_tp_jax.layers.rotary import RopeScaling, apply_rotary
-from lite_tp_jax.core.axes import TENSOR
+from lite_tp_jax.core.axes import CONTEXT, TENSOR
 from lite_tp_jax.sharding.padding import mask_padding
-from lite_tp_jax.parallel.region import REPLICATED, Layout, ParallelLayer, sequence_or_replicated
+from lite_tp_jax.parallel.context import all_positions, context_size, local_positions, natural_order
+from lite_tp_jax.parallel.region import TOKENS, Layout, ParallelLayer, sequence_or_replicated
 from lite_tp_jax.sharding.rules import MEGATRON, PartitionRules, padded_size
 from lite_tp_jax.core.checks import check_heads, check_last_dim, check_positive_int, check_rank
 
@@ -89,21 +98,28 @@ _out_kernel_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
 
 AttentionKernel = Literal["auto", "xla", "cudnn", "reference"]
 ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
+ContextStrategy = Literal["all_gather", "all_to_all"]
+CONTEXT_STRATEGIES: tuple[str, ...] = get_args(ContextStrategy)
 
 
 def attention_core(
     q: jax.Array, k: jax.Array, v: jax.Array, kernel: AttentionKernel = "auto", causal: bool = True, *,
     window: int | None = None, segments: jax.Array | None = None,
+    q_positions: jax.Array | None = None, k_positions: jax.Array | None = None,
+    q_segments: jax.Array | None = None, k_segments: jax.Array | None = None,
 ) -> jax.Array:
     """``softmax(mask(q k^T / sqrt(D))) v`` per head, one rank's heads, no communication
     (``causal=False``: every position attends to every other, as in an encoder).
 
-    ``q``: ``[B, S, N, D]``; ``k``, ``v``: ``[B, S, K, D]`` with ``K`` dividing
+    ``q``: ``[B, Sq, N, D]``; ``k``, ``v``: ``[B, Sk, K, D]`` with ``K`` dividing
     ``N`` (query head ``n`` attends with kv head ``n // (N / K)``). Scores and
     softmax are float32; the result has ``v``'s dtype. The mask is
-    ``masks.attention_mask`` of positions ``0..S-1``: ``causal``, a sliding
-    ``window`` and document ``segments`` ``[B, S]`` (ids; a query sees keys of
-    its own segment only).
+    ``masks.attention_mask``: ``causal``, a sliding ``window`` and document
+    segments (a query sees keys of its own segment only), of positions
+    ``0..S-1`` and ``segments`` ``[B, S]`` (self-attention over a whole
+    sequence), or of the global ``q_positions`` / ``k_positions`` (``[S]``) and
+    ``q_segments`` / ``k_segments`` (``[B, S]``) of any query and key blocks
+    (context parallelism: a rank's queries against gathered or exchanged keys).
 
     ``kernel``: ``reference`` is the plain einsum / softmax below, whose softmax
     output is named ``attention_weights`` for the remat policies; the others
@@ -111,22 +127,33 @@ def attention_core(
     ``cudnn`` (the fused flash kernel: GPU, 16-bit dtypes; ``[S, S]`` is never
     materialised, except a segment mask, passed as a bias) or ``auto`` (None:
     cudnn where it applies, else xla); causality and the window reach them as
-    ``is_causal`` and ``local_window_size`` (``masks.dot_product_arguments``).
+    ``is_causal`` and ``local_window_size`` (``masks.dot_product_arguments``),
+    or, with explicit positions, as a boolean ``mask``.
     """
     seq, head_dim = q.shape[1], q.shape[-1]
+    if q_positions is None:
+        positions = jnp.arange(seq)
+        q_positions = k_positions = positions
+        q_segments = k_segments = segments
+        if kernel != "reference":
+            implementation = None if kernel == "auto" else kernel
+            masking = dot_product_arguments(seq, k.shape[1], causal=causal, window=window, segments=segments)
+            return jax.nn.dot_product_attention(q, k, v, implementation=implementation, **masking)
+    visible = attention_mask(
+        q_positions, k_positions, causal=causal, window=window, q_segments=q_segments, k_segments=k_segments
+    )  # [Sq, Sk] or [B, Sq, Sk]
     if kernel != "reference":
         implementation = None if kernel == "auto" else kernel
-        masking = dot_product_arguments(seq, k.shape[1], causal=causal, window=window, segments=segments)
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation, **masking)
+        mask = visible[:, None] if visible.ndim == 3 else visible[None, None]
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation, mask=mask)
     group = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(head_dim))
-    positions = jnp.arange(seq)
-    visible = attention_mask(positions, positions, causal=causal, window=window, q_segments=segments, k_segments=segments)
     logits = jnp.where(visible[:, None] if visible.ndim == 3 else visible, logits, jnp.finfo(jnp.float32).min)
     weights = checkpoint_name(jax.nn.softmax(logits, axis=-1).astype(v.dtype), "attention_weights")
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
 
 class KVCache(NamedTuple):
     """Keys and values of cached positions, ``[..., batch, slots, kv heads, head_dim]``
@@ -223,6 +250,8 @@ class ParallelAttention(ParallelLayer):
         qk_norm_eps: float | None = None,
         causal: bool = True,
         sliding_window: int | None = None,
+        context_parallel: ContextStrategy = "all_gather",
+        context_load_balance: bool = True,
         param_dtype: Any = jnp.float32,
         role: str = "attention",
         rules: PartitionRules = MEGATRON,
@@ -234,7 +263,12 @@ class ParallelAttention(ParallelLayer):
             raise ValueError(
                 f"ParallelAttention sliding_window must be a positive int (keys within that many positions), got {sliding_window!r}."
             )
+        if context_parallel not in CONTEXT_STRATEGIES:
+            raise ValueError(
+                f"ParallelAttention context_parallel must be one of {', '.join(CONTEXT_STRATEGIES)}, got {context_parallel!r}."
+            )
         self.attention_kernel, self.causal, self.sliding_window = kernel, causal, sliding_window
+        self.context_parallel, self.context_balance = context_parallel, context_load_balance
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         _check_heads(features, num_heads, num_kv_heads, head_dim, rope_theta)
         features, num_heads, num_kv_heads = int(features), int(num_heads), int(num_kv_heads)
@@ -277,7 +311,7 @@ class ParallelAttention(ParallelLayer):
         sharded along ``S`` with ``sequence_parallel``); ``segments`` ``[B, S]``
         whole on every tensor rank."""
         placement = sequence_or_replicated(self.sequence_parallel)
-        return Layout((placement,) if segments is None else (placement, REPLICATED), placement.of(x.ndim))
+        return Layout((placement,) if segments is None else (placement, TOKENS), placement.of(x.ndim))
 
     def check(self, x: jax.Array, segments: jax.Array | None = None) -> None:
         name = type(self).__name__
@@ -293,7 +327,7 @@ class ParallelAttention(ParallelLayer):
         its RoPE positions restarting at 0 (``masks.segment_positions``)."""
         # Enter the region once for q, k and v, so backward has one collective for dx.
         x = enter_tensor_parallel(x, self.sequence_parallel)
-        seq = x.shape[-2]  # the full sequence, also with sequence_parallel
+        seq = x.shape[-2]  # this context rank's slots (the whole sequence without "context"), also with sequence_parallel
 
         q = self._project(self.query, x, self.num_heads)  # [B, S, local heads, D]
         if self.kv_sharded:  # [B, S, local kv heads, D]
@@ -301,14 +335,16 @@ class ParallelAttention(ParallelLayer):
         else:  # [B, S, local heads, D]: each local query head's kv head (a group of 1)
             k, v = (self._project_per_query_head(p, x, q.shape[2]) for p in (self.key, self.value))
         q, k = self._qk_norm(q, k)
-        if self.rope_theta is not None:
-            positions = jnp.arange(seq) if segments is None else segment_positions(segments)
-            q = apply_rotary(q, positions, self.rope_theta, self.rope_scaling)
-            k = apply_rotary(k, positions, self.rope_theta, self.rope_scaling)
-        q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query", "key", "value")))
-        o = checkpoint_name(attention_core(
-            q, k, v, self.attention_kernel, self.causal, window=self.sliding_window, segments=segments
-        ), "attention_output")  # [B, S, local heads, D]
+        if context_size() == 1:
+            if self.rope_theta is not None:
+                positions = jnp.arange(seq) if segments is None else segment_positions(segments)
+                q = apply_rotary(q, positions, self.rope_theta, self.rope_scaling)
+                k = apply_rotary(k, positions, self.rope_theta, self.rope_scaling)
+            q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query", "key", "value")))
+            o = attention_core(q, k, v, self.attention_kernel, self.causal, window=self.sliding_window, segments=segments)
+        else:
+            o = self._context_attention(q, k, v, segments)
+        o = checkpoint_name(o, "attention_output")  # [B, S, local heads, D]
 
         out_kernel = cast_for(mask_padding(self.out.kernel[...], 0, self.num_heads), o)
         partial_sums = jnp.einsum("bqhd,hdf->bqf", o, out_kernel)
@@ -317,6 +353,54 @@ class ParallelAttention(ParallelLayer):
             bias = cast_for(self.out.bias[...], y)
             y = y + (copy_to_tensor_region(bias) if self.sequence_parallel else bias)
         return y
+
+    # --- context parallelism: the sequence split over "context" (parallel/context.py) ---
+
+    def _context_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None) -> jax.Array:
+        """Attention of this context rank's queries ``q [B, S_l, heads, D]`` over the
+        whole sequence, whose other slots are on the other context ranks. Positions
+        are global (RoPE, the mask); ``segments [B, S_l]`` are this rank's, all-gathered
+        over "context" (ints, ``B x S``) for the mask and the positions they restart."""
+        seq, balanced = q.shape[1], self.context_balance
+        positions = local_positions(seq, balanced)  # [S_l]: the global position of each slot
+        every = all_positions(seq, balanced)  # [S]: of every slot, in rank order
+        all_segments = None if segments is None else all_gather(segments, CONTEXT, dim=1)
+        if self.rope_theta is not None:
+            rope = positions
+            if segments is not None:  # positions restart per document, counted in the natural order
+                rope = jnp.take(segment_positions(natural_order(all_segments, balanced)), positions, axis=1)
+            q = apply_rotary(q, rope, self.rope_theta, self.rope_scaling)
+            k = apply_rotary(k, rope, self.rope_theta, self.rope_scaling)
+        q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query", "key", "value")))
+        masking = dict(causal=self.causal, window=self.sliding_window)
+        if self.context_parallel == "all_gather":
+            # K and V of every slot, used per rank: backward, a reduce-scatter of their gradients
+            k, v = gather_over(k, CONTEXT, 1), gather_over(v, CONTEXT, 1)
+            return attention_core(
+                q, k, v, self.attention_kernel, q_positions=positions, k_positions=every,
+                q_segments=segments, k_segments=all_segments, **masking,
+            )
+        return self._all_to_all_attention(q, k, v, every, all_segments, masking)
+
+    def _all_to_all_attention(self, q, k, v, every, all_segments, masking) -> jax.Array:
+        """Ulysses: an all-to-all over "context" turns the sequence split into a
+        head split (q, k, v: ``[B, S_l, h, D]`` -> ``[B, S, h/n, D]``), attention
+        runs over the whole sequence on h/n heads, and one more all-to-all turns
+        the result back. Heads go to ranks in kv groups when this rank's kv heads
+        divide by n; otherwise k/v are taken per query head and the heads padded
+        with zeros to a multiple of n (a zero head's output is zero, then dropped)."""
+        ranks, heads = context_size(), q.shape[2]
+        if not (k.shape[2] % ranks == 0 and heads % ranks == 0):
+            if k.shape[2] != heads:  # query head j uses local kv head j // group
+                k, v = (jnp.repeat(t, heads // t.shape[2], axis=2) for t in (k, v))
+            pad = [(0, 0), (0, 0), (0, -heads % ranks), (0, 0)]
+            q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
+        q, k, v = (all_to_all(t, CONTEXT, split_dim=2, concat_dim=1) for t in (q, k, v))
+        o = attention_core(
+            q, k, v, self.attention_kernel, q_positions=every, k_positions=every,
+            q_segments=all_segments, k_segments=all_segments, **masking,
+        )
+        return all_to_all(o, CONTEXT, split_dim=1, concat_dim=2)[:, :, :heads]
 
     def _qk_norm(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
         """RMSNorm over head_dim of each query and key head (with ``qk_norm_eps``).

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from lite_tp_jax.core.collectives import reduce_from_tensor_region
-from lite_tp_jax.parallel.region import REPLICATED, Layout, features, in_region, run_standalone
+from lite_tp_jax.parallel.region import TOKENS, Layout, features, in_region, run_standalone
 from lite_tp_jax.sharding.rules import padded_size, vocab_axes as mesh_vocab_axes
 from lite_tp_jax.core.checks import check_last_dim
 
@@ -71,7 +71,7 @@ def vocab_parallel_cross_entropy(
         )
     check_last_dim(logits, vocab_size, _NAME)
     vocab_axes = tuple(vocab_axes or mesh_vocab_axes(mesh))
-    layout = Layout((features(vocab_size, vocab_axes), REPLICATED), REPLICATED.of(targets.ndim))
+    layout = Layout((features(vocab_size, vocab_axes), TOKENS), TOKENS.of(targets.ndim))
     local = partial(_local, vocab_size=vocab_size, vocab_axes=vocab_axes)
     return run_standalone(None, local, layout, logits, targets, mesh=mesh, name=_NAME)
 

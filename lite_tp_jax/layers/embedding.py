@@ -38,7 +38,7 @@ from lite_tp_jax.core.collectives import (
 from lite_tp_jax.core.axes import TENSOR
 from lite_tp_jax.sharding.padding import mask_padding
 from lite_tp_jax.parallel.region import (
-    REPLICATED,
+    TOKENS,
     Layout,
     ParallelLayer,
     features,
@@ -103,7 +103,7 @@ class VocabParallelEmbedding(ParallelLayer):
     def layout(self, ids: jax.Array) -> Layout:
         """``ids`` ``[..., seq]`` replicated over "tensor"; the vectors
         ``[..., seq, features]`` replicated (or sharded along ``seq`` with ``sequence_parallel``)."""
-        return Layout((REPLICATED,), sequence_or_replicated(self.sequence_parallel).of(ids.ndim + 1))
+        return Layout((TOKENS,), sequence_or_replicated(self.sequence_parallel).of(ids.ndim + 1))
 
     def check(self, ids: jax.Array) -> None:
         check_integer_ids(ids, type(self).__name__)

@@ -96,15 +96,18 @@ from jax.sharding import Mesh
 from lite_tp_jax.core.collectives import (
     cast_for,
     all_reduce,
+    broadcast_over,
     check_axis,
     copy_to_tensor_region,
     enter_tensor_parallel,
     exit_tensor_parallel,
+    sum_over,
 )
-from lite_tp_jax.core.axes import BATCH_AXES, EXPERT, TENSOR
+from lite_tp_jax.core.axes import BATCH_AXES, CONTEXT, EXPERT, TENSOR
 from lite_tp_jax.core.checks import check_last_dim, check_positive_int, check_rank
 from lite_tp_jax.core.errors import FitError
 from lite_tp_jax.layers.grouped import EXCHANGES, grouped_experts, inverse_permutation, sort_by_expert
+from lite_tp_jax.parallel.context import context_size
 from lite_tp_jax.parallel.region import STATISTIC, Layout, ParallelLayer, sequence_or_replicated
 from lite_tp_jax.sharding.padding import mask_padding
 from lite_tp_jax.sharding.rules import MEGATRON, PartitionRules
@@ -341,6 +344,11 @@ class MoEMLP(ParallelLayer):
         # Enter the tensor region once: backward, one all-reduce (or reduce-scatter) of dx.
         x = enter_tensor_parallel(x, self.sequence_parallel)
         rows, seq, _ = x.shape
+        if context_size() > 1 and self.capacity_factor is not None:
+            raise ValueError(
+                "MoEMLP with the sequence split over 'context' must be dropless (capacity_factor=None): "
+                "capacity slots count a row's tokens in sequence order."
+            )
         num_experts, top_k, capacity_per_expert = self.num_experts, self.top_k, self.capacity(seq)
 
         # Route: full rows on every rank, so every tensor rank routes identically. The
@@ -359,7 +367,8 @@ class MoEMLP(ParallelLayer):
             y = y + self._shared(x)
         y = exit_tensor_parallel(y, self.sequence_parallel)
         assigned = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.int32), axis=(1, 2))  # [B_l, E]
-        z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)), axis=1)  # [B_l]: router z-loss per row
+        # [B_l]: router z-loss per row (this context rank's share of the row's mean)
+        z = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)), axis=1) / (seq * context_size())
         sums = self._row_sums(probs, assigned, jnp.sum(~kept), z)
         if bias is not None:  # value 0; gradient w.r.t. the bias: this rank's load error (summed over ranks: the step's)
             load = jnp.sum(assigned, axis=0).astype(jnp.float32)
@@ -445,9 +454,12 @@ class MoEMLP(ParallelLayer):
         (pairs per expert). Every tensor rank computes the same values; the
         mean over "tensor" makes that their type (and counts the losses'
         gradients once). Summing over the ranks that split the rows is the caller's."""
-        seq = probs.shape[1]
-        fraction = assigned.astype(jnp.float32) / (seq * self.top_k)  # [B_l, E]
-        mean_prob = jnp.mean(probs, axis=1)  # [B_l, E]
+        seq = probs.shape[1] * context_size()  # the whole row's tokens
+        fraction = assigned.astype(jnp.float32) / (seq * self.top_k)  # [B_l, E]: this rank's share
+        prob_sums = jnp.sum(probs, axis=1)  # [B_l, E]
+        if context_size() > 1:  # the row's, over every context rank (backward: their cotangents summed)
+            prob_sums = broadcast_over(sum_over(prob_sums, CONTEXT), CONTEXT)
+        mean_prob = prob_sums / seq  # aux_b = E sum_e f_be P_be, f_be summed over the context ranks by the caller
         local = jnp.concatenate(
             [
                 jnp.stack([
@@ -466,7 +478,7 @@ class MoEMLP(ParallelLayer):
     def standalone(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``local``, with its row sums turned into batch means (standalone use)."""
         y, sums = self.local(x)
-        row_axes = tuple(axis for axis in BATCH_AXES if axis in jax.typeof(sums["dropped"]).mat.varying)
+        row_axes = tuple(axis for axis in (*BATCH_AXES, CONTEXT) if axis in jax.typeof(sums["dropped"]).mat.varying)
         if row_axes:
             sums = {name: all_reduce(value, row_axes) for name, value in sums.items()}
         rows = x.shape[0] * math.prod(jax.lax.axis_size(axis) for axis in row_axes)

@@ -23,7 +23,7 @@ from lite_tp_jax.layers.moe import MoEMLP
 from lite_tp_jax.layers.norm import LayerNorm, RMSNorm
 from lite_tp_jax.layers.rotary import RopeScaling
 from lite_tp_jax.models.config import ModelConfig
-from lite_tp_jax.parallel.region import REPLICATED, Layout, ParallelLayer, sequence_or_replicated
+from lite_tp_jax.parallel.region import TOKENS, Layout, ParallelLayer, sequence_or_replicated
 from lite_tp_jax.sharding.rules import PartitionRules
 
 
@@ -78,6 +78,8 @@ class Block(ParallelLayer):
             qk_norm_eps=config.norm_eps if config.qk_norm else None,
             kernel=config.attention,
             sliding_window=config.sliding_window,
+            context_parallel=config.context_parallel,
+            context_load_balance=config.context_load_balance,
             rules=rules,
             rngs=rngs,
         )
@@ -101,7 +103,7 @@ class Block(ParallelLayer):
         """``x``: ``[B, S, H]`` (sharded along S with sequence parallelism); ``segments``:
         ``[B, S]`` document ids of packed rows (whole on every tensor rank). Returns the block output."""
         placement = sequence_or_replicated(self.sequence_parallel)
-        inputs = (placement,) if segments is None else (placement, REPLICATED)
+        inputs = (placement,) if segments is None else (placement, TOKENS)
         args = (x,) if segments is None else (x, segments)
         return self.run(lambda self, *args: self.local(*args)[0], Layout(inputs, placement.of(x.ndim)), *args)
 

@@ -4,8 +4,9 @@ field's range and the rules between fields (``check``). No jax here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 from lite_tp_jax.core.checks import ABOVE_ZERO, NON_NEGATIVE, POSITIVE, check_heads, ranged
 from lite_tp_jax.core.errors import FitError
@@ -19,6 +20,9 @@ MLPActivation = Literal["swiglu", "gelu"]
 Position = Literal["rope", "learned"]
 RopeScalingKind = Literal["none", "linear", "llama3"]
 RouterScoring = Literal["softmax", "sigmoid"]
+SequenceParallel = Literal["auto", True, False]
+ContextStrategy = Literal["all_gather", "all_to_all"]  # layers.attention.CONTEXT_STRATEGIES, over "context"
+CONTEXT_STRATEGIES: tuple[str, ...] = get_args(ContextStrategy)
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,16 @@ class ModelConfig:
     rope_theta: float = ranged(10000.0, ABOVE_ZERO)
     norm_eps: float = ranged(1e-5, ABOVE_ZERO)
     tie_embeddings: bool = False
-    sequence_parallel: bool = False
+    # Sequence parallelism (activations between blocks split along the sequence
+    # over "tensor"): "auto" turns it on whenever mesh.tensor > 1 (and the
+    # sequence divides by tensor x context; else off, said in one line).
+    sequence_parallel: SequenceParallel = "auto"
+    # Context parallelism (mesh.context > 1, lite_tp_jax/parallel/context.py):
+    # how attention meets the other context ranks' tokens: all_gather (K, V
+    # all-gathered), all_to_all (Ulysses: sequence-split to head-split and back); and whether
+    # the tokens are permuted so each rank holds chunks r and 2n-1-r (zigzag).
+    context_parallel: ContextStrategy = "all_gather"
+    context_load_balance: bool = True
     remat: Remat = "none"
     # Efficiency. compute_dtype: matmuls and activation collectives (parameters,
     # optimizer state, softmax, norms and the loss stay float32). attention: the
@@ -128,6 +141,24 @@ class ModelConfig:
         except RuleError as error:
             raise FitError("{partition_rules.name}: " + str(error).replace("{", "{{").replace("}", "}}"),
                            partition_rules=self.partition_rules) from None
+
+    def with_sequence_parallel(self, sizes: Mapping[str, int], seq_len: int | None = None) -> tuple[ModelConfig, str]:
+        """This config with ``sequence_parallel`` a bool for a mesh of ``sizes``
+        (and sequences of ``seq_len``), and one line saying what was chosen.
+        ``auto``: on when "tensor" > 1 and the sequence divides by tensor x
+        context (checked when ``seq_len`` is given), else off."""
+        tensor, context = sizes.get("tensor", 1), sizes.get("context", 1)
+        if self.sequence_parallel != "auto":
+            on = bool(self.sequence_parallel)
+            return replace(self, sequence_parallel=on), f"sequence parallelism {'on' if on else 'off'}"
+        if tensor == 1:
+            return replace(self, sequence_parallel=False), "sequence parallelism off (auto: tensor 1)"
+        if seq_len is not None and seq_len % (tensor * context):
+            return replace(self, sequence_parallel=False), (
+                f"sequence parallelism off (auto: train.seq_len {seq_len} does not divide by "
+                f"tensor {tensor} x context {context})"
+            )
+        return replace(self, sequence_parallel=True), f"sequence parallelism on (auto: tensor {tensor})"
 
     @property
     def expert_ffn_size(self) -> int:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from lite_tp_jax.core.axes import BATCH_AXES, PIPELINE, TENSOR
+from lite_tp_jax.core.axes import BATCH_AXES, CONTEXT, PIPELINE, TENSOR
 from lite_tp_jax.core.errors import BadInput, FitError
 from lite_tp_jax.layers.moe import check_experts
 from lite_tp_jax.models.config import ModelConfig
+from lite_tp_jax.parallel.context import check_context_split
 from lite_tp_jax.parallel.pipeline import check_schedule
 from lite_tp_jax.parallel.region import check_sequence_split
 
@@ -37,20 +38,30 @@ def check_layers_fit(config: ModelConfig, sizes: Mapping[str, int]) -> None:
         )
     if config.moe_every:
         check_experts(config.num_experts, sizes)
+    if config.moe_every and sizes.get(CONTEXT, 1) > 1 and config.capacity_factor is not None:
+        raise FitError(
+            "{capacity_factor} must be null (dropless) with {context} > 1: an expert's capacity slots count a "
+            "row's tokens in sequence order, and context parallelism splits the sequence",
+            capacity_factor=config.capacity_factor, context=sizes[CONTEXT],
+        )
 
 
 def check_batch(config: ModelConfig, sizes: Mapping[str, int], rows: int, seq_len: int, microbatches: int = 1) -> None:
     """A ``[rows, seq_len]`` token batch fits the mesh: rows split over the batch
     axes (then into pipeline microbatches), the sequence over "tensor" with
-    sequence parallelism, and within the learned position table."""
+    sequence parallelism (and "context"), the sequence over "context", and
+    within the learned position table."""
     ranks = batch_ranks(sizes)
     if rows % ranks:
         raise FitError(
             "{global_batch} must be divisible by {data} x {expert}",
             global_batch=rows, **{axis: sizes[axis] for axis in BATCH_AXES},
         )
-    if config.sequence_parallel:
-        check_sequence_split(seq_len, sizes[TENSOR])
+    context = sizes.get(CONTEXT, 1)
+    if context > 1:
+        check_context_split(seq_len, context, config.context_load_balance)
+    if config.with_sequence_parallel(sizes, seq_len)[0].sequence_parallel:  # "auto" falls back instead
+        check_sequence_split(seq_len, sizes[TENSOR], context=context)
     if config.position == "learned" and seq_len > config.max_positions:
         raise FitError(
             "{seq_len} exceeds {max_positions}, the size of the learned position table",

@@ -44,7 +44,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.core.axes import PIPELINE
+from lite_tp_jax.core.axes import CONTEXT, PIPELINE
 from lite_tp_jax.core.collectives import sum_over
 from lite_tp_jax.core.errors import BadInput
 from lite_tp_jax.layers.attention import KVCache
@@ -67,6 +67,7 @@ from lite_tp_jax.parallel.region import (
     model_row_axes,
     region,
     run_in_region,
+    token_axes,
 )
 from lite_tp_jax.sharding.rules import PartitionRules, vocab_axes
 
@@ -96,17 +97,24 @@ class Transformer(nnx.Module):
     ``__call__(tokens)`` for logits."""
 
     def __init__(self, config: ModelConfig, *, mesh: Mesh, rules: PartitionRules | None = None, rngs: nnx.Rngs):
+        config = config.with_sequence_parallel(mesh.shape)[0]  # "auto": on when tensor > 1
         check_layers_fit(config, mesh.shape)
         rules = rules or partition_rules(config)
         self.config, self.mesh = config, mesh
         self.axes, self.batch_axes = model_axes(mesh), model_row_axes(mesh)
+        # the axes that split the tokens: the loss and statistics are summed over them
+        self.token_axes = token_axes(mesh, self.batch_axes)
+        self.context_balance = config.context_load_balance  # how the region lays the sequence over "context"
         self.vocab_axes = vocab_axes(mesh)
         sp = config.sequence_parallel
         dtype = jnp.dtype(config.compute_dtype)  # of every activation, from the embedding lookup on
         table = dict(mesh=mesh, sequence_parallel=sp, rules=rules, rngs=rngs)
         self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, role="embedding", dtype=dtype, **table)
         self.positions = (
-            LearnedPositions(config.max_positions, config.hidden_size, mesh=mesh, sequence_parallel=sp, rules=rules, rngs=rngs)
+            LearnedPositions(
+                config.max_positions, config.hidden_size, mesh=mesh, sequence_parallel=sp,
+                context_load_balance=config.context_load_balance, rules=rules, rngs=rngs,
+            )
             if config.position == "learned"
             else None
         )
@@ -132,8 +140,10 @@ class Transformer(nnx.Module):
         ``segments``: packed documents' ids, as in ``loss``."""
         self._check(tokens, tokens, segments=segments)
         output = features(self.config.vocab_size, self.vocab_axes).of(3)
+        positions = self._segment_positions(segments)
         return enter_region(
-            self, lambda self, tokens, segments: self.local_logits(tokens, 1, segments)[0], tokens, segments, output=output
+            self, lambda self, tokens, segments, positions: self.local_logits(tokens, 1, segments, positions)[0],
+            tokens, segments, positions, output=output,
         )
 
     def loss(
@@ -152,7 +162,12 @@ class Transformer(nnx.Module):
         data-parallel rank (no effect without pipeline parallelism). The
         result does not depend on the mesh."""
         self._check(tokens, targets, microbatches, segments)
-        return self.local_loss(tokens, targets, microbatches, segments)
+        return self.local_loss(tokens, targets, microbatches, segments, self._segment_positions(segments))
+
+    def _segment_positions(self, segments: jax.Array | None) -> jax.Array | None:
+        """Learned positions of packed documents, restarting at each (from the whole
+        rows, before a context mesh splits them; RoPE's are the attention's)."""
+        return None if segments is None or self.positions is None else segment_positions(segments)
 
     # --- generation with a KV cache ----------------------------------------------
 
@@ -215,6 +230,11 @@ class Transformer(nnx.Module):
         return P(None, None, self.batch_axes or None, *attention_spec[1:])
 
     def _check_cached(self, batch: int) -> None:
+        if self.mesh.shape[CONTEXT] > 1:
+            raise BadInput(
+                f"Generation with a KV cache does not split the sequence, but this model's mesh has context "
+                f"{self.mesh.shape[CONTEXT]}; build it with mesh.context=1 (the parameters are the same)."
+            )
         if self.mesh.shape[PIPELINE] > 1 or self.config.sequence_parallel:
             raise BadInput(
                 "Generation with a KV cache needs a model built with mesh.pipeline=1 and "
@@ -227,15 +247,17 @@ class Transformer(nnx.Module):
     # --- one rank's math --------------------------------------------------------
 
     @region(output=(STATISTIC, STATISTIC))
-    def local_loss(self, tokens, targets, microbatches, segments=None):
+    def local_loss(self, tokens, targets, microbatches, segments=None, positions=None):
         """The loss is the mean over the counted targets of the *global* batch:
         this rank's sum of token losses and its count of counted targets are
-        summed over the batch axes ("data", "expert": ``sum_over``, one
-        all-reduce of the pair) and divided after. So every rank's
+        summed over the axes that split the tokens ("data", "expert" and
+        "context": ``sum_over``, one all-reduce of the pair) and divided after.
+        On a context mesh ``tokens``, ``targets``, ``segments`` and ``positions``
+        are this rank's slots of the sequence (``parallel/context.py``). So every rank's
         gradient is d(its token sum)/dθ over the global count, and the
         gradients' sum over those axes (``broadcast_over``'s backward) is the
         global mean's, however the counted tokens fall over the ranks."""
-        logits, stats = self.local_logits(tokens, microbatches, segments)
+        logits, stats = self.local_logits(tokens, microbatches, segments, positions)
         token_losses = vocab_parallel_cross_entropy(logits, targets, self.config.vocab_size, vocab_axes=self.vocab_axes)
         counted = targets >= 0
         # this rank's sum of token losses and its count, reduced together: one all-reduce,
@@ -243,9 +265,9 @@ class Transformer(nnx.Module):
         # the layers' collectives in another order on another rank)
         totals = jnp.stack([jnp.where(counted, token_losses, 0.0).sum(), counted.sum().astype(jnp.float32)])
         sums = dict(stats)  # over this rank's rows
-        if self.batch_axes:
-            totals = sum_over(totals, self.batch_axes)
-            sums = {name: sum_over(value, self.batch_axes) for name, value in sums.items()}
+        if self.token_axes:
+            totals = sum_over(totals, self.token_axes)
+            sums = {name: sum_over(value, self.token_axes) for name, value in sums.items()}
         rows = tokens.shape[0] * math.prod(self.mesh.shape[axis] for axis in self.batch_axes)
         trained_tokens = jax.lax.stop_gradient(totals[1])
         cross_entropy = totals[0] / jnp.maximum(trained_tokens, 1.0)
@@ -266,11 +288,14 @@ class Transformer(nnx.Module):
             loss = loss + self.config.router_z_loss_weight * z_loss
         return loss, metrics
 
-    def local_logits(self, tokens, microbatches, segments=None):
-        """This rank's vocabulary slice of the logits for its batch rows, and MoE stats."""
+    def local_logits(self, tokens, microbatches, segments=None, positions=None):
+        """This rank's vocabulary slice of the logits for its batch rows, and MoE stats.
+        ``positions``: the learned positions of packed documents (``_segment_positions``)."""
         x = self.embed(tokens)
         if self.positions is not None:
-            x = self.positions(x) if segments is None else self.positions(x, segment_positions(segments))
+            if positions is None and segments is not None:
+                positions = segment_positions(segments)
+            x = self.positions(x) if positions is None else self.positions(x, positions)
         x, stats = self._run_layers(x, microbatches, segments)
         x = self.final_norm(x)
         head = self.embed if self.head is None else self.head

@@ -36,11 +36,12 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.core.axes import AXES, BATCH_AXES, DATA, TENSOR, entry_axes
+from lite_tp_jax.core.axes import AXES, BATCH_AXES, CONTEXT, DATA, TENSOR, entry_axes, spec_entry
 from lite_tp_jax.core.collectives import (
     broadcast_over,
     gather_over,
@@ -48,6 +49,7 @@ from lite_tp_jax.core.collectives import (
     sum_over,
 )
 from lite_tp_jax.core.errors import BadInput, FitError
+from lite_tp_jax.parallel.context import check_context_split, sequence_order
 from lite_tp_jax.sharding.rules import padded_size
 
 
@@ -126,6 +128,9 @@ class Placement:
     padded from ``logical`` on the way in, trimmed to it on the way out).
     ``rows``: dim 0 holds token rows, split over the batch axes that divide it
     (``required`` axes must). ``ndim``: the rank, for a result (``of``).
+    ``seq``: the dim holding the sequence (-2 for activations ``[B, S, F]``, -1
+    for ids ``[B, S]``, ``TOKENS``), split over "context" on a mesh with
+    context > 1, in the order of ``parallel/context.py``; never dim 0 (the rows).
     """
 
     split: Literal["replicated", "sequence", "last"] = "replicated"
@@ -133,6 +138,7 @@ class Placement:
     axes: tuple[str, ...] = (TENSOR,)
     rows: bool = True
     ndim: int = 0
+    seq: int | None = -2
 
     def of(self, ndim: int) -> Placement:
         """This layout for a result of rank ``ndim``."""
@@ -141,6 +147,8 @@ class Placement:
 
 REPLICATED = Placement()
 SEQUENCE = Placement("sequence")
+TOKENS = Placement(seq=-1)
+"""``[batch, seq]`` ids (tokens, targets, segment ids), whole on every tensor rank."""
 STATISTIC = Placement(rows=False)
 """A value reduced over every rank (a scalar statistic)."""
 
@@ -181,7 +189,15 @@ def _row_axes(mesh: Mesh, rows: int | None, required: tuple[str, ...], name: str
     return tuple(chosen)
 
 
-def _placement_spec(placement: Placement, ndim: int, row_axes: tuple[str, ...]) -> P:
+def context_dim(placement: Placement, ndim: int) -> int | None:
+    """The dim of an array of rank ``ndim`` laid out as ``placement`` that is split
+    over "context" on a context mesh (its sequence), or None."""
+    if placement.seq is None or ndim < 2 or placement.seq % ndim == 0:
+        return None
+    return placement.seq % ndim
+
+
+def _placement_spec(placement: Placement, ndim: int, row_axes: tuple[str, ...], context: bool = False) -> P:
     entries: list[Any] = [None] * ndim
     if placement.rows and ndim >= 2 and row_axes:
         entries[0] = row_axes
@@ -189,32 +205,59 @@ def _placement_spec(placement: Placement, ndim: int, row_axes: tuple[str, ...]) 
         entries[-2] = TENSOR
     elif placement.split == "last":
         entries[-1] = placement.axes if len(placement.axes) > 1 else placement.axes[0]
+    dim = context_dim(placement, ndim) if context else None
+    if dim is not None:  # the sequence over ("context", "tensor"): each context rank's slots split again
+        entries[dim] = spec_entry((CONTEXT, *entry_axes(entries[dim])))
     return P(*entries)
 
 
-def check_sequence_split(seq_len: int, tensor: int, owner: str = "") -> None:
-    """With sequence parallelism the sequence splits evenly over "tensor" (a
-    ``FitError`` naming ``seq_len`` and ``tensor``; ``owner`` prefixes it)."""
-    if seq_len % tensor:
+def check_sequence_split(seq_len: int, tensor: int, owner: str = "", context: int = 1) -> None:
+    """With sequence parallelism the sequence splits evenly over "tensor" (and
+    "context"): a ``FitError`` naming ``seq_len`` and ``tensor``; ``owner`` prefixes it."""
+    if seq_len % (tensor * context):
+        over = "{tensor}" if context == 1 else "{tensor} x {context}"
         raise FitError(
-            f"{owner}{{seq_len}} must be divisible by {{tensor}} with {{sequence_parallel}}",
-            seq_len=seq_len, tensor=tensor, sequence_parallel=True,
+            f"{owner}{{seq_len}} must be divisible by {over} with {{sequence_parallel}}",
+            seq_len=seq_len, tensor=tensor, context=context, sequence_parallel=True,
         )
 
 
 def _check_sequence(x: jax.Array, mesh: Mesh, name: str, dim: int = -2) -> None:
-    """The sequence (``dim``, by default -2) of a standalone layer's ``x`` splits evenly over "tensor"."""
+    """The sequence (``dim``, by default -2) of a standalone layer's ``x`` splits evenly over "tensor" x "context"."""
     if x.ndim < 2:
         raise ValueError(f"{name} with sequence_parallel needs a sequence dim (-2), got shape {tuple(x.shape)}.")
-    check_sequence_split(x.shape[dim], mesh.shape[TENSOR], owner=f"{name}: the sequence length ")
+    check_sequence_split(x.shape[dim], mesh.shape[TENSOR], f"{name}: the sequence length ", mesh.shape[CONTEXT])
+
+
+def _context_permute(x: jax.Array, dim: int, mesh: Mesh, balanced: bool, name: str) -> jax.Array:
+    """``x``'s sequence (``dim``, natural order) in the order it lies over "context"
+    (``parallel/context.py``), checked to split evenly; outside the region, so each
+    rank's shard is its slots."""
+    check_context_split(x.shape[dim], mesh.shape[CONTEXT], balanced, owner=f"{name}: the sequence length ")
+    return jnp.take(x, jnp.asarray(sequence_order(x.shape[dim], mesh.shape[CONTEXT], balanced)), axis=dim)
+
+
+def _context_unpermute(y: jax.Array, dim: int, mesh: Mesh, balanced: bool) -> jax.Array:
+    """A result's sequence (``dim``) back in its natural order."""
+    order = sequence_order(y.shape[dim], mesh.shape[CONTEXT], balanced)
+    return jnp.take(y, jnp.asarray(np.argsort(order)), axis=dim)
+
+
+def token_axes(mesh: Mesh, row_axes: tuple[str, ...]) -> tuple[str, ...]:
+    """The axes that split a region's tokens: ``row_axes`` and "context" (size > 1).
+    Parameters replicated over them get their gradients summed over them."""
+    return (*row_axes, CONTEXT) if mesh.shape[CONTEXT] > 1 else row_axes
 
 
 def run_standalone(module: nnx.Module | None, fn: Callable[..., Any], layout: Layout, *args: Any, mesh: Mesh, name: str) -> Any:
     """Runs one rank's math ``fn`` from ordinary jit code: lays ``args`` out as
-    ``layout.inputs`` say (padding split last dims), enters a region with every
-    axis manual, and returns the results in their logical shapes."""
+    ``layout.inputs`` say (padding split last dims; on a context mesh, the
+    sequence permuted as it lies over "context"), enters a region with every
+    axis manual, and returns the results in their logical shapes and order."""
     first = next((x for x, a in zip(args, layout.inputs) if a.rows and jnp.ndim(x) >= 2), None)
     row_axes = _row_axes(mesh, None if first is None else first.shape[0], layout.required, name)
+    context = mesh.shape[CONTEXT] > 1
+    balanced = getattr(module, "context_balance", True)
     arg_specs, laid_out = [], []
     for x, placement in zip(args, layout.inputs):
         if placement.split == "sequence":
@@ -222,21 +265,26 @@ def run_standalone(module: nnx.Module | None, fn: Callable[..., Any], layout: La
         elif placement.split == "last":
             padding = padded_size(placement.logical, math.prod(mesh.shape[a] for a in placement.axes)) - x.shape[-1]
             x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padding)]) if padding else x
-        arg_specs.append(_placement_spec(placement, jnp.ndim(x), row_axes))
+        dim = context_dim(placement, jnp.ndim(x)) if context else None
+        if dim is not None:
+            x = _context_permute(x, dim, mesh, balanced, name)
+        arg_specs.append(_placement_spec(placement, jnp.ndim(x), row_axes, context))
         laid_out.append(x)
 
     is_placement = lambda a: isinstance(a, Placement)
     for placement in jax.tree.leaves(layout.output, is_leaf=is_placement):
         if placement.split == "sequence" and first is not None:  # its sequence is the input's
             _check_sequence(first, mesh, name, dim=placement.ndim - 2)
-    out_specs = jax.tree.map(lambda a: _placement_spec(a, a.ndim, row_axes), layout.output, is_leaf=is_placement)
+    out_specs = jax.tree.map(lambda a: _placement_spec(a, a.ndim, row_axes, context), layout.output, is_leaf=is_placement)
     result = run_in_region(
         module, fn, *laid_out,
-        mesh=mesh, arg_specs=arg_specs, out_specs=out_specs, row_axes=row_axes,
+        mesh=mesh, arg_specs=arg_specs, out_specs=out_specs, row_axes=token_axes(mesh, row_axes),
     )
 
     def trim(placement, y):
-        return y[..., : placement.logical] if placement.split == "last" else y
+        y = y[..., : placement.logical] if placement.split == "last" else y
+        dim = context_dim(placement, placement.ndim) if context else None
+        return y if dim is None else _context_unpermute(y, dim, mesh, balanced)
 
     return jax.tree.map(trim, layout.output, result, is_leaf=is_placement)
 
@@ -292,10 +340,11 @@ def model_row_axes(mesh: Mesh) -> tuple[str, ...]:
 
 
 def _region_row_axes() -> tuple[str, ...]:
+    """The axes that split a region's tokens: the batch axes and "context" that are manual."""
     manual = jax.sharding.get_abstract_mesh().manual_axes
     if TENSOR not in manual:
         raise NameError("batch_sum / batch_mean run inside a region (a method decorated with @region).")
-    return tuple(axis for axis in BATCH_AXES if axis in manual)
+    return tuple(axis for axis in (*BATCH_AXES, CONTEXT) if axis in manual)
 
 
 def batch_sum(x: jax.Array) -> jax.Array:
@@ -316,10 +365,10 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, jax.Array) or (hasattr(x, "__array__") and hasattr(x, "shape"))
 
 
-def _output_spec(placement: Placement, rows: tuple[str, ...]) -> P:
+def _output_spec(placement: Placement, rows: tuple[str, ...], context: bool = False) -> P:
     if placement.split == "replicated" and placement.ndim == 0:  # a prefix: rows on dim 0, or a statistic
         return P(rows or None) if placement.rows else P()
-    return _placement_spec(placement, placement.ndim, rows)
+    return _placement_spec(placement, placement.ndim, rows, context)
 
 
 def enter_region(module: nnx.Module, fn: Callable[..., Any], *args: Any, output: Any = STATISTIC) -> Any:
@@ -339,6 +388,7 @@ def enter_region(module: nnx.Module, fn: Callable[..., Any], *args: Any, output:
         raise BadInput(f"{type(module).__name__} has no mesh: a model entering a region keeps its mesh as self.mesh.")
     rows = model_row_axes(mesh)
     ranks = math.prod(mesh.shape[axis] for axis in rows)
+    context, balanced = mesh.shape[CONTEXT] > 1, getattr(module, "context_balance", True)
     leaves, structure = jax.tree.flatten(args)
     arrays = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
     for i in arrays:
@@ -347,6 +397,12 @@ def enter_region(module: nnx.Module, fn: Callable[..., Any], *args: Any, output:
                 f"{type(module).__name__}: batch size {leaves[i].shape[0]} must be divisible by the "
                 f"batch axes' ranks ({' x '.join(f'{a} {mesh.shape[a]}' for a in rows)} = {ranks})."
             )
+    # on a context mesh, dim 1 of every argument of rank >= 2 is a sequence, split over "context"
+    sequences = [i for i in arrays if context and jnp.ndim(leaves[i]) >= 2]
+    values = [
+        _context_permute(leaves[i], 1, mesh, balanced, type(module).__name__) if i in sequences else leaves[i]
+        for i in arrays
+    ]
 
     def body(module, *values):
         full = list(leaves)
@@ -356,12 +412,17 @@ def enter_region(module: nnx.Module, fn: Callable[..., Any], *args: Any, output:
 
     is_placement = lambda a: isinstance(a, Placement)
     result = run_in_region(
-        module, body, *(leaves[i] for i in arrays), mesh=mesh,
-        arg_specs=[P(rows) if jnp.ndim(leaves[i]) else P() for i in arrays],
-        out_specs=jax.tree.map(lambda a: _output_spec(a, rows), output, is_leaf=is_placement),
-        row_axes=rows, axes=model_axes(mesh),
+        module, body, *values, mesh=mesh,
+        arg_specs=[P(rows or None, CONTEXT) if i in sequences else P(rows) if jnp.ndim(leaves[i]) else P() for i in arrays],
+        out_specs=jax.tree.map(lambda a: _output_spec(a, rows, context), output, is_leaf=is_placement),
+        row_axes=token_axes(mesh, rows), axes=model_axes(mesh),
     )
-    trim = lambda a, y: y[..., : a.logical] if a.split == "last" else y
+
+    def trim(placement, y):
+        y = y[..., : placement.logical] if placement.split == "last" else y
+        dim = context_dim(placement, placement.ndim) if context else None
+        return y if dim is None else _context_unpermute(y, dim, mesh, balanced)
+
     return jax.tree.map(trim, output, result, is_leaf=is_placement)
 
 

@@ -78,5 +78,6 @@ def create_model_and_optimizer(
 ) -> tuple[Transformer, nnx.Optimizer]:
     """A sharded model (initialised from ``train.seed``, identically for any mesh)
     and its optimizer; parameters split over "data" too with ``train.shard_optimizer``."""
+    model_config = model_config.with_sequence_parallel(mesh.shape, train.seq_len)[0]  # "auto": by tensor and train.seq_len
     model = create_model(model_config, mesh, seed=train.seed, shard_over_data=train.shard_optimizer)
     return model, create_optimizer(model, make_optimizer(train))

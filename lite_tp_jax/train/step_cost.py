@@ -31,6 +31,8 @@ class StepCost:
 
     def __init__(self, config: Config, devices: int, peak_flops: float | None):
         train = config.train
+        # what model.sequence_parallel ("auto") chose on this mesh, said in the line before step 1
+        self.sequence_parallel = config.model.with_sequence_parallel(config.mesh.sizes(devices), train.seq_len)[1]
         self.tokens = train.global_batch * train.seq_len
         self.flops = training_flops_per_step(config.model, train.global_batch, train.seq_len)
         self.devices, self.peak_flops = devices, peak_flops
@@ -77,4 +79,4 @@ def describe(event: dict, seconds: float, cost: StepCost) -> str:
     line += f"; model FLOPs per step {cost.flops:.3g} ({cost.flops / cost.devices:.3g} per device"
     if cost.peak_flops:
         line += f", peak {cost.peak_flops / 1e12:.4g} TFLOP/s per device for MFU"
-    return line + ")"
+    return line + f"); {cost.sequence_parallel}"
