@@ -8,10 +8,13 @@ collectives of one training step are written out as Megatron's formulas, one
 counts on the compiled step: result bytes per device, as often as the step runs
 them (tests hold the two within 1%). Activations are an estimate.
 
-Symbols: d, p, e, t the mesh sizes; B = global_batch / (d e) rows per rank,
-m microbatches (pipeline only) of b = B / m rows, S sequence, H hidden,
-F ffn, V vocabulary, E experts, C expert capacity, L layers in G scanned
-groups, v virtual stages, T = v m + p - 1 pipeline ticks; f32 = 4 bytes.
+Symbols: d, p, e, c, t the mesh sizes; B = global_batch / (d e) rows per rank,
+m microbatches (pipeline only) of b = B / m rows, S sequence, S_c = S / c the
+slots of a context rank (every activation, token and target below holds S_c
+where one device would hold S), H hidden, F ffn, V vocabulary, E experts, C
+expert capacity, L layers in G scanned groups, v virtual stages, T = v m + p - 1
+pipeline ticks; h_q, h_k the query and kv heads of a tensor rank (k/v taken per
+query head, h_k = h_q, when replicated), D head_dim; f32 = 4 bytes.
 
     where                    forward                          backward
     each block, t > 1        2 all-reduce b S H  over t       2 all-reduce b S H
@@ -22,6 +25,14 @@ groups, v virtual stages, T = v m + p - 1 pipeline ticks; f32 = 4 bytes.
                              choice) rows, room for all of them from each of the e ranks;
                              on GPU/TPU ragged, only the rows received move) + 1 all-to-all
                              of the E group sizes (forward)
+    attention, c > 1 (``model.context_parallel``), per block:
+      all_gather             2 all-gather b S h_k D over c    2 reduce-scatter b S_c h_k D, and the
+                                                              2 all-gathers again (K, V are not kept)
+      all_to_all             4 all-to-all b S_c h D over c    4 all-to-all (transposes) + 3 again
+                                                              (remat full: + 4 again)
+                             (q, k, v, out; h = h_q, h_k, h_k, h_q, or every one h_q padded to a
+                             multiple of c when the kv heads do not divide by c)
+    MoE block, c > 1         1 all-reduce b E over c          1 all-reduce b E (router probabilities per row)
     pipeline, each tick      1 collective-permute b S' H      1 collective-permute  (S' = S/t with SP)
     pipeline in/out          all-reduce B S' H over p         all-reduce B S' H over p
     embedding lookup         all-reduce B S H over vocab axes (SP: reduce-scatter over t,
@@ -34,7 +45,7 @@ groups, v virtual stages, T = v m + p - 1 pipeline ticks; f32 = 4 bytes.
                              SP): all-reduce of its gradient over t, per use (in a pipeline,
                              this tick's chunk at every tick)
     gradients, at entry      per parameter, once: its shard, all-reduced over the batch axes
-                             (d, e) it is replicated on
+                             (d, e) and "context" it is replicated on
 
 Scalars (loss statistics, the gradient norm) are left out: a few hundred bytes.
 Neither are collectives over groups of one device, which ``hlo.bytes_by_axis``
@@ -56,7 +67,7 @@ from flax import nnx
 
 from lite_tp_jax.analysis.profiles import DeviceProfile
 from lite_tp_jax.core import hlo
-from lite_tp_jax.core.axes import AXES, BATCH_AXES, DATA, EXPERT, PIPELINE, TENSOR, describe, entry_axes
+from lite_tp_jax.core.axes import AXES, BATCH_AXES, CONTEXT, DATA, EXPERT, PIPELINE, TENSOR, describe, entry_axes
 from lite_tp_jax.core.mesh import make_mesh_for
 from lite_tp_jax.layers.moe import capacity as moe_capacity
 from lite_tp_jax.models.config import ModelConfig
@@ -157,7 +168,7 @@ class _Step:
 
     model: ModelConfig
     sizes: dict[str, int]
-    S: int  # sequence
+    S: int  # the slots of a context rank (S_c; the sequence without "context")
     H: int  # hidden
     B: int  # rows per rank
     b: int  # rows per microbatch
@@ -167,14 +178,16 @@ class _Step:
 
     @classmethod
     def of(cls, model: ModelConfig, train: TrainConfig, sizes: dict[str, int]) -> _Step:
-        p, t = sizes[PIPELINE], sizes[TENSOR]
+        p, t, c = sizes[PIPELINE], sizes[TENSOR], sizes[CONTEXT]
+        model = model.with_sequence_parallel(sizes, train.seq_len)[0]
         rows = train.global_batch // batch_ranks(sizes)
         m, v = (train.microbatches if p > 1 else 1), model.virtual_stages
         groups = model.num_layers // model.layers_per_group
         ticks = v * m + p - 1 if p > 1 else 1
         group_runs = ticks * groups // (v * p) if p > 1 else groups
-        s_local = train.seq_len // t if model.sequence_parallel else train.seq_len
-        return cls(model, sizes, train.seq_len, model.hidden_size, rows, rows // m, ticks, group_runs, s_local)
+        seq = train.seq_len // c
+        s_local = seq // t if model.sequence_parallel else seq
+        return cls(model, sizes, seq, model.hidden_size, rows, rows // m, ticks, group_runs, s_local)
 
     @property
     def pipelined(self) -> bool:
@@ -212,6 +225,45 @@ def _block_transfers(out: _Transfers, step: _Step) -> None:
     if step.model.moe_every:
         out.add("MoE: group sizes", "all-to-all", [EXPERT], "forward", step.model.num_experts, step.group_runs)
         out.add("MoE: statistics", "all-reduce", [TENSOR], "forward", 3, step.group_runs)
+        for phase in ("forward", "backward"):
+            out.add("MoE: router probabilities per row", "all-reduce", [CONTEXT], phase,
+                    b * step.model.num_experts, step.group_runs)
+    _context_transfers(out, step, blocks)
+
+
+def attention_heads(model: ModelConfig, tensor: int) -> tuple[int, int]:
+    """``(h_q, h_k)``: the query heads of a tensor rank and the kv heads its
+    attention computes with (``layers/attention.py``: kv heads split with their
+    query groups, padded; or, replicated, taken per query head)."""
+    q, kv = model.num_heads, model.num_kv_heads
+    kv_split = partition_rules(model).strategy("attention.key", ("column", "replicated")) == "column" and kv >= tensor
+    if kv_split:
+        kv_padded = -(-kv // tensor) * tensor
+        return kv_padded * (q // kv) // tensor, kv_padded // tensor
+    heads = -(-q // tensor)
+    return heads, heads
+
+
+def _context_transfers(out: _Transfers, step: _Step, blocks: int) -> None:
+    """Attention over "context" (``model.context_parallel``): the exchanges of K/V or heads per block."""
+    c = step.sizes[CONTEXT]
+    if c == 1:
+        return
+    h_q, h_k = attention_heads(step.model, step.sizes[TENSOR])
+    row = step.b * step.S * step.model.resolved_head_dim  # one head of this rank's slots
+    if step.model.context_parallel == "all_gather":
+        for phase, runs in (("forward", 2 * blocks), ("backward", 2 * blocks)):  # backward: K, V gathered again
+            out.add("attention: K, V all-gathers over context", "all-gather", [CONTEXT], phase, c * row * h_k, runs)
+        out.add("attention: K, V gradients", "reduce-scatter", [CONTEXT], "backward", row * h_k, 2 * blocks)
+    else:  # all_to_all (Ulysses)
+        if h_k % c or h_q % c:
+            h_q = h_k = -(-h_q // c) * c
+        forward = row * (2 * h_q + 2 * h_k)
+        out.add("attention: q, k, v, out all-to-alls over context", "all-to-all", [CONTEXT], "forward", forward, blocks)
+        # q, k, v exchanged again for the recomputed attention; with remat full its output too
+        again = row * (h_q + 2 * h_k) + (row * h_q if step.model.remat == "full" else 0)
+        out.add("attention: all-to-alls (transposes, q k v again)", "all-to-all", [CONTEXT], "backward",
+                forward + again, blocks)
 
 
 def _pipeline_transfers(out: _Transfers, step: _Step) -> None:
@@ -254,12 +306,13 @@ def _gradient_transfers(out: _Transfers, step: _Step, params: list[Parameter]) -
             # in a pipeline, this tick's chunk of the stacked layers, every tick
             inside, runs = (grad // step.model.virtual_stages, step.ticks) if stacked_in_pipeline else (grad, 1)
             out.add(f"gradient of {param.name} over tensor", "all-reduce", [TENSOR], "backward", inside, runs)
-        batch = [a for a in BATCH_AXES if a not in param.sharded_axes]
+        batch = [a for a in (*BATCH_AXES, CONTEXT) if a not in param.sharded_axes]
         out.add(f"gradient of {param.name}", "all-reduce", batch, "backward", grad)
 
 
 def transfers(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], params: list[Parameter]) -> list[Transfer]:
     """Every collective of one training step on one device, by Megatron's formulas (module docstring)."""
+    model = model.with_sequence_parallel(sizes, train.seq_len)[0]
     step, out = _Step.of(model, train, sizes), _Transfers(sizes)
     _block_transfers(out, step)
     _pipeline_transfers(out, step)
@@ -288,15 +341,18 @@ def activation_bytes(model: ModelConfig, train: TrainConfig, sizes: dict[str, in
     (no SP), ``S b H (34/t + 5 a S / (H t))`` (SP); ``selective`` drops the
     attention term, ``full`` keeps the block input (``2 S b H``, /t with SP).
     A pipeline stage keeps every tick's activations of its chunk. Plus the
-    logits slice and its softmax: ``2 B S V / (t p)``.
+    logits slice and its softmax: ``2 B S V / (t p)``. With "context" every
+    term holds S_c = S / c tokens, and the attention term's scores are of S_c
+    queries against all S keys.
     """
-    p, t = sizes[PIPELINE], sizes[TENSOR]
-    S, H, a = train.seq_len, model.hidden_size, model.num_heads
+    model = model.with_sequence_parallel(sizes, train.seq_len)[0]
+    p, t, c = sizes[PIPELINE], sizes[TENSOR], sizes[CONTEXT]
+    S, H, a = train.seq_len // c, model.hidden_size, model.num_heads
     B = train.global_batch // batch_ranks(sizes)
     m = train.microbatches if p > 1 else 1
     b = B // m
     sp = model.sequence_parallel
-    attention = 5 * a * S / (H * t)
+    attention = 5 * a * train.seq_len / (H * t)
     if model.remat == "full":
         per_layer = 2 * S * b * H / (t if sp else 1)
     else:
@@ -398,16 +454,19 @@ def _wire_factor(kind: str, n: int) -> float:
 def estimate_step_seconds(config: Config, sizes: dict[str, int], planned: dict, profile: DeviceProfile) -> dict:
     """Roofline: matmul FLOPs over peak (stretched by the pipeline bubble), plus
     each collective's wire bytes over the link of its slowest axis ("tensor"
-    within a node while it fits in one, the others across nodes)."""
+    within a node while it fits in one, and "context", just outside it, while
+    tensor x context does; the others across nodes)."""
     compute = planned["flops_per_step_per_device"] / profile.peak_flops
     p, m, v = sizes[PIPELINE], config.train.microbatches, config.model.virtual_stages
     bubble = (p - 1) / (v * m + p - 1) if p > 1 else 0.0
     compute /= 1 - bubble
     comm = 0.0
-    intra = sizes[TENSOR] <= profile.devices_per_node
+    inside = {TENSOR} if sizes[TENSOR] <= profile.devices_per_node else set()
+    if inside and sizes[TENSOR] * sizes[CONTEXT] <= profile.devices_per_node:
+        inside.add(CONTEXT)
     for item in planned["collectives"]:
         n = math.prod(sizes[a] for a in item["axes"])
-        bandwidth = min(profile.intra_node_bytes_per_s if a == TENSOR and intra else profile.inter_node_bytes_per_s
+        bandwidth = min(profile.intra_node_bytes_per_s if a in inside else profile.inter_node_bytes_per_s
                         for a in item["axes"])
         comm += item["bytes"] * _wire_factor(item["kind"], n) / bandwidth
     return {"compute_s": compute, "communication_s": comm, "bubble_fraction": bubble, "step_s": compute + comm}
