@@ -100,8 +100,9 @@ def test_ranking_covers_every_valid_mesh():
     rows = planner.rank_meshes(cfg, 8, memory_gb=80, profile=PROFILES["h100"])
     meshes = [tuple(r["mesh"].values()) for r in rows]
     expected = {m for m in (tuple(s.values()) for s in planner.factorisations(8))
-                if planner.check_mesh(cfg, dict(zip(("data", "pipeline", "expert", "tensor"), m))) is None}
-    assert set(meshes) == expected and len(meshes) == len(expected) == 7  # no expert axis (dense), <= 2 stages
+                if planner.check_mesh(cfg, dict(zip(planner.AXES, m))) is None}
+    # no expert axis (dense), <= 2 stages; data x pipeline x context x tensor = 8 in 16 ways
+    assert set(meshes) == expected and len(meshes) == len(expected) == 16
     assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
     assert all(r["fits"] for r in rows)
     assert not any(r["fits"] for r in planner.rank_meshes(cfg, 8, memory_gb=1e-6, profile=PROFILES["h100"]))

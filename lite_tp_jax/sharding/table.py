@@ -25,6 +25,20 @@ says which dims are split over which mesh axes. Megatron-LM's defaults::
     column / row             column / row    standalone ColumnParallelLinear / RowParallelLinear
     layers                   stacked         stacked layer groups [virtual_stages, groups/v] over "pipeline"
 
+Activations are not parameters, but where their sequence lies is part of the
+same table (the layers' ``Layout``s, ``parallel/region.py``'s ``Placement``
+and ``parallel/context.py`` follow it): ``[batch, seq, ...]`` rows over the batch axes, and the sequence
+
+    tokens, targets, positions, segment ids    seq over "context" (whole over "tensor")
+    between blocks (residual stream, norms)    seq over "context"; over ("context", "tensor") with SP
+    inside a block (q/k/v, MLP hidden)         seq over "context"; heads / hidden over "tensor"
+    attention's keys and values                all_gather: every slot (gathered over "context")
+                                               all_to_all: every slot, heads / ("tensor", "context")
+    logits, the loss's tokens                  seq over "context"; vocab over the vocab axes
+
+(the sequence split over "context" is the permuted one when
+``model.context_load_balance``: rank r holds chunks r and 2n-1-r).
+
 (Megatron's names: a "column" split is the spec's "row partitioning" and vice
 versa; see the README.) A bias has its kernel's role: a column bias is split
 with the outputs, a row bias is replicated and added once after the reduction.
