@@ -244,6 +244,19 @@ CASES = [
     ("text-path-is-a-fifo", None, make_fifo, ["data.source=text", "data.path={tmp}/fifo.npy"], 2, "is not a regular file or a directory", ["."]),
     ("token-file-is-a-fifo", None, make_fifo, ["data.source=tokens", "data.path={tmp}/fifo.npy"], 2, "is not a regular file", ["."]),
     ("fewer-steps-than-done", TRAINED, None, ["train.steps=2", "train.lr=0.5"], 0, "", ALL),
+    # context parallelism (issue 17)
+    ("context-seq-not-divisible", None, None, ["mesh.context=2", "train.seq_len=30"], 2,
+     "'train.seq_len' (30) must be divisible by 2 x 'mesh.context' (2) = 4 chunks (the load balance; "
+     "or set model.context_load_balance false)", ["."]),
+    ("context-strategy-unknown", None, None, ["model.context_parallel=zigzag"], 2,
+     "'model.context_parallel' must be one of all_gather, all_to_all", ["."]),
+    ("context-moe-with-capacity", None, None, ["model.moe_every=2", "mesh.context=2"], 2,
+     "'model.capacity_factor' (1.25) must be null (dropless) with 'mesh.context' (2) > 1", ["."]),
+    ("sequence-parallel-not-divisible", None, None,
+     ["mesh.context=2", "mesh.tensor=4", "train.seq_len=12", "model.sequence_parallel=true"], 2,
+     "'train.seq_len' (12) must be divisible by 'mesh.tensor' (4) x 'mesh.context' (2) with 'model.sequence_parallel'", ["."]),
+    ("sequence-parallel-typo", None, None, ["model.sequence_parallel=maybe"], 2,
+     "'model.sequence_parallel' must be one of auto, true, false, got 'maybe'", ["."]),
 ]
 
 
@@ -333,6 +346,14 @@ def edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps(config))
 
 
+def edit_yaml(path: Path, section: str, **changes) -> None:
+    import yaml
+
+    config = yaml.safe_load(path.read_text())
+    config[section].update(changes)
+    path.write_text(yaml.safe_dump(config))
+
+
 def extra_layer_tensor(hf: Path) -> None:
     from safetensors.numpy import save_file
 
@@ -378,6 +399,8 @@ COMMAND_CASES = [
      "plausibly hosts at most"),
     ("generate-hf-bad-tokenizer", lambda t: hf_copy(t, lambda d: (d / "tokenizer.json").write_text("{not a tokenizer")),
      ["generate", "--hf", "{tmp}/hf", "--prompt", "x", "--max-new-tokens", "1"], 2, "is not a tokenizer the tokenizers package can read"),
+    ("generate-on-context-mesh", lambda t: edit_yaml(t / "trained" / "config.yaml", "mesh", context=2),
+     ["generate", "--run-dir", "{trained}", "--prompt", "x"], 2, "lite-tp generate does not run on a context mesh"),
     ("launch-into-foreign-folder", lambda t: foreign_folder(t / "run"),
      ["launch", "--processes", "2", "--", "train", "{tiny}", "--run-dir", "{tmp}/run"], 2, "is not a lite-tp run directory"),
 ]

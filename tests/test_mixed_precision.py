@@ -22,7 +22,9 @@ from lite_tp_jax.run.optimizer import create_model_and_optimizer
 from lite_tp_jax.sharding.rules import batch_sharding
 from lite_tp_jax.train.decoder_step import decoder_step
 
-MODEL = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=40)
+MODEL = ModelConfig(
+    vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=40, sequence_parallel=False
+)
 TRAIN = TrainConfig(steps=50, global_batch=8, seq_len=16, warmup_steps=5)
 BF16 = dataclasses.replace(MODEL, compute_dtype="bfloat16")
 

@@ -19,7 +19,9 @@ from lite_tp_jax.models.transformer import Transformer
 from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 
-SMALL = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=40)
+SMALL = ModelConfig(
+    vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=40, sequence_parallel=False
+)
 B, S = 2, 8
 
 

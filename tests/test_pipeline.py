@@ -73,7 +73,9 @@ def test_bubble_fraction_formula():
     assert bubble_fraction(1, 8) == 0
 
 
-SMALL = ModelConfig(vocab_size=48, hidden_size=16, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=24)
+SMALL = ModelConfig(
+    vocab_size=48, hidden_size=16, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=24, sequence_parallel=False
+)
 B, S = 8, 8
 
 

@@ -15,8 +15,10 @@ that no variant always runs right after the same one; ratios are medians of
 the per-round ratios, with their interquartile range. Collective bytes per device per step come from
 the compiled HLO (``hlo.bytes_by_axis``), memory per device from
 ``compiled.memory_analysis()`` (arguments + outputs + temporaries - donated
-aliases). Also: compile time against depth, for models that differ only in
-``num_layers``.
+aliases), and the lite_tp_jax step's compiled memory with sequence
+parallelism on and off (at tensor > 1; ``model.sequence_parallel: auto``, the
+default, turns it on there). Also: compile time against depth, for models that
+differ only in ``num_layers``.
 
 The baseline (``reference_model.py``) implements dense models without
 pipelining: a config with experts or a pipeline axis is refused.
@@ -157,6 +159,23 @@ def compile_seconds_vs_depth(config: Config, mesh, depths: list[int]) -> list[di
     return rows
 
 
+def sequence_parallel_memory(config: Config, mesh) -> dict | None:
+    """Memory per device of the lite_tp_jax step compiled (abstract state, never
+    run) with sequence parallelism on and off, and which one the config's
+    setting chooses here; None at tensor 1."""
+    if mesh.shape["tensor"] == 1:
+        return None
+    tokens = jax.ShapeDtypeStruct((config.train.global_batch, config.train.seq_len), jnp.int32,
+                                  sharding=batch_sharding(mesh))
+    out = {"chosen": config.model.with_sequence_parallel(mesh.shape, config.train.seq_len)[1]}
+    for on in (True, False):
+        model, optimizer = abstract_model_and_optimizer(
+            dataclasses.replace(config.model, sequence_parallel=on), config.train, mesh)
+        compiled = decoder_step(model, optimizer, config.train).lower((tokens, tokens)).compile()
+        out["on" if on else "off"] = memory_bytes(compiled)
+    return out
+
+
 def run(config: Config, *, steps: int = 20, depths: list[int] = (2, 8, 32), warmup: int = 2,
         check_steps: int = 3, config_name: str | None = None) -> dict:
     """Benchmarks ``config``'s training step; returns the result as a JSON-ready dict."""
@@ -209,6 +228,7 @@ def run(config: Config, *, steps: int = 20, depths: list[int] = (2, 8, 32), warm
         "ratios": {"lite_tp_jax/gspmd": ratio("lite_tp_jax", "gspmd"),
                    "lite_tp_jax/one_device": ratio("lite_tp_jax", "one_device")},
         "compile_vs_depth": compile_seconds_vs_depth(config, mesh, list(depths)),
+        "sequence_parallel_memory_bytes_per_device": sequence_parallel_memory(config, mesh),
     }
 
 
@@ -272,6 +292,10 @@ def format_result(result: dict) -> str:
     lines.append("")
     for key, q in r.items():
         lines.append(f"{key}: {q['median']:.3f} (IQR {q['q1']:.3f}-{q['q3']:.3f})")
+    sp = result.get("sequence_parallel_memory_bytes_per_device")
+    if sp:
+        lines += ["", f"lite_tp_jax memory/device with sequence parallelism on {_mib(sp['on'])}, off {_mib(sp['off'])} "
+                      f"({sp['off'] / sp['on']:.2f}x); this config: {sp['chosen']}"]
     if result["compile_vs_depth"]:
         lines += ["", "compile time vs depth (s): " + ", ".join(
             f"{row['num_layers']} layers: {row['lite_tp_jax_compile_s']:.2f} (gspmd {row['gspmd_compile_s']:.2f})"

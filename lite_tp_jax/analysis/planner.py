@@ -155,7 +155,7 @@ class Transfer:
 
 def _ordered(axes: Iterable[str], sizes: dict[str, int]) -> tuple[str, ...]:
     axes = set(axes)
-    return tuple(a for a in AXES if a in axes and sizes[a] > 1)
+    return tuple(a for a in AXES if a in axes and sizes.get(a, 1) > 1)
 
 
 def capacity(model: ModelConfig, seq: int) -> int:
@@ -178,7 +178,7 @@ class _Step:
 
     @classmethod
     def of(cls, model: ModelConfig, train: TrainConfig, sizes: dict[str, int]) -> _Step:
-        p, t, c = sizes[PIPELINE], sizes[TENSOR], sizes[CONTEXT]
+        p, t, c = sizes[PIPELINE], sizes[TENSOR], sizes.get(CONTEXT, 1)
         model = model.with_sequence_parallel(sizes, train.seq_len)[0]
         rows = train.global_batch // batch_ranks(sizes)
         m, v = (train.microbatches if p > 1 else 1), model.virtual_stages
@@ -246,7 +246,7 @@ def attention_heads(model: ModelConfig, tensor: int) -> tuple[int, int]:
 
 def _context_transfers(out: _Transfers, step: _Step, blocks: int) -> None:
     """Attention over "context" (``model.context_parallel``): the exchanges of K/V or heads per block."""
-    c = step.sizes[CONTEXT]
+    c = step.sizes.get(CONTEXT, 1)
     if c == 1:
         return
     h_q, h_k = attention_heads(step.model, step.sizes[TENSOR])
@@ -346,7 +346,7 @@ def activation_bytes(model: ModelConfig, train: TrainConfig, sizes: dict[str, in
     queries against all S keys.
     """
     model = model.with_sequence_parallel(sizes, train.seq_len)[0]
-    p, t, c = sizes[PIPELINE], sizes[TENSOR], sizes[CONTEXT]
+    p, t, c = sizes[PIPELINE], sizes[TENSOR], sizes.get(CONTEXT, 1)
     S, H, a = train.seq_len // c, model.hidden_size, model.num_heads
     B = train.global_batch // batch_ranks(sizes)
     m = train.microbatches if p > 1 else 1
@@ -462,7 +462,7 @@ def estimate_step_seconds(config: Config, sizes: dict[str, int], planned: dict, 
     compute /= 1 - bubble
     comm = 0.0
     inside = {TENSOR} if sizes[TENSOR] <= profile.devices_per_node else set()
-    if inside and sizes[TENSOR] * sizes[CONTEXT] <= profile.devices_per_node:
+    if inside and sizes[TENSOR] * sizes.get(CONTEXT, 1) <= profile.devices_per_node:
         inside.add(CONTEXT)
     for item in planned["collectives"]:
         n = math.prod(sizes[a] for a in item["axes"])

@@ -38,8 +38,9 @@ class ModelConfig:
     norm_eps: float = ranged(1e-5, ABOVE_ZERO)
     tie_embeddings: bool = False
     # Sequence parallelism (activations between blocks split along the sequence
-    # over "tensor"): "auto" turns it on whenever mesh.tensor > 1 (and the
-    # sequence divides by tensor x context; else off, said in one line).
+    # over "tensor"): "auto" turns it on in a training run whenever mesh.tensor
+    # > 1 (and the sequence divides by tensor x context; else off, said in one
+    # line); a Transformer built directly takes "auto" as off.
     sequence_parallel: SequenceParallel = "auto"
     # Context parallelism (mesh.context > 1, lite_tp_jax/parallel/context.py):
     # how attention meets the other context ranks' tokens: all_gather (K, V

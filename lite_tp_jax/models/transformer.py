@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +98,9 @@ class Transformer(nnx.Module):
     ``__call__(tokens)`` for logits."""
 
     def __init__(self, config: ModelConfig, *, mesh: Mesh, rules: PartitionRules | None = None, rngs: nnx.Rngs):
-        config = config.with_sequence_parallel(mesh.shape)[0]  # "auto": on when tensor > 1
+        # "auto" is the training run's choice (create_model_and_optimizer, by tensor and train.seq_len); a
+        # model built directly runs as written, off unless true (generation needs it off)
+        config = replace(config, sequence_parallel=config.sequence_parallel is True)
         check_layers_fit(config, mesh.shape)
         rules = rules or partition_rules(config)
         self.config, self.mesh = config, mesh

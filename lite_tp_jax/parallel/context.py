@@ -51,7 +51,8 @@ def check_context_split(seq_len: int, context: int, balanced: bool, owner: str =
     ``2 x context`` chunks with the load balance (a ``FitError``)."""
     parts = 2 * context if balanced and context > 1 else context
     if seq_len % parts:
-        what = f"2 x {{context}} = {parts} chunks (the load balance; or set {{context_load_balance}} false)" if parts != context else "{context}"
+        what = (f"2 x {{context}} = {parts} chunks (the load balance; or set {{context_load_balance.name}} false)"
+                if parts != context else "{context}")
         raise FitError(
             f"{owner}{{seq_len}} must be divisible by {what}: context parallelism splits the sequence evenly",
             seq_len=seq_len, context=context, context_load_balance=balanced,

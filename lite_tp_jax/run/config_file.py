@@ -59,7 +59,7 @@ def _expected(key: str, hint: Any, bounds) -> str:
     elif base is str:
         text = "a string"
     elif get_origin(base) is Literal:
-        text = "one of " + ", ".join(str(a) for a in get_args(base))
+        text = "one of " + ", ".join(_show(a) if isinstance(a, bool) else str(a) for a in get_args(base))
     elif base == _PAIRS:
         text = "a mapping of strings to strings"
     elif base == _SOURCES:
