@@ -19,7 +19,7 @@ def test_bench_reports_three_variants_ratios_and_depths(tmp_path, capsys):
     assert json.loads(out.read_text()) == printed
     assert out.with_suffix(".png").stat().st_size > 0
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
-    assert printed["mesh"] == {"data": 1, "pipeline": 1, "expert": 1, "tensor": 2}
+    assert printed["mesh"] == {"data": 1, "pipeline": 1, "expert": 1, "context": 1, "tensor": 2}
     assert printed["same_work_max_rel_err"] < 1e-4  # the baseline computes the same losses and norms
     assert set(printed["variants"]) == {"lite_tp_jax", "gspmd", "one_device"}
     for name, v in printed["variants"].items():
@@ -30,6 +30,9 @@ def test_bench_reports_three_variants_ratios_and_depths(tmp_path, capsys):
     assert single["collective_bytes_per_step_per_device"] == 0
     for ratio in printed["ratios"].values():
         assert ratio["q1"] <= ratio["median"] <= ratio["q3"]
+    sp = printed["sequence_parallel_memory_bytes_per_device"]  # the default (auto) is on at tensor 2, and smaller
+    assert sp["chosen"] == "sequence parallelism on (auto: tensor 2)" and sp["on"] == ours["memory_bytes_per_device"]
+    assert 0 < sp["on"] < sp["off"]
     (row,) = printed["compile_vs_depth"]
     assert row["num_layers"] == 1 and row["lite_tp_jax_compile_s"] > 0 and row["gspmd_compile_s"] > 0
 

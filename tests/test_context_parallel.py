@@ -106,6 +106,10 @@ LAYER_CASES = [
     ("all_to_all", 2, 2, True, 6, 3, False),  # 4 q / 2 kv heads a rank (padded): in kv groups
     ("all_to_all", 4, 1, True, 4, 1, False),  # 1 kv head < 4: k/v per query head
     ("all_to_all", 4, 2, False, 6, 2, True),  # 3 q heads a rank: padded to 4, k/v per query head
+    ("ring", 2, 1, True, 4, 2, False),
+    ("ring", 2, 2, True, 6, 3, True),  # kv 3 -> 4 padded; segments travel round the ring
+    ("ring", 4, 1, False, 4, 1, False),  # 1 kv head < 4 ranks
+    ("ring", 4, 2, True, 8, 2, False),
 ]
 
 
@@ -166,6 +170,13 @@ def test_hlo_all_gather_gathers_k_and_v_once_each():
     assert sorted(forward_collectives("all_gather", 2, 4, 2)) == [("all-gather", B * S * 2 * D)] * 2
 
 
+def test_hlo_ring_passes_k_and_v_n_minus_1_times():
+    """At n = 4: 3 collective-permutes each of K and V ([B, S/4, 2 kv heads, D]) and 3 of the
+    keys' positions (S/4 ints); nothing else over context."""
+    found = forward_collectives("ring", 4, 4, 2)
+    assert sorted(found) == sorted([("collective-permute", B * S // 4 * 2 * D)] * 6 + [("collective-permute", S // 4)] * 3)
+
+
 def test_hlo_all_to_all_four_exchanges():
     """q, k, v to heads and the output back: four all-to-alls of this rank's [B, S/n, heads, D]."""
     found = forward_collectives("all_to_all", 2, 4, 2)
@@ -178,8 +189,10 @@ DENSE = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, nu
 MOE = replace(DENSE, moe_every=2, num_experts=4, top_k=2, capacity_factor=None)
 TRAIN = TrainConfig(global_batch=4, seq_len=16, warmup_steps=1, lr=1e-2)
 
-# (strategy, mesh, model and train changes): each strategy at two of the issue's meshes, each mesh once.
+# (strategy, mesh, model and train changes): each strategy at two of the issue's meshes, each mesh at least once.
 MODEL_CASES = [
+    ("ring", dict(data=2, context=2, tensor=2), {}, {}),
+    ("ring", dict(context=4, tensor=2), dict(remat="full"), {}),
     ("all_gather", dict(data=2, context=2, tensor=2), dict(remat="full"), dict(shard_optimizer=True)),
     ("all_gather", dict(pipeline=2, context=2, tensor=2), dict(remat="selective"), dict(microbatches=2)),
     ("all_to_all", dict(context=4, tensor=2), dict(context_load_balance=False), dict(grad_accum=2, deterministic=True)),
@@ -219,20 +232,21 @@ def test_training_losses_match_one_device(index, one_device, trained):
 
 
 def test_checkpoint_resumes_onto_another_context_size(tmp_path, trained):
-    """Saved at context 2 x data 2 x tensor 2, restored at context 4 x tensor 2 (the
-    other strategy): the parameters are the same, and the next step's loss too."""
+    assert MODEL_CASES[2][1] == dict(data=2, context=2, tensor=2) and MODEL_CASES[4][1] == dict(context=4, tensor=2)
+    """Saved at context 2 x data 2 x tensor 2 (all_gather, ZeRO-1), restored at context
+    4 x tensor 2 (all_to_all): the parameters are the same, and the next step's loss too."""
     from lite_tp_jax.analysis.planner import abstract_model_and_optimizer
     from lite_tp_jax.run.checkpoint import Checkpointer
     from lite_tp_jax.sharding.rules import batch_sharding
     from lite_tp_jax.train.decoder_step import decoder_step
 
-    _, step, batch = trained(0)
+    _, step, batch = trained(2)
     checkpointer = Checkpointer(tmp_path, keep=1)
     checkpointer.save(3, {"model": nnx.state(step.model), "optimizer": nnx.state(step.optimizer)}, {})
     checkpointer.close()
-    train = replace(TRAIN, shard_optimizer=False)
-    mesh = mesh_of(context=4, tensor=2)
-    model, optimizer = abstract_model_and_optimizer(replace(DENSE, context_parallel="all_to_all"), train, mesh)
+    strategy, sizes, model_changes, train_changes = MODEL_CASES[4]  # its program is compiled already
+    train, mesh = replace(TRAIN, **train_changes), mesh_of(**sizes)
+    model, optimizer = abstract_model_and_optimizer(replace(DENSE, context_parallel=strategy, **model_changes), train, mesh)
     restoring = Checkpointer(tmp_path, keep=1)
     restoring.restore({"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, mesh)
     restoring.close()

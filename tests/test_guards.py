@@ -249,7 +249,7 @@ CASES = [
      "'train.seq_len' (30) must be divisible by 2 x 'mesh.context' (2) = 4 chunks (the load balance; "
      "or set model.context_load_balance false)", ["."]),
     ("context-strategy-unknown", None, None, ["model.context_parallel=zigzag"], 2,
-     "'model.context_parallel' must be one of all_gather, all_to_all", ["."]),
+     "'model.context_parallel' must be one of all_gather, ring, all_to_all", ["."]),
     ("context-moe-with-capacity", None, None, ["model.moe_every=2", "mesh.context=2"], 2,
      "'model.capacity_factor' (1.25) must be null (dropless) with 'mesh.context' (2) > 1", ["."]),
     ("sequence-parallel-not-divisible", None, None,

@@ -138,7 +138,7 @@ def test_llama_8b_at_data8_tensor8_stores_one_eighth_per_device():
     from lite_tp_jax.run.config_file import load_config
 
     config = load_config("configs/llama-8b.yaml", ["mesh.data=8", "mesh.tensor=8"])
-    mesh = AbstractMesh((8, 1, 1, 8), AXES, axis_types=(AxisType.Auto,) * 4)
+    mesh = AbstractMesh(tuple(config.mesh.sizes().values()), AXES, axis_types=(AxisType.Auto,) * len(AXES))
     per_device = {}
     for shard in (False, True):
         train = dataclasses.replace(config.train, shard_optimizer=shard)

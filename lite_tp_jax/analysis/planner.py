@@ -28,6 +28,9 @@ query head, h_k = h_q, when replicated), D head_dim; f32 = 4 bytes.
     attention, c > 1 (``model.context_parallel``), per block:
       all_gather             2 all-gather b S h_k D over c    2 reduce-scatter b S_c h_k D, and the
                                                               2 all-gathers again (K, V are not kept)
+      ring                   2(n-1) collective-permute        2(n-1) of dK, dV (float32) and of K, V, and the
+                             b S_c h_k D (K, V), n-1 of S_c   forward's 2(n-1) again (the scan keeps no lse; at
+                             key positions                    n = 2 XLA shares them); key positions alike
       all_to_all             4 all-to-all b S_c h D over c    4 all-to-all (transposes) + 3 again
                                                               (remat full: + 4 again)
                              (q, k, v, out; h = h_q, h_k, h_k, h_q, or every one h_q padded to a
@@ -251,7 +254,17 @@ def _context_transfers(out: _Transfers, step: _Step, blocks: int) -> None:
         return
     h_q, h_k = attention_heads(step.model, step.sizes[TENSOR])
     row = step.b * step.S * step.model.resolved_head_dim  # one head of this rank's slots
-    if step.model.context_parallel == "all_gather":
+    if step.model.context_parallel == "ring":
+        # backward: the forward ring again (the layer scan keeps no lse: the kernel's output is
+        # recomputed; at n = 2 XLA shares its one permute with the backward ring's), then the backward ring
+        for phase, rings in (("forward", 1), ("backward", 2 if c > 2 else 1)):
+            out.add("attention: K, V round the ring", "collective-permute", [CONTEXT], phase, row * h_k,
+                    2 * (c - 1) * rings * blocks)
+            out.add("attention: key positions round the ring", "collective-permute", [CONTEXT], phase, step.S,
+                    (c - 1) * rings * blocks)
+        out.add("attention: dK, dV round the ring", "collective-permute", [CONTEXT], "backward", row * h_k,
+                2 * (c - 1) * blocks)
+    elif step.model.context_parallel == "all_gather":
         for phase, runs in (("forward", 2 * blocks), ("backward", 2 * blocks)):  # backward: K, V gathered again
             out.add("attention: K, V all-gathers over context", "all-gather", [CONTEXT], phase, c * row * h_k, runs)
         out.add("attention: K, V gradients", "reduce-scatter", [CONTEXT], "backward", row * h_k, 2 * blocks)
@@ -343,7 +356,7 @@ def activation_bytes(model: ModelConfig, train: TrainConfig, sizes: dict[str, in
     A pipeline stage keeps every tick's activations of its chunk. Plus the
     logits slice and its softmax: ``2 B S V / (t p)``. With "context" every
     term holds S_c = S / c tokens, and the attention term's scores are of S_c
-    queries against all S keys.
+    queries against all S keys (none with the ring).
     """
     model = model.with_sequence_parallel(sizes, train.seq_len)[0]
     p, t, c = sizes[PIPELINE], sizes[TENSOR], sizes.get(CONTEXT, 1)
@@ -352,7 +365,8 @@ def activation_bytes(model: ModelConfig, train: TrainConfig, sizes: dict[str, in
     m = train.microbatches if p > 1 else 1
     b = B // m
     sp = model.sequence_parallel
-    attention = 5 * a * train.seq_len / (H * t)
+    # the ring keeps no scores (its backward recomputes them from lse, one sub-block at a time)
+    attention = 0 if c > 1 and model.context_parallel == "ring" else 5 * a * train.seq_len / (H * t)
     if model.remat == "full":
         per_layer = 2 * S * b * H / (t if sp else 1)
     else:

@@ -81,6 +81,7 @@ from lite_tp_jax.core.collectives import (
     gather_over,
 )
 from lite_tp_jax.layers.masks import attention_mask, dot_product_arguments, segment_positions
+from lite_tp_jax.layers.ring_attention import ring_attention
 from lite_tp_jax.layers.rotary import RopeScaling, apply_rotary
 from lite_tp_jax.core.axes import CONTEXT, TENSOR
 from lite_tp_jax.sharding.padding import mask_padding
@@ -98,7 +99,7 @@ _out_kernel_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
 
 AttentionKernel = Literal["auto", "xla", "cudnn", "reference"]
 ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
-ContextStrategy = Literal["all_gather", "all_to_all"]
+ContextStrategy = Literal["all_gather", "ring", "all_to_all"]
 CONTEXT_STRATEGIES: tuple[str, ...] = get_args(ContextStrategy)
 
 
@@ -358,9 +359,11 @@ class ParallelAttention(ParallelLayer):
 
     def _context_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None) -> jax.Array:
         """Attention of this context rank's queries ``q [B, S_l, heads, D]`` over the
-        whole sequence, whose other slots are on the other context ranks. Positions
+        whole sequence, whose other slots are on the other context ranks
+        (``context_parallel``: ``all_gather`` K and V, pass them round the ``ring``
+        (``ring_attention.py``), or ``all_to_all`` heads for sequence). Positions
         are global (RoPE, the mask); ``segments [B, S_l]`` are this rank's, all-gathered
-        over "context" (ints, ``B x S``) for the mask and the positions they restart."""
+        over "context" (ints, ``B x S``) for the positions they restart (and the mask)."""
         seq, balanced = q.shape[1], self.context_balance
         positions = local_positions(seq, balanced)  # [S_l]: the global position of each slot
         every = all_positions(seq, balanced)  # [S]: of every slot, in rank order
@@ -373,6 +376,11 @@ class ParallelAttention(ParallelLayer):
             k = apply_rotary(k, rope, self.rope_theta, self.rope_scaling)
         q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query", "key", "value")))
         masking = dict(causal=self.causal, window=self.sliding_window)
+        if self.context_parallel == "ring":  # K, V passed round the ring; the segments travel with them
+            return ring_attention(
+                q, k, v, axis_name=CONTEXT, q_positions=positions, k_positions=positions,
+                q_segments=segments, k_segments=segments, **masking,
+            )
         if self.context_parallel == "all_gather":
             # K and V of every slot, used per rank: backward, a reduce-scatter of their gradients
             k, v = gather_over(k, CONTEXT, 1), gather_over(v, CONTEXT, 1)

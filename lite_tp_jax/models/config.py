@@ -21,7 +21,7 @@ Position = Literal["rope", "learned"]
 RopeScalingKind = Literal["none", "linear", "llama3"]
 RouterScoring = Literal["softmax", "sigmoid"]
 SequenceParallel = Literal["auto", True, False]
-ContextStrategy = Literal["all_gather", "all_to_all"]  # layers.attention.CONTEXT_STRATEGIES, over "context"
+ContextStrategy = Literal["all_gather", "ring", "all_to_all"]  # layers.attention.CONTEXT_STRATEGIES, over "context"
 CONTEXT_STRATEGIES: tuple[str, ...] = get_args(ContextStrategy)
 
 
@@ -44,7 +44,8 @@ class ModelConfig:
     sequence_parallel: SequenceParallel = "auto"
     # Context parallelism (mesh.context > 1, lite_tp_jax/parallel/context.py):
     # how attention meets the other context ranks' tokens: all_gather (K, V
-    # all-gathered), all_to_all (Ulysses: sequence-split to head-split and back); and whether
+    # all-gathered), ring (K, V passed round with ppermute, online softmax;
+    # layers/ring_attention.py), all_to_all (Ulysses: sequence-split to head-split and back); and whether
     # the tokens are permuted so each rank holds chunks r and 2n-1-r (zigzag).
     context_parallel: ContextStrategy = "all_gather"
     context_load_balance: bool = True

@@ -33,6 +33,7 @@ and ``parallel/context.py`` follow it): ``[batch, seq, ...]`` rows over the batc
     between blocks (residual stream, norms)    seq over "context"; over ("context", "tensor") with SP
     inside a block (q/k/v, MLP hidden)         seq over "context"; heads / hidden over "tensor"
     attention's keys and values                all_gather: every slot (gathered over "context")
+                                               ring: one rank's slots at a time (passed round "context")
                                                all_to_all: every slot, heads / ("tensor", "context")
     logits, the loss's tokens                  seq over "context"; vocab over the vocab axes
 
