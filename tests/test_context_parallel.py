@@ -162,7 +162,9 @@ def forward_collectives(strategy, context, heads, kv_heads):
                                                 out_specs=spec, row_axes=("context",)))
     x = jax.device_put(np.zeros((B, S, F), np.float32), jax.sharding.NamedSharding(mesh, spec))
     text = jax.jit(lambda state, x: fn(nnx.merge(nnx.graphdef(layer), state), x)).lower(nnx.state(layer), x).compile().as_text()
-    return [(c.kind, c.elements) for c in hlo.collectives(text, mesh) if c.axes == ("context",)]
+    # (kind, elements) once per run: a collective in a loop body (the ring's steps) as often as the loop runs
+    return [(c.kind, c.elements) for c, runs in hlo.collectives_per_step(text, mesh) if c.axes == ("context",)
+            for _ in range(runs)]
 
 
 def test_hlo_all_gather_gathers_k_and_v_once_each():
