@@ -233,6 +233,24 @@ def test_training_losses_match_one_device(index, one_device, trained):
     assert np.abs(losses - expected).max() <= 1e-5 * np.abs(expected).max(), (losses, expected)
 
 
+@pytest.mark.parametrize("index", [1, 3, 5], ids=lambda i: MODEL_CASES[i][0])
+def test_planner_predicts_the_compiled_step(index, trained):
+    """The planner's bytes per device by mesh axes, for each strategy, against the
+    compiled training step of a model case (the persistent cache loads it)."""
+    from lite_tp_jax.analysis import planner
+    from lite_tp_jax.run.config import Config, MeshConfig
+
+    _, step, batch = trained(index)
+    strategy, sizes, model_changes, train_changes = MODEL_CASES[index]
+    config = Config(model=step.model.config, mesh=MeshConfig(**sizes), train=replace(TRAIN, **train_changes))
+    predicted = planner.plan(config, config.mesh.sizes())["collective_bytes_by_axis"]
+    compiled = hlo.bytes_by_axis(step.lower(batch).compile().as_text(), step.model.mesh)
+    assert any("context" in axes for axes in predicted)
+    for axes in (set(predicted) | set(compiled)) - {"none"}:  # "none": groups of one device, which move nothing
+        measured = compiled.get(axes, 0)
+        assert abs(predicted.get(axes, 0) - measured) <= max(0.01 * measured, 256), (axes, predicted, compiled)
+
+
 def test_checkpoint_resumes_onto_another_context_size(tmp_path, trained):
     assert MODEL_CASES[2][1] == dict(data=2, context=2, tensor=2) and MODEL_CASES[4][1] == dict(context=4, tensor=2)
     """Saved at context 2 x data 2 x tensor 2 (all_gather, ZeRO-1), restored at context

@@ -247,7 +247,7 @@ CASES = [
     # context parallelism (issue 17)
     ("context-seq-not-divisible", None, None, ["mesh.context=2", "train.seq_len=30"], 2,
      "'train.seq_len' (30) must be divisible by 2 x 'mesh.context' (2) = 4 chunks (the load balance; "
-     "or set model.context_load_balance false)", ["."]),
+     "or set 'model.context_load_balance' false)", ["."]),
     ("context-strategy-unknown", None, None, ["model.context_parallel=zigzag"], 2,
      "'model.context_parallel' must be one of all_gather, ring, all_to_all", ["."]),
     ("context-moe-with-capacity", None, None, ["model.moe_every=2", "mesh.context=2"], 2,

@@ -59,10 +59,10 @@ def test_tensor_wider_than_a_host_spans_neighbouring_hosts():
 
 
 def test_mesh_that_cannot_fill_hosts_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"data=2 x pipeline=1 x expert=1 x tensor=3 cannot be laid over processes of 4"):
-        split_over_processes((2, 1, 1, 3), 4)
+    with pytest.raises(ValueError, match=r"data=2 x pipeline=1 x expert=1 x context=1 x tensor=3 cannot be laid over processes of 4"):
+        split_over_processes((2, 1, 1, 1, 3), 4)
     with pytest.raises(ValueError, match="different numbers"):
-        device_grid((1, 1, 1, 6), hosts(2, 4)[:6])
+        device_grid((1, 1, 1, 1, 6), hosts(2, 4)[:6])
 
 
 # --- start-up and data ------------------------------------------------------------

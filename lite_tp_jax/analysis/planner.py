@@ -196,6 +196,14 @@ class _Step:
     def pipelined(self) -> bool:
         return self.sizes[PIPELINE] > 1
 
+    @property
+    def reruns(self) -> bool:
+        """Whether the backward recomputes a block's forward (remat) with the exchanges
+        whose results are not kept: not where XLA merges the recomputation with the
+        forward (one layer group, no pipeline: the layer scan runs once, so forward
+        and backward share one computation, and prevent_cse is off)."""
+        return self.pipelined or self.group_runs > 1
+
 
 class _Transfers(list):
     """The collectives found so far; ``add`` skips those over no axis in use."""
@@ -218,7 +226,7 @@ def _block_transfers(out: _Transfers, step: _Step) -> None:
         if step.model.sequence_parallel:
             out.add("blocks: sequence all-gathers", "all-gather", [TENSOR], phase, b * S * H, 2 * blocks)
             out.add("blocks: sequence reduce-scatters", "reduce-scatter", [TENSOR], phase, b * step.s_local * H, 2 * blocks)
-            if phase == "backward":  # the blocks keep their inputs' sequence shards and gather them again
+            if phase == "backward" and step.reruns:  # the blocks keep their inputs' sequence shards and gather them again
                 out.add("blocks: re-gathered inputs", "all-gather", [TENSOR], phase, b * S * H, 2 * blocks)
         else:
             out.add("blocks: all-reduces", "all-reduce", [TENSOR], phase, b * S * H, 2 * blocks)
@@ -254,10 +262,11 @@ def _context_transfers(out: _Transfers, step: _Step, blocks: int) -> None:
         return
     h_q, h_k = attention_heads(step.model, step.sizes[TENSOR])
     row = step.b * step.S * step.model.resolved_head_dim  # one head of this rank's slots
+    rerun = step.reruns
     if step.model.context_parallel == "ring":
         # backward: the forward ring again (the layer scan keeps no lse: the kernel's output is
         # recomputed; at n = 2 XLA shares its one permute with the backward ring's), then the backward ring
-        for phase, rings in (("forward", 1), ("backward", 2 if c > 2 else 1)):
+        for phase, rings in (("forward", 1), ("backward", 2 if c > 2 and rerun else 1)):
             out.add("attention: K, V round the ring", "collective-permute", [CONTEXT], phase, row * h_k,
                     2 * (c - 1) * rings * blocks)
             out.add("attention: key positions round the ring", "collective-permute", [CONTEXT], phase, step.S,
@@ -265,7 +274,7 @@ def _context_transfers(out: _Transfers, step: _Step, blocks: int) -> None:
         out.add("attention: dK, dV round the ring", "collective-permute", [CONTEXT], "backward", row * h_k,
                 2 * (c - 1) * blocks)
     elif step.model.context_parallel == "all_gather":
-        for phase, runs in (("forward", 2 * blocks), ("backward", 2 * blocks)):  # backward: K, V gathered again
+        for phase, runs in (("forward", 2 * blocks), ("backward", 2 * blocks * rerun)):  # backward: K, V gathered again
             out.add("attention: K, V all-gathers over context", "all-gather", [CONTEXT], phase, c * row * h_k, runs)
         out.add("attention: K, V gradients", "reduce-scatter", [CONTEXT], "backward", row * h_k, 2 * blocks)
     else:  # all_to_all (Ulysses)
@@ -274,7 +283,7 @@ def _context_transfers(out: _Transfers, step: _Step, blocks: int) -> None:
         forward = row * (2 * h_q + 2 * h_k)
         out.add("attention: q, k, v, out all-to-alls over context", "all-to-all", [CONTEXT], "forward", forward, blocks)
         # q, k, v exchanged again for the recomputed attention; with remat full its output too
-        again = row * (h_q + 2 * h_k) + (row * h_q if step.model.remat == "full" else 0)
+        again = (row * (h_q + 2 * h_k) + (row * h_q if step.model.remat == "full" else 0)) * rerun
         out.add("attention: all-to-alls (transposes, q k v again)", "all-to-all", [CONTEXT], "backward",
                 forward + again, blocks)
 
