@@ -16,12 +16,15 @@ from collections.abc import Iterable, Mapping
 
 from lite_tp_jax.core.errors import BadInput
 
-DATA, PIPELINE, EXPERT, TENSOR = "data", "pipeline", "expert", "tensor"
-AXES: tuple[str, ...] = (DATA, PIPELINE, EXPERT, TENSOR)
-"""Every mesh axis, outermost first."""
+DATA, PIPELINE, EXPERT, FSDP, TENSOR = "data", "pipeline", "expert", "fsdp", "tensor"
+AXES: tuple[str, ...] = (DATA, PIPELINE, EXPERT, FSDP, TENSOR)
+"""Every mesh axis, outermost first. "fsdp" sits just outside "tensor": an FSDP
+group is the next-fastest links, and "data" outside it replicates its shards
+(HSDP: sharded within a host, replicated across hosts)."""
 
-BATCH_AXES: tuple[str, ...] = (DATA, EXPERT)
-"""The axes that split token rows (data parallelism; expert ranks hold other rows too)."""
+BATCH_AXES: tuple[str, ...] = (DATA, EXPERT, FSDP)
+"""The axes that split token rows, in mesh order (data parallelism; expert ranks
+hold other rows too; fsdp ranks are data-parallel ranks that also split the parameters)."""
 
 SpecEntry = str | tuple[str, ...] | None
 """One entry of a PartitionSpec: no axis, one axis, or several acting as one."""

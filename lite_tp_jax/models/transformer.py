@@ -12,7 +12,7 @@ through the public ``@region`` (``parallel/region.py``, as a user's model
 does) in which every mesh axis of size > 1, and
 always "tensor", is manual, so every collective is one the code asks for:
 
-* "data" and "expert" split the batch rows. Parameters replicated over them
+* "data", "expert" and "fsdp" split the batch rows. Parameters replicated over them
   enter the region through ``broadcast_over`` those axes, whose backward
   all-reduces their gradients once, after the layers' backward; the loss and
   MoE statistics are summed over them with ``sum_over``.
@@ -58,6 +58,7 @@ from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.fit import batch_ranks, check_batch, check_layers_fit
 from lite_tp_jax.models.remat import remat_policy
 from lite_tp_jax.models.stack import scan_states, stack_blocks
+from lite_tp_jax.parallel.fsdp import gather_group
 from lite_tp_jax.parallel.pipeline import run_pipeline
 from lite_tp_jax.parallel.region import (
     STATISTIC,
@@ -77,9 +78,9 @@ def _head_init(hidden_size: int):
     return nnx.initializers.normal(hidden_size**-0.5)
 
 
-def partition_rules(config: ModelConfig, *, shard_over_data: bool = False) -> PartitionRules:
+def partition_rules(config: ModelConfig) -> PartitionRules:
     """The rule table for ``config``: its ``partition_rules`` overrides before Megatron's defaults."""
-    return PartitionRules(dict(config.partition_rules), shard_over_data=shard_over_data)
+    return PartitionRules(dict(config.partition_rules))
 
 
 def _stack_groups(config: ModelConfig, mesh: Mesh, rules: PartitionRules, rngs: nnx.Rngs) -> LayerGroup:
@@ -200,6 +201,7 @@ class Transformer(nnx.Module):
 
         def one_group(carry, group):  # the cache is carried whole and updated in place
             group_state, index = group
+            group_state = gather_group(group_state, carry[0].dtype)  # fsdp: this group's weights
             return nnx.merge(graphdef, group_state).decode(*carry, index, cursor, start), None
 
         groups = jax.tree.leaves(stacked)[0].shape[0]
