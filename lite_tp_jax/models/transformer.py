@@ -129,7 +129,7 @@ class Transformer(nnx.Module):
     # --- entry points ---------------------------------------------------------
 
     def __call__(self, tokens: jax.Array, segments: jax.Array | None = None) -> jax.Array:
-        """Logits ``[B, S, vocab]`` for int tokens ``[B, S]`` (B split over "data" x "expert");
+        """Logits ``[B, S, vocab]`` for int tokens ``[B, S]`` (B split over "data" x "expert" x "fsdp");
         ``segments``: packed documents' ids, as in ``loss``."""
         self._check(tokens, tokens, segments=segments)
         output = features(self.config.vocab_size, self.vocab_axes).of(3)
@@ -159,7 +159,7 @@ class Transformer(nnx.Module):
 
     def new_cache(self, batch: int, slots: int) -> KVCache:
         """Zeroed cache buffers ``[layer groups, blocks, batch, slots, kv heads, head_dim]``
-        for ``batch`` rows (split over "data" x "expert") and ``slots`` positions,
+        for ``batch`` rows (split over "data" x "expert" x "fsdp") and ``slots`` positions,
         the kv heads split over "tensor" as the attention layers split them."""
         self._check_cached(batch)
         attention = self.layers.blocks[0].attention
@@ -224,7 +224,7 @@ class Transformer(nnx.Module):
             )
         rows = batch_ranks(self.mesh.shape)
         if batch % rows:
-            raise BadInput(f"batch {batch} must be divisible by mesh data x expert = {rows}.")
+            raise BadInput(f"batch {batch} must be divisible by mesh data x expert x fsdp = {rows}.")
 
     # --- one rank's math --------------------------------------------------------
 

@@ -20,12 +20,12 @@ def check_grad_accum(train: TrainConfig, sizes: Mapping[str, int]) -> None:
     rows, k = train.global_batch // ranks, train.grad_accum
     if rows % k:
         raise FitError(
-            f"{{global_batch}} / (data x expert = {ranks}) rows per rank must be divisible by {{grad_accum}}",
+            f"{{global_batch}} / (data x expert x fsdp = {ranks}) rows per rank must be divisible by {{grad_accum}}",
             global_batch=train.global_batch, grad_accum=k,
         )
     if k > 1 and sizes[PIPELINE] > 1 and (rows // k) % train.microbatches:
         raise FitError(
-            f"{{global_batch}} / (data x expert = {ranks}) / {{grad_accum}} rows per micro-step "
+            f"{{global_batch}} / (data x expert x fsdp = {ranks}) / {{grad_accum}} rows per micro-step "
             f"must be divisible by {{microbatches}}",
             global_batch=train.global_batch, grad_accum=k, microbatches=train.microbatches,
         )
