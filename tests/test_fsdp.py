@@ -190,3 +190,25 @@ def test_checkpoints_restore_across_fsdp_sizes(runs, tmp_path, target):
     assert restored.keys() == expected.keys()
     for name, value in restored.items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[name]), err_msg=name)
+
+
+def test_spare_takes_over_an_fsdp_shard_from_its_data_replica():
+    """HSDP (data 2 x fsdp 2): a failed device's fsdp shard is copied from the
+    same fsdp rank of the other data replica, values intact; with data 1 no
+    device holds it, so the run must restart (DeviceLost)."""
+    from lite_tp_jax.runtime.spares import DeviceLost, take_over
+
+    devices = jax.devices()
+    value = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    mesh = make_mesh(data=2, fsdp=2, devices=devices[:4])
+    array = jax.device_put(value, NamedSharding(mesh, P(FSDP)))
+    failed = mesh.devices.flat[1]  # data 0, fsdp 1
+    taken = take_over([array], ["w"], mesh, failed, [devices[4]], pool_size=1)
+    assert devices[4] in taken.mesh.devices.flat and failed not in taken.mesh.devices.flat
+    assert taken.event["replica"] == mesh.devices.flat[3].id  # data 1, fsdp 1
+    np.testing.assert_array_equal(np.asarray(taken.arrays[0]), value)
+
+    alone = make_mesh(fsdp=4, devices=devices[:4])
+    with pytest.raises(DeviceLost, match="mesh.data is 1"):
+        take_over([jax.device_put(value, NamedSharding(alone, P(FSDP)))], ["w"], alone, devices[1], [devices[4]],
+                  pool_size=1)

@@ -507,16 +507,19 @@ def _wire_factor(kind: str, n: int) -> float:
 def estimate_step_seconds(config: Config, sizes: dict[str, int], planned: dict, profile: DeviceProfile) -> dict:
     """Roofline: matmul FLOPs over peak (stretched by the pipeline bubble), plus
     each collective's wire bytes over the link of its slowest axis ("tensor"
-    within a node while it fits in one, the others across nodes)."""
+    within a node while it fits in one, "fsdp" while fsdp x tensor does, the
+    others across nodes)."""
     compute = planned["flops_per_step_per_device"] / profile.peak_flops
     p, m, v = sizes[PIPELINE], config.train.microbatches, config.model.virtual_stages
     bubble = (p - 1) / (v * m + p - 1) if p > 1 else 0.0
     compute /= 1 - bubble
     comm = 0.0
-    intra = sizes[TENSOR] <= profile.devices_per_node
+    # "tensor" innermost, "fsdp" next: each within a node while the axes inside it fit in one
+    within = {TENSOR: sizes[TENSOR] <= profile.devices_per_node,
+              FSDP: sizes[TENSOR] * sizes.get(FSDP, 1) <= profile.devices_per_node}
     for item in planned["collectives"]:
         n = math.prod(sizes[a] for a in item["axes"])
-        bandwidth = min(profile.intra_node_bytes_per_s if a == TENSOR and intra else profile.inter_node_bytes_per_s
+        bandwidth = min(profile.intra_node_bytes_per_s if within.get(a) else profile.inter_node_bytes_per_s
                         for a in item["axes"])
         comm += item["bytes"] * _wire_factor(item["kind"], n) / bandwidth
     return {"compute_s": compute, "communication_s": comm, "bubble_fraction": bubble, "step_s": compute + comm}
