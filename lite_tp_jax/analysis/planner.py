@@ -537,7 +537,7 @@ def factorisations(devices: int) -> list[dict[str, int]]:
 
 def rank_meshes(config: Config, devices: int, memory_gb: float, profile: DeviceProfile) -> list[dict]:
     """Every valid mesh of ``devices`` (fsdp among the axes), fastest estimate
-    first; ``fits``: the peak (``peak_bytes``: parameters, gradients, optimizer,
+    first (then the least memory); ``fits``: the peak (``peak_bytes``: parameters, gradients, optimizer,
     gathered weights, activations) within ``memory_gb`` (10^9 bytes)."""
     rows = []
     for sizes in factorisations(devices):
@@ -548,7 +548,7 @@ def rank_meshes(config: Config, devices: int, memory_gb: float, profile: DeviceP
         rows.append({"mesh": sizes, "memory_bytes_per_device": memory, "fits": memory <= memory_gb * 1e9,
                      "collective_bytes_per_step_per_device": planned["collective_bytes_per_step_per_device"],
                      **estimate_step_seconds(config, sizes, planned, profile)})
-    return sorted(rows, key=lambda r: (not r["fits"], r["step_s"]))
+    return sorted(rows, key=lambda r: (not r["fits"], r["step_s"], r["memory_bytes_per_device"]))  # ties: less memory first
 
 
 # --- checking against the compiled step, and text for the terminal -------------------
