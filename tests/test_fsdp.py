@@ -230,3 +230,17 @@ def test_spare_takes_over_an_fsdp_shard_from_its_data_replica():
     with pytest.raises(DeviceLost, match="mesh.data is 1"):
         take_over([jax.device_put(value, NamedSharding(alone, P(FSDP)))], ["w"], alone, devices[1], [devices[4]],
                   pool_size=1)
+
+
+def test_generation_gathers_each_group_too():
+    """The prefill with the KV cache at fsdp 3 x tensor 2 (``local_decode``, the
+    one path of prefill and decode steps, gathering one layer group at a time)
+    gives one device's next tokens."""
+    from lite_tp_jax.inference.generator import Generator
+
+    one = Transformer(MODEL, mesh=mesh_of(), rngs=nnx.Rngs(0))
+    sharded = Transformer(MODEL, mesh=mesh_of(fsdp=3, tensor=2), rngs=nnx.Rngs(0))
+    import_state(sharded, export_state(one))
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    expected = np.stack(list(Generator(one).stream(prompts, 1)), axis=1)
+    np.testing.assert_array_equal(np.stack(list(Generator(sharded).stream(prompts, 1)), axis=1), expected)
