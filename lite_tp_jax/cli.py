@@ -267,7 +267,7 @@ def _check_tensor(tensor: int) -> None:
 
 def _check_step_fits(config) -> None:
     """Before any work: PreflightError when the planner's memory for one training
-    step (parameters, gradients, optimizer state, activations) exceeds a device's.
+    step (parameters, gradients, optimizer state, gathered fsdp weights, activations) exceeds a device's.
     One process only: the planner lays the model out on this process's devices."""
     import jax
 
@@ -277,9 +277,7 @@ def _check_step_fits(config) -> None:
     if jax.process_count() > 1:
         return
 
-    planned = planner.plan(config, config.mesh.sizes())
-    parameters = planned["param_bytes_per_device"]  # and as many bytes of gradients
-    needed = 2 * parameters + planned["optimizer_bytes_per_device"] + planned["activation_bytes_per_device"]
+    needed = planner.plan(config, config.mesh.sizes())["peak_bytes_per_device"]
     check_fits_memory(needed, "a training step of this config (lite-tp plan shows the parts)",
                       "lower train.seq_len or train.global_batch, set model.remat=full, or split over more devices")
 

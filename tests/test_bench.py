@@ -19,7 +19,7 @@ def test_bench_reports_three_variants_ratios_and_depths(tmp_path, capsys):
     assert json.loads(out.read_text()) == printed
     assert out.with_suffix(".png").stat().st_size > 0
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
-    assert printed["mesh"] == {"data": 1, "pipeline": 1, "expert": 1, "context": 1, "tensor": 2}
+    assert printed["mesh"] == {"data": 1, "pipeline": 1, "expert": 1, "fsdp": 1, "context": 1, "tensor": 2}
     assert printed["same_work_max_rel_err"] < 1e-4  # the baseline computes the same losses and norms
     assert set(printed["variants"]) == {"lite_tp_jax", "gspmd", "one_device"}
     for name, v in printed["variants"].items():

@@ -301,7 +301,7 @@ def test_cache_refuses_what_it_cannot_serve():
 
     with pytest.raises(ValueError, match="needs a model built with mesh.pipeline=1 and sequence_parallel=false"):
         _model(replace(GQA, sequence_parallel=True), tp_mesh(2)).new_cache(2, 8)
-    with pytest.raises(ValueError, match="batch 3 must be divisible by mesh data x expert = 2"):
+    with pytest.raises(ValueError, match="batch 3 must be divisible by mesh data x expert x fsdp = 2"):
         _model(PADDED_KV, make_mesh(data=2, tensor=2, devices=jax.devices()[:4])).new_cache(3, 8)  # meshes and shapes of the cases above
 
 

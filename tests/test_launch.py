@@ -43,26 +43,26 @@ def hosts(processes: int, per_process: int) -> list[FakeDevice]:
 
 
 def test_two_hosts_of_four_keep_tensor_inside_a_host():
-    grid = device_grid((2, 1, 1, 4), hosts(2, 4))  # data 2 x tensor 4
+    grid = device_grid((2, 1, 1, 1, 1, 4), hosts(2, 4))  # data 2 x tensor 4
     assert [[d.process_index for d in row] for row in grid.reshape(2, 4)] == [[0, 0, 0, 0], [1, 1, 1, 1]]
     assert [[d.id for d in row] for row in grid.reshape(2, 4)] == [[0, 1, 2, 3], [2048, 2049, 2050, 2051]]
-    grid = device_grid((1, 2, 1, 4), hosts(2, 4))  # pipeline 2 x tensor 4: stages across hosts
+    grid = device_grid((1, 2, 1, 1, 1, 4), hosts(2, 4))  # pipeline 2 x tensor 4: stages across hosts
     assert [[d.process_index for d in row] for row in grid.reshape(2, 4)] == [[0, 0, 0, 0], [1, 1, 1, 1]]
-    grid = device_grid((4, 1, 1, 2), hosts(2, 4))  # data 4 x tensor 2: two data ranks per host
+    grid = device_grid((4, 1, 1, 1, 1, 2), hosts(2, 4))  # data 4 x tensor 2: two data ranks per host
     assert [[d.id for d in row] for row in grid.reshape(4, 2)] == [[0, 1], [2, 3], [2048, 2049], [2050, 2051]]
 
 
 def test_tensor_wider_than_a_host_spans_neighbouring_hosts():
-    grid = device_grid((2, 1, 1, 4), hosts(4, 2))
+    grid = device_grid((2, 1, 1, 1, 1, 4), hosts(4, 2))
     assert [[d.process_index for d in row] for row in grid.reshape(2, 4)] == [[0, 0, 1, 1], [2, 2, 3, 3]]
-    assert split_over_processes((2, 1, 1, 4), 2) == ((1, 1, 1, 2), (2, 1, 1, 2))
+    assert split_over_processes((2, 1, 1, 1, 1, 4), 2) == ((1, 1, 1, 1, 1, 2), (2, 1, 1, 1, 1, 2))
 
 
 def test_mesh_that_cannot_fill_hosts_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"data=2 x pipeline=1 x expert=1 x context=1 x tensor=3 cannot be laid over processes of 4"):
-        split_over_processes((2, 1, 1, 1, 3), 4)
+    with pytest.raises(ValueError, match=r"data=2 x pipeline=1 x expert=1 x fsdp=1 x context=1 x tensor=3 cannot be laid over processes of 4"):
+        split_over_processes((2, 1, 1, 1, 1, 3), 4)
     with pytest.raises(ValueError, match="different numbers"):
-        device_grid((1, 1, 1, 1, 6), hosts(2, 4)[:6])
+        device_grid((1, 1, 1, 1, 1, 6), hosts(2, 4)[:6])
 
 
 # --- start-up and data ------------------------------------------------------------

@@ -6,8 +6,8 @@ from lite_tp_jax import AXES, make_mesh, provide_cpu_devices
 
 def test_axis_names_and_order():
     mesh = make_mesh(data=2, tensor=4)
-    assert mesh.axis_names == ("data", "pipeline", "expert", "context", "tensor") == AXES
-    assert dict(mesh.shape) == {"data": 2, "pipeline": 1, "expert": 1, "context": 1, "tensor": 4}
+    assert mesh.axis_names == ("data", "pipeline", "expert", "fsdp", "context", "tensor") == AXES
+    assert dict(mesh.shape) == {"data": 2, "pipeline": 1, "expert": 1, "fsdp": 1, "context": 1, "tensor": 4}
 
 
 def test_tensor_groups_are_neighbouring_devices():

@@ -22,6 +22,7 @@ from lite_tp_jax import cli
 from lite_tp_jax.analysis import planner
 from lite_tp_jax.core.mesh import make_mesh_for
 from lite_tp_jax.analysis.profiles import PROFILES
+from lite_tp_jax.core.axes import AXES
 from lite_tp_jax.run.config_file import load_config
 from lite_tp_jax.run.optimizer import create_model_and_optimizer
 
@@ -100,9 +101,10 @@ def test_ranking_covers_every_valid_mesh():
     rows = planner.rank_meshes(cfg, 8, memory_gb=80, profile=PROFILES["h100"])
     meshes = [tuple(r["mesh"].values()) for r in rows]
     expected = {m for m in (tuple(s.values()) for s in planner.factorisations(8))
-                if planner.check_mesh(cfg, dict(zip(planner.AXES, m))) is None}
-    # no expert axis (dense), <= 2 stages; data x pipeline x context x tensor = 8 in 16 ways
-    assert set(meshes) == expected and len(meshes) == len(expected) == 16
+                if planner.check_mesh(cfg, dict(zip(AXES, m))) is None}
+    # no expert axis (dense), <= 2 stages: (data, fsdp, context, tensor) over 8 = 20, and 10 over 4 with 2 stages
+    assert set(meshes) == expected and len(meshes) == len(expected) == 30
+    assert any(r["mesh"]["fsdp"] == 8 for r in rows) and any(r["mesh"]["context"] == 8 for r in rows)
     assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
     assert all(r["fits"] for r in rows)
     assert not any(r["fits"] for r in planner.rank_meshes(cfg, 8, memory_gb=1e-6, profile=PROFILES["h100"]))

@@ -90,7 +90,7 @@ def test_takeover_puts_the_spare_in_the_failed_slot_and_logs_it(taken_over):
     assert goodput["event"] == "goodput" and lines[-1] is goodput  # the run's breakdown, last
     assert goodput["takeovers"] == 1 and goodput["takeover_s"] == pytest.approx(event["seconds"], abs=2e-3)
     assert (event["step"], event["failed_device"], event["spare"], event["replica"]) == (2, 1, 4, 3)
-    assert event["slot"] == {"data": 0, "pipeline": 0, "expert": 0, "context": 0, "tensor": 1}
+    assert event["slot"] == {"data": 0, "pipeline": 0, "expert": 0, "fsdp": 0, "context": 0, "tensor": 1}
     assert event["seconds"] >= event["compile_seconds"] > 0 and event["copied_bytes"] > 0
     assert trainer.spares.devices == [jax.devices()[5]]  # one spare left
     assert trainer.terminal.startswith("lite-tp: device 1 failed at step 2; spare device 4 took its place in ")

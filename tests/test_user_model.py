@@ -241,10 +241,10 @@ def test_region_refuses_rows_that_do_not_split():
 
 BAD_STEPS = [
     ("rows", dict(), {"tokens": np.zeros((3, SEQ), np.int32)},
-     r"every batch array needs rows on dim 0 divisible by data x expert x grad_accum = 2; got shape \(3, 8\)"),
+     r"every batch array needs rows on dim 0 divisible by data x expert x fsdp x grad_accum = 2; got shape \(3, 8\)"),
     ("scalar", dict(), {"scale": np.float32(1.0)}, r"every batch array needs rows on dim 0 .* got shape \(\)"),
     ("accumulation", dict(grad_accum=2), {"tokens": np.zeros((2, SEQ), np.int32)},
-     r"divisible by data x expert x grad_accum = 4; got shape \(2, 8\)"),
+     r"divisible by data x expert x fsdp x grad_accum = 4; got shape \(2, 8\)"),
     ("policy", dict(on_nonfinite="ignore"), None, r"on_nonfinite must be 'stop' or 'skip', got 'ignore'"),
     ("grad_accum", dict(grad_accum=0), None, r"grad_accum must be a positive integer, got 0"),
 ]

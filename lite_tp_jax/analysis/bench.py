@@ -4,8 +4,11 @@ devices and the same weights.
     lite_tp_jax  ``TrainStep``: one shard_map region, explicit Megatron collectives
     gspmd        the same math in plain ``jax.numpy`` under ``jax.jit``, parameters
                  placed with the same PartitionSpecs as ``NamedSharding`` (their
-                 logical form, ``state.logical_sharding``), batch rows over
-                 ("data", "expert"); XLA's partitioner (GSPMD) picks the collectives
+                 logical form, ``state.logical_sharding``), batch rows over the
+                 batch axes; XLA's partitioner (GSPMD) picks the collectives. With
+                 an "fsdp" axis this is GSPMD's FSDP (MaxText's default): the
+                 parameters and moments split over "fsdp" as ``NamedSharding``,
+                 the partitioner gathering them where it sees fit
     one_device   the plain version, unsharded, on the first device
 
 Each is compiled once (timed) and warmed up; a few steps check that lite_tp_jax

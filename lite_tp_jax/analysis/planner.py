@@ -8,9 +8,9 @@ collectives of one training step are written out as Megatron's formulas, one
 counts on the compiled step: result bytes per device, as often as the step runs
 them (tests hold the two within 1%). Activations are an estimate.
 
-Symbols: d, p, e, c, t the mesh sizes; B = global_batch / (d e) rows per rank,
-m microbatches (pipeline only) of b = B / m rows, S sequence, S_c = S / c the
-slots of a context rank (every activation, token and target below holds S_c
+Symbols: d, p, e, f, c, t the mesh sizes; B = global_batch / (d e f) rows per
+rank, m microbatches (pipeline only) of b = B / m rows, S sequence, S_c = S / c
+the slots of a context rank (every activation, token and target below holds S_c
 where one device would hold S), H hidden, F ffn, V vocabulary, E experts, C
 expert capacity, L layers in G scanned groups, v virtual stages, T = v m + p - 1
 pipeline ticks; h_q, h_k the query and kv heads of a tensor rank (k/v taken per
@@ -48,9 +48,26 @@ query head, h_k = h_q, when replicated), D head_dim; f32 = 4 bytes.
                              SP): all-reduce of its gradient over t, per use (in a pipeline,
                              this tick's chunk at every tick)
     gradients, at entry      per parameter, once: its shard, all-reduced over the batch axes
-                             (d, e) and "context" it is replicated on
+                             (d, e, f) and "context" it is replicated on
+    fsdp, layer groups       per stacked matrix and group run: all-gather of one group's
+                             weights (compute dtype) forward, again backward (remat), and
+                             a reduce-scatter of its f32 gradient (one shard) backward
+    fsdp, other parameters   all-gather of the whole (f32) once forward, reduce-scatter
+                             of its gradient once backward (embedding, head)
+    ZeRO-1 (shard_optimizer) each parameter whose moments split over "data": all-gather of
+                             the updated parameter over "data" (GSPMD, after the update)
+    (all of the above once per micro-step with gradient accumulation k, but the ZeRO-1 gather)
 
 Scalars (loss statistics, the gradient norm) are left out: a few hundred bytes.
+XLA:CPU widens bf16 collectives to f32 when it compiles, so on fake CPU
+devices the fsdp gathers of a bf16 model measure twice the bytes predicted.
+
+Peak memory per device (``peak_bytes``, every mode; the table in
+docs/architecture.md): parameters + gradients + optimizer state as stored
+(exact, from the model), plus what a step holds gathered for a while: with
+fsdp two layer groups' gathered weights (one in use, the next one's gather in
+flight) and one group's gradient before its reduce-scatter, and the embedding
+and head gathered; plus the activations (an estimate).
 Neither are collectives over groups of one device, which ``hlo.bytes_by_axis``
 labels "none": compiled, but they move nothing (an MoE model keeps "expert" in
 its region even at size 1, and its gradient sums over it remain in the HLO).
@@ -70,7 +87,7 @@ from flax import nnx
 
 from lite_tp_jax.analysis.profiles import DeviceProfile
 from lite_tp_jax.core import hlo
-from lite_tp_jax.core.axes import AXES, BATCH_AXES, CONTEXT, DATA, EXPERT, PIPELINE, TENSOR, describe, entry_axes
+from lite_tp_jax.core.axes import AXES, BATCH_AXES, CONTEXT, DATA, EXPERT, FSDP, PIPELINE, TENSOR, describe, entry_axes
 from lite_tp_jax.core.mesh import make_mesh_for
 from lite_tp_jax.layers.moe import capacity as moe_capacity
 from lite_tp_jax.models.config import ModelConfig
@@ -99,6 +116,10 @@ class Parameter:
     strategy: str
     role: str
     bytes_per_device: int
+    fsdp_shard: int = 0  # elements of one group's (or the whole, unstacked) fsdp shard per device
+    fsdp_gathered: int = 0  # the same gathered over "fsdp" (0: not split over it)
+    scanned: bool = False  # of the stacked layer groups: gathered per group, in the scan
+    moments_over_data: bool = False  # ZeRO-1: its moments split over "data"
 
     @property
     def sharded_axes(self) -> tuple[str, ...]:
@@ -125,14 +146,37 @@ def shard_bytes(variable, mesh) -> int:
     return math.prod(shape) * np.dtype(variable.dtype).itemsize
 
 
-def parameters(model_obj, mesh) -> list[Parameter]:
-    """Every parameter of ``model_obj`` with its bytes per device."""
+def _shard_shape(shape, spec, mesh, skip: str | None = None) -> list[int]:
+    shape = list(shape)
+    for i, entry in enumerate(spec):
+        for axis in entry_axes(entry):
+            if axis != skip:
+                shape[i] = -(-shape[i] // mesh.shape[axis])
+    return shape
+
+
+def parameters(model_obj, mesh, optimizer=None) -> list[Parameter]:
+    """Every parameter of ``model_obj`` with its bytes per device, its fsdp shard
+    and gathered sizes (per layer group, for the stacked ones), and whether
+    ``optimizer`` splits its moments over "data" (ZeRO-1)."""
+    over_data = set()
+    if optimizer is not None:
+        for name, v in _variables(nnx.state(optimizer, nnx.optimizer.OptState)):
+            if DATA in {a for e in v.get_metadata().get("out_sharding") or () for a in entry_axes(e)}:
+                over_data.add(name.split(".mu.", 1)[-1].split(".nu.", 1)[-1])  # opt_state.0.mu.<parameter>
     out = []
     for name, v in _variables(nnx.state(model_obj, nnx.Param)):
         metadata = v.get_metadata()
         spec = tuple(metadata.get("out_sharding") or ())
         role = str(metadata.get("role") or name.rsplit(".", 2)[-2])
-        out.append(Parameter(name, tuple(v.shape), spec, str(metadata["strategy"]), role, shard_bytes(v, mesh)))
+        lead = len(v.shape) - len(metadata.get("logical_shape", v.shape)) if metadata.get("scanned") else 0
+        shard, gathered = 0, 0
+        if FSDP in {a for e in spec for a in entry_axes(e)}:
+            shard = math.prod(_shard_shape(v.shape, spec, mesh)[lead:])
+            gathered = math.prod(_shard_shape(v.shape, spec, mesh, skip=FSDP)[lead:])
+        zero1 = name in over_data
+        out.append(Parameter(name, tuple(v.shape), spec, str(metadata["strategy"]), role, shard_bytes(v, mesh),
+                             shard, gathered, bool(lead), zero1))
     return out
 
 
@@ -212,10 +256,10 @@ class _Transfers(list):
         super().__init__()
         self.sizes = sizes
 
-    def add(self, what, kind, axes, phase, elements, runs=1):
+    def add(self, what, kind, axes, phase, elements, runs=1, itemsize=F32):
         axes = _ordered(axes, self.sizes)
         if axes and elements and runs:
-            self.append(Transfer(what, kind, axes, phase, int(elements) * F32 * runs))
+            self.append(Transfer(what, kind, axes, phase, int(elements) * itemsize * runs))
 
 
 def _block_transfers(out: _Transfers, step: _Step) -> None:
@@ -332,6 +376,44 @@ def _gradient_transfers(out: _Transfers, step: _Step, params: list[Parameter]) -
         out.add(f"gradient of {param.name}", "all-reduce", batch, "backward", grad)
 
 
+def compute_itemsize(model: ModelConfig) -> int:
+    return np.dtype(model.compute_dtype).itemsize if model.compute_dtype != "bfloat16" else 2
+
+
+def _hoisted(step: _Step) -> bool:
+    """A pipeline stage whose chunk is one layer group (v = 1): the forward
+    gather is the same every tick, and XLA hoists it out of the tick loop."""
+    groups = step.model.num_layers // step.model.layers_per_group
+    return step.pipelined and step.model.virtual_stages == 1 and groups == step.sizes[PIPELINE]
+
+
+def _fsdp_transfers(out: _Transfers, step: _Step, params: list[Parameter], grad_accum: int) -> None:
+    """Stacked matrices: one group's weights gathered per group run, forward and
+    again backward (no remat policy keeps them), and one reduce-scatter of the
+    group's float32 gradient. Others: gathered once forward, reduce-scattered once."""
+    itemsize = compute_itemsize(step.model)
+    for param in params:
+        if not param.fsdp_gathered:
+            continue
+        if param.scanned:
+            runs = step.group_runs * grad_accum
+            for phase in ("forward", "backward"):
+                out.add(f"fsdp: {param.name}, one group", "all-gather", [FSDP], phase, param.fsdp_gathered,
+                        grad_accum if phase == "forward" and _hoisted(step) else runs, itemsize)
+        else:
+            runs = grad_accum
+            out.add(f"fsdp: {param.name}", "all-gather", [FSDP], "forward", param.fsdp_gathered, runs)
+        out.add(f"fsdp: gradient of {param.name}", "reduce-scatter", [FSDP], "backward", param.fsdp_shard, runs)
+
+
+def _zero1_transfers(out: _Transfers, params: list[Parameter]) -> None:
+    """ZeRO-1: each rank updates its slice of a parameter whose moments are split
+    over "data"; the updated parameter is all-gathered over "data" (GSPMD)."""
+    for param in params:
+        if param.moments_over_data:
+            out.add(f"ZeRO-1: updated {param.name}", "all-gather", [DATA], "backward", param.bytes_per_device // F32)
+
+
 def transfers(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], params: list[Parameter]) -> list[Transfer]:
     """Every collective of one training step on one device, by Megatron's formulas (module docstring)."""
     model = model.with_sequence_parallel(sizes, train.seq_len)[0]
@@ -340,7 +422,30 @@ def transfers(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], par
     _pipeline_transfers(out, step)
     _vocabulary_transfers(out, step)
     _gradient_transfers(out, step, params)
+    _fsdp_transfers(out, step, params, train.grad_accum)
+    _zero1_transfers(out, params)
     return list(out)
+
+
+def peak_bytes(model: ModelConfig, train: TrainConfig, sizes: dict[str, int], params: list[Parameter],
+               optimizer: int) -> dict[str, int]:
+    """Peak memory per device (module docstring): the stored state, the gradients
+    (twice with gradient accumulation: the sum and a micro-step's), the gathered
+    weights in flight, the activations; and their sum, ``peak``."""
+    stored = sum(p.bytes_per_device for p in params)
+    itemsize = compute_itemsize(model)
+    groups = [p for p in params if p.scanned and p.fsdp_gathered]
+    per_group = sum(p.fsdp_gathered for p in groups)  # elements of one layer group's gathered weights
+    gathered = 2 * per_group * itemsize + per_group * F32  # two groups' weights, one group's gradient
+    gathered += sum(p.fsdp_gathered * F32 for p in params if p.fsdp_gathered and not p.scanned)
+    parts = {
+        "parameters": stored,
+        "gradients": stored * (2 if train.grad_accum > 1 else 1),
+        "optimizer": optimizer,
+        "gathered": gathered,
+        "activations": activation_bytes(model, train, sizes),
+    }
+    return {**parts, "peak": sum(parts.values())}
 
 
 def bytes_by_axis(items: Iterable[Transfer]) -> dict[str, int]:
@@ -411,8 +516,10 @@ def plan(config: Config, sizes: dict[str, int]) -> dict:
     problem = check_mesh(config, sizes)
     if problem:
         raise ConfigError(f"mesh {describe(sizes)} cannot run this config: {problem}")
-    params, opt = _layout(config.model, config.train, tuple((axis, sizes[axis]) for axis in AXES if axis != DATA))
+    data = sizes[DATA] if config.train.shard_optimizer else 1  # ZeRO-1 splits the moments over "data"
+    params, opt = _layout(config.model, config.train, tuple((axis, sizes[axis] if axis != DATA else data) for axis in AXES))
     items = transfers(config.model, config.train, sizes, params)
+    memory = peak_bytes(config.model, config.train, sizes, params, opt)
     groups: dict[str, dict] = {}
     for param in params:
         group = groups.setdefault(_group_name(param.name), {"strategy": set(), "parameters": 0, "param_bytes_per_device": 0})
@@ -430,7 +537,9 @@ def plan(config: Config, sizes: dict[str, int]) -> dict:
                              for pattern, strategy, split in partition_rules(config.model).describe()],
         "param_bytes_per_device": param_total,
         "optimizer_bytes_per_device": opt,
-        "activation_bytes_per_device": activation_bytes(config.model, config.train, sizes),
+        "activation_bytes_per_device": memory["activations"],
+        "peak_bytes_per_device": memory["peak"],
+        "memory_per_device": memory,
         "collective_bytes_per_step_per_device": sum(i.bytes for i in items),
         "collective_bytes_by_axis": bytes_by_axis(items),
         "collective_bytes_by_phase": {
@@ -444,13 +553,13 @@ def plan(config: Config, sizes: dict[str, int]) -> dict:
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(model: ModelConfig, train: TrainConfig, other_sizes: tuple[tuple[str, int], ...]):
-    """Parameters and optimizer bytes per device; they do not depend on "data"
-    (no parameter is split over it), so one abstract model serves every data size.
-    ``other_sizes``: the sizes of every other axis."""
-    mesh = make_mesh_for({**dict(other_sizes), DATA: 1})
+def _layout(model: ModelConfig, train: TrainConfig, sizes: tuple[tuple[str, int], ...]):
+    """Parameters and optimizer bytes per device. No parameter is split over
+    "data" (only ZeRO-1's moments), so the caller passes data 1 otherwise and
+    one abstract model serves every data size."""
+    mesh = make_mesh_for(dict(sizes))
     model_obj, optimizer = abstract_model_and_optimizer(model, train, mesh)
-    return parameters(model_obj, mesh), optimizer_bytes(optimizer, mesh)
+    return parameters(model_obj, mesh, optimizer), optimizer_bytes(optimizer, mesh)
 
 
 def _group_name(name: str) -> str:
@@ -477,19 +586,20 @@ def _wire_factor(kind: str, n: int) -> float:
 def estimate_step_seconds(config: Config, sizes: dict[str, int], planned: dict, profile: DeviceProfile) -> dict:
     """Roofline: matmul FLOPs over peak (stretched by the pipeline bubble), plus
     each collective's wire bytes over the link of its slowest axis ("tensor"
-    within a node while it fits in one, and "context", just outside it, while
-    tensor x context does; the others across nodes)."""
+    within a node while it fits in one, "context" while tensor x context does,
+    "fsdp" while tensor x context x fsdp does, the others across nodes)."""
     compute = planned["flops_per_step_per_device"] / profile.peak_flops
     p, m, v = sizes[PIPELINE], config.train.microbatches, config.model.virtual_stages
     bubble = (p - 1) / (v * m + p - 1) if p > 1 else 0.0
     compute /= 1 - bubble
     comm = 0.0
-    inside = {TENSOR} if sizes[TENSOR] <= profile.devices_per_node else set()
-    if inside and sizes[TENSOR] * sizes.get(CONTEXT, 1) <= profile.devices_per_node:
-        inside.add(CONTEXT)
+    # "tensor" innermost, then "context", then "fsdp": each within a node while the axes inside it fit in one
+    t, c, f = sizes[TENSOR], sizes.get(CONTEXT, 1), sizes.get(FSDP, 1)
+    within = {TENSOR: t <= profile.devices_per_node, CONTEXT: t * c <= profile.devices_per_node,
+              FSDP: t * c * f <= profile.devices_per_node}
     for item in planned["collectives"]:
         n = math.prod(sizes[a] for a in item["axes"])
-        bandwidth = min(profile.intra_node_bytes_per_s if a in inside else profile.inter_node_bytes_per_s
+        bandwidth = min(profile.intra_node_bytes_per_s if within.get(a) else profile.inter_node_bytes_per_s
                         for a in item["axes"])
         comm += item["bytes"] * _wire_factor(item["kind"], n) / bandwidth
     return {"compute_s": compute, "communication_s": comm, "bubble_fraction": bubble, "step_s": compute + comm}
@@ -506,19 +616,19 @@ def factorisations(devices: int) -> list[dict[str, int]]:
 
 
 def rank_meshes(config: Config, devices: int, memory_gb: float, profile: DeviceProfile) -> list[dict]:
-    """Every valid mesh of ``devices``, fastest estimate first; ``fits``: params +
-    optimizer + activations within ``memory_gb`` (10^9 bytes)."""
+    """Every valid mesh of ``devices`` (fsdp among the axes), fastest estimate
+    first (then the least memory); ``fits``: the peak (``peak_bytes``: parameters, gradients, optimizer,
+    gathered weights, activations) within ``memory_gb`` (10^9 bytes)."""
     rows = []
     for sizes in factorisations(devices):
         if check_mesh(config, sizes):
             continue
         planned = plan(config, sizes)
-        memory = sum(planned[k] for k in ("param_bytes_per_device", "optimizer_bytes_per_device",
-                                          "activation_bytes_per_device"))
+        memory = planned["peak_bytes_per_device"]
         rows.append({"mesh": sizes, "memory_bytes_per_device": memory, "fits": memory <= memory_gb * 1e9,
                      "collective_bytes_per_step_per_device": planned["collective_bytes_per_step_per_device"],
                      **estimate_step_seconds(config, sizes, planned, profile)})
-    return sorted(rows, key=lambda r: (not r["fits"], r["step_s"]))
+    return sorted(rows, key=lambda r: (not r["fits"], r["step_s"], r["memory_bytes_per_device"]))  # ties: less memory first
 
 
 # --- checking against the compiled step, and text for the terminal -------------------
@@ -552,7 +662,9 @@ def format_plan(planned: dict) -> str:
                      f"{mib(group['optimizer_bytes_per_device']):>14s}")
     lines += [f"{'total':63s} {mib(planned['param_bytes_per_device']):>14s} "
               f"{mib(planned['optimizer_bytes_per_device']):>14s}",
-              f"activations (estimate): {mib(planned['activation_bytes_per_device'])}", "",
+              f"activations (estimate): {mib(planned['activation_bytes_per_device'])}",
+              "peak per device: " + " + ".join(f"{k} {mib(v)}" for k, v in planned["memory_per_device"].items()
+                                              if k != "peak") + f" = {mib(planned['peak_bytes_per_device'])}", "",
               "collectives per step (result bytes per device):",
               f"{'mesh axes':24s} {'forward':>14s} {'backward':>14s} {'total':>14s}"]
     phases = planned["collective_bytes_by_phase"]

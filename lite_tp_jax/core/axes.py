@@ -16,16 +16,17 @@ from collections.abc import Iterable, Mapping
 
 from lite_tp_jax.core.errors import BadInput
 
-DATA, PIPELINE, EXPERT, TENSOR = "data", "pipeline", "expert", "tensor"
-CONTEXT = "context"
-"""Context parallelism: splits the sequence of every activation, token and
-position for the whole model; just outside "tensor", so a context group is
-made of the next-fastest links (``parallel/context.py``)."""
-AXES: tuple[str, ...] = (DATA, PIPELINE, EXPERT, CONTEXT, TENSOR)
-"""Every mesh axis, outermost first."""
+DATA, PIPELINE, EXPERT, FSDP, CONTEXT, TENSOR = "data", "pipeline", "expert", "fsdp", "context", "tensor"
+AXES: tuple[str, ...] = (DATA, PIPELINE, EXPERT, FSDP, CONTEXT, TENSOR)
+"""Every mesh axis, outermost first. "context" (context parallelism: it splits
+the sequence of every activation, token and position for the whole model,
+``parallel/context.py``) sits just outside "tensor", so a context group is made
+of the next-fastest links; "fsdp" comes next, and "data" outside it replicates
+its shards (HSDP: sharded within a host, replicated across hosts)."""
 
-BATCH_AXES: tuple[str, ...] = (DATA, EXPERT)
-"""The axes that split token rows (data parallelism; expert ranks hold other rows too)."""
+BATCH_AXES: tuple[str, ...] = (DATA, EXPERT, FSDP)
+"""The axes that split token rows, in mesh order (data parallelism; expert ranks
+hold other rows too; fsdp ranks are data-parallel ranks that also split the parameters)."""
 
 SpecEntry = str | tuple[str, ...] | None
 """One entry of a PartitionSpec: no axis, one axis, or several acting as one."""

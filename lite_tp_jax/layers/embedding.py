@@ -88,11 +88,11 @@ class VocabParallelEmbedding(ParallelLayer):
         self.num_embeddings, self.features = num_embeddings, features
         self.sequence_parallel = sequence_parallel
         self.embedding = rules.param(
-            role, embedding_init, rngs.params(), (num_embeddings, features), ("vocab", None), mesh, dtype=param_dtype,
+            role, embedding_init, rngs.params(), (num_embeddings, features), ("vocab", "features"), mesh, dtype=param_dtype,
             supports=("vocab",),
         )
         vocab_entry = self.embedding.get_metadata()["out_sharding"][0]
-        self.vocab_axes = tuple(a for a in ((vocab_entry,) if isinstance(vocab_entry, str) else vocab_entry) if a != "data")
+        self.vocab_axes = (vocab_entry,) if isinstance(vocab_entry, str) else tuple(vocab_entry)
         self.other_vocab_axes = tuple(a for a in self.vocab_axes if a != TENSOR)
 
     def _table(self) -> jax.Array:

@@ -11,12 +11,11 @@ from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.transformer import Transformer, partition_rules
 
 
-def create_model(config: ModelConfig, mesh: Mesh, *, seed: int = 0, shard_over_data: bool = False) -> Transformer:
+def create_model(config: ModelConfig, mesh: Mesh, *, seed: int = 0) -> Transformer:
     """A sharded ``Transformer``; each device computes only its own shards of the initial values."""
-    rules = partition_rules(config, shard_over_data=shard_over_data)
-    return Transformer(config, mesh=mesh, rules=rules, rngs=nnx.Rngs(seed))
+    return Transformer(config, mesh=mesh, rules=partition_rules(config), rngs=nnx.Rngs(seed))
 
 
-def abstract_model(config: ModelConfig, mesh: Mesh, *, shard_over_data: bool = False) -> Transformer:
+def abstract_model(config: ModelConfig, mesh: Mesh) -> Transformer:
     """The model as ``nnx.eval_shape`` builds it: to restore a checkpoint into, or to plan with."""
-    return nnx.eval_shape(lambda: create_model(config, mesh, shard_over_data=shard_over_data))
+    return nnx.eval_shape(lambda: create_model(config, mesh))

@@ -54,7 +54,7 @@ def check_batch(config: ModelConfig, sizes: Mapping[str, int], rows: int, seq_le
     ranks = batch_ranks(sizes)
     if rows % ranks:
         raise FitError(
-            "{global_batch} must be divisible by {data} x {expert}",
+            "{global_batch} must be divisible by {data} x {expert} x {fsdp}",
             global_batch=rows, **{axis: sizes[axis] for axis in BATCH_AXES},
         )
     context = sizes.get(CONTEXT, 1)
@@ -70,7 +70,7 @@ def check_batch(config: ModelConfig, sizes: Mapping[str, int], rows: int, seq_le
     if sizes[PIPELINE] > 1:
         if (rows // ranks) % microbatches:
             raise FitError(
-                f"{{global_batch}} / (data x expert = {ranks}) rows per rank must be divisible by {{microbatches}}",
+                f"{{global_batch}} / (data x expert x fsdp = {ranks}) rows per rank must be divisible by {{microbatches}}",
                 global_batch=rows, microbatches=microbatches,
             )
         check_schedule(sizes[PIPELINE], microbatches, config.virtual_stages)

@@ -9,7 +9,11 @@ block per scan iteration under ``jax.checkpoint`` with a remat policy
 (``remat.py``), so the program holds one block's code whatever ``count`` is:
 a 48-block model compiles about as fast as a 2-block one. A block returns
 ``x``, or ``(x, aux)`` with ``aux`` a pytree of scalars summed over blocks.
-The blocks' collectives are their layers'; the stacking adds none.
+The blocks' collectives are their layers'; with an "fsdp" axis, each scan
+iteration first all-gathers its group's parameter shards over "fsdp"
+(``parallel/fsdp.gather_group``, cast to the activations' dtype first), and
+the backward reduce-scatters the group's gradients; the gathered weights are
+not kept for the backward (no remat policy names them): gathered again there.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lite_tp_jax.models.remat import remat_policy
+from lite_tp_jax.parallel.fsdp import gather_group
 from lite_tp_jax.sharding.rules import MEGATRON, PartitionRules
 
 Block = TypeVar("Block", bound=nnx.Module)
@@ -58,11 +63,11 @@ def stack_blocks(
     ]
     reshaped = jax.jit(
         lambda values: [v.reshape(shape) for v, shape in zip(values, shapes)],
-        out_shardings=[NamedSharding(mesh, P(*spec)) for spec, _ in stacking],
+        out_shardings=[NamedSharding(mesh, P(*spec)) for spec in stacking],
     )([v[...] for v in variables])
-    for variable, value, (spec, data_dim) in zip(variables, reshaped, stacking):
+    for variable, value, spec in zip(variables, reshaped, stacking):
         variable.set_value(value)
-        variable.set_metadata(out_sharding=spec, data_dim=data_dim)
+        variable.set_metadata(out_sharding=spec, scanned=True)  # fsdp: gathered per group, in the scan
     return stacked
 
 
@@ -72,6 +77,7 @@ def scan_states(graphdef: nnx.GraphDef, states: Any, x: Any, policy: Callable, *
     (e.g. packed documents' segment ids) are passed to every block after ``x``."""
 
     def one_block(x, state):
+        state = gather_group(state, jax.tree.leaves(x)[0].dtype)  # fsdp: this group's weights, re-gathered in the backward
         out = nnx.merge(graphdef, state)(x, *constants)
         return out if isinstance(out, tuple) else (out, None)
 

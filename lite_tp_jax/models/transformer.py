@@ -12,7 +12,7 @@ through the public ``@region`` (``parallel/region.py``, as a user's model
 does) in which every mesh axis of size > 1, and
 always "tensor", is manual, so every collective is one the code asks for:
 
-* "data" and "expert" split the batch rows. Parameters replicated over them
+* "data", "expert" and "fsdp" split the batch rows. Parameters replicated over them
   enter the region through ``broadcast_over`` those axes, whose backward
   all-reduces their gradients once, after the layers' backward; the loss and
   MoE statistics are summed over them with ``sum_over``.
@@ -59,6 +59,7 @@ from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.fit import batch_ranks, check_batch, check_layers_fit
 from lite_tp_jax.models.remat import remat_policy
 from lite_tp_jax.models.stack import scan_states, stack_blocks
+from lite_tp_jax.parallel.fsdp import gather_group
 from lite_tp_jax.parallel.pipeline import run_pipeline
 from lite_tp_jax.parallel.region import (
     STATISTIC,
@@ -79,9 +80,9 @@ def _head_init(hidden_size: int):
     return nnx.initializers.normal(hidden_size**-0.5)
 
 
-def partition_rules(config: ModelConfig, *, shard_over_data: bool = False) -> PartitionRules:
+def partition_rules(config: ModelConfig) -> PartitionRules:
     """The rule table for ``config``: its ``partition_rules`` overrides before Megatron's defaults."""
-    return PartitionRules(dict(config.partition_rules), shard_over_data=shard_over_data)
+    return PartitionRules(dict(config.partition_rules))
 
 
 def _stack_groups(config: ModelConfig, mesh: Mesh, rules: PartitionRules, rngs: nnx.Rngs) -> LayerGroup:
@@ -139,7 +140,7 @@ class Transformer(nnx.Module):
     # --- entry points ---------------------------------------------------------
 
     def __call__(self, tokens: jax.Array, segments: jax.Array | None = None) -> jax.Array:
-        """Logits ``[B, S, vocab]`` for int tokens ``[B, S]`` (B split over "data" x "expert");
+        """Logits ``[B, S, vocab]`` for int tokens ``[B, S]`` (B split over "data" x "expert" x "fsdp");
         ``segments``: packed documents' ids, as in ``loss``."""
         self._check(tokens, tokens, segments=segments)
         output = features(self.config.vocab_size, self.vocab_axes).of(3)
@@ -176,7 +177,7 @@ class Transformer(nnx.Module):
 
     def new_cache(self, batch: int, slots: int) -> KVCache:
         """Zeroed cache buffers ``[layer groups, blocks, batch, slots, kv heads, head_dim]``
-        for ``batch`` rows (split over "data" x "expert") and ``slots`` positions,
+        for ``batch`` rows (split over "data" x "expert" x "fsdp") and ``slots`` positions,
         the kv heads split over "tensor" as the attention layers split them."""
         self._check_cached(batch)
         attention = self.layers.blocks[0].attention
@@ -218,6 +219,7 @@ class Transformer(nnx.Module):
 
         def one_group(carry, group):  # the cache is carried whole and updated in place
             group_state, index = group
+            group_state = gather_group(group_state, carry[0].dtype)  # fsdp: this group's weights
             return nnx.merge(graphdef, group_state).decode(*carry, index, cursor, start), None
 
         groups = jax.tree.leaves(stacked)[0].shape[0]
@@ -245,7 +247,7 @@ class Transformer(nnx.Module):
             )
         rows = batch_ranks(self.mesh.shape)
         if batch % rows:
-            raise BadInput(f"batch {batch} must be divisible by mesh data x expert = {rows}.")
+            raise BadInput(f"batch {batch} must be divisible by mesh data x expert x fsdp = {rows}.")
 
     # --- one rank's math --------------------------------------------------------
 

@@ -19,9 +19,10 @@ spec it carries, from the rule table, ``sharding/rules.py``), and:
   explicit all-reduce per (stacked) parameter, after the layers' backward,
   where the tensor-parallel sums have already happened inside the layers
   (gradients reduce over "tensor" first, then "data").
-* a parameter stored split over "data" (``PartitionRules.shard_over_data``) is
-  all-gathered on that dim (``gather_over``; backward: a reduce-scatter, which
-  is also its sum over the data-parallel ranks).
+* a parameter stored split over "fsdp" (``parallel/fsdp.py``) is all-gathered
+  over it here, unless it belongs to the stacked layer groups, whose shards
+  the layer scan gathers one group at a time (backward: a reduce-scatter, which
+  is also its sum over the fsdp ranks).
 
 So every reduction of a training step goes through ``core/collectives.py``.
 """
@@ -41,7 +42,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.core.axes import AXES, BATCH_AXES, CONTEXT, DATA, TENSOR, entry_axes, spec_entry
+from lite_tp_jax.core.axes import AXES, BATCH_AXES, CONTEXT, DATA, FSDP, TENSOR, entry_axes, spec_entry
 from lite_tp_jax.core.collectives import (
     broadcast_over,
     gather_over,
@@ -50,6 +51,7 @@ from lite_tp_jax.core.collectives import (
 )
 from lite_tp_jax.core.errors import BadInput, FitError
 from lite_tp_jax.parallel.context import check_context_split, sequence_order
+from lite_tp_jax.parallel.fsdp import gather_variable
 from lite_tp_jax.sharding.rules import padded_size
 
 
@@ -71,16 +73,17 @@ def _spec(variable: nnx.Variable, manual: frozenset[str]) -> P:
     return P(*(keep(entry) for entry in variable.get_metadata().get("out_sharding") or ()))
 
 
-def _enter_param(value: jax.Array, spec: P, data_dim: int | None, row_axes: tuple[str, ...]) -> jax.Array:
-    """One parameter's entry: all-gathered if stored split over "data" (backward:
-    reduce-scatter, its sum over "data"); then made per-rank over the row axes it
-    is replicated on (backward: all-reduce, its sum over them)."""
+def _enter_param(variable: nnx.Variable, spec: P, row_axes: tuple[str, ...]) -> jax.Array:
+    """One parameter's entry: made per-rank over the row axes it is replicated on
+    (backward: all-reduce, its sum over them); then, if stored split over "fsdp"
+    and not a scanned layer group's, all-gathered over it (backward:
+    reduce-scatter, its sum over "fsdp")."""
     split = {name for entry in spec for name in entry_axes(entry)}
-    if data_dim is not None:  # used per rank where "data" splits the rows; else the same everywhere
-        gather = gather_over if DATA in row_axes else gather_replicated_over
-        value = gather(value, DATA, data_dim)
     replicated_over = tuple(axis for axis in row_axes if axis not in split)
-    return broadcast_over(value, replicated_over) if replicated_over else value
+    value = broadcast_over(variable[...], replicated_over) if replicated_over else variable[...]
+    if variable.get_metadata().get("scanned"):
+        return value  # gathered per group inside the layer scan (models/stack.py)
+    return gather_variable(variable, value, per_rank=FSDP in row_axes)
 
 
 def run_in_region(
@@ -101,13 +104,11 @@ def run_in_region(
     graphdef, state = nnx.split(module)
     is_variable = lambda x: isinstance(x, nnx.Variable)
     specs = jax.tree.map(lambda v: _spec(v, axes), state, is_leaf=is_variable)
-    data_dims = jax.tree.map(lambda v: v.get_metadata().get("data_dim"), state, is_leaf=is_variable)
     used_rows = tuple(axis for axis in row_axes if mesh.shape[axis] > 1)
 
     def body(state, *args):
         state = jax.tree.map(
-            lambda v, spec, dim: v.replace(_enter_param(v[...], spec, dim, used_rows)),
-            state, specs, data_dims, is_leaf=is_variable,
+            lambda v, spec: v.replace(_enter_param(v, spec, used_rows)), state, specs, is_leaf=is_variable,
         )
         return fn(nnx.merge(graphdef, state), *args)
 

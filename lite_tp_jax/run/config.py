@@ -108,8 +108,8 @@ class TrainConfig:
     # scan), their gradients averaged into one update; each micro-step is split
     # into `microbatches` again under pipeline parallelism.
     grad_accum: int = ranged(1, POSITIVE)
-    # ZeRO-1 over "data": parameters and AdamW moments stored split over the
-    # data-parallel ranks (gathered on use, gradients reduce-scattered).
+    # ZeRO-1 over "data": the AdamW moments stored split over the data-parallel
+    # ranks (parameters and gradients are not; for those, mesh.fsdp).
     shard_optimizer: bool = False
     deterministic: bool = False  # reductions in fixed rank order: same bits on any process layout
     # A NaN/inf loss, gradient norm or update: stop (exit 1), skip the update, or

@@ -3,14 +3,19 @@ its state sharded like them; the run config's AdamW with warmup and cosine
 decay (the built-in path); and the model + optimizer pair a run starts from.
 
 The optimizer's moments carry their parameter's PartitionSpec (``nnx.Optimizer``
-copies the metadata), so they are split exactly as the parameters are; the
-step counts are put on the mesh, replicated. With ``train.shard_optimizer``
-(ZeRO-1, Megatron's distributed optimizer) the parameters, and so the moments,
-are stored split over "data" (``PartitionRules.shard_over_data``).
+copies the metadata), so they are split exactly as the parameters are (over
+"fsdp" too, with an fsdp axis); the step counts are put on the mesh,
+replicated. With ``train.shard_optimizer`` (ZeRO-1, Megatron's distributed
+optimizer) the moments alone are split over "data" as well, on their first dim
+that divides (``moments_over_data``): the update runs on each rank's slice
+and the new parameters are all-gathered over "data" (the partitioner's
+collectives, outside the model's region). The table of modes:
+``docs/architecture.md``, "Sharding parameters and optimizer state".
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -18,6 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from lite_tp_jax.core.axes import DATA, entry_axes, spec_entry
 from lite_tp_jax.layers.moe import ExpertBias
 from lite_tp_jax.models.config import ModelConfig
 from lite_tp_jax.models.factory import create_model
@@ -64,10 +70,28 @@ OPTIMIZED = nnx.All(nnx.Param, nnx.Not(ExpertBias))
 """What the optimizer updates: the parameters but the MoE expert biases (``TrainStep`` moves those)."""
 
 
-def create_optimizer(model: nnx.Module, tx: optax.GradientTransformation) -> nnx.Optimizer:
+def moments_over_data(optimizer: nnx.Optimizer, mesh: Mesh) -> None:
+    """ZeRO-1: every optimizer state array (AdamW's moments) also split over
+    "data", on its first dim that the axes already there times "data" divide
+    (an array with no such dim, a few norm scales at most, stays as it was)."""
+    data = mesh.shape[DATA]
+    for _, variable in nnx.to_flat_state(nnx.state(optimizer, nnx.optimizer.OptState)):
+        spec = tuple(variable.get_metadata().get("out_sharding") or ())
+        spec = spec + (None,) * (len(variable.shape) - len(spec))
+        for dim, (size, entry) in enumerate(zip(variable.shape, spec)):
+            axes = entry_axes(entry)
+            if size % (math.prod(mesh.shape[a] for a in axes) * data) == 0:
+                variable.set_metadata(out_sharding=(*spec[:dim], spec_entry((*axes, DATA)), *spec[dim + 1:]))
+                break
+
+
+def create_optimizer(model: nnx.Module, tx: optax.GradientTransformation, *, shard_over_data: bool = False) -> nnx.Optimizer:
     """Any optax transformation ``tx`` (AdamW: ``make_optimizer``) over ``model``'s
-    parameters, its state on ``model.mesh`` sharded like them."""
+    parameters, its state on ``model.mesh`` sharded like them (and split over
+    "data" too with ``shard_over_data``: ZeRO-1)."""
     optimizer = nnx.Optimizer(model, tx, wrt=OPTIMIZED)
+    if shard_over_data and model.mesh.shape[DATA] > 1:
+        moments_over_data(optimizer, model.mesh)
     state = nnx.state(optimizer)  # step counts start on one device: put them on the mesh, replicated
     nnx.update(optimizer, jax.device_put(state, param_shardings(state, model.mesh)))
     return optimizer
@@ -77,7 +101,7 @@ def create_model_and_optimizer(
     model_config: ModelConfig, train: TrainConfig, mesh: Mesh
 ) -> tuple[Transformer, nnx.Optimizer]:
     """A sharded model (initialised from ``train.seed``, identically for any mesh)
-    and its optimizer; parameters split over "data" too with ``train.shard_optimizer``."""
+    and its optimizer; its moments split over "data" too with ``train.shard_optimizer``."""
     model_config = model_config.with_sequence_parallel(mesh.shape, train.seq_len)[0]  # "auto": by tensor and train.seq_len
-    model = create_model(model_config, mesh, seed=train.seed, shard_over_data=train.shard_optimizer)
-    return model, create_optimizer(model, make_optimizer(train))
+    model = create_model(model_config, mesh, seed=train.seed)
+    return model, create_optimizer(model, make_optimizer(train), shard_over_data=train.shard_optimizer)

@@ -6,10 +6,8 @@ parameters through ``PartitionRules.param``, pipeline stacking adds the
 ``export_state`` read the specs the parameters carry, and the planner prints
 the table as applied. Nothing else states a parameter's sharding.
 
-``shard_over_data`` additionally stores every parameter split over "data" on
-its first dim that divides (ZeRO: optimizer state follows its parameter); the
-model's region all-gathers such parameters on entry and reduce-scatters their
-gradients (``parallel/region.py``).
+With an "fsdp" axis > 1 the table splits each matrix over it too (padded like
+any split dim); ``parallel/fsdp.py`` gathers them back where they are used.
 
 Activations: token rows (the batch) are split over ``BATCH_AXES``
 (``batch_spec``); with sequence parallelism the sequence is split over "tensor".
@@ -29,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.core.axes import BATCH_AXES, DATA, PIPELINE, TENSOR, entry_axes, spec_entry
+from lite_tp_jax.core.axes import BATCH_AXES, FSDP, PIPELINE, TENSOR, entry_axes, spec_entry
 from lite_tp_jax.sharding.table import MEGATRON_RULES, STRATEGIES, VOCAB, check_overrides, strategy_of
 
 Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
@@ -62,7 +60,6 @@ class PartitionRules:
     """The rule table: ``overrides`` (``{role pattern: strategy}``) before Megatron's defaults."""
 
     overrides: Mapping[str, str] = field(default_factory=dict)
-    shard_over_data: bool = False
 
     def __post_init__(self):
         check_overrides(self.overrides, builtin_only=False)  # user models name roles of their own
@@ -78,7 +75,9 @@ class PartitionRules:
     def split_axes(self, strategy: str, dim: str, mesh: Mesh) -> tuple[str, ...]:
         """The mesh axes that dim role ``dim`` is split over under ``strategy``."""
         axes = STRATEGIES[strategy].get(dim, ())
-        return vocab_axes(mesh) if axes == VOCAB else axes
+        if axes == VOCAB:
+            return vocab_axes(mesh)
+        return tuple(axis for axis in axes if axis != FSDP or mesh.shape.get(FSDP, 1) > 1)
 
     def spec(self, strategy: str, dims: Sequence[str | None], mesh: Mesh) -> P:
         """The PartitionSpec under ``strategy`` of a parameter whose dims play the parts ``dims``."""
@@ -104,8 +103,7 @@ class PartitionRules:
         ``padded_shape``, when the layer pads in larger units). Values are drawn
         for the logical shape, so they do not depend on the mesh; each device
         computes only its own shard. Metadata: ``out_sharding`` (the stored
-        spec), ``role``, ``strategy``, ``logical_shape``, ``mesh`` and
-        ``data_dim`` (the dim split over "data" with ``shard_over_data``).
+        spec), ``role``, ``strategy``, ``logical_shape`` and ``mesh``.
         ``strategy`` replaces the table's where the math forces it (k/v
         replicated when there are fewer kv heads than TP ranks). ``supports``:
         the strategies the layer's math is written for, the first its own (a
@@ -118,8 +116,8 @@ class PartitionRules:
             padded_shape = tuple(
                 padded_size(size, axes_size(mesh, entry_axes(entry))) for size, entry in zip(shape, spec)
             )
-        padded_shape = tuple(int(s) for s in padded_shape)
-        spec, data_dim = self._over_data(spec, padded_shape, mesh)
+        # a dim the layer pads in its own units is padded further where "fsdp" splits it too
+        padded_shape = tuple(padded_size(int(s), axes_size(mesh, entry_axes(e))) for s, e in zip(padded_shape, spec))
         spec = _strip(spec)
         value = _init_padded(
             key, init=init, shape=shape, padded_shape=padded_shape, dtype=jnp.dtype(dtype),
@@ -127,34 +125,19 @@ class PartitionRules:
         )
         return nnx.Param(
             value, out_sharding=spec, mesh=mesh, logical_shape=shape, role=role,
-            strategy=strategy, data_dim=data_dim, eager_sharding=False,
+            strategy=strategy, eager_sharding=False,
         )
-
-    def _over_data(self, spec: tuple, shape: Sequence[int], mesh: Mesh, skip: int = 0) -> tuple[tuple, int | None]:
-        """``spec`` with "data" added to its first dim (from ``skip``) that divides, for ``shard_over_data``."""
-        data = mesh.shape[DATA]
-        if not self.shard_over_data or data == 1:
-            return spec, None
-        for dim in range(skip, len(shape)):
-            names = entry_axes(spec[dim])
-            if shape[dim] % (axes_size(mesh, names) * data) == 0:
-                entry = spec_entry((*names, DATA))
-                return (*spec[:dim], entry, *spec[dim + 1:]), dim
-        return spec, None
 
     def stack(
         self, inner: Sequence[Any], stacked_shape: Sequence[int], mesh: Mesh, *, pipelined: bool = True
-    ) -> tuple[tuple, int | None]:
-        """The spec (and data dim) of a layer parameter with spec ``inner`` once the
-        layer groups are stacked in front of it, ``[virtual_stages, groups / v, ...]``
-        (the "stacked" strategy), or ``[count, ...]`` unsplit when not ``pipelined``
-        (with ``shard_over_data`` the data dim is chosen anew)."""
+    ) -> tuple:
+        """The spec of a layer parameter with spec ``inner`` once the layer groups
+        are stacked in front of it, ``[virtual_stages, groups / v, ...]`` (the
+        "stacked" strategy), or ``[count, ...]`` unsplit when not ``pipelined``."""
         stages = self.split_axes(self.strategy("layers"), "stages", mesh) if pipelined else ()
         stacking = (None, *stages)
         inner = tuple(inner) + (None,) * (len(stacked_shape) - len(stacking) - len(inner))
-        inner = tuple(spec_entry(tuple(n for n in entry_axes(e) if n != DATA)) for e in inner)
-        spec, data_dim = self._over_data((*stacking, *inner), stacked_shape, mesh, skip=len(stacking))
-        return _strip(spec), data_dim
+        return _strip((*stacking, *inner))
 
     def describe(self) -> list[tuple[str, str, dict]]:
         """The table as applied: (role pattern, strategy, {dim role: mesh axes})."""
@@ -171,7 +154,7 @@ MEGATRON = PartitionRules()
 
 
 def batch_spec(ndim: int = 2) -> P:
-    """Token batches ``[rows, ...]``: rows split over the batch axes ("data" x "expert")."""
+    """Token batches ``[rows, ...]``: rows split over the batch axes ("data" x "expert" x "fsdp")."""
     return P(BATCH_AXES, *([None] * (ndim - 1)))
 
 

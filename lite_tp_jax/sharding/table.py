@@ -6,24 +6,30 @@ the part each of its dims plays (``"in"``, ``"out"``, ``"vocab"``,
 pattern (``fnmatch``) matches the role gives the *strategy*, and the strategy
 says which dims are split over which mesh axes. Megatron-LM's defaults::
 
-    role                     strategy        split
-    embedding, head          vocab           vocab over ("pipeline", "tensor") (pipeline only when > 1)
-    attention.query          column          out (heads) over "tensor"
+    role                     strategy        split                                         and over "fsdp"
+    embedding, head          vocab           vocab over ("pipeline", "tensor") (pipeline only when > 1)   features
+    attention.query          column          out (heads) over "tensor"                     in
     attention.key / .value   column          out (kv heads) over "tensor"; replicated when kv heads < TP
-    attention.out            row             in (heads) over "tensor"
-    mlp.gate, mlp.up         column          out (hidden) over "tensor"
-    mlp.down                 row             in (hidden) over "tensor"
+    attention.out            row             in (heads) over "tensor"                      out
+    mlp.gate, mlp.up         column          out (hidden) over "tensor"                    in
+    mlp.down                 row             in (hidden) over "tensor"                     out
     moe.router               replicated      -
     moe.shared.gate, .up     column          out (hidden) over "tensor"   (the shared expert)
     moe.shared.down          row             in (hidden) over "tensor"
     moe.shared_gate          replicated      -
     moe.expert_bias          replicated      -   (auxiliary-loss-free balancing)
-    moe.gate, moe.up         expert-column   experts over "expert", out (hidden) over "tensor"
-    moe.down                 expert-row      experts over "expert", in (hidden) over "tensor"
+    moe.gate, moe.up         expert-column   experts over "expert", out (hidden) over "tensor"   in
+    moe.down                 expert-row      experts over "expert", in (hidden) over "tensor"    out
     *norm                    replicated      -
     positions                replicated      -   (learned positions, GPT-2)
     column / row             column / row    standalone ColumnParallelLinear / RowParallelLinear
     layers                   stacked         stacked layer groups [virtual_stages, groups/v] over "pipeline"
+
+"fsdp" (fully sharded data parallelism) splits each matrix on the dim no
+other axis splits (the last column above; padded at its end when fsdp does
+not divide it, like every split dim); it is left out of a spec when the mesh's
+fsdp axis is 1. Replicated parameters (norm scales, the router) stay whole.
+Where they are gathered back: ``parallel/fsdp.py``.
 
 Activations are not parameters, but where their sequence lies is part of the
 same table (the layers' ``Layout``s, ``parallel/region.py``'s ``Placement``
@@ -62,18 +68,18 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 
-from lite_tp_jax.core.axes import EXPERT, PIPELINE, TENSOR
+from lite_tp_jax.core.axes import EXPERT, FSDP, PIPELINE, TENSOR
 from lite_tp_jax.core.errors import BadInput
 
 VOCAB = "vocab axes"
 """Placeholder for the vocabulary's axes: ("pipeline", "tensor") when pipeline > 1, else ("tensor",)."""
 
 STRATEGIES: dict[str, dict[str, tuple[str, ...] | str]] = {
-    "column": {"out": (TENSOR,)},
-    "row": {"in": (TENSOR,)},
-    "vocab": {"vocab": VOCAB},
-    "expert-column": {"experts": (EXPERT,), "out": (TENSOR,)},
-    "expert-row": {"experts": (EXPERT,), "in": (TENSOR,)},
+    "column": {"out": (TENSOR,), "in": (FSDP,)},
+    "row": {"in": (TENSOR,), "out": (FSDP,)},
+    "vocab": {"vocab": VOCAB, "features": (FSDP,)},
+    "expert-column": {"experts": (EXPERT,), "out": (TENSOR,), "in": (FSDP,)},
+    "expert-row": {"experts": (EXPERT,), "in": (TENSOR,), "out": (FSDP,)},
     "replicated": {},
     "stacked": {"stages": (PIPELINE,)},
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from lite_tp_jax.core.axes import PIPELINE
+from lite_tp_jax.core.axes import DATA, PIPELINE
 from lite_tp_jax.core.errors import FitError
 from lite_tp_jax.models.fit import batch_ranks, check_batch, check_layers_fit
 from lite_tp_jax.run.config import Config, TrainConfig, explain
@@ -20,14 +20,24 @@ def check_grad_accum(train: TrainConfig, sizes: Mapping[str, int]) -> None:
     rows, k = train.global_batch // ranks, train.grad_accum
     if rows % k:
         raise FitError(
-            f"{{global_batch}} / (data x expert = {ranks}) rows per rank must be divisible by {{grad_accum}}",
+            f"{{global_batch}} / (data x expert x fsdp = {ranks}) rows per rank must be divisible by {{grad_accum}}",
             global_batch=train.global_batch, grad_accum=k,
         )
     if k > 1 and sizes[PIPELINE] > 1 and (rows // k) % train.microbatches:
         raise FitError(
-            f"{{global_batch}} / (data x expert = {ranks}) / {{grad_accum}} rows per micro-step "
+            f"{{global_batch}} / (data x expert x fsdp = {ranks}) / {{grad_accum}} rows per micro-step "
             f"must be divisible by {{microbatches}}",
             global_batch=train.global_batch, grad_accum=k, microbatches=train.microbatches,
+        )
+
+
+def check_shard_optimizer(train: TrainConfig, sizes: Mapping[str, int]) -> None:
+    """ZeRO-1 splits the moments over "data": with one data rank it would do nothing."""
+    if train.shard_optimizer and sizes[DATA] == 1:
+        raise FitError(
+            "{shard_optimizer} splits the AdamW moments over {data}, so it needs {data.name} > 1; "
+            "set {shard_optimizer.name}=false, or use mesh.fsdp to split parameters, gradients and moments",
+            shard_optimizer=True, data=1,
         )
 
 
@@ -40,5 +50,6 @@ def check_run_fits(config: Config, sizes: Mapping[str, int]) -> None:
         microbatches = train.microbatches if train.grad_accum == 1 else 1  # each micro-step is checked below
         check_batch(config.model, sizes, train.global_batch, train.seq_len, microbatches)
         check_grad_accum(train, sizes)
+        check_shard_optimizer(train, sizes)
     except FitError as error:
         raise explain(error) from None

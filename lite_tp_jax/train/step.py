@@ -2,7 +2,7 @@
 
 ``TrainStep(model, optimizer, loss_fn)``: ``loss_fn(model, batch) -> (loss,
 metrics)``, ``batch`` any pytree of arrays with rows on dim 0, split over the
-batch axes ("data" x "expert"). The model is one whose parameters carry their
+batch axes ("data" x "expert" x "fsdp"). The model is one whose parameters carry their
 specs (built from the parallel layers) and whose loss runs in one region
 (``parallel/region.region``); the optimizer is an ``nnx.Optimizer`` over any
 optax transformation (``run/optimizer.py`` builds the decoder's AdamW).
@@ -191,7 +191,7 @@ class TrainStep:
         for leaf in jax.tree.leaves(batch):
             if not leaf.shape or leaf.shape[0] % ranks:
                 raise BadInput(
-                    f"every batch array needs rows on dim 0 divisible by data x expert x grad_accum = {ranks}; "
+                    f"every batch array needs rows on dim 0 divisible by data x expert x fsdp x grad_accum = {ranks}; "
                     f"got shape {tuple(leaf.shape)}."
                 )
 
