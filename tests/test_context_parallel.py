@@ -199,6 +199,8 @@ MODEL_CASES = [
     ("all_gather", dict(pipeline=2, context=2, tensor=2), dict(remat="selective"), dict(microbatches=2)),
     ("all_to_all", dict(context=4, tensor=2), dict(context_load_balance=False), dict(grad_accum=2, deterministic=True)),
     ("all_to_all", dict(expert=2, context=2, tensor=2), dict(moe=True), {}),
+    # with FSDP: each layer group gathered over "fsdp" inside the scan, K/V passed round "context"
+    ("ring", dict(fsdp=2, context=2, tensor=2), dict(remat="full"), {}),
 ]
 
 
