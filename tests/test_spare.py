@@ -80,7 +80,7 @@ def test_takeover_is_bitwise_equal_to_the_fault_free_run(fault_free, taken_over)
 def test_takeover_puts_the_spare_in_the_failed_slot_and_logs_it(taken_over):
     trainer, lines, _ = taken_over
     failed, spare = jax.devices()[1], jax.devices()[4]
-    assert trainer.mesh.devices[0, 0, 0, 0, 1] == spare
+    assert trainer.mesh.devices.flat[1] == spare  # the slot of tensor rank 1
     assert [d.id for d in trainer.mesh.devices.flat] == [0, 4, 2, 3]
     for _, variable in nnx.to_flat_state(nnx.state((trainer.model, trainer.optimizer))):
         assert failed not in variable.get_value().sharding.device_set
@@ -150,7 +150,7 @@ def test_before_the_first_step_every_array_has_a_replica():
     padded kernels (ffn 172 -> 174, kv groups) move like any other array."""
     config = load_config(TINY, [*SMALL, "mesh.tensor=3"])
     mesh = make_mesh_for(config.mesh.requested, spares=config.mesh.spares)
-    failed, spare = mesh.devices[0, 0, 0, 0, 0], jax.devices()[6]
+    failed, spare = mesh.devices.flat[0], jax.devices()[6]
     new_mesh = replace_device(mesh, failed, spare)
     state = nnx.state(create_model_and_optimizer(config.model, config.train, mesh))
     targets = dict(nnx.to_flat_state(param_shardings(state, new_mesh)))
