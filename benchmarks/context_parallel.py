@@ -69,6 +69,7 @@ def loss_and_grads(model_config: ModelConfig, sizes: dict, seq: int):
     """The jitted loss + gradients of the model on ``sizes``, built abstractly, and its arguments' shapes."""
     devices = int(np.prod(list(sizes.values()))) if sizes else 1
     mesh = make_mesh(devices=jax.devices()[:devices], **sizes)
+    model_config = model_config.with_sequence_parallel(mesh.shape, seq)[0]  # "auto", as a training run resolves it
     model = nnx.eval_shape(lambda: Transformer(model_config, mesh=mesh, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     tokens = jax.ShapeDtypeStruct((1, seq), jnp.int32)
@@ -88,7 +89,7 @@ def step_seconds(model_config: ModelConfig, sizes: dict, seq: int, repeats: int)
     """Median wall time of the loss + gradients on real (random) weights and tokens."""
     devices = int(np.prod(list(sizes.values())))
     mesh = make_mesh(devices=jax.devices()[:devices], **sizes)
-    model = Transformer(model_config, mesh=mesh, rngs=nnx.Rngs(0))
+    model = Transformer(model_config.with_sequence_parallel(mesh.shape, seq)[0], mesh=mesh, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     fn = jax.jit(jax.value_and_grad(lambda state, tokens: nnx.merge(graphdef, state).loss(tokens, tokens)[0]))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, seq)), jnp.int32)

@@ -187,6 +187,31 @@ def test_backward_permutes_twice_the_forward():
     assert sum(runs for _, runs in collectives_per_step(hlo)) == 10 * (n - 1)
 
 
+def test_in_a_layer_scan_nothing_per_block_is_kept():
+    """Inside a scan over layers (as ``models/stack.py`` runs blocks), the masks of
+    every (step, sub-block) depend only on the positions, the same at every
+    layer: JAX's partial evaluation of the layer scan hoisted them out of it,
+    materialising ``(n-1) x sub-blocks`` masked score arrays, memory quadratic in
+    the sequence (found by benchmarks/context_parallel.py). The value-and-gradient
+    program's temporaries stay far below one such array set."""
+    n, seq, block = 8, 1024, 16
+    mesh = context_mesh(n, 1)
+    positions = np.arange(seq, dtype=np.int32)
+
+    def layers(q, k, v, positions):
+        def one(x, _):
+            return ring_attention(x, x * k, x * v, axis_name=CONTEXT, q_positions=positions,
+                                  k_positions=positions, block_size=block), None
+        return jax.lax.psum(jnp.sum(jax.lax.scan(one, q, None, length=2)[0]), CONTEXT)
+
+    spec = P(None, CONTEXT)
+    loss = jax.shard_map(layers, mesh=mesh, in_specs=(spec, spec, spec, P(CONTEXT)), out_specs=P())
+    x = jax.ShapeDtypeStruct((1, seq, N, D), jnp.float32)
+    compiled = jax.jit(jax.grad(lambda q, k, v: loss(q, k, v, positions), argnums=(0, 1, 2))).lower(x, x, x).compile()
+    hoisted = (n - 1) * (seq // n) ** 2 * N * 4  # the f32 scores of every (step, sub-block): 1.8 MB
+    assert compiled.memory_analysis().temp_size_in_bytes < hoisted / 2
+
+
 def test_bfloat16_close_and_bitwise_repeatable():
     """bfloat16 q, k, v: values and gradients within 2e-2 of the float32 one-device
     ones, in bfloat16; two runs give the same bits."""

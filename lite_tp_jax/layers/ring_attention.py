@@ -151,6 +151,11 @@ def _forward(ring: _Ring, q, k, v, where: _Where):
     """``(out [B, Sq, N, D], lse [B, Sq, N] float32)``; lse is -inf for a row that sees no key."""
     b, sq, heads, d = q.shape
     kv_heads = k.shape[2]
+    # The masks below depend on the positions alone, the same at every layer: in a
+    # layer scan, JAX's partial evaluation would hoist every (step, sub-block)'s
+    # mask and masked scores out of it, all of them live at once (quadratic in the
+    # sequence). Tying the positions to q through a barrier keeps them in the loop.
+    q, where = jax.lax.optimization_barrier((q, where))
     queries = q.reshape(b, sq, kv_heads, heads // kv_heads, d)
     stats = _zeros_like(queries, queries.shape[:-1], jnp.float32)
     state = (stats - jnp.inf, stats, _zeros_like(queries, queries.shape, jnp.float32))  # running max, sum, values
