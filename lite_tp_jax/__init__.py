@@ -16,6 +16,7 @@ _PUBLIC: dict[str, str] = {
     "PIPELINE": "lite_tp_jax.core.axes",
     "EXPERT": "lite_tp_jax.core.axes",
     "FSDP": "lite_tp_jax.core.axes",
+    "CONTEXT": "lite_tp_jax.core.axes",
     "TENSOR": "lite_tp_jax.core.axes",
     "BadInput": "lite_tp_jax.core.errors",
     "make_mesh": "lite_tp_jax.core.mesh",
@@ -66,7 +67,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
-    from lite_tp_jax.core.axes import AXES, DATA, EXPERT, FSDP, PIPELINE, TENSOR
+    from lite_tp_jax.core.axes import AXES, CONTEXT, DATA, EXPERT, FSDP, PIPELINE, TENSOR
     from lite_tp_jax.core.errors import BadInput
     from lite_tp_jax.core.mesh import make_mesh
     from lite_tp_jax.interop.hf import from_pretrained, save_pretrained

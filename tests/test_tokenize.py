@@ -17,7 +17,7 @@ from lite_tp_jax.cli import main
 from lite_tp_jax.run.tokenizer import HFTokenizer, load_tokenizer
 from lite_tp_jax.run.tokens import DataError
 from lite_tp_jax.train.corpus import CorpusWriter, TokenizedCorpus, token_dtype
-from lite_tp_jax.train.data import Batches, make_batches
+from lite_tp_jax.train.data import Batches
 from lite_tp_jax.train.packing import Documents, PackedRows
 from lite_tp_jax.train.tokenize import Fields, tokenize
 

@@ -42,11 +42,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lite_tp_jax.core.axes import AXES, BATCH_AXES, CONTEXT, DATA, FSDP, TENSOR, entry_axes, spec_entry
+from lite_tp_jax.core.axes import AXES, BATCH_AXES, CONTEXT, FSDP, TENSOR, entry_axes, spec_entry
 from lite_tp_jax.core.collectives import (
     broadcast_over,
-    gather_over,
-    gather_replicated_over,
     sum_over,
 )
 from lite_tp_jax.core.errors import BadInput, FitError

@@ -49,7 +49,6 @@ import sys
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
