@@ -82,6 +82,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -377,7 +378,8 @@ def _gradient_transfers(out: _Transfers, step: _Step, params: list[Parameter]) -
 
 
 def compute_itemsize(model: ModelConfig) -> int:
-    return np.dtype(model.compute_dtype).itemsize if model.compute_dtype != "bfloat16" else 2
+    """Bytes of one element in the model's compute dtype (what fsdp gathers move)."""
+    return jnp.dtype(model.compute_dtype).itemsize
 
 
 def _hoisted(step: _Step) -> bool:
